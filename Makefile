@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make demo   - set up .venv and run the main job on the embedded default dataset (digits)
+#   make test   - set up .venv and run the whole test suite (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/digits
+# Pinned so every machine (and CI) resolves the same stack.  tf-keras and tensorflow-serving-api
+# declare a dependency on the full `tensorflow` wheel; next to tensorflow-cpu they only need their
+# own files, hence --no-deps (otherwise pip would install a second TensorFlow over the first).
+NODEPS_PKGS := tf-keras==2.21.0 tensorflow-serving-api==2.21.0
+
+.PHONY: venv test demo bazel-test benchmark clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip install -q --no-deps $(NODEPS_PKGS)
+	touch $@
+
+test: venv
+	$(PY) -m pytest -n 2 -q tests
+
+demo: venv
+	$(PY) run.py --config=configs/digits.py --workdir=$(WORKDIR) --mode=train
+	$(PY) run.py --workdir=$(WORKDIR) --mode=sample
+	$(PY) run.py --workdir=$(WORKDIR) --mode=eval
+	$(PY) run.py --workdir=$(WORKDIR) --mode=export
+
+bazel-test: venv
+	bash tools/bazel_test.sh
+
+benchmark: venv
+	$(PY) -m tf_iddpm.benchmark --what=all
+
+clean:
+	rm -rf $(VENV) workdir bazel-*
