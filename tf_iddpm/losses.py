@@ -82,6 +82,20 @@ def _approx_bin_log_probs(x, means, log_scales):
     return log_cdf_plus, log_one_minus_cdf_min, log_cdf_delta
 
 
+def _log_sub_exp(larger, smaller):
+    """log(exp(larger) - exp(smaller)) for larger >= smaller, with finite gradients everywhere.
+
+    Written as larger + log(-expm1(smaller - larger)) with the difference capped just below zero.
+    When the two log-CDFs agree to float precision the bin probability is unresolvable; the cap keeps
+    value and gradient finite.  That matters: the decoder term is evaluated for every example and
+    masked with tf.where, and an infinite gradient in a masked-out branch still becomes NaN
+    (0 * inf).  tfp.math.log_sub_exp / log1mexp switch branches with tf.where internally and do
+    produce such NaNs at equal arguments, hence this version.
+    """
+    difference = tf.minimum(smaller - larger, -1e-30)
+    return larger + tf.math.log(-tf.math.expm1(difference))
+
+
 def _exact_bin_log_probs(x, means, log_scales):
     decoder = tfd.Normal(loc=means, scale=tf.exp(log_scales))
     upper = x + _HALF_BIN
@@ -93,8 +107,8 @@ def _exact_bin_log_probs(x, means, log_scales):
     right_tail = x > means
     log_cdf_delta = tf.where(
         right_tail,
-        tfp.math.log_sub_exp(log_one_minus_cdf_min, decoder.log_survival_function(upper)),
-        tfp.math.log_sub_exp(log_cdf_plus, decoder.log_cdf(lower)))
+        _log_sub_exp(log_one_minus_cdf_min, decoder.log_survival_function(upper)),
+        _log_sub_exp(log_cdf_plus, decoder.log_cdf(lower)))
     floor = tf.math.log(tf.constant(_MIN_PROB, log_cdf_plus.dtype))
     return (tf.maximum(log_cdf_plus, floor), tf.maximum(log_one_minus_cdf_min, floor),
             tf.maximum(log_cdf_delta, floor))

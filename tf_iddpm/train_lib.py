@@ -1,0 +1,336 @@
+"""Training: the paper's Algorithm 1 under any tf.distribute strategy, with EMA and checkpoints.
+
+One custom loop serves every strategy (default, Mirrored, MultiWorkerMirrored, TPU): Keras 3's
+``fit`` does not run under MultiWorkerMirroredStrategy, and one code path is easier to trust.
+``Trainer.replica_step`` is the whole algorithm; the rest is bookkeeping.
+
+Randomness is a pure function of (seed, step): the timesteps and noise of the *global* batch are
+drawn identically on every replica from stateless seeds and each replica takes its slice, so a
+run's trajectory does not depend on how many replicas share the batch.
+"""
+
+import math
+import os
+import signal
+import time
+from typing import Dict, Optional
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_iddpm import config_utils
+from tf_iddpm import data as data_lib
+from tf_iddpm import distribute
+from tf_iddpm import factory
+from tf_iddpm import image_utils
+from tf_iddpm import sampling
+from tf_iddpm import timestep_sampler
+
+CHECKPOINT_SUBDIR = "checkpoints"
+TENSORBOARD_SUBDIR = "tensorboard"
+NUM_QUARTILES = 4
+
+
+def ema_checkpoint_name(rate: float) -> str:
+    """Checkpoint attribute of the EMA weights for one rate, e.g. 0.9999 -> 'ema_0p9999'."""
+    return "ema_" + repr(float(rate)).replace(".", "p")
+
+
+def _salted_seed(seed, *salts):
+    """A stateless RNG seed [2] derived from (seed, salts...)."""
+    value = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5EED, tf.int64)])
+    for salt in salts:
+        value = tf.random.experimental.stateless_fold_in(value, tf.cast(salt, tf.int64))
+    return value
+
+
+class Trainer:
+    """Owns the network, its EMAs, the optimizer, the timestep sampler and the step counter."""
+
+    def __init__(self, config, strategy: tf.distribute.Strategy):
+        self.config = config
+        self.strategy = strategy
+        self.num_replicas = strategy.num_replicas_in_sync
+        self.global_batch_size = int(config.train.batch_size)
+        if self.global_batch_size % self.num_replicas:
+            raise ValueError(f"train.batch_size={self.global_batch_size} is not divisible by the "
+                             f"{self.num_replicas} replicas of the strategy")
+        self.local_batch_size = self.global_batch_size // self.num_replicas
+        self.seed = int(config.seed)
+        self.ema_rates = config_utils.ema_rates(config)
+        self.diffusion = factory.create_diffusion_from_config(config, timestep_respacing="")
+        self.class_cond = bool(config.data.class_cond)
+        self.super_res = config.data.low_res_size > 0
+        self.grad_clip = float(config.train.grad_clip)
+
+        with strategy.scope():
+            self.net = factory.create_model_from_config(config, name="unet")
+            self.ema_nets = {}
+            for rate in self.ema_rates:
+                ema_net = factory.create_model_from_config(config, name=ema_checkpoint_name(rate))
+                ema_net.set_weights(self.net.get_weights())
+                ema_net.trainable = False
+                self.ema_nets[rate] = ema_net
+            if config.train.weight_decay > 0:
+                self.optimizer = keras.optimizers.AdamW(learning_rate=config.train.lr,
+                                                        weight_decay=config.train.weight_decay)
+            else:
+                self.optimizer = keras.optimizers.Adam(learning_rate=config.train.lr)
+            self.optimizer.build(self.net.trainable_variables)
+            self.schedule_sampler = timestep_sampler.create_named_schedule_sampler(
+                config.train.schedule_sampler, self.diffusion.num_timesteps)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.loss_aware = not isinstance(self.schedule_sampler, timestep_sampler.UniformSampler)
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.net, optimizer=self.optimizer, schedule_sampler=self.schedule_sampler,
+            step=self.step, **{ema_checkpoint_name(r): n for r, n in self.ema_nets.items()})
+        self._train_loop = tf.function(self._train_loop_fn)
+        # XLA only around the model math: the optimizer update and cross-replica gathers stay out.
+        self._losses_and_grads = tf.function(self._losses_and_grads_fn,
+                                             jit_compile=bool(config.train.jit_compile))
+
+    # ------------------------------------------------------------------ Algorithm 1
+
+    def model_kwargs(self, batch):
+        kwargs = {}
+        if self.class_cond:
+            kwargs["y"] = batch["label"]
+        if self.super_res:
+            kwargs["low_res"] = batch["low_res"]
+        return kwargs
+
+    def _losses_and_grads_fn(self, x_start, t, weights, noise, model_kwargs):
+        def model_fn(x, timesteps, **kwargs):
+            return self.net(x, timesteps, training=True, **kwargs)
+        with tf.GradientTape() as tape:
+            terms = self.diffusion.training_losses(model_fn, x_start, t, model_kwargs=model_kwargs, noise=noise)
+            # Sum over this replica / global batch: the optimizer sums gradients over replicas.
+            loss = tf.nn.compute_average_loss(terms["loss"] * weights, global_batch_size=self.global_batch_size)
+        return terms, tape.gradient(loss, self.net.trainable_variables)
+
+    def replica_step(self, batch):
+        """One step of Algorithm 1 on this replica's slice of the global batch."""
+        x_start = batch["image"]
+        replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+        first = replica_id * self.local_batch_size
+        step_seed = _salted_seed(self.seed, self.step)
+        # t ~ p(t) (uniform or Section 3.3 importance sampling) and eps ~ N(0, I), both drawn for
+        # the whole global batch with the same seed on every replica; each keeps its own slice.
+        t_global, weights_global = self.schedule_sampler.sample(self.global_batch_size, _salted_seed(self.seed, self.step, 1))
+        noise_global = tf.random.stateless_normal(
+            tf.concat([[self.global_batch_size], tf.shape(x_start)[1:]], 0), seed=step_seed)
+        t = t_global[first:first + self.local_batch_size]
+        weights = weights_global[first:first + self.local_batch_size]
+        noise = noise_global[first:first + self.local_batch_size]
+
+        terms, grads = self._losses_and_grads(x_start, t, weights, noise, self.model_kwargs(batch))
+        if self.grad_clip > 0:
+            # Keras clips each replica's gradient before summing them; clip the true global one.
+            context = tf.distribute.get_replica_context()
+            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            grads, _ = tf.clip_by_global_norm(grads, self.grad_clip)
+            grads = [g / self.num_replicas for g in grads]
+        self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
+        if self.loss_aware:
+            self.schedule_sampler.update_with_local_losses(t, terms["loss"])
+        return self._step_metrics(terms, t)
+
+    def _step_metrics(self, terms, t):
+        """Sums (not means) so that replicas and steps add up exactly; means are taken at logging."""
+        quartile = tf.minimum(t * NUM_QUARTILES // self.diffusion.num_timesteps, NUM_QUARTILES - 1)
+        metrics = {"count": tf.cast(tf.shape(t)[0], tf.float32),
+                   "count_q": tf.math.unsorted_segment_sum(tf.ones_like(terms["loss"]), quartile, NUM_QUARTILES)}
+        for name, values in terms.items():
+            metrics[name] = tf.reduce_sum(values)
+            metrics[name + "_q"] = tf.math.unsorted_segment_sum(values, quartile, NUM_QUARTILES)
+        return metrics
+
+    def update_ema(self):
+        """ema <- rate * ema + (1 - rate) * weights, on every device's copy (cross-replica context)."""
+        for rate, ema_net in self.ema_nets.items():
+            for ema_variable, variable in zip(ema_net.weights, self.net.weights):
+                self.strategy.extended.update(
+                    ema_variable.value,
+                    lambda ema, value, rate=rate: ema.assign(rate * ema + (1.0 - rate) * value),
+                    args=(variable.value,), group=False)
+
+    def _train_loop_fn(self, iterator, num_steps):
+        totals = None
+        for _ in tf.range(num_steps):
+            per_replica = self.strategy.run(self.replica_step, args=(next(iterator),))
+            metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                       for k, v in per_replica.items()}
+            self.update_ema()
+            self.step.assign_add(1)
+            totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
+        return totals
+
+    def train_steps(self, iterator, num_steps: int) -> Dict[str, np.ndarray]:
+        """Runs num_steps steps in one graph call; returns the summed metrics (see _step_metrics)."""
+        totals = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
+        return {k: v.numpy() for k, v in totals.items()}
+
+
+def summarize(totals: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """Means per example of the summed metrics, with the reference's per-quartile names (loss_q0...)."""
+    out = {}
+    for name in ("loss", "mse", "vb"):
+        if name not in totals:
+            continue
+        out[name] = float(totals[name] / totals["count"])
+        for q in range(NUM_QUARTILES):
+            if totals["count_q"][q] > 0:
+                out[f"{name}_q{q}"] = float(totals[name + "_q"][q] / totals["count_q"][q])
+    return out
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag checked between step chunks (preemption safety)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, the final save still runs
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("received signal %d: saving a checkpoint and stopping", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _checkpoint_dir(workdir: str, strategy) -> str:
+    # Under MultiWorkerMirroredStrategy every worker takes part in saving, but only the chief's
+    # files are kept; the others write to a scratch directory of their own.
+    if distribute.is_chief(strategy):
+        return os.path.join(workdir, CHECKPOINT_SUBDIR)
+    task_id = getattr(strategy.cluster_resolver, "task_id", 0)
+    return os.path.join(workdir, f"worker_{task_id}_scratch", CHECKPOINT_SUBDIR)
+
+
+def _remove_partial_checkpoints(directory: str):
+    """Deletes temporary shards a killed save may have left (the index points only at complete ones)."""
+    if not tf.io.gfile.isdir(directory):
+        return
+    for name in tf.io.gfile.listdir(directory):
+        if "_temp" in name:
+            tf.io.gfile.rmtree(os.path.join(directory, name))
+            logging.info("removed a partial checkpoint left by an interrupted save: %s", name)
+
+
+def _sample_grid(trainer: Trainer, num_images: int = 16):
+    """A fixed-seed grid of EMA samples (strided, config.sample.timestep_respacing) for TensorBoard."""
+    config = trainer.config
+    rate = max(trainer.ema_rates)
+    net = trainer.ema_nets[rate]
+    process = factory.create_diffusion_from_config(config, timestep_respacing=config.sample.timestep_respacing or "50")
+    size, channels = config.data.image_size, config.data.num_channels
+    kwargs = {}
+    if trainer.class_cond:
+        kwargs["y"] = tf.range(num_images, dtype=tf.int32) % config.data.num_classes
+    if trainer.super_res:
+        return None  # needs low-resolution inputs; evaluated by run.py --mode=sample instead
+    images = sampling.p_sample_loop(
+        process, lambda x, t, **kw: net(x, t, training=False, **kw), [num_images, size, size, channels],
+        seeds=tf.range(num_images, dtype=tf.int64), model_kwargs=kwargs)
+    return image_utils.denormalize_images(images)
+
+
+def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = None) -> Dict[str, float]:
+    """Trains per `config` in `workdir`, resuming from its latest checkpoint.
+
+    Returns:
+      The metrics of the last logging interval (means per example), for callers and tests.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    config_utils.validate_config(config, num_replicas=strategy.num_replicas_in_sync)
+    data_lib.validate_data_config(config.data)
+    keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+    trainer = Trainer(config, strategy)
+    checkpoint_dir = _checkpoint_dir(workdir, strategy)
+    _remove_partial_checkpoints(checkpoint_dir)
+    manager = tf.train.CheckpointManager(trainer.checkpoint, checkpoint_dir,
+                                         max_to_keep=config.train.keep_checkpoints)
+    if manager.latest_checkpoint:
+        trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step.numpy()))
+    start_step = int(trainer.step.numpy())
+    num_steps = int(config.train.num_steps)
+    if start_step >= num_steps:
+        logging.info("step %d >= train.num_steps=%d: nothing to train", start_step, num_steps)
+        return {}
+
+    global_batch = trainer.global_batch_size
+    # Reseeding the shuffle with the resumed step keeps a resumed run from replaying the data order
+    # of the first run (a tf.data iterator checkpoint would hold the whole shuffle buffer).
+    data_seed = config.seed * 1_000_003 + start_step
+    dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: data_lib.make_train_dataset(
+            config.data, batch_size=ctx.get_per_replica_batch_size(global_batch), input_context=ctx,
+            seed=data_seed))
+    iterator = iter(dataset)
+
+    writer = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_SUBDIR)) \
+        if distribute.is_chief(strategy) else tf.summary.create_noop_writer()
+    log_every = max(1, int(config.train.log_every))
+    checkpoint_every = max(1, int(config.train.checkpoint_every))
+    sample_every = int(config.train.sample_every)
+    logging.info("training %s for steps %d..%d, global batch %d on %d replica(s)",
+                 type(trainer.net).__name__, start_step, num_steps, global_batch, trainer.num_replicas)
+
+    last_metrics: Dict[str, float] = {}
+    step = start_step
+    started = time.time()
+    with _StopRequest() as stop:
+        try:
+            while step < num_steps and not stop.requested:
+                boundaries = [num_steps, (step // log_every + 1) * log_every,
+                              (step // checkpoint_every + 1) * checkpoint_every]
+                if sample_every > 0:
+                    boundaries.append((step // sample_every + 1) * sample_every)
+                chunk = min(boundaries) - step
+                chunk_start = time.time()
+                totals = trainer.train_steps(iterator, chunk)
+                elapsed = time.time() - chunk_start
+                step = int(trainer.step.numpy())
+                last_metrics = summarize(totals)
+                last_metrics["steps_per_sec"] = chunk / elapsed
+                last_metrics["images_per_sec"] = chunk * global_batch / elapsed
+                if step % log_every == 0 or step == num_steps:
+                    eta = (num_steps - step) / last_metrics["steps_per_sec"]
+                    logging.info("step %d/%d loss %.4f %s| %.2f steps/s, %.1f img/s, ETA %s", step, num_steps,
+                                 last_metrics["loss"],
+                                 "".join(f"{k} {last_metrics[k]:.4f} " for k in ("mse", "vb") if k in last_metrics),
+                                 last_metrics["steps_per_sec"], last_metrics["images_per_sec"],
+                                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+                    with writer.as_default(step=step):
+                        for key, value in last_metrics.items():
+                            tf.summary.scalar(key, value)
+                if step % checkpoint_every == 0:
+                    manager.save(checkpoint_number=step)
+                if sample_every > 0 and step % sample_every == 0:
+                    grid = _sample_grid(trainer)
+                    if grid is not None:
+                        with writer.as_default(step=step):
+                            tf.summary.image("samples", tf.cast(grid, tf.uint8), max_outputs=16)
+        finally:
+            step = int(trainer.step.numpy())
+            if step > 0 and manager.latest_checkpoint != os.path.join(checkpoint_dir, f"ckpt-{step}"):
+                manager.save(checkpoint_number=step)
+            writer.flush()
+    logging.info("trained %d steps in %.1f s; checkpoints in %s", step - start_step, time.time() - started,
+                 checkpoint_dir)
+    return last_metrics
