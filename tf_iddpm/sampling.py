@@ -86,7 +86,8 @@ def _sample_loop(diffusion: GaussianDiffusion, model_fn, shape, step_fn, *, nois
             t = tf.fill([batch], num_steps - 1 - k)
             model_output = model_fn(x, diffusion.model_timesteps(t), **model_kwargs)
             z = _noise_for_step(step_noise, seeds, k, image_shape)
-            return k + 1, step_fn(model_output, x, t, z)
+            # Keep the static shape of x_T across iterations (tf.fill's batch dim is dynamic).
+            return k + 1, tf.ensure_shape(step_fn(model_output, x, t, z), x_init.shape)
 
         _, x_final = tf.while_loop(lambda k, x: k < num_steps, body, [tf.constant(0), x_init])
         return x_final

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
 from tf_iddpm import data as data_lib
 from tf_iddpm import distribute
@@ -28,14 +29,8 @@ from tf_iddpm import image_utils
 from tf_iddpm import sampling
 from tf_iddpm import timestep_sampler
 
-CHECKPOINT_SUBDIR = "checkpoints"
 TENSORBOARD_SUBDIR = "tensorboard"
 NUM_QUARTILES = 4
-
-
-def ema_checkpoint_name(rate: float) -> str:
-    """Checkpoint attribute of the EMA weights for one rate, e.g. 0.9999 -> 'ema_0p9999'."""
-    return "ema_" + repr(float(rate)).replace(".", "p")
 
 
 def _salted_seed(seed, *salts):
@@ -69,7 +64,7 @@ class Trainer:
             self.net = factory.create_model_from_config(config, name="unet")
             self.ema_nets = {}
             for rate in self.ema_rates:
-                ema_net = factory.create_model_from_config(config, name=ema_checkpoint_name(rate))
+                ema_net = factory.create_model_from_config(config, name=checkpoints.ema_checkpoint_name(rate))
                 ema_net.set_weights(self.net.get_weights())
                 ema_net.trainable = False
                 self.ema_nets[rate] = ema_net
@@ -86,7 +81,7 @@ class Trainer:
         self.loss_aware = not isinstance(self.schedule_sampler, timestep_sampler.UniformSampler)
         self.checkpoint = tf.train.Checkpoint(
             model=self.net, optimizer=self.optimizer, schedule_sampler=self.schedule_sampler,
-            step=self.step, **{ema_checkpoint_name(r): n for r, n in self.ema_nets.items()})
+            step=self.step, **{checkpoints.ema_checkpoint_name(r): n for r, n in self.ema_nets.items()})
         self._train_loop = tf.function(self._train_loop_fn)
         # XLA only around the model math: the optimizer update and cross-replica gathers stay out.
         self._losses_and_grads = tf.function(self._losses_and_grads_fn,
@@ -216,9 +211,9 @@ def _checkpoint_dir(workdir: str, strategy) -> str:
     # Under MultiWorkerMirroredStrategy every worker takes part in saving, but only the chief's
     # files are kept; the others write to a scratch directory of their own.
     if distribute.is_chief(strategy):
-        return os.path.join(workdir, CHECKPOINT_SUBDIR)
+        return checkpoints.checkpoint_dir(workdir)
     task_id = getattr(strategy.cluster_resolver, "task_id", 0)
-    return os.path.join(workdir, f"worker_{task_id}_scratch", CHECKPOINT_SUBDIR)
+    return checkpoints.checkpoint_dir(os.path.join(workdir, f"worker_{task_id}_scratch"))
 
 
 def _remove_partial_checkpoints(directory: str):

@@ -1,0 +1,129 @@
+"""run.py --mode=sample: draw images from a trained (or converted) model.
+
+Image i of a run uses the per-image seed ``config.seed + i`` (see tf_iddpm.sampling), so a sample
+does not depend on the batch size, and the exported sampler given the same seed and a "K" respacing
+returns the same image.
+"""
+
+import os
+from typing import Dict, Optional
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from tf_iddpm import checkpoints
+from tf_iddpm import config_utils
+from tf_iddpm import factory
+from tf_iddpm import image_utils
+from tf_iddpm import sampling
+
+SAMPLES_SUBDIR = "samples"
+
+
+def sample_labels(config, seeds: np.ndarray) -> Optional[np.ndarray]:
+    """Class labels for class-conditional sampling: the fixed sample.class_label, or drawn per seed."""
+    if not config.data.class_cond:
+        return None
+    num_classes = int(config.data.num_classes)
+    label = int(config.sample.class_label)
+    if label >= 0:
+        if label >= num_classes:
+            raise ValueError(f"class_label {label} out of range; allowed: 0..{num_classes - 1} (or -1 for random)")
+        return np.full(len(seeds), label, np.int32)
+    # A label per seed (not per batch), so labels too are independent of the batch split.
+    return np.asarray([np.random.default_rng(int(s)).integers(num_classes) for s in seeds], np.int32)
+
+
+class Sampler:
+    """A network plus a (respaced) diffusion, with the whole reverse loop compiled once per shape."""
+
+    def __init__(self, net, process, *, image_shape, use_ddim=False, eta=0.0, clip_denoised=True,
+                 class_cond=False):
+        self.net = net
+        self.process = process
+        self.image_shape = list(image_shape)
+        self.use_ddim = use_ddim
+        self.eta = float(eta)
+        self.clip_denoised = clip_denoised
+        self.class_cond = class_cond
+        # [None] batch dims: a last, smaller batch reuses the same graph.
+        self.sample_batch = tf.function(self._sample_batch, input_signature=[
+            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32)])
+
+    def _model_fn(self, x, t, **kwargs):
+        return self.net(x, t, training=False, **kwargs)
+
+    def _sample_batch(self, seeds, labels):
+        shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
+        kwargs = {"y": labels} if self.class_cond else {}
+        if self.use_ddim:
+            return sampling.ddim_sample_loop(self.process, self._model_fn, shape, seeds=seeds, eta=self.eta,
+                                             clip_denoised=self.clip_denoised, model_kwargs=kwargs)
+        return sampling.p_sample_loop(self.process, self._model_fn, shape, seeds=seeds,
+                                      clip_denoised=self.clip_denoised, model_kwargs=kwargs)
+
+    def __call__(self, seeds, labels=None):
+        seeds = tf.convert_to_tensor(seeds, tf.int64)
+        labels = tf.zeros_like(seeds, tf.int32) if labels is None else tf.convert_to_tensor(labels, tf.int32)
+        return self.sample_batch(seeds, labels)
+
+
+def build_sampler(config, workdir: str) -> Sampler:
+    """The sampler of config.sample (respacing, DDIM, eta, EMA) with the workdir's weights."""
+    respacing = config.sample.timestep_respacing
+    if config.sample.use_ddim and respacing and not str(respacing).startswith("ddim") and "," in str(respacing):
+        logging.info("DDIM over a multi-section respacing %r", respacing)
+    process = factory.create_diffusion_from_config(config, timestep_respacing=respacing)
+    net = factory.create_model_from_config(config)
+    loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.sample.use_ema,
+                                                   ema_rates=config_utils.ema_rates(config))
+    logging.info("sampling with %s, %d steps (%r), %s", loaded, process.num_timesteps, respacing or "all",
+                 f"DDIM eta={config.sample.eta}" if config.sample.use_ddim else "ancestral")
+    size = config.data.image_size
+    return Sampler(net, process, image_shape=[size, size, config.data.num_channels],
+                   use_ddim=config.sample.use_ddim, eta=config.sample.eta,
+                   clip_denoised=config.sample.clip_denoised, class_cond=config.data.class_cond)
+
+
+def sample(config, workdir: str, strategy=None) -> Dict[str, str]:
+    """Draws config.sample.num_samples images; writes an .npz (arr_0 uint8 NHWC, arr_1 labels) and a PNG grid.
+
+    Returns:
+      {"npz": path, "png": path}.
+    """
+    del strategy  # sampling runs on the default device; batches are independent
+    num_samples, batch_size = int(config.sample.num_samples), int(config.sample.batch_size)
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if config.data.low_res_size > 0:
+        raise ValueError("the super-resolution model needs low-resolution inputs: sample it through the "
+                         "exported sampler (its low_res input) instead of run.py --mode=sample")
+    sampler = build_sampler(config, workdir)
+    seeds = np.arange(num_samples, dtype=np.int64) + int(config.seed)
+    labels = sample_labels(config, seeds)
+    images = []
+    for start in tqdm.trange(0, num_samples, batch_size, desc="sampling", unit="batch"):
+        batch_seeds = seeds[start:start + batch_size]
+        batch_labels = None if labels is None else labels[start:start + batch_size]
+        images.append(image_utils.denormalize_images(sampler(batch_seeds, batch_labels)).numpy())
+    images = np.concatenate(images)
+
+    out_dir = os.path.join(workdir, SAMPLES_SUBDIR)
+    os.makedirs(out_dir, exist_ok=True)
+    stem = "samples_" + "x".join(str(d) for d in images.shape)
+    npz_path = os.path.join(out_dir, stem + ".npz")
+    tmp_path = npz_path + ".tmp.npz"
+    if labels is None:
+        np.savez(tmp_path, images)
+    else:
+        np.savez(tmp_path, images, labels)
+    os.replace(tmp_path, npz_path)
+    png_path = os.path.join(out_dir, stem + ".png")
+    image_utils.save_image_grid(images[:256], png_path)
+    logging.info("wrote %d samples to %s and a grid to %s", num_samples, npz_path, png_path)
+    print(f"samples: {npz_path}\ngrid:    {png_path}")
+    return {"npz": npz_path, "png": png_path}
