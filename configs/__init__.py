@@ -1,0 +1,20 @@
+"""Experiment configurations (ml_collections ConfigDicts), one file per experiment.
+
+Pass a file to ``run.py --config=configs/<name>.py``; every field can then be overridden with
+``--config.<group>.<field>=value``.  ``base.py`` holds the schema and defaults; every other file
+starts from ``base.get_config()`` (or from another experiment) and overrides only what differs:
+
+==========================  ===================================================================
+``digits.py``               the embedded default: sklearn's handwritten digits, small and CPU-fast
+``tiny.py``                 8x8 digits, a minimal UNet and T=100: for tests
+``cifar10_hybrid.py``       CIFAR-10, L_hybrid, cosine schedule (paper Table 2 / README)
+``cifar10_vlb.py``          CIFAR-10, L_vlb with the loss-second-moment timestep sampler
+``imagenet64_hybrid.py``    unconditional ImageNet 64x64, L_hybrid
+``imagenet64_vlb.py``       unconditional ImageNet 64x64, L_vlb
+``imagenet64_cond.py``      class-conditional ImageNet 64x64, 270M parameters
+``lsun_bedroom.py``         LSUN bedroom 256x256, linear schedule, T=1000
+``upsample_64_256.py``      the class-conditional 64->256 super-resolution model
+``from_workdir.py``         ``--config=configs/from_workdir.py:<workdir>``: the config stored in
+                            a workdir, so that ``--config.x=...`` overrides work on it
+==========================  ===================================================================
+"""

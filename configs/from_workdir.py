@@ -1,0 +1,29 @@
+"""The config stored in a workdir, as a config file, so that ``--config.x=...`` overrides apply.
+
+A run started in a workdir stores its resolved config as ``<workdir>/config.json``; later runs
+without ``--config`` reuse it.  To change a field for one later run (e.g. the evaluation split),
+load the stored config through this file and override on the command line:
+
+    python run.py --workdir=/ckpt/run1 --mode=eval \\
+        --config=configs/from_workdir.py:/ckpt/run1 --config.data.eval_split=train
+
+The part after ``:`` is the workdir (or the path of a ``config.json``).  Fields that define the
+experiment must still match the stored config; see ``tf_iddpm.config_utils``.
+"""
+
+import pathlib
+import sys
+
+_REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:  # loaded by path (config_flags) from outside the repository root
+    sys.path.insert(0, _REPO_ROOT)
+
+from tf_iddpm import config_utils  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def get_config(workdir_or_json_path=None):
+    if not workdir_or_json_path:
+        raise ValueError(
+            "configs/from_workdir.py needs the workdir after a colon, e.g. "
+            "--config=configs/from_workdir.py:/ckpt/run1")
+    return config_utils.load_stored_config(workdir_or_json_path)

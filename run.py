@@ -1,0 +1,230 @@
+"""Train, sample from, evaluate or export an Improved DDPM (Nichol & Dhariwal, 2021).
+
+One workdir holds one experiment: its config (``config.json``, written on the first run),
+checkpoints, TensorBoard logs, samples, bits/dim results and exports.
+
+    # train (resumes from the latest checkpoint when the workdir already has one)
+    python run.py --config=configs/cifar10_hybrid.py --workdir=/ckpt/cifar10 --mode=train
+    # any config field can be overridden on the command line
+    python run.py --config=configs/digits.py --config.train.batch_size=32 --workdir=w --mode=train
+    # later runs reuse the stored config
+    python run.py --workdir=/ckpt/cifar10 --mode=sample --steps=ddim50 --ddim --num_samples=64
+    python run.py --workdir=/ckpt/cifar10 --mode=eval --num_samples=1000
+    python run.py --workdir=/ckpt/cifar10 --mode=export --export_dir=/models
+
+Distribution: ``--strategy=auto|default|mirrored|multi_worker|tpu`` (``--tpu`` names the TPU;
+``multi_worker`` reads the cluster from ``TF_CONFIG``).  ``--num_samples``, ``--batch_size``,
+``--steps``, ``--ddim``, ``--eta``, ``--class_label`` and ``--use_ema`` override the config's
+``sample.*`` / ``eval.*`` / ``export.*`` fields for one run; a flag that is not given leaves the
+config value alone.
+"""
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any, Callable, Dict
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from configs import base as base_config
+from tf_iddpm import config_utils
+from tf_iddpm import distribute
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file(
+    "config", None,
+    "Experiment config file, e.g. configs/cifar10_hybrid.py. Required on the first run in a "
+    "workdir; later runs reuse <workdir>/config.json. Fields: --config.train.batch_size=64.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory of the experiment (config, checkpoints, logs).")
+flags.DEFINE_enum("mode", "train", config_utils.MODES, "What to do.")
+flags.DEFINE_enum("strategy", "auto", distribute.STRATEGIES,
+                  "tf.distribute strategy; auto = tpu if --tpu is given, multi_worker if TF_CONFIG "
+                  "lists several tasks, mirrored if there are several GPUs, else default.")
+flags.DEFINE_string("tpu", "", "TPU name, grpc://host:port, or 'local' on a TPU VM.")
+flags.DEFINE_integer("cpu_devices", 0,
+                     "Split the CPU into this many logical devices (0: don't), so that "
+                     "--strategy=mirrored can run several replicas on a CPU-only machine.")
+
+# Per-run overrides of the sample / eval / export groups.  Default None = "not given".
+flags.DEFINE_integer("num_samples", None, "sample: images to draw; eval: images to evaluate "
+                     "(0 = the whole split).")
+flags.DEFINE_integer("batch_size", None, "sample / eval: global batch size.")
+flags.DEFINE_string("steps", None, "sample / eval: timestep respacing, e.g. '50', 'ddim50', "
+                    "'10,10,10'; '' = every step of the trained process.")
+flags.DEFINE_boolean("ddim", None, "sample: use the DDIM sampler instead of ancestral sampling.")
+flags.DEFINE_float("eta", None, "sample: DDIM eta (0 = deterministic).")
+flags.DEFINE_integer("class_label", None, "sample: class of every image (-1 = random labels); "
+                     "class-conditional models only.")
+flags.DEFINE_boolean("use_ema", None, "sample / eval / export: use the EMA weights.")
+flags.DEFINE_string("export_dir", None, "export: output base directory (default <workdir>/export).")
+flags.mark_flag_as_required("workdir")
+
+# mode -> (module, function).  Imported only when that mode runs, so --help stays fast and a mode
+# whose module is missing does not break the others.
+MODE_ENTRIES = {
+    "train": ("tf_iddpm.train_lib", "train"),
+    "sample": ("tf_iddpm.sample_lib", "sample"),
+    "eval": ("tf_iddpm.eval_lib", "evaluate"),
+    "export": ("export.export_lib", "export_from_workdir"),
+}
+
+# run flag -> {mode: config field it overrides in that mode}.
+RUN_FLAG_FIELDS = {
+    "num_samples": {"sample": "sample.num_samples", "eval": "eval.num_samples"},
+    "batch_size": {"sample": "sample.batch_size", "eval": "eval.batch_size"},
+    "steps": {"sample": "sample.timestep_respacing", "eval": "eval.timestep_respacing"},
+    "ddim": {"sample": "sample.use_ddim"},
+    "eta": {"sample": "sample.eta"},
+    "class_label": {"sample": "sample.class_label"},
+    "use_ema": {"sample": "sample.use_ema", "eval": "eval.use_ema", "export": "export.use_ema"},
+    "export_dir": {"export": None},     # not a config field: passed to the exporter
+}
+
+EXIT_CONFIG_ERROR = 1
+EXIT_MODE_UNAVAILABLE = 2
+
+
+class ModeUnavailableError(RuntimeError):
+    """The module implementing a mode is not part of this build (or fails to import)."""
+
+
+def check_mode_available(mode: str) -> None:
+    """Fails fast, without importing anything heavy, when a mode's module does not exist.
+
+    Raises:
+      ModeUnavailableError: naming the mode and the missing module.
+    """
+    module_name, _ = MODE_ENTRIES[mode]
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as e:
+        raise ModeUnavailableError(f"mode {mode!r} is not available in this build: {e}") from e
+    if spec is None:
+        raise ModeUnavailableError(
+            f"mode {mode!r} is not available in this build: module {module_name} not found")
+
+
+def load_mode_entry(mode: str) -> Callable[..., Any]:
+    """Imports and returns the function that runs ``mode``.
+
+    Raises:
+      ModeUnavailableError: if the module cannot be imported or lacks the function.
+    """
+    check_mode_available(mode)
+    module_name, function_name = MODE_ENTRIES[mode]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModeUnavailableError(
+            f"mode {mode!r} is not available in this build: importing {module_name} failed: "
+            f"{e}") from e
+    entry = getattr(module, function_name, None)
+    if entry is None:
+        raise ModeUnavailableError(f"mode {mode!r} is not available in this build: "
+                                   f"{module_name} has no {function_name}()")
+    return entry
+
+
+def given_run_flags(flag_values: flags.FlagValues) -> Dict[str, Any]:
+    """The per-run flags given on the command line, with their values."""
+    return {name: flag_values[name].value for name in RUN_FLAG_FIELDS
+            if flag_values[name].present}
+
+
+def apply_run_flags(config, mode: str, given: Dict[str, Any]) -> None:
+    """Overrides ``config`` fields with the per-run flags given for ``mode``.
+
+    Raises:
+      ValueError: if a flag does not apply to ``mode`` (it would otherwise be silently ignored).
+    """
+    for name, value in sorted(given.items()):
+        fields = RUN_FLAG_FIELDS[name]
+        if mode not in fields:
+            modes = " or ".join(f"--mode={m}" for m in fields)
+            raise ValueError(f"--{name} applies to {modes}, not --mode={mode}")
+        field = fields[mode]
+        if field is None:
+            continue
+        group, key = field.split(".")
+        config[group][key] = value
+
+
+def _fail(message: str, exit_code: int) -> None:
+    print(f"run.py: error: {message}", file=sys.stderr)
+    sys.exit(exit_code)
+
+
+def _innermost_message(error: BaseException) -> str:
+    # ConfigDict wraps a KeyError("'field'\nDid you mean ...") in an AttributeError.
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    return error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, plus clear errors for what config_flags reports lazily or raw.
+
+    A ``--config.group.field=...`` naming a field that does not exist (the config is locked, so a
+    typo cannot add a field), and a ``--config`` file that cannot be loaded, both end the program
+    here, before anything runs.
+    """
+    try:
+        args = app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        overrides = " ".join(arg for arg in argv[1:] if arg.startswith("--config."))
+        _fail(f"a --config override names a field that does not exist ({overrides}): "
+              f"{_innermost_message(e)}\nThe config is locked: overrides can only change the "
+              "fields of configs/base.py.", EXIT_CONFIG_ERROR)
+    try:
+        if FLAGS.config is not None:
+            FLAGS.config.to_dict()      # config_flags defers file-loading errors to first access
+    except OSError as e:
+        _fail(f"--config could not be loaded: {e}", EXIT_CONFIG_ERROR)
+    return args
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    mode, workdir = FLAGS.mode, FLAGS.workdir
+    try:
+        check_mode_available(mode)
+    except ModeUnavailableError as e:
+        _fail(str(e), EXIT_MODE_UNAVAILABLE)
+
+    try:
+        config = config_utils.resolve_and_persist_config(
+            FLAGS.config, workdir, config_given=FLAGS.config is not None,
+            update_mutable=(mode == "train"), defaults=base_config.get_config())
+        apply_run_flags(config, mode, given_run_flags(FLAGS))
+        config_utils.validate_config(config, mode=mode)
+        strategy = None
+        if mode != "export":
+            if FLAGS.cpu_devices:
+                distribute.split_cpu(FLAGS.cpu_devices)
+            strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
+            config_utils.validate_config(config, mode=mode,
+                                         num_replicas=distribute.num_replicas(strategy))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e), EXIT_CONFIG_ERROR)
+
+    logging.info("Mode %s in %s with config:\n%s", mode, workdir, config)
+    try:
+        entry = load_mode_entry(mode)
+    except ModeUnavailableError as e:
+        _fail(str(e), EXIT_MODE_UNAVAILABLE)
+    if mode == "export":
+        export_dir = FLAGS.export_dir or os.path.join(workdir, "export")
+        entry(config, workdir, export_dir)
+    else:
+        entry(config, workdir, strategy)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

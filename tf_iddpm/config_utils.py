@@ -1,0 +1,562 @@
+"""Config checks and the config stored in a workdir.
+
+A workdir belongs to one experiment.  The first run in it writes the resolved config to
+``<workdir>/config.json``; every later run (resumed training, sampling, evaluation, export) reads
+it back, so ``run.py --workdir=W --mode=sample`` needs no ``--config``.  A later run that does give
+a config must agree with the stored one on every field that defines the experiment; it may differ
+only in the fields of :data:`MUTABLE_FIELDS` (run length, logging cadence, where the data lives,
+and everything about sampling, evaluation and export).
+
+:func:`validate_config` turns the mistakes that would otherwise surface deep inside training
+(an unknown schedule name, an image size the UNet has no default for, a global batch that the
+replicas cannot share, ...) into one ``ValueError`` that lists them all, before any step runs.
+
+Nothing here imports TensorFlow (only a ``gs://``-style workdir reaches for ``tf.io.gfile``), so
+``run.py --help`` and config errors stay fast.
+"""
+
+import fnmatch
+import json
+import os
+import re
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from absl import logging
+import ml_collections
+
+from tf_iddpm import schedules
+
+CONFIG_FILENAME = "config.json"
+
+MODES = ("train", "sample", "eval", "export")
+NOISE_SCHEDULES = schedules.NOISE_SCHEDULES
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+MIXED_PRECISION_POLICIES = ("float32", "mixed_bfloat16")
+CDF_MODES = ("exact", "approx")
+
+# The UNet's channel multipliers when ``model.channel_mult`` is "": improved-diffusion's table for
+# 32, 64 and 256, and guided-diffusion's for 128 (improved-diffusion has no 128 default).
+DEFAULT_CHANNEL_MULT = {
+    32: (1, 2, 2, 2),
+    64: (1, 2, 3, 4),
+    128: (1, 1, 2, 3, 4),
+    256: (1, 1, 2, 2, 4, 4),
+}
+# improved-diffusion normalises with GroupNorm(32 groups): every channel count must divide by it.
+GROUP_NORM_GROUPS = 32
+
+# Fields (glob patterns over dotted names) that may change between runs in one workdir: they
+# say how long to train, how often to log or save, where the data is stored, or how to sample,
+# evaluate and export, but not what is being trained.  Everything else must stay as stored,
+# because the checkpoints in the workdir were produced by it.  `train.jit_compile` changes how
+# the step is compiled, not what it computes; `data.eval_split` only feeds evaluation.
+MUTABLE_FIELDS = (
+    "train.num_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.sample_every",
+    "train.jit_compile",
+    "data.data_dir",
+    "data.shuffle_buffer",
+    "data.eval_split",
+    "eval.*",
+    "sample.*",
+    "export.*",
+)
+
+_MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigConflictError(ValueError):
+    """A config given for a workdir differs from the stored one in an experiment-defining field."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing comma-separated fields.
+# --------------------------------------------------------------------------------------------
+
+
+def parse_int_list(text: str, *, field: str) -> Tuple[int, ...]:
+    """Parses "16,8" into (16, 8); "" gives ().
+
+    Args:
+      text: comma-separated integers.
+      field: the config field the text comes from, for the error message.
+
+    Returns:
+      The integers, in order.
+
+    Raises:
+      ValueError: if an item is not an integer.
+    """
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError:
+        raise ValueError(
+            f"{field}={text!r}: expected comma-separated integers, e.g. '16,8'") from None
+
+
+def parse_float_list(text: str, *, field: str) -> Tuple[float, ...]:
+    """Parses "0.9999,0.999" into (0.9999, 0.999); "" gives ().
+
+    Raises:
+      ValueError: if an item is not a number.
+    """
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    try:
+        return tuple(float(item) for item in items)
+    except ValueError:
+        raise ValueError(
+            f"{field}={text!r}: expected comma-separated numbers, e.g. '0.9999'") from None
+
+
+def ema_rates(config: ml_collections.ConfigDict) -> Tuple[float, ...]:
+    """The EMA decay rates of ``config.train.ema_rate``, each checked to lie in (0, 1)."""
+    rates = parse_float_list(config.train.ema_rate, field="train.ema_rate")
+    if not rates:
+        raise ValueError("train.ema_rate is empty; give at least one rate, e.g. '0.9999'")
+    for rate in rates:
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"train.ema_rate={config.train.ema_rate!r}: every rate must lie in "
+                             f"(0, 1), got {rate}")
+    return rates
+
+
+def channel_mult(config: ml_collections.ConfigDict) -> Tuple[int, ...]:
+    """The UNet's per-level channel multipliers: ``model.channel_mult`` or the image size's default.
+
+    Raises:
+      ValueError: if ``model.channel_mult`` is "" and :data:`DEFAULT_CHANNEL_MULT` has no entry
+        for ``data.image_size``, or if a multiplier is not a positive integer.
+    """
+    image_size = config.data.image_size
+    if not config.model.channel_mult:
+        if image_size not in DEFAULT_CHANNEL_MULT:
+            raise ValueError(
+                f"data.image_size={image_size} has no default UNet channel_mult (defaults exist "
+                f"for {', '.join(map(str, sorted(DEFAULT_CHANNEL_MULT)))}); set "
+                "model.channel_mult, e.g. --config.model.channel_mult=1,2,2")
+        return DEFAULT_CHANNEL_MULT[image_size]
+    mult = parse_int_list(config.model.channel_mult, field="model.channel_mult")
+    if not mult or any(m < 1 for m in mult):
+        raise ValueError(f"model.channel_mult={config.model.channel_mult!r}: expected positive "
+                         "integers, one per resolution level, e.g. '1,2,2'")
+    return mult
+
+
+def attention_downsample_rates(config: ml_collections.ConfigDict) -> Tuple[int, ...]:
+    """``model.attention_resolutions`` (pixel sizes, as in the reference) as downsample rates.
+
+    The reference turns a resolution r into the rate image_size // r and silently ignores rates no
+    level of the UNet has; here such a resolution is an error.
+
+    Raises:
+      ValueError: if a resolution does not divide the image size into one of the UNet's levels.
+    """
+    image_size = config.data.image_size
+    mult = channel_mult(config)
+    level_rates = [2 ** level for level in range(len(mult))]
+    rates = []
+    for resolution in parse_int_list(config.model.attention_resolutions,
+                                     field="model.attention_resolutions"):
+        if resolution < 1 or image_size % resolution or image_size // resolution not in level_rates:
+            resolutions = [image_size // rate for rate in level_rates]
+            raise ValueError(
+                f"model.attention_resolutions={config.model.attention_resolutions!r}: "
+                f"{resolution} is not a resolution of this UNet (data.image_size={image_size}, "
+                f"channel_mult={mult} gives resolutions {resolutions})")
+        rates.append(image_size // resolution)
+    return tuple(rates)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_choice(errors: List[str], field: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        errors.append(f"{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def _check_positive(errors: List[str], config: ml_collections.ConfigDict, *fields: str,
+                    allow_zero: bool = False) -> None:
+    for field in fields:
+        group, name = field.split(".")
+        value = config[group][name]
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            errors.append(f"{field}={value!r} must be {bound}")
+
+
+def _check_respacing(errors: List[str], field: str, respacing: str, num_timesteps: int) -> None:
+    if not respacing:
+        return
+    try:
+        schedules.space_timesteps(num_timesteps, respacing)
+    except ValueError as e:
+        errors.append(f"{field}={respacing!r} is not a valid respacing of diffusion.steps="
+                      f"{num_timesteps}: {e}")
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional[int] = None,
+                    mode: str = "train") -> None:
+    """Checks a config before anything is built from it; reports every problem at once.
+
+    Args:
+      config: a config with the schema of ``configs/base.py``.
+      num_replicas: the distribution strategy's replica count.  When given, the batch size used by
+        ``mode`` (``train.batch_size``, ``sample.batch_size`` or ``eval.batch_size``) must divide by
+        it, since each replica takes an equal share of the global batch.
+      mode: one of :data:`MODES`; selects which batch size ``num_replicas`` constrains.
+
+    Raises:
+      ValueError: listing every invalid field, its value and what is allowed.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    errors: List[str] = []
+    data, model, diffusion, train = config.data, config.model, config.diffusion, config.train
+
+    # data
+    if not data.name:
+        errors.append("data.name is empty; use 'digits', 'folder' or a tfds name such as 'cifar10'")
+    if data.name == "folder" and not data.folder:
+        errors.append("data.name='folder' needs data.folder, the root directory of the images")
+    _check_positive(errors, config, "data.image_size", "data.num_channels")
+    if data.class_cond and data.num_classes < 1:
+        errors.append(f"data.class_cond=True needs data.num_classes >= 1, got {data.num_classes}")
+    if data.low_res_size:
+        if data.low_res_size < 0 or data.low_res_size >= data.image_size or \
+                data.image_size % data.low_res_size:
+            errors.append(f"data.low_res_size={data.low_res_size} must be 0 (no super-resolution) "
+                          f"or a proper divisor of data.image_size={data.image_size}, e.g. 64 for "
+                          "256")
+
+    # model
+    try:
+        mult = channel_mult(config)
+    except ValueError as e:
+        errors.append(str(e))
+        mult = None
+    if mult is not None:
+        if data.image_size % (2 ** (len(mult) - 1)):
+            errors.append(f"data.image_size={data.image_size} is not divisible by "
+                          f"{2 ** (len(mult) - 1)}, the downsampling of channel_mult={mult}")
+        try:
+            attention_downsample_rates(config)
+        except ValueError as e:
+            errors.append(str(e))
+    _check_positive(errors, config, "model.num_channels", "model.num_res_blocks", "model.num_heads")
+    if mult is not None and model.num_channels > 0 and model.num_heads > 0:
+        for level_mult in sorted(set(mult)):
+            channels = model.num_channels * level_mult
+            if channels % GROUP_NORM_GROUPS:
+                errors.append(f"model.num_channels={model.num_channels} x channel_mult "
+                              f"{level_mult} = {channels} channels, not divisible by the "
+                              f"{GROUP_NORM_GROUPS} groups of GroupNorm; use a multiple of 32")
+                break
+        heads_upsample = (model.num_heads if model.num_heads_upsample == -1
+                          else model.num_heads_upsample)
+        level_channels = [model.num_channels * m for m in mult]
+        for heads, field in ((model.num_heads, "num_heads"),
+                             (heads_upsample, "num_heads_upsample")):
+            if heads < 1 or any(channels % heads for channels in level_channels):
+                errors.append(f"model.{field}={heads} must be >= 1 and divide every level's "
+                              f"channel count {level_channels}")
+    if not 0.0 <= model.dropout < 1.0:
+        errors.append(f"model.dropout={model.dropout} must lie in [0, 1)")
+
+    # diffusion
+    _check_choice(errors, "diffusion.noise_schedule", diffusion.noise_schedule, NOISE_SCHEDULES)
+    _check_choice(errors, "diffusion.cdf", diffusion.cdf, CDF_MODES)
+    _check_positive(errors, config, "diffusion.steps")
+    if diffusion.steps > 0:
+        for field, respacing in (("diffusion.timestep_respacing", diffusion.timestep_respacing),
+                                 ("sample.timestep_respacing", config.sample.timestep_respacing),
+                                 ("eval.timestep_respacing", config.eval.timestep_respacing)):
+            _check_respacing(errors, field, respacing, diffusion.steps)
+
+    # train
+    _check_choice(errors, "train.schedule_sampler", train.schedule_sampler, SCHEDULE_SAMPLERS)
+    _check_choice(errors, "train.mixed_precision", train.mixed_precision, MIXED_PRECISION_POLICIES)
+    _check_positive(errors, config, "train.batch_size", "train.lr", "train.log_every",
+                    "train.checkpoint_every", "train.keep_checkpoints")
+    _check_positive(errors, config, "train.weight_decay", "train.grad_clip", "train.num_steps",
+                    "train.sample_every", allow_zero=True)
+    try:
+        ema_rates(config)
+    except ValueError as e:
+        errors.append(str(e))
+
+    # eval, sample, export
+    _check_positive(errors, config, "eval.batch_size", "sample.num_samples", "sample.batch_size",
+                    "export.max_batch_size")
+    _check_positive(errors, config, "eval.num_samples", "sample.eta", allow_zero=True)
+    if config.sample.eta > 0 and not config.sample.use_ddim:
+        errors.append(f"sample.eta={config.sample.eta} only applies to DDIM sampling; set "
+                      "sample.use_ddim=True (run.py --ddim)")
+    label = config.sample.class_label
+    if data.class_cond:
+        if not -1 <= label < max(data.num_classes, 0):
+            errors.append(f"sample.class_label={label} must be -1 (random labels) or lie in "
+                          f"[0, {data.num_classes})")
+    elif label != -1:
+        errors.append(f"sample.class_label={label} given for an unconditional model "
+                      "(data.class_cond=False); leave it at -1")
+    if not _MODEL_NAME_PATTERN.match(config.export.model_name):
+        errors.append(f"export.model_name={config.export.model_name!r} must be letters, digits, "
+                      "'_', '.' or '-' (it names TF-Serving models and directories)")
+
+    # replicas
+    if num_replicas is not None:
+        batch_field = {"train": "train.batch_size", "sample": "sample.batch_size",
+                       "eval": "eval.batch_size"}.get(mode)
+        if batch_field is not None:
+            group, name = batch_field.split(".")
+            batch_size = config[group][name]
+            if batch_size > 0 and batch_size % num_replicas:
+                errors.append(f"{batch_field}={batch_size} is not divisible by the {num_replicas} "
+                              f"replicas of the distribution strategy; use a multiple of "
+                              f"{num_replicas}")
+
+    if errors:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------
+# The config stored in a workdir.
+# --------------------------------------------------------------------------------------------
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _exists(path: str) -> bool:
+    if _is_url(path):
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        return tf.io.gfile.exists(path)
+    return os.path.exists(path)
+
+
+def _read_text(path: str) -> str:
+    if _is_url(path):
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        with tf.io.gfile.GFile(path, "r") as f:
+            return f.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    directory = os.path.dirname(path) or "."
+    if _is_url(path):
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        tf.io.gfile.makedirs(directory)
+        tmp_path = f"{path}.tmp-{os.getpid()}"
+        with tf.io.gfile.GFile(tmp_path, "w") as f:
+            f.write(text)
+        tf.io.gfile.rename(tmp_path, path, overwrite=True)
+        return
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                    suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    """The canonical JSON of a config: sorted keys, two-space indent, trailing newline."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _deep_merge(defaults: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_config_json(path: str, defaults: Optional[ml_collections.ConfigDict] = None
+                     ) -> ml_collections.ConfigDict:
+    """Reads a config written by :func:`config_to_json` into a locked ConfigDict.
+
+    Args:
+      path: the JSON file.
+      defaults: optional config whose fields fill in any field the file lacks (a workdir started
+        before the field was added to the schema); each filled field is logged.
+
+    Returns:
+      The config, locked like the ones ``run.py`` loads (no new fields can be added).
+
+    Raises:
+      ValueError: if the file is not a JSON object.
+    """
+    try:
+        stored = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); restore it or start a new workdir") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(stored).__name__}")
+    if defaults is not None:
+        default_tree = defaults.to_dict()
+        missing = sorted(set(_flatten(default_tree)) - set(_flatten(stored)))
+        if missing:
+            logging.warning("%s lacks %s; using the default values", path, ", ".join(missing))
+        stored = _deep_merge(default_tree, stored)
+    config = ml_collections.ConfigDict(stored)
+    config.lock()
+    return config
+
+
+def stored_config_path(workdir: str) -> str:
+    """Where a workdir keeps its config."""
+    return os.path.join(workdir, CONFIG_FILENAME)
+
+
+def load_stored_config(workdir_or_path: str, defaults: Optional[ml_collections.ConfigDict] = None
+                       ) -> ml_collections.ConfigDict:
+    """Loads ``<workdir>/config.json`` (or the JSON file itself when given its path).
+
+    Raises:
+      FileNotFoundError: if there is no stored config, with what to do instead.
+    """
+    path = workdir_or_path
+    if not path.endswith(".json"):
+        path = stored_config_path(workdir_or_path)
+    if not _exists(path):
+        raise FileNotFoundError(f"no stored config at {path}: start the workdir with "
+                                "--config=configs/<experiment>.py first")
+    return load_config_json(path, defaults)
+
+
+def _is_mutable(field: str) -> bool:
+    return any(fnmatch.fnmatchcase(field, pattern) for pattern in MUTABLE_FIELDS)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value)
+
+
+def config_differences(stored: ml_collections.ConfigDict, given: ml_collections.ConfigDict
+                       ) -> Tuple[List[Tuple[str, Any, Any]], List[Tuple[str, Any, Any]]]:
+    """Compares two configs field by field, in canonical (JSON) form.
+
+    A field present on one side only counts as neither: it comes from a schema change, not from
+    the user, and is reported by :func:`resolve_and_persist_config` as a warning.
+
+    Returns:
+      (conflicts, allowed): lists of (dotted field, stored value, given value), sorted by field;
+      ``allowed`` holds the differences in :data:`MUTABLE_FIELDS`.
+    """
+    stored_flat = _flatten(json.loads(config_to_json(stored)))
+    given_flat = _flatten(json.loads(config_to_json(given)))
+    conflicts, allowed = [], []
+    for field in sorted(set(stored_flat) & set(given_flat)):
+        if stored_flat[field] != given_flat[field]:
+            diff = (field, stored_flat[field], given_flat[field])
+            (allowed if _is_mutable(field) else conflicts).append(diff)
+    return conflicts, allowed
+
+
+def resolve_and_persist_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
+                               config_given: bool, update_mutable: bool = True,
+                               defaults: Optional[ml_collections.ConfigDict] = None
+                               ) -> ml_collections.ConfigDict:
+    """Decides which config a run uses, and stores it in the workdir on the first run.
+
+    * First run in ``workdir`` (no ``config.json``): ``config`` is validated and written there
+      atomically (temporary file + rename); it is required.
+    * Later run without a config: the stored config is loaded and returned.
+    * Later run with a config: it must equal the stored one outside :data:`MUTABLE_FIELDS`,
+      otherwise :class:`ConfigConflictError` lists the differing fields.  The given config is
+      returned; with ``update_mutable`` (training runs) its mutable fields are written back, so a
+      later run without a config continues with, e.g., the raised ``train.num_steps``.
+
+    Args:
+      config: the config given on the command line, or None.
+      workdir: the experiment's directory (created if needed).
+      config_given: whether the user gave a config (``--config``).
+      update_mutable: write changed mutable fields back to ``config.json``.
+      defaults: fills fields missing from an older ``config.json`` (see :func:`load_config_json`).
+
+    Returns:
+      The config to run with.
+
+    Raises:
+      ConfigConflictError: if a given config contradicts the stored one.
+      FileNotFoundError: if neither a config is given nor one is stored.
+      ValueError: if the resulting config is invalid (see :func:`validate_config`).
+    """
+    path = stored_config_path(workdir)
+    if config_given and config is None:
+        raise ValueError("config_given=True but config is None")
+
+    if not _exists(path):
+        if not config_given:
+            raise FileNotFoundError(
+                f"{workdir} has no stored config ({CONFIG_FILENAME}) and no --config was given; "
+                "start the run with e.g. --config=configs/digits.py")
+        validate_config(config)
+        _atomic_write_text(path, config_to_json(config))
+        logging.info("Stored the config of this workdir in %s", path)
+        return config
+
+    if not config_given:
+        stored = load_config_json(path, defaults)
+        logging.info("Using the config stored in %s", path)
+        validate_config(stored)
+        return stored
+
+    # No defaults here: a field the stored file lacks predates it, and is no conflict.
+    stored = load_config_json(path)
+    conflicts, allowed = config_differences(stored, config)
+    if conflicts:
+        lines = "\n".join(f"  {field}: {_show(old)} -> {_show(new)}"
+                          for field, old, new in conflicts)
+        raise ConfigConflictError(
+            f"the given config conflicts with the one stored in {path} "
+            f"(field: stored -> given):\n{lines}\n"
+            "The checkpoints in this workdir belong to the stored config. To continue this "
+            "experiment, drop --config (the stored config is used) or change only fields that may "
+            f"differ between runs ({', '.join(MUTABLE_FIELDS)}); to run a different experiment, "
+            "use a new --workdir.")
+    stored_only = sorted(set(_flatten(stored.to_dict())) - set(_flatten(config.to_dict())))
+    if stored_only:
+        logging.warning("%s has fields the given config lacks (ignored): %s", path,
+                        ", ".join(stored_only))
+    validate_config(config)
+    if allowed:
+        changes = ", ".join(f"{field}: {_show(old)} -> {_show(new)}" for field, old, new in allowed)
+        logging.info("Config differs from %s in fields allowed to change: %s", path, changes)
+        if update_mutable:
+            _atomic_write_text(path, config_to_json(config))
+    return config
