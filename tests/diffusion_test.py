@@ -188,3 +188,12 @@ def test_timesteps_out_of_range_are_rejected():
 def test_bad_respacing_is_rejected():
     with pytest.raises(ValueError, match="cannot divide section of 100 steps into 250"):
         diffusion.create_gaussian_diffusion(steps=100, timestep_respacing="250")
+
+
+def test_a_process_can_be_built_inside_a_tf_function():
+    @tf.function
+    def noisy(x):
+        process = diffusion.create_gaussian_diffusion(steps=100, timestep_respacing="5")
+        return process.q_sample(x, [3], noise=tf.zeros_like(x))
+    expected = diffusion.create_gaussian_diffusion(steps=100, timestep_respacing="5").sqrt_alphas_cumprod[3]
+    np.testing.assert_allclose(noisy(tf.ones([1, 2, 2, 1])).numpy(), np.float32(expected))

@@ -182,3 +182,12 @@ def test_save_image_grid_rejects_floats(tmp_path):
     with pytest.raises(TypeError, match="denormalize_images"):
         image_utils.save_image_grid(np.zeros([1, 4, 4, 3], np.float32), tmp_path / "x.png")
     assert not os.listdir(tmp_path)
+
+
+def test_normalization_is_bit_identical_in_graphs_and_to_numpy():
+    import tensorflow as tf
+    levels = np.arange(256, dtype=np.uint8)
+    expected = levels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    np.testing.assert_array_equal(image_utils.normalize_images(levels).numpy(), expected)
+    in_graph = tf.function(image_utils.normalize_images)(tf.constant(levels))
+    np.testing.assert_array_equal(in_graph.numpy(), expected)

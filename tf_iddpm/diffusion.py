@@ -168,16 +168,18 @@ class GaussianDiffusion:
         self.cdf = cdf
         self.rescale_timesteps = bool(rescale_timesteps)
 
-        constant_schedule = not isinstance(betas, (tf.Tensor, tf.Variable)) or tf.executing_eagerly()
+        constant_schedule = not isinstance(betas, (tf.Tensor, tf.Variable)) or hasattr(betas, "numpy")
         if constant_schedule:
             betas_np = np.asarray(betas, dtype=np.float64)
             if betas_np.ndim != 1 or betas_np.size == 0:
                 raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas_np.shape}")
             if not np.all((betas_np > 0) & (betas_np <= 1)):
                 raise ValueError("betas must lie in (0, 1]")
-        constants = diffusion_constants(betas)
         if constant_schedule:
-            constants = {k: v.numpy() for k, v in constants.items()}
+            with tf.init_scope():  # eager even when built inside a tf.function
+                constants = {k: v.numpy() for k, v in diffusion_constants(betas).items()}
+        else:
+            constants = diffusion_constants(betas)
         for name, value in constants.items():
             setattr(self, name, value)
 

@@ -38,7 +38,13 @@ def normalize_images(images):
     images = tf.convert_to_tensor(images)
     if images.dtype != tf.uint8:
         raise TypeError(f"normalize_images expects uint8 pixels, got dtype {images.dtype.name}.")
-    return tf.cast(images, tf.float32) / 127.5 - 1.0
+    # A lookup of the 256 float32 values numpy computes: inside a graph Grappler rewrites
+    # `x / 127.5` as `x * (1 / 127.5)`, which moves 111 of the 256 levels by one ulp, so eager,
+    # tf.data, exported graphs and the reference would otherwise disagree in the last bit.
+    return tf.gather(_PIXEL_LEVELS, tf.cast(images, tf.int32))
+
+
+_PIXEL_LEVELS = (np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
 
 
 def denormalize_images(images, *, round_to_nearest=False):

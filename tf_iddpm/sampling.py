@@ -176,8 +176,11 @@ def calc_bpd_loop(diffusion: GaussianDiffusion, model_fn, x_start, *, clip_denoi
                     xstart_mse_ta.write(k, mean_flat(tf.square(term["pred_xstart"] - x_start))),
                     mse_ta.write(k, mean_flat(tf.square(pred_eps - eps))))
 
+        # parallel_iterations=1: the iterations are independent, and running several at once made
+        # oneDNN kernels return (rarely) different vb terms from run to run; one at a time is
+        # deterministic and no slower on a CPU whose cores each iteration already uses.
         _, vb_ta, xstart_mse_ta, mse_ta = tf.while_loop(
-            lambda k, *_: k < num_steps, body, [tf.constant(0)] + arrays)
+            lambda k, *_: k < num_steps, body, [tf.constant(0)] + arrays, parallel_iterations=1)
         vb, xstart_mse, mse = (tf.transpose(ta.stack()) for ta in (vb_ta, xstart_mse_ta, mse_ta))
         prior_bpd = diffusion.prior_bpd(x_start)
         return dict(total_bpd=tf.reduce_sum(vb, axis=1) + prior_bpd, prior_bpd=prior_bpd, vb=vb,
