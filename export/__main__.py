@@ -1,0 +1,45 @@
+"""Exports a workdir's checkpoint as TF-Serving SavedModels (sampler and NLL).
+
+    python -m export --workdir=workdir/digits --export_dir=/models [--model_name=digits] \\
+        [--version=3] [--nouse_ema] [--checkpoint=workdir/digits/checkpoints/ckpt-2000]
+
+The workdir is a training workdir or a converted reference checkpoint (``python -m
+tf_iddpm.convert``); its ``config.json`` describes the model.  ``run.py --mode=export`` does the
+same through :func:`export.export_lib.export_from_workdir`.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+
+from export import export_lib
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    flags.DEFINE_string("workdir", None, "Training workdir or converted checkpoint directory.")
+    flags.DEFINE_string("export_dir", None, "TF-Serving base directory (default <workdir>/export).")
+    flags.DEFINE_string("model_name", None, "Model name prefix (default config.export.model_name); "
+                        "the models are <name>_sampler and <name>_nll.")
+    flags.DEFINE_integer("version", None, "Version number (default: the next free one); an existing "
+                         "version is never overwritten.")
+    flags.DEFINE_boolean("use_ema", None, "Export the EMA weights (default config.export.use_ema); "
+                         "--nouse_ema exports the raw weights.")
+    flags.DEFINE_string("checkpoint", None, "A specific checkpoint prefix (default: the latest).")
+    flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    export_dir = FLAGS.export_dir or os.path.join(FLAGS.workdir, "export")
+    export_lib.export_from_workdir(None, FLAGS.workdir, export_dir, checkpoint=FLAGS.checkpoint,
+                                   model_name=FLAGS.model_name, version=FLAGS.version,
+                                   use_ema=FLAGS.use_ema)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

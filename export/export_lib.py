@@ -1,0 +1,690 @@
+"""Exports a trained (or converted) Improved DDPM as two SavedModels for TF-Serving.
+
+A TF-Serving model base path is written under ``export_dir``::
+
+    <export_dir>/<model_name>_sampler/<version>/   saved_model.pb, variables/, assets.extra/
+    <export_dir>/<model_name>_nll/<version>/       (same layout)
+    <export_dir>/models.config                     ModelServerConfig naming every exported model
+    <export_dir>/batching_parameters.txt           BatchingParameters for --enable_batching
+
+Versions are numbered 1, 2, ...; an export never overwrites a version (both SavedModels of one
+export get the same number) and is written to a temporary directory and renamed into place, so a
+failed export leaves nothing behind and the server never sees a half-written version.
+
+Signatures (every input is batch-major, one row per image, so that TF-Serving's request batching
+can concatenate concurrent requests; the per-request parameters also accept a scalar, applied to
+every image, when batching is off):
+
+Sampler, ``serving_default``:
+  inputs   ``seed`` int64 [N]: one image per seed.  Image n depends only on seed[n] and its own
+             parameters, not on the rest of the batch (stateless per-image noise: draw 0 is x_T,
+             draw k + 1 the noise of reverse step k, see :mod:`tf_iddpm.sampling`) -- up to
+             float rounding: convolutions round differently for different batch sizes.
+           ``num_steps`` int32, scalar or [N]: the chain is the trained process respaced to K
+             evenly spaced steps (``timestep_respacing = "K"``), 1 <= K <= T.
+           ``eta`` float32, scalar or [N]: DDIM eta in [0, 1]; must be 0 for ancestral images.
+           ``use_ddim`` bool, scalar or [N]: DDIM (Song et al.) instead of ancestral sampling.
+           ``class_labels`` int32 [N] in [0, num_classes): class-conditional models only.
+           ``low_res`` uint8 [N, h, h, C]: the super-resolution model's low-resolution input.
+  outputs  ``images`` uint8 [N, H, W, C] (the reference's truncating conversion) and
+           ``images_float`` float32 [N, H, W, C] (the raw samples, ~[-1, 1]).
+  Images equal ``tf_iddpm.sampling.p_sample_loop`` (or ``ddim_sample_loop``) on
+  ``create_diffusion_from_config(config, timestep_respacing=str(K))`` with ``seeds=seed``
+  (bit for bit for the same batch).  DDIM runs on the same "K" spacing; "ddimK" spacing is not
+  offered.
+
+NLL, ``serving_default`` (the variational bound of Eq. 4 in bits/dim, ``clip_denoised`` from
+``config.eval.clip_denoised``):
+  inputs   ``images`` uint8 [N, H, W, C]; ``num_steps`` int32, scalar or [N] (K = T evaluates the
+             full chain); ``seed`` int64 [N]: the q_sample noise of loop step k (t = K-1-k) of
+             image n is ``stateless_normal([H, W, C], seed=[seed[n], k + 1])``, so a bpd is
+             reproducible; ``class_labels`` int32 [N] for class-conditional models.  A
+             super-resolution model is conditioned on the area-downsampled image, as in training.
+  outputs  ``total_bpd``, ``prior_bpd`` float32 [N]; ``vb_terms``, ``xstart_mse``, ``mse`` float32
+           [N, K] with column k for t = K-1-k (the reference's order); ``vb_timesteps`` int32
+           [N, K]: the original timestep index of each column.  When a (batched) request mixes
+           step counts, K is the largest and shorter rows are padded with 0 (``vb_timesteps``
+           -1), so total_bpd = prior_bpd + vb_terms.sum(1) always holds.
+NLL, ``nll_replay``: as ``serving_default`` but the noise is given, ``noise`` float32
+  [N, K, H, W, C] (K = num_steps; noise[:, k] is used at t = K-1-k), to reproduce a recorded evaluation
+  such as the reference's ``calc_bpd_loop``.
+
+Every input is validated in the graph: a malformed request fails with INVALID_ARGUMENT and a
+message naming the input and what is allowed.
+
+The exported graphs need no Python from this project; this module imports no training code.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from export import serving
+from tf_iddpm import checkpoints
+from tf_iddpm import config_utils
+from tf_iddpm import factory
+from tf_iddpm import image_utils
+from tf_iddpm import sampling
+
+SAMPLER_SUFFIX = "_sampler"
+NLL_SUFFIX = "_nll"
+DEFAULT_SIGNATURE = "serving_default"
+NLL_REPLAY_SIGNATURE = "nll_replay"
+METADATA_FILENAME = "iddpm_export.json"   # next to the warm-up file, in assets.extra
+
+# Steps of the warm-up requests: enough to run every op of the loops once.
+_WARMUP_STEPS = 2
+# Bit layout of the key that groups the sampler's images by (num_steps, use_ddim, eta).
+_STEPS_SHIFT = 2 ** 33
+_DDIM_SHIFT = 2 ** 32
+_MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """Where one export went.
+
+    Attributes:
+      version: the version number of both SavedModels.
+      sampler_dir, nll_dir: the SavedModel version directories.
+      sampler_name, nll_name: the TF-Serving model names.
+      models_config: path of models.config.
+      batching_parameters: path of batching_parameters.txt.
+      weights: the checkpoint attribute that was exported ("ema_0p9999" or "model").
+    """
+    version: int
+    sampler_dir: str
+    nll_dir: str
+    sampler_name: str
+    nll_name: str
+    models_config: str
+    batching_parameters: str
+    weights: str
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def load_network(config, workdir: str, *, use_ema: bool = True,
+                 checkpoint_path: Optional[str] = None) -> Tuple[Any, str, str]:
+    """Builds the config's UNet and restores the weights to export.
+
+    With ``use_ema`` the EMA weights of the largest rate in ``config.train.ema_rate`` are used; a
+    checkpoint without them (e.g. a converted reference checkpoint) falls back to the raw
+    ``model`` weights with a warning (see :mod:`tf_iddpm.checkpoints`).
+
+    Args:
+      config: the experiment config.
+      workdir: a training workdir or a converted checkpoint directory.
+      use_ema: export EMA weights (the paper's evaluation weights).
+      checkpoint_path: a specific checkpoint prefix (default: the workdir's latest).
+
+    Returns:
+      (net, checkpoint path, checkpoint attribute the weights came from).
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint.
+      ValueError: if the checkpoint's weights do not fit the config's architecture.
+    """
+    if checkpoint_path is not None and not tf.io.gfile.exists(checkpoint_path + ".index"):
+        raise FileNotFoundError(f"no checkpoint {checkpoint_path} ({checkpoint_path}.index does "
+                                "not exist); give a prefix such as <workdir>/checkpoints/ckpt-12")
+    net = factory.create_model_from_config(config)
+    try:
+        loaded = checkpoints.restore_inference_weights(
+            net, workdir, use_ema=use_ema, ema_rates=config_utils.ema_rates(config),
+            checkpoint_path=checkpoint_path)
+    except AssertionError as e:
+        raise ValueError(f"the checkpoint of {workdir} does not fit the model of the config: "
+                         f"{e}") from e
+    path, name = loaded.rsplit(":", 1)
+    return net, path, name
+
+
+# ------------------------------------------------------------------------------ in-graph checks
+
+
+def _per_image(value, batch, name):
+    """Flattens a scalar-or-[N] parameter; returns it and the checks of its shape."""
+    flat = tf.reshape(value, [-1])
+    size = tf.size(flat)
+    message = f"{name} must be a scalar or a vector [N] with one value per image"
+    checks = [
+        tf.debugging.assert_less_equal(tf.rank(value), 1, message=message),
+        tf.debugging.assert_equal(tf.logical_or(tf.equal(size, 1), tf.equal(size, batch)), True,
+                                  message=message),
+    ]
+    return flat, checks
+
+
+def _padded_shape(tensor, length):
+    """tf.shape(tensor) cut or padded with -1 to `length` entries.
+
+    Lets one equality check cover the rank as well: the static rank of a signature input is known,
+    so a rank computed with tf.rank/tf.size would be folded to a constant, yet a server feeding a
+    tensor of another rank bypasses the static shape.
+    """
+    return tf.concat([tf.shape(tensor), tf.fill([length], -1)], 0)[:length]
+
+
+def _check_vector(flat_or_tensor, batch, name, per):
+    """A per-image input must be a vector [N] (one value per `per`)."""
+    return tf.debugging.assert_equal(
+        tf.reduce_all(tf.equal(_padded_shape(flat_or_tensor, 2), tf.stack([batch, -1]))), True,
+        message=f"{name} must be a vector [N] holding exactly one value per {per}")
+
+
+def _check_images(images, batch, size, channels, name):
+    """images must be [batch, size, size, channels] (the uint8 dtype is the signature's)."""
+    expected = tf.stack([batch, size, size, channels, -1])
+    return tf.debugging.assert_equal(
+        tf.reduce_all(tf.equal(_padded_shape(images, 5), expected)), True,
+        message=f"{name} must be uint8 [N, {size}, {size}, {channels}] with N = the number of "
+                f"images of the request")
+
+
+def _gated(checks, *tensors):
+    """The tensors, computed only after every check has passed."""
+    checks = [c for c in checks if c is not None]
+    with tf.control_dependencies(checks):
+        gated = tuple(tf.identity(t) for t in tensors)
+    return gated if len(gated) > 1 else gated[0]
+
+
+def _for_each_group(group_ids, num_groups, fn, initial):
+    """Runs fn(member_indices, accumulators) -> accumulators for every group, in one while_loop."""
+    def body(g, *accumulators):
+        members = tf.cast(tf.where(tf.equal(group_ids, g))[:, 0], tf.int32)
+        return (g + 1,) + tuple(fn(members, accumulators))
+    results = tf.while_loop(lambda g, *_: g < num_groups, body, (tf.constant(0),) + tuple(initial))
+    return results[1:]
+
+
+def _scatter_rows(accumulator, members, rows):
+    return tf.tensor_scatter_nd_update(accumulator, members[:, None], rows)
+
+
+# ------------------------------------------------------------------------------ modules
+
+
+class _ServingModule(tf.Module):
+    """Common parts of the exported modules: the weights, the process and the model inputs.
+
+    Only the network's raw ``tf.Variable``s are tracked, never the Keras model itself: with the
+    model tracked, ``saved_model_cli run`` and the C++ loader (TF-Serving) cannot find the
+    variables (shared/notes/tf_stack.md, section 5).  The traced functions close over the model.
+    """
+
+    def __init__(self, config, net, name):
+        super().__init__(name=name)
+        self.network_variables = [getattr(v, "value", v) for v in net.variables]
+        # A plain function is not tracked by tf.Module, so the model itself is not saved.
+        self._call_net = lambda x, t, **kwargs: net(x, t, training=False, **kwargs)
+        data = config.data
+        self.image_size = int(data.image_size)
+        self.channels = int(data.num_channels)
+        self.num_classes = int(data.num_classes) if data.class_cond else 0
+        self.low_res_size = int(data.low_res_size)
+        self.base_diffusion = factory.create_diffusion_from_config(config, timestep_respacing="")
+        self.num_timesteps = int(self.base_diffusion.num_timesteps)
+        # normalize_images of every uint8 value, computed eagerly.  Inside a graph Grappler turns
+        # x / 127.5 into x * (1 / 127.5), which rounds 111 of the 256 values differently; a
+        # lookup keeps the graph's inputs bit-identical to the eager normalisation.
+        self._pixel_values = image_utils.normalize_images(np.arange(256, dtype=np.uint8)).numpy()
+
+    def model_fn(self, x, t, **model_kwargs):
+        return self._call_net(x, t, **model_kwargs)
+
+    def normalize(self, images):
+        """uint8 images -> float32 in [-1, 1], exactly as image_utils.normalize_images eagerly."""
+        return tf.gather(tf.constant(self._pixel_values), tf.cast(images, tf.int32))
+
+    @property
+    def image_shape(self) -> List[int]:
+        return [self.image_size, self.image_size, self.channels]
+
+    def _make_function(self, fn, specs: Dict[str, tf.TensorSpec]):
+        """A tf.function of named inputs (the SignatureDef input names are the spec names)."""
+        names = list(specs)
+
+        def call(*args):
+            return fn(**dict(zip(names, args)))
+        call.__name__ = fn.__name__
+        return tf.function(call, input_signature=[
+            tf.TensorSpec(spec.shape, spec.dtype, name=key) for key, spec in specs.items()])
+
+    def _label_checks(self, labels, batch, per):
+        return labels, [
+            _check_vector(labels, batch, "class_labels", per),
+            tf.debugging.assert_greater_equal(
+                labels, 0, message=f"class_labels must lie in [0, {self.num_classes})"),
+            tf.debugging.assert_less(
+                labels, self.num_classes, message=f"class_labels must lie in [0, {self.num_classes})"),
+        ]
+
+    def _check_steps(self, steps, name="num_steps"):
+        message = (f"{name} must lie in [1, {self.num_timesteps}] (the trained process has "
+                   f"T = {self.num_timesteps} steps)")
+        return [tf.debugging.assert_greater_equal(steps, 1, message=message),
+                tf.debugging.assert_less_equal(steps, self.num_timesteps, message=message)]
+
+
+class SamplerModule(_ServingModule):
+    """The sampler graph (see the module docstring for the signature)."""
+
+    def __init__(self, config, net, *, clip_denoised: bool = True):
+        super().__init__(config, net, name="sampler")
+        self.clip_denoised = bool(clip_denoised)
+        specs = {
+            "seed": tf.TensorSpec([None], tf.int64),
+            "num_steps": tf.TensorSpec(None, tf.int32),
+            "eta": tf.TensorSpec(None, tf.float32),
+            "use_ddim": tf.TensorSpec(None, tf.bool),
+        }
+        if self.num_classes:
+            specs["class_labels"] = tf.TensorSpec([None], tf.int32)
+        if self.low_res_size:
+            specs["low_res"] = tf.TensorSpec(
+                [None, self.low_res_size, self.low_res_size, self.channels], tf.uint8)
+        self.input_specs = specs
+        self.sample = self._make_function(self._sample, specs)
+
+    def signatures(self):
+        return {DEFAULT_SIGNATURE: self.sample}
+
+    def _sample(self, seed, num_steps, eta, use_ddim, class_labels=None, low_res=None):
+        batch = tf.size(seed)
+        checks = [tf.debugging.assert_positive(
+                      batch, message="seed is empty: send one seed per image, at least one"),
+                  _check_vector(seed, batch, "seed", "image")]
+        steps, step_checks = _per_image(num_steps, batch, "num_steps")
+        eta, eta_checks = _per_image(eta, batch, "eta")
+        use_ddim, ddim_checks = _per_image(use_ddim, batch, "use_ddim")
+        checks += step_checks + eta_checks + ddim_checks
+        checks += self._check_steps(steps)
+        eta_message = "eta must lie in [0, 1] (0 = deterministic DDIM)"
+        checks += [tf.debugging.assert_greater_equal(eta, 0.0, message=eta_message),
+                   tf.debugging.assert_less_equal(eta, 1.0, message=eta_message)]
+        model_inputs = {}
+        if self.num_classes:
+            labels, label_checks = self._label_checks(class_labels, batch, "seed")
+            checks += label_checks
+            model_inputs["y"] = labels
+        if self.low_res_size:
+            checks.append(_check_images(low_res, batch, self.low_res_size, self.channels, "low_res"))
+            model_inputs["low_res"] = low_res
+        batch, seed, steps, eta, use_ddim, *gated_inputs = _gated(
+            checks, batch, seed, steps, eta, use_ddim, *model_inputs.values())
+        model_inputs = dict(zip(model_inputs, gated_inputs))
+        steps = tf.broadcast_to(steps, [batch])
+        eta = tf.broadcast_to(eta, [batch])
+        use_ddim = tf.broadcast_to(use_ddim, [batch])
+        eta = _gated([tf.debugging.assert_equal(
+            tf.reduce_all(tf.logical_or(use_ddim, tf.equal(eta, 0.0))), True,
+            message="eta is nonzero for an image with use_ddim false: eta only applies to DDIM "
+                    "sampling (set use_ddim true, or eta 0)")], eta)
+        if "low_res" in model_inputs:
+            model_inputs["low_res"] = self.normalize(model_inputs["low_res"])
+
+        # Images sharing (num_steps, use_ddim, eta) run as one chain; a request normally is one
+        # group, a batch merged by the server from several requests may be several.
+        key = (tf.cast(steps, tf.int64) * _STEPS_SHIFT + tf.cast(use_ddim, tf.int64) * _DDIM_SHIFT
+               + tf.cast(tf.bitcast(eta, tf.uint32), tf.int64))
+        unique_keys, group_ids = tf.unique(key)
+
+        def run_group(members, accumulators):
+            first = members[0]
+            process = sampling.respace_uniform(self.base_diffusion, steps[first])
+            seeds = tf.gather(seed, members)
+            kwargs = {k: tf.gather(v, members) for k, v in model_inputs.items()}
+            shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
+
+            def ddim():
+                return sampling.ddim_sample_loop(
+                    process, self.model_fn, shape, clip_denoised=self.clip_denoised,
+                    model_kwargs=kwargs, eta=eta[first], seeds=seeds)
+
+            def ancestral():
+                return sampling.p_sample_loop(
+                    process, self.model_fn, shape, clip_denoised=self.clip_denoised,
+                    model_kwargs=kwargs, seeds=seeds)
+
+            samples = tf.cond(use_ddim[first], ddim, ancestral)
+            return [_scatter_rows(accumulators[0], members, samples)]
+
+        initial = tf.zeros(tf.concat([[batch], self.image_shape], 0), tf.float32)
+        (samples,) = _for_each_group(group_ids, tf.size(unique_keys), run_group, [initial])
+        samples = tf.ensure_shape(samples, [None] + self.image_shape)
+        return {"images": image_utils.denormalize_images(samples), "images_float": samples}
+
+    def warmup_inputs(self) -> List[Dict[str, np.ndarray]]:
+        """One ancestral and one DDIM request of one image each."""
+        requests = []
+        for use_ddim, eta in ((False, 0.0), (True, 0.5)):
+            inputs = {"seed": np.array([0], np.int64),
+                      "num_steps": np.array([_WARMUP_STEPS], np.int32),
+                      "eta": np.array([eta], np.float32),
+                      "use_ddim": np.array([use_ddim])}
+            if self.num_classes:
+                inputs["class_labels"] = np.array([0], np.int32)
+            if self.low_res_size:
+                inputs["low_res"] = np.full(
+                    [1, self.low_res_size, self.low_res_size, self.channels], 128, np.uint8)
+            requests.append((DEFAULT_SIGNATURE, inputs))
+        return requests
+
+
+class NllModule(_ServingModule):
+    """The likelihood graph (see the module docstring for the signatures)."""
+
+    def __init__(self, config, net, *, clip_denoised: bool = True):
+        super().__init__(config, net, name="nll")
+        self.clip_denoised = bool(clip_denoised)
+        images = tf.TensorSpec([None] + self.image_shape, tf.uint8)
+        specs = {"images": images, "num_steps": tf.TensorSpec(None, tf.int32),
+                 "seed": tf.TensorSpec([None], tf.int64)}
+        replay_specs = {"images": images,
+                        "noise": tf.TensorSpec([None, None] + self.image_shape, tf.float32)}
+        if self.num_classes:
+            specs["class_labels"] = replay_specs["class_labels"] = tf.TensorSpec([None], tf.int32)
+        self.input_specs = specs
+        self.replay_input_specs = replay_specs
+        self.nll = self._make_function(self._nll, specs)
+        self.nll_replay = self._make_function(self._nll_replay, replay_specs)
+
+    def signatures(self):
+        return {DEFAULT_SIGNATURE: self.nll, NLL_REPLAY_SIGNATURE: self.nll_replay}
+
+    def _image_inputs(self, images, class_labels, batch, checks):
+        checks.append(tf.debugging.assert_positive(
+            batch, message="images is empty (or not [N, H, W, C]): send at least one image"))
+        checks.append(_check_images(images, batch, self.image_size, self.channels, "images"))
+        model_inputs = {}
+        if self.num_classes:
+            labels, label_checks = self._label_checks(class_labels, batch, "image")
+            checks += label_checks
+            model_inputs["y"] = labels
+        return model_inputs
+
+    def _model_inputs(self, x_start, model_inputs):
+        if self.low_res_size:   # conditioned on its own area-downsampled image, as in training
+            x_start = tf.ensure_shape(x_start, [None] + self.image_shape)
+            low_res = image_utils.area_resize(x_start, self.low_res_size)
+            model_inputs = dict(model_inputs, low_res=low_res)
+        return model_inputs
+
+    def _bpd_rows(self, process, x_start, model_inputs, **noise):
+        """calc_bpd_loop on one group, plus the original timestep of each vb column."""
+        terms = sampling.calc_bpd_loop(process, self.model_fn, x_start,
+                                       clip_denoised=self.clip_denoised,
+                                       model_kwargs=model_inputs, **noise)
+        timesteps = tf.reverse(tf.cast(process.timestep_map, tf.int32), [0])
+        terms["vb_timesteps"] = tf.tile(timesteps[None], [tf.shape(x_start)[0], 1])
+        return terms
+
+    def _nll(self, images, num_steps, seed, class_labels=None):
+        batch = _padded_shape(images, 1)[0]
+        checks = []
+        model_inputs = self._image_inputs(images, class_labels, batch, checks)
+        checks.append(_check_vector(seed, batch, "seed", "image"))
+        steps, step_checks = _per_image(num_steps, batch, "num_steps")
+        checks += step_checks + self._check_steps(steps)
+        batch, images, seed, steps, *gated_inputs = _gated(checks, batch, images, seed, steps,
+                                                           *model_inputs.values())
+        model_inputs = dict(zip(model_inputs, gated_inputs))
+        steps = tf.broadcast_to(steps, [batch])
+        x_start = self.normalize(images)
+        model_inputs = self._model_inputs(x_start, model_inputs)
+
+        max_steps = tf.reduce_max(steps)
+        unique_steps, group_ids = tf.unique(steps)
+
+        def run_group(members, accumulators):
+            num = steps[members[0]]
+            process = sampling.respace_uniform(self.base_diffusion, num)
+            terms = self._bpd_rows(process, tf.gather(x_start, members),
+                                   {k: tf.gather(v, members) for k, v in model_inputs.items()},
+                                   seeds=tf.gather(seed, members))
+            padding = [[0, 0], [0, max_steps - num]]
+            updated = []
+            for name, accumulator in zip(self._output_names(), accumulators):
+                rows = terms[name]
+                if rows.shape.rank == 2:
+                    rows = tf.pad(rows, padding, constant_values=-1 if name == "vb_timesteps" else 0)
+                updated.append(_scatter_rows(accumulator, members, rows))
+            return updated
+
+        initial = []
+        for name in self._output_names():
+            if name in ("total_bpd", "prior_bpd"):
+                initial.append(tf.zeros([batch], tf.float32))
+            elif name == "vb_timesteps":
+                initial.append(tf.fill([batch, max_steps], -1))
+            else:
+                initial.append(tf.zeros([batch, max_steps], tf.float32))
+        results = _for_each_group(group_ids, tf.size(unique_steps), run_group, initial)
+        return self._outputs(dict(zip(self._output_names(), results)))
+
+    def _nll_replay(self, images, noise, class_labels=None):
+        batch = _padded_shape(images, 1)[0]
+        checks = []
+        model_inputs = self._image_inputs(images, class_labels, batch, checks)
+        noise_shape = _padded_shape(noise, 6)
+        checks.append(tf.debugging.assert_equal(
+            tf.reduce_all(tf.equal(tf.gather(noise_shape, [0, 2, 3, 4, 5]),
+                                   tf.stack([batch] + self.image_shape + [-1]))), True,
+            message=f"noise must be float32 [N, K, {self.image_size}, {self.image_size}, "
+                    f"{self.channels}]: one row of K draws per image"))
+        num = noise_shape[1]
+        checks += self._check_steps(
+            num, name="the number of noise draws per image, K = noise.shape[1],")
+        batch, images, noise, num, *gated_inputs = _gated(checks, batch, images, noise, num,
+                                                          *model_inputs.values())
+        model_inputs = dict(zip(model_inputs, gated_inputs))
+        x_start = self.normalize(images)
+        model_inputs = self._model_inputs(x_start, model_inputs)
+        process = sampling.respace_uniform(self.base_diffusion, num)
+        terms = self._bpd_rows(process, x_start, model_inputs,
+                               step_noise=tf.transpose(noise, [1, 0, 2, 3, 4]))
+        return self._outputs(terms)
+
+    @staticmethod
+    def _output_names():
+        return ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse", "vb_timesteps")
+
+    @staticmethod
+    def _outputs(terms):
+        return {"total_bpd": terms["total_bpd"], "prior_bpd": terms["prior_bpd"],
+                "vb_terms": terms["vb"], "xstart_mse": terms["xstart_mse"], "mse": terms["mse"],
+                "vb_timesteps": terms["vb_timesteps"]}
+
+    def warmup_inputs(self):
+        images = np.full([1] + self.image_shape, 128, np.uint8)
+        default = {"images": images, "num_steps": np.array([_WARMUP_STEPS], np.int32),
+                   "seed": np.array([0], np.int64)}
+        replay = {"images": images,
+                  "noise": np.zeros([1, _WARMUP_STEPS] + self.image_shape, np.float32)}
+        if self.num_classes:
+            default["class_labels"] = replay["class_labels"] = np.array([0], np.int32)
+        return [(DEFAULT_SIGNATURE, default), (NLL_REPLAY_SIGNATURE, replay)]
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _save_module(module, directory, model_name, metadata):
+    """Saves one module as a SavedModel with warm-up records and export metadata."""
+    tf.saved_model.save(module, directory, signatures=module.signatures())
+    requests = [serving.predict_request(model_name, inputs, signature_name=signature)
+                for signature, inputs in module.warmup_inputs()]
+    serving.write_warmup_requests(directory, requests)
+    with open(os.path.join(directory, serving.WARMUP_SUBDIR, METADATA_FILENAME), "w") as file:
+        json.dump(metadata, file, indent=2, sort_keys=True)
+
+
+def _next_version(base_paths: Sequence[str], version: Optional[int]) -> int:
+    existing = sorted({v for path in base_paths for v in serving.numeric_versions(path)})
+    if version is None:
+        return (existing[-1] + 1) if existing else 1
+    if int(version) < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    if int(version) in existing:
+        raise ValueError(f"version {version} already exists under {', '.join(base_paths)}; "
+                         f"exports never overwrite a version (existing: {existing})")
+    return int(version)
+
+
+def export_saved_models(config, net, export_dir: str, *, model_name: Optional[str] = None,
+                        version: Optional[int] = None, weights: str = "",
+                        checkpoint_path: str = "") -> ExportResult:
+    """Writes the sampler and NLL SavedModels of ``net`` as a new version under ``export_dir``.
+
+    Args:
+      config: the experiment config (architecture, diffusion, sample/eval/export fields).
+      net: the restored network.
+      export_dir: the TF-Serving base directory (created if needed).
+      model_name: TF-Serving model name prefix (default ``config.export.model_name``).
+      version: version number (default: one more than the highest existing one).
+      weights, checkpoint_path: recorded in the export metadata.
+
+    Returns:
+      An :class:`ExportResult`.
+
+    Raises:
+      ValueError: if ``version`` already exists.
+    """
+    model_name = model_name or config.export.model_name
+    if not _MODEL_NAME_PATTERN.match(model_name):
+        raise ValueError(f"model name {model_name!r} must be letters, digits, '_', '.' or '-' (it "
+                         "names TF-Serving models and directories)")
+    export_dir = os.path.abspath(export_dir)
+    os.makedirs(export_dir, exist_ok=True)
+    sampler_name, nll_name = model_name + SAMPLER_SUFFIX, model_name + NLL_SUFFIX
+    sampler_base = os.path.join(export_dir, sampler_name)
+    nll_base = os.path.join(export_dir, nll_name)
+    version = _next_version([sampler_base, nll_base], version)
+    sampler_dir = os.path.join(sampler_base, str(version))
+    nll_dir = os.path.join(nll_base, str(version))
+
+    metadata = {
+        "config": json.loads(config_utils.config_to_json(config)),
+        "checkpoint": checkpoint_path, "weights": weights, "version": version,
+        "num_timesteps": int(config.diffusion.steps),
+        "respacing": "num_steps = K evenly spaced steps (timestep_respacing 'K')",
+    }
+    temp_root = tempfile.mkdtemp(prefix=f".{model_name}-export-", dir=export_dir)
+    renamed = []
+    try:
+        sampler = SamplerModule(config, net, clip_denoised=config.sample.clip_denoised)
+        _save_module(sampler, os.path.join(temp_root, "sampler"), sampler_name,
+                     dict(metadata, model="sampler"))
+        nll = NllModule(config, net, clip_denoised=config.eval.clip_denoised)
+        _save_module(nll, os.path.join(temp_root, "nll"), nll_name, dict(metadata, model="nll"))
+        for source, target in (("sampler", sampler_dir), ("nll", nll_dir)):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):   # a concurrent export took the number
+                raise FileExistsError(f"{target} appeared during the export; not overwriting it")
+            os.rename(os.path.join(temp_root, source), target)
+            renamed.append(target)
+    except BaseException:
+        for target in renamed:   # keep the two models' versions paired
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)
+
+    models_config = serving.write_model_server_config(
+        os.path.join(export_dir, serving.MODELS_CONFIG_FILENAME), serving.servable_models(export_dir))
+    batching = serving.write_batching_parameters(
+        os.path.join(export_dir, serving.BATCHING_PARAMETERS_FILENAME),
+        max_batch_size=int(config.export.max_batch_size))
+    return ExportResult(version=version, sampler_dir=sampler_dir, nll_dir=nll_dir,
+                        sampler_name=sampler_name, nll_name=nll_name, models_config=models_config,
+                        batching_parameters=batching, weights=weights)
+
+
+def serving_instructions(result: ExportResult, *, num_timesteps: int,
+                         class_cond: bool = False) -> str:
+    """Commands to inspect, serve and query an export (printed at the end of an export)."""
+    export_dir = os.path.dirname(os.path.dirname(result.sampler_dir))
+    run_steps, client_steps = min(10, num_timesteps), min(50, num_timesteps)
+    labels = " --class_labels=0,1,2,3" if class_cond else ""
+    rest_inputs = (f'"seed": [1, 2], "num_steps": [{client_steps}, {client_steps}], '
+                   '"eta": [0.0, 0.0], "use_ddim": [false, false]'
+                   + (', "class_labels": [0, 1]' if class_cond else ""))
+    lines = [
+        f"Exported version {result.version} ({result.weights} weights):",
+        f"  {result.sampler_dir}",
+        f"  {result.nll_dir}",
+        "Inspect / run without a server:",
+        f"  saved_model_cli show --dir {result.sampler_dir} --all",
+        f"  saved_model_cli show --dir {result.nll_dir} --all",
+        f"  saved_model_cli run --dir {result.sampler_dir} --tag_set serve "
+        f"--signature_def serving_default --input_exprs "
+        f"'seed=[1,2];num_steps={run_steps};eta=0.0;use_ddim=False"
+        + (";class_labels=[0,1]" if class_cond else "") + "'",
+        "Serve (TF-Serving binary, or docker):",
+        f"  tensorflow_model_server --port=8500 --rest_api_port=8501 "
+        f"--model_config_file={result.models_config} --enable_batching "
+        f"--batching_parameters_file={result.batching_parameters}",
+        f"  docker run --rm -p 8500:8500 -p 8501:8501 -v {export_dir}:{export_dir} "
+        f"tensorflow/serving --model_config_file={result.models_config} --enable_batching "
+        f"--batching_parameters_file={result.batching_parameters}",
+        "Query:",
+        f"  python -m export.client --server=localhost:8501 --model={result.sampler_name} "
+        f"sample --seeds=0,1,2,3 --num_steps={client_steps}{labels} --out_dir=/tmp/samples",
+        f"  python -m export.client --server=localhost:8500 --protocol=grpc "
+        f"--model={result.nll_name} nll --images=<images.npz> --num_steps={client_steps}",
+        f"  curl -X POST http://localhost:8501/v1/models/{result.sampler_name}:predict "
+        f"-d '{{\"inputs\": {{{rest_inputs}}}}}'",
+    ]
+    return "\n".join(lines)
+
+
+def load_workdir_config(workdir: str):
+    """``<workdir>/config.json``, missing fields filled from configs/base.py when importable."""
+    try:
+        from configs import base as base_config  # pylint: disable=g-import-not-at-top
+        defaults = base_config.get_config()
+    except ImportError:   # the repository's configs/ is not on the path (an installed package)
+        defaults = None
+    return config_utils.load_stored_config(workdir, defaults=defaults)
+
+
+def export_from_workdir(config, workdir: str, export_dir: str, *, checkpoint: Optional[str] = None,
+                        model_name: Optional[str] = None, version: Optional[int] = None,
+                        use_ema: Optional[bool] = None) -> ExportResult:
+    """Exports the latest checkpoint of a workdir (``run.py --mode=export`` calls this).
+
+    Args:
+      config: the experiment config, or None to load ``<workdir>/config.json``.
+      workdir: a training workdir or a converted reference checkpoint directory.
+      export_dir: the TF-Serving base directory.
+      checkpoint: a specific checkpoint prefix (default: the latest in ``<workdir>/checkpoints``).
+      model_name: default ``config.export.model_name``.
+      version: default: the next free version number.
+      use_ema: default ``config.export.use_ema``.
+
+    Returns:
+      An :class:`ExportResult`; the serving commands are printed.
+    """
+    if config is None:
+        config = load_workdir_config(workdir)
+    config_utils.validate_config(config, mode="export")
+    use_ema = config.export.use_ema if use_ema is None else use_ema
+    net, checkpoint_path, weights = load_network(config, workdir, use_ema=use_ema,
+                                                 checkpoint_path=checkpoint)
+    logging.info("exporting %s weights of %s", weights, checkpoint_path)
+    result = export_saved_models(config, net, export_dir, model_name=model_name, version=version,
+                                 weights=weights, checkpoint_path=checkpoint_path)
+    print(serving_instructions(result, num_timesteps=int(config.diffusion.steps),
+                               class_cond=bool(config.data.class_cond)), flush=True)
+    return result
