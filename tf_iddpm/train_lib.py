@@ -131,7 +131,9 @@ class Trainer:
         self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
         if self.loss_aware:
             self.schedule_sampler.update_with_local_losses(t, terms["loss"])
-        return self._step_metrics(terms, t)
+        # Logged terms carry the importance weights (as the reference logs them), so that they
+        # estimate the uniform-t objective whichever sampler draws t.
+        return self._step_metrics({name: value * weights for name, value in terms.items()}, t)
 
     def _step_metrics(self, terms, t):
         """Sums (not means) so that replicas and steps add up exactly; means are taken at logging."""
