@@ -1,0 +1,229 @@
+"""Throughput benchmark on the bench config, optionally side by side with the PyTorch reference.
+
+    python -m tf_iddpm.benchmark --what=all --batch=16 --threads=2
+    python -m tf_iddpm.benchmark --what=all --reference=/path/to/improved-diffusion \
+        --reference_python=/path/to/torchvenv/bin/python
+
+Bench config: 32x32x3 images, 64 channels, 2 residual blocks per level, 4 heads, attention at 16x16
+and 8x8, dropout 0.1, learned sigma, cosine schedule, T=1000, batch 16, Adam(W) lr 1e-4, hybrid
+loss, uniform t-sampler.  Measurements (each after warm-up, each in a fresh process so that peak
+RSS belongs to one measurement and threads are pinned before TensorFlow starts):
+
+* train: full steps (forward, hybrid loss, backward, optimizer, EMA) on random images, no data I/O;
+* sample50: ancestral sampling over a 50-step respaced chain, one batch per iteration;
+* nll100: calc_bpd_loop over a 100-step respaced chain, one batch per iteration.
+
+With --reference the same three run with improved-diffusion (tf_iddpm/benchmark_reference.py under
+--reference_python), alternating ours / reference per measurement, and the ratios are printed.
+Output: a table and one JSON line (keys train_img_per_s, sample50_img_per_s, nll100_img_per_s,
+peak_rss_mb, gflop_per_forward, and ref_* for the reference).
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("what", "all", ["train", "sample", "nll", "all"], "What to measure.")
+flags.DEFINE_integer("batch", 16, "Batch size.")
+flags.DEFINE_integer("threads", 2, "Intra-op threads (TF) / torch.set_num_threads (reference).")
+flags.DEFINE_integer("inter_op_threads", 1, "TF inter-op threads (the reference uses 1 interop thread).")
+flags.DEFINE_integer("warmup", 2, "Warm-up iterations per measurement.")
+flags.DEFINE_integer("iters", 5, "Timed iterations per measurement (train: x4 steps).")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"], "Our compute precision.")
+flags.DEFINE_string("reference", "", "Path to an openai/improved-diffusion checkout (optional).")
+flags.DEFINE_string("reference_python", "", "Python with torch for the reference run.")
+flags.DEFINE_string("json_out", "", "Also write the JSON result here.")
+flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
+
+MEASUREMENTS = {"train": "train_img_per_s", "sample": "sample50_img_per_s", "nll": "nll100_img_per_s"}
+
+
+def bench_config(batch_size: int, precision: str = "float32"):
+    """The benchmark's ConfigDict (configs/base.py schema)."""
+    from configs import base  # pylint: disable=g-import-not-at-top
+    config = base.get_config()
+    config.data.image_size, config.data.num_channels = 32, 3
+    config.model.num_channels, config.model.num_res_blocks = 64, 2
+    config.model.num_heads, config.model.attention_resolutions = 4, "16,8"
+    config.model.dropout, config.model.channel_mult = 0.1, ""
+    config.diffusion.steps, config.diffusion.noise_schedule = 1000, "cosine"
+    config.diffusion.learn_sigma, config.diffusion.rescale_learned_sigmas = True, True
+    config.train.batch_size, config.train.lr, config.train.ema_rate = batch_size, 1e-4, "0.9999"
+    config.train.schedule_sampler, config.train.mixed_precision = "uniform", precision
+    return config
+
+
+def _forward_gflop(net, image_size, channels):
+    """GFLOP of one forward pass at batch 1, counting convolutions and matrix products (2 x MAC).
+
+    Read off the traced graph's Conv2D / MatMul / BatchMatMul / Einsum ops and their static shapes,
+    which is what the reference side counts too (torch FlopCounterMode: convs and matmuls only).
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    fn = tf.function(lambda x, t: net(x, t, training=False)).get_concrete_function(
+        tf.TensorSpec([1, image_size, image_size, channels], tf.float32), tf.TensorSpec([1], tf.float32))
+    flops = 0
+    for op in fn.graph.get_operations():
+        if op.type in ("Conv2D", "_FusedConv2D"):
+            out = op.outputs[0].shape.as_list()
+            kernel = op.inputs[1].shape.as_list()
+            flops += 2 * int(np.prod(out)) * kernel[0] * kernel[1] * kernel[2]
+        elif op.type in ("MatMul", "_FusedMatMul"):
+            a, b = op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list()
+            k = a[0] if op.get_attr("transpose_a") else a[1]
+            flops += 2 * int(np.prod(op.outputs[0].shape.as_list())) * k
+        elif op.type in ("BatchMatMulV2", "BatchMatMulV3", "BatchMatMul"):
+            a = op.inputs[0].shape.as_list()
+            k = a[-2] if op.get_attr("adj_x") else a[-1]
+            flops += 2 * int(np.prod(op.outputs[0].shape.as_list())) * k
+        elif op.type == "Einsum":
+            equation = op.get_attr("equation").decode()
+            inputs, output = equation.split("->")
+            sizes = {}
+            for term, tensor in zip(inputs.split(","), op.inputs):
+                sizes.update(zip(term, tensor.shape.as_list()))
+            flops += 2 * int(np.prod([sizes[c] for c in set(inputs.replace(",", ""))]))
+            del output
+    return flops / 1e9
+
+
+def _child(what: str):
+    """One measurement in this process; prints one JSON line."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
+    import keras  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import factory  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import sample_lib  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import train_lib  # pylint: disable=g-import-not-at-top
+
+    config = bench_config(FLAGS.batch, FLAGS.precision)
+    keras.mixed_precision.set_global_policy(FLAGS.precision)
+    batch, size = FLAGS.batch, config.data.image_size
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, [batch, size, size, 3]).astype(np.float32)
+    result = {"what": what, "threads": FLAGS.threads, "inter_op_threads": FLAGS.inter_op_threads,
+              "precision": FLAGS.precision, "tf_version": tf.__version__}
+    times = []
+    if what == "train":
+        trainer = train_lib.Trainer(config, tf.distribute.get_strategy())
+        iterator = iter(tf.data.Dataset.from_tensors({"image": images}).repeat())
+        steps = 4
+        trainer.train_steps(iterator, steps)  # trace
+        for _ in range(FLAGS.warmup):
+            trainer.train_steps(iterator, steps)
+        for _ in range(FLAGS.iters):
+            start = time.perf_counter()
+            trainer.train_steps(iterator, steps)
+            times.append((time.perf_counter() - start) / steps)
+        net = trainer.net
+    else:
+        net = factory.create_model_from_config(config)
+        if what == "sample":
+            sampler = sample_lib.Sampler(net, factory.create_diffusion_from_config(config, timestep_respacing="50"),
+                                         image_shape=[size, size, 3])
+            run = lambda i: sampler(np.arange(batch) + i * batch).numpy()
+        else:
+            process = factory.create_diffusion_from_config(config, timestep_respacing="100")
+            nll = tf.function(lambda x, seeds: sampling.calc_bpd_loop(
+                process, lambda a, t: net(a, t, training=False), x, seeds=seeds)["total_bpd"])
+            run = lambda i: nll(images, tf.range(batch, dtype=tf.int64) + i * batch).numpy()
+        for i in range(FLAGS.warmup):
+            run(i)
+        for i in range(FLAGS.iters):
+            start = time.perf_counter()
+            run(i)
+            times.append(time.perf_counter() - start)
+    result["seconds_per_batch"] = times
+    result["img_per_s"] = batch / statistics.median(times)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["gflop_per_forward"] = _forward_gflop(net, size, 3)
+    print("BENCH_JSON " + json.dumps(result))
+
+
+def _run_json(command):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON "):])
+    if proc.returncode == 0:  # the reference script writes plain JSON on its last line
+        try:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            pass
+    raise RuntimeError(f"benchmark child failed ({' '.join(command)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def _ours(what):
+    return _run_json([sys.executable, "-m", "tf_iddpm.benchmark", f"--child={what}", f"--batch={FLAGS.batch}",
+                      f"--threads={FLAGS.threads}", f"--inter_op_threads={FLAGS.inter_op_threads}",
+                      f"--warmup={FLAGS.warmup}", f"--iters={FLAGS.iters}", f"--precision={FLAGS.precision}"])
+
+
+def _reference(what, json_path):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_reference.py")
+    command = [FLAGS.reference_python, script, "--reference", FLAGS.reference, "--threads", str(FLAGS.threads),
+               "--batch", str(FLAGS.batch), "--what", what, "--json-out", json_path]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    with open(json_path) as f:
+        return json.load(f)
+
+
+def main(argv):
+    del argv
+    if FLAGS.child:
+        _child(FLAGS.child)
+        return
+    if FLAGS.reference and not FLAGS.reference_python:
+        raise app.UsageError("--reference needs --reference_python (a Python with torch installed)")
+    whats = list(MEASUREMENTS) if FLAGS.what == "all" else [FLAGS.what]
+    summary, reference = {}, {}
+    rss, ref_rss = [], []
+    for what in whats:  # alternate ours / reference per measurement
+        ours = _ours(what)
+        summary[MEASUREMENTS[what]] = ours["img_per_s"]
+        summary["gflop_per_forward"] = ours["gflop_per_forward"]
+        rss.append(ours["peak_rss_mb"])
+        if FLAGS.reference:
+            ref = _reference(what, f"/tmp/tf_iddpm_bench_ref_{os.getpid()}_{what}.json")
+            reference["ref_" + MEASUREMENTS[what]] = ref[MEASUREMENTS[what]]
+            reference["ref_gflop_per_forward"] = ref.get("gflop_per_forward")
+            ref_rss.append(ref["peak_rss_mb"])
+    summary["peak_rss_mb"] = max(rss)
+    summary.update(threads=FLAGS.threads, inter_op_threads=FLAGS.inter_op_threads, batch=FLAGS.batch,
+                   precision=FLAGS.precision)
+    if FLAGS.reference:
+        reference["ref_peak_rss_mb"] = max(ref_rss)
+        summary.update(reference)
+
+    print(f"\nbench config, batch {FLAGS.batch}, {FLAGS.threads} intra-op threads, {FLAGS.precision}")
+    header = f"{'measurement':<22}{'tf_iddpm':>12}" + (f"{'reference':>12}{'ratio':>9}" if FLAGS.reference else "")
+    print(header + "\n" + "-" * len(header))
+    for key in [MEASUREMENTS[w] for w in whats] + ["peak_rss_mb", "gflop_per_forward"]:
+        line = f"{key:<22}{summary[key]:>12.2f}"
+        if FLAGS.reference and ("ref_" + key) in summary and summary["ref_" + key]:
+            line += f"{summary['ref_' + key]:>12.2f}{summary[key] / summary['ref_' + key]:>8.2f}x"
+        print(line)
+    line = json.dumps(summary)
+    print(line)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
