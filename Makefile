@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: venv
 	$(PY) -m pytest -n 2 -q tests
+	# Bazel smoke: builds every BUILD target and runs two of them (the full `make bazel-test`
+	# would run the suite a second time, beyond the CI budget).
+	bash tools/bazel_test.sh //:build_file_test //:schedules_test
 
 demo: venv
 	$(PY) run.py --config=configs/digits.py --workdir=$(WORKDIR) --mode=train

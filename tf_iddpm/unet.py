@@ -140,11 +140,17 @@ class GroupNorm32(keras.layers.Layer):
         group_size = channels // self.groups
         position_axes = list(range(1, x.shape.rank - 1))
         broadcast_shape = [-1] + [1] * len(position_axes) + [channels]
-        count = tf.cast(tf.reduce_prod(tf.shape(x32)[1:-1]) * group_size, tf.float32)
+        positions = x.shape[1:-1]
+        if positions.is_fully_defined():
+            # A python constant: every graph (in-process, SavedModel) then runs the same multiply,
+            # instead of leaving it to Grappler whether a division by a folded count is rewritten.
+            inverse_count = 1.0 / float(positions.num_elements() * group_size)
+        else:
+            inverse_count = 1.0 / tf.cast(tf.reduce_prod(tf.shape(x32)[1:-1]) * group_size, tf.float32)
 
         def per_channel_group_mean(per_channel_sums):  # [N, C] -> [N, C] (each group's mean)
             group_sums = tf.reduce_sum(tf.reshape(per_channel_sums, [-1, self.groups, group_size]), -1)
-            return tf.reshape(tf.repeat(group_sums / count, group_size, axis=-1), broadcast_shape)
+            return tf.reshape(tf.repeat(group_sums * inverse_count, group_size, axis=-1), broadcast_shape)
 
         mean = per_channel_group_mean(tf.reduce_sum(x32, axis=position_axes))
         centered = x32 - mean
