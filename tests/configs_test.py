@@ -118,7 +118,7 @@ EXPECTED = {
         "model.attention_resolutions": "8", "model.dropout": 0.1, "diffusion.steps": 1000,
         "diffusion.noise_schedule": "cosine", "diffusion.learn_sigma": True,
         "diffusion.use_kl": False, "train.batch_size": 64, "train.lr": 5e-4,
-        "train.ema_rate": "0.999"},
+        "train.ema_rate": "0.99"},
     "tiny": {
         "data.name": "digits", "data.image_size": 8, "model.num_channels": 32,
         "model.num_res_blocks": 1, "model.channel_mult": "1,2", "diffusion.steps": 100,
