@@ -589,8 +589,11 @@ def measure_profile(torch, ref, batch, warmup, iters):
     step = _TrainStep(torch, ref, model, diffusion, batch)
     for _ in range(warmup):
         step()
+    cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
     for _ in range(iters):
         step(record_phases=True)
+    cpu_per_wall = ((_cpu_seconds() - cpu_start)
+                    / (time.perf_counter() - wall_start))
     phase_ms = {name: statistics.median(values) * 1e3
                 for name, values in step.phase_seconds.items()}
     sampler = ref["resample"].UniformSampler(diffusion)
@@ -617,6 +620,7 @@ def measure_profile(torch, ref, batch, warmup, iters):
     return {
         "profile": {
             "train_phase_ms_median": phase_ms,
+            "train_cpu_per_wall": cpu_per_wall,
             "train_fwd_bwd_op_category_ms": train_categories,
             "train_fwd_bwd_top_ops_ms": train_top,
             "eval_forward_ms_median": statistics.median(forward_seconds) * 1e3,
@@ -756,7 +760,8 @@ def format_table(result):
     if profile:
         phases = profile["train_phase_ms_median"]
         lines.append("training step phases (median ms): " + ", ".join(
-            f"{name} {ms:.1f}" for name, ms in phases.items()))
+            f"{name} {ms:.1f}" for name, ms in phases.items())
+            + f"; cpu/wall {profile['train_cpu_per_wall']:.2f}")
         for title, key in (
                 ("forward+backward self time by op category (ms)",
                  "train_fwd_bwd_op_category_ms"),
