@@ -5,7 +5,6 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tf_iddpm import metrics
 

@@ -78,7 +78,7 @@ def _forward_gflop(net, image_size, channels):
             kernel = op.inputs[1].shape.as_list()
             flops += 2 * int(np.prod(out)) * kernel[0] * kernel[1] * kernel[2]
         elif op.type in ("MatMul", "_FusedMatMul"):
-            a, b = op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list()
+            a = op.inputs[0].shape.as_list()
             k = a[0] if op.get_attr("transpose_a") else a[1]
             flops += 2 * int(np.prod(op.outputs[0].shape.as_list())) * k
         elif op.type in ("BatchMatMulV2", "BatchMatMulV3", "BatchMatMul"):
@@ -87,12 +87,11 @@ def _forward_gflop(net, image_size, channels):
             flops += 2 * int(np.prod(op.outputs[0].shape.as_list())) * k
         elif op.type == "Einsum":
             equation = op.get_attr("equation").decode()
-            inputs, output = equation.split("->")
+            inputs = equation.split("->")[0]
             sizes = {}
             for term, tensor in zip(inputs.split(","), op.inputs):
                 sizes.update(zip(term, tensor.shape.as_list()))
             flops += 2 * int(np.prod([sizes[c] for c in set(inputs.replace(",", ""))]))
-            del output
     return flops / 1e9
 
 

@@ -73,8 +73,6 @@ class Sampler:
 def build_sampler(config, workdir: str) -> Sampler:
     """The sampler of config.sample (respacing, DDIM, eta, EMA) with the workdir's weights."""
     respacing = config.sample.timestep_respacing
-    if config.sample.use_ddim and respacing and not str(respacing).startswith("ddim") and "," in str(respacing):
-        logging.info("DDIM over a multi-section respacing %r", respacing)
     process = factory.create_diffusion_from_config(config, timestep_respacing=respacing)
     net = factory.create_model_from_config(config)
     loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.sample.use_ema,

@@ -15,8 +15,6 @@ Randomness is either replayed or seed-determined:
   seed, never on the batch it was computed in.
 """
 
-from typing import Optional
-
 import numpy as np
 import tensorflow as tf
 

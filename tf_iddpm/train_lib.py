@@ -9,7 +9,6 @@ drawn identically on every replica from stateless seeds and each replica takes i
 run's trajectory does not depend on how many replicas share the batch.
 """
 
-import math
 import os
 import signal
 import time
