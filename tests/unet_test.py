@@ -256,10 +256,22 @@ def test_mixed_bfloat16_policy():
     data = golden.load("unet_forward")
     model = unet.UNetModel(**MAIN_ARGS, dtype="mixed_bfloat16")
     convert.assign_state_dict(model, convert.load_state_dict(golden.path("unet_weights.npz")))
+    fp32_model = unet.UNetModel(**MAIN_ARGS)
+    convert.assign_state_dict(fp32_model, convert.load_state_dict(golden.path("unet_weights.npz")))
     assert model.input_blocks_1_0.in_conv.compute_dtype == "bfloat16"
     assert model.input_blocks_1_0.in_conv.kernel.dtype == "float32"
     assert model.time_embed_0.compute_dtype == "float32"  # as the reference's fp16 mode
     assert model.out_conv.compute_dtype == "float32"
+    # The float32 skeleton that carries exact pixel values (see the unet module docstring).
+    assert model.input_blocks_0_0.compute_dtype == "float32"
+    assert model.output_blocks_0_0.skip_connection.compute_dtype == "float32"
+    x = golden.nhwc(data["x"])
+    emb = model._embed(tf.constant(data["timesteps"], tf.float32), None)
+    features = model.input_blocks_0_0(x)
+    np.testing.assert_array_equal(features, fp32_model.input_blocks_0_0(x))
+    assert model.input_blocks_1_0(features, emb).dtype == tf.float32  # residual stream
+    attention_input = tf.ones([1, 4, 4, 64], tf.bfloat16)
+    assert model.middle_block_1(attention_input).dtype == tf.float32  # attention adds in float32 too
     output = model(golden.nhwc(data["x"]), data["timesteps"])
     assert output.dtype == tf.float32
     error = golden.max_rel_error(output, golden.nhwc(data["output"]))
@@ -275,6 +287,44 @@ def test_global_mixed_policy_reaches_every_block():
         keras.config.set_dtype_policy(previous)
     assert model.middle_block_1.qkv.compute_dtype == "bfloat16"
     assert model(np.zeros([1, 8, 8, 3], np.float32), np.ones([1])).dtype == tf.float32
+
+
+def _group_norm_float64(x, gamma, beta, groups, epsilon=unet.NORM_EPSILON):
+    """torch.nn.GroupNorm's definition on an [N, ..., C] float64 tensor, by tf.nn.moments."""
+    shape = tf.shape(x)
+    grouped = tf.reshape(x, tf.concat([shape[:-1], [groups, x.shape[-1] // groups]], 0))
+    axes = list(range(1, x.shape.rank - 1)) + [x.shape.rank]
+    mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
+    normalized = tf.reshape((grouped - mean) * tf.math.rsqrt(variance + epsilon), shape)
+    return normalized * gamma + beta
+
+
+@pytest.mark.parametrize("shape, groups", [((3, 4, 5, 64), 32), ((2, 6, 96), 32), ((2, 3, 3, 32), 8)])
+def test_group_norm_value_and_analytic_gradient_match_the_definition(shape, groups):
+    rng = np.random.default_rng(0)
+    # An offset mean and a non-unit scale, as activations have.
+    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, shape[-1]).astype(np.float32)
+    beta = rng.standard_normal(shape[-1]).astype(np.float32)
+    upstream = rng.standard_normal(shape).astype(np.float32)  # an arbitrary dL/dy
+    layer = unet.GroupNorm32(groups=groups)
+    layer.build(shape)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    inputs = [tf.constant(x), tf.constant(x, tf.float64)]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(inputs)
+        out = layer(inputs[0])
+        gamma64, beta64 = tf.constant(gamma, tf.float64), tf.constant(beta, tf.float64)
+        tape.watch([gamma64, beta64])
+        expected = _group_norm_float64(inputs[1], gamma64, beta64, groups)
+        loss = tf.reduce_sum(out * upstream)
+        expected_loss = tf.reduce_sum(expected * upstream)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6)
+    grads = tape.gradient(loss, [inputs[0], layer.gamma, layer.beta])
+    expected_grads = tape.gradient(expected_loss, [inputs[1], gamma64, beta64])
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
 # --- bad input ------------------------------------------------------------------------------------

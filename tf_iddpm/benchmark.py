@@ -13,6 +13,14 @@ RSS belongs to one measurement and threads are pinned before TensorFlow starts):
 * sample50: ancestral sampling over a 50-step respaced chain, one batch per iteration;
 * nll100: calc_bpd_loop over a 100-step respaced chain, one batch per iteration.
 
+* matmul_peak: the machine's float32 (and with --precision=mixed_bfloat16, bfloat16) matmul
+  throughput at the same thread count, from large square products: the roofline the model's
+  achieved GFLOP/s (GFLOP per forward x forwards per second; a training step counts 3 forwards)
+  is read against.
+
+With --bpd_check_workdir=DIR, the bpd of DIR's trained model over test images is computed in float32
+and in mixed_bfloat16 on the same per-image seeds, and the difference is printed.
+
 With --reference the same three run with improved-diffusion (tf_iddpm/benchmark_reference.py under
 --reference_python), alternating ours / reference per measurement, and the ratios are printed.
 Output: a table and one JSON line (keys train_img_per_s, sample50_img_per_s, nll100_img_per_s,
@@ -41,9 +49,14 @@ flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"], "Our co
 flags.DEFINE_string("reference", "", "Path to an openai/improved-diffusion checkout (optional).")
 flags.DEFINE_string("reference_python", "", "Python with torch for the reference run.")
 flags.DEFINE_string("json_out", "", "Also write the JSON result here.")
+flags.DEFINE_string("bpd_check_workdir", "", "A trained workdir: also measure how far mixed_bfloat16 moves its "
+                    "bpd from float32 (EMA weights, 100-step chain, --bpd_check_images test images).")
+flags.DEFINE_integer("bpd_check_images", 64, "Test images for --bpd_check_workdir.")
 flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
 
 MEASUREMENTS = {"train": "train_img_per_s", "sample": "sample50_img_per_s", "nll": "nll100_img_per_s"}
+# UNet forward passes per image of each measurement (backward ~ 2 forwards; one per chain step).
+FORWARDS_PER_IMAGE = {"train": 3, "sample": 50, "nll": 100}
 
 
 def bench_config(batch_size: int, precision: str = "float32"):
@@ -95,17 +108,72 @@ def _forward_gflop(net, image_size, channels):
     return flops / 1e9
 
 
+def _matmul_peak_gflop_per_s(dtype_name: str) -> float:
+    """Best GFLOP/s of large square matmuls (2048^3 x 2) in this process's thread setting."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    n = 2048
+    a = tf.random.normal([n, n], dtype=tf.float32)
+    a, b = tf.cast(a, dtype_name), tf.cast(tf.transpose(a), dtype_name)
+    product = tf.function(lambda a, b: tf.reduce_sum(tf.cast(tf.matmul(a, b)[:1, :1], tf.float32)))
+    product(a, b).numpy()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        product(a, b).numpy()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def _bpd_precision_check(workdir: str, num_images: int):
+    """(float32 bpd, mixed_bfloat16 bpd) per image of workdir's EMA model on its test split."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import checkpoints  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import config_utils  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import data as data_lib  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import factory  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top
+    config = config_utils.load_stored_config(workdir)
+    batch = next(iter(data_lib.make_eval_dataset(config.data, batch_size=num_images)))
+    seeds = tf.cast(batch["index"], tf.int64)
+    bpd = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        keras.mixed_precision.set_global_policy(policy)
+        net = factory.create_model_from_config(config)
+        checkpoints.restore_inference_weights(net, workdir, use_ema=True, ema_rates=config_utils.ema_rates(config))
+        process = factory.create_diffusion_from_config(config, timestep_respacing="100")
+        nll = tf.function(lambda x, s, net=net, process=process: sampling.calc_bpd_loop(
+            process, lambda a, t: net(a, t, training=False), x, seeds=s)["total_bpd"])
+        bpd[policy] = nll(batch["image"], seeds).numpy()[np.asarray(batch["mask"], bool)]
+    keras.mixed_precision.set_global_policy("float32")
+    return bpd["float32"], bpd["mixed_bfloat16"]
+
+
 def _child(what: str):
     """One measurement in this process; prints one JSON line."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
+    if what == "matmul_peak":
+        result = {"what": what, "fp32_matmul_gflop_per_s": _matmul_peak_gflop_per_s("float32")}
+        if FLAGS.precision == "mixed_bfloat16":
+            result["bf16_matmul_gflop_per_s"] = _matmul_peak_gflop_per_s("bfloat16")
+        print("BENCH_JSON " + json.dumps(result))
+        return
+    if what == "bpd_check":
+        fp32, bf16 = _bpd_precision_check(FLAGS.bpd_check_workdir, FLAGS.bpd_check_images)
+        print("BENCH_JSON " + json.dumps({
+            "what": what, "images": int(fp32.size), "fp32_bpd": float(fp32.mean()), "bf16_bpd": float(bf16.mean()),
+            "bf16_bpd_delta": float((bf16 - fp32).mean()), "bf16_bpd_delta_max_abs": float(np.abs(bf16 - fp32).max())}))
+        return
     import keras  # pylint: disable=g-import-not-at-top
     from tf_iddpm import factory  # pylint: disable=g-import-not-at-top
     from tf_iddpm import sample_lib  # pylint: disable=g-import-not-at-top
     from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top
     from tf_iddpm import train_lib  # pylint: disable=g-import-not-at-top
+    runtime_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports only
 
     config = bench_config(FLAGS.batch, FLAGS.precision)
     keras.mixed_precision.set_global_policy(FLAGS.precision)
@@ -147,6 +215,7 @@ def _child(what: str):
     result["seconds_per_batch"] = times
     result["img_per_s"] = batch / statistics.median(times)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["runtime_rss_mb"] = runtime_rss_mb
     result["gflop_per_forward"] = _forward_gflop(net, size, 3)
     print("BENCH_JSON " + json.dumps(result))
 
@@ -168,7 +237,8 @@ def _run_json(command):
 def _ours(what):
     return _run_json([sys.executable, "-m", "tf_iddpm.benchmark", f"--child={what}", f"--batch={FLAGS.batch}",
                       f"--threads={FLAGS.threads}", f"--inter_op_threads={FLAGS.inter_op_threads}",
-                      f"--warmup={FLAGS.warmup}", f"--iters={FLAGS.iters}", f"--precision={FLAGS.precision}"])
+                      f"--warmup={FLAGS.warmup}", f"--iters={FLAGS.iters}", f"--precision={FLAGS.precision}",
+                      f"--bpd_check_workdir={FLAGS.bpd_check_workdir}", f"--bpd_check_images={FLAGS.bpd_check_images}"])
 
 
 def _reference(what, json_path):
@@ -191,32 +261,64 @@ def main(argv):
         raise app.UsageError("--reference needs --reference_python (a Python with torch installed)")
     whats = list(MEASUREMENTS) if FLAGS.what == "all" else [FLAGS.what]
     summary, reference = {}, {}
-    rss, ref_rss = [], []
+    rss, ref_rss, runtime, ref_runtime = [], [], [], []
     for what in whats:  # alternate ours / reference per measurement
         ours = _ours(what)
         summary[MEASUREMENTS[what]] = ours["img_per_s"]
         summary["gflop_per_forward"] = ours["gflop_per_forward"]
         rss.append(ours["peak_rss_mb"])
+        runtime.append(ours["runtime_rss_mb"])
         if FLAGS.reference:
             ref = _reference(what, f"/tmp/tf_iddpm_bench_ref_{os.getpid()}_{what}.json")
             reference["ref_" + MEASUREMENTS[what]] = ref[MEASUREMENTS[what]]
             reference["ref_gflop_per_forward"] = ref.get("gflop_per_forward")
             ref_rss.append(ref["peak_rss_mb"])
+            ref_runtime.append(ref.get("runtime_rss_mb") or float("nan"))
     summary["peak_rss_mb"] = max(rss)
+    # What the measurement itself added on top of the imported framework (TF ~560 MB, torch ~220).
+    summary["rss_above_runtime_mb"] = max(r - base for r, base in zip(rss, runtime))
+    summary.update(_ours("matmul_peak"))
+    summary.pop("what")
+    if FLAGS.bpd_check_workdir:
+        check = _ours("bpd_check")
+        check.pop("what")
+        summary.update(check)
     summary.update(threads=FLAGS.threads, inter_op_threads=FLAGS.inter_op_threads, batch=FLAGS.batch,
                    precision=FLAGS.precision)
     if FLAGS.reference:
         reference["ref_peak_rss_mb"] = max(ref_rss)
+        reference["ref_rss_above_runtime_mb"] = max(r - base for r, base in zip(ref_rss, ref_runtime))
         summary.update(reference)
+    # Achieved GFLOP/s: forwards per second x GFLOP per forward (a training step = 3 forwards).
+    for what in whats:
+        key = MEASUREMENTS[what]
+        for prefix in ("", "ref_") if FLAGS.reference else ("",):
+            if summary.get(prefix + key):
+                summary[prefix + key.replace("img_per_s", "gflop_per_s")] = (
+                    summary[prefix + key] * FORWARDS_PER_IMAGE[what] * summary["gflop_per_forward"])
 
     print(f"\nbench config, batch {FLAGS.batch}, {FLAGS.threads} intra-op threads, {FLAGS.precision}")
-    header = f"{'measurement':<22}{'tf_iddpm':>12}" + (f"{'reference':>12}{'ratio':>9}" if FLAGS.reference else "")
+    header = f"{'measurement':<24}{'tf_iddpm':>12}" + (f"{'reference':>12}{'ratio':>9}" if FLAGS.reference else "")
     print(header + "\n" + "-" * len(header))
-    for key in [MEASUREMENTS[w] for w in whats] + ["peak_rss_mb", "gflop_per_forward"]:
-        line = f"{key:<22}{summary[key]:>12.2f}"
+    keys = [MEASUREMENTS[w] for w in whats] + [MEASUREMENTS[w].replace("img_per_s", "gflop_per_s") for w in whats]
+    for key in keys + ["peak_rss_mb", "rss_above_runtime_mb", "gflop_per_forward"]:
+        line = f"{key:<24}{summary[key]:>12.2f}"
         if FLAGS.reference and ("ref_" + key) in summary and summary["ref_" + key]:
             line += f"{summary['ref_' + key]:>12.2f}{summary[key] / summary['ref_' + key]:>8.2f}x"
         print(line)
+    peak = summary["fp32_matmul_gflop_per_s"]
+    print(f"\nfloat32 matmul peak on these threads: {peak:.1f} GFLOP/s"
+          + (f"; bfloat16: {summary['bf16_matmul_gflop_per_s']:.1f}" if "bf16_matmul_gflop_per_s" in summary else ""))
+    for what in whats:
+        ceiling = peak / (FORWARDS_PER_IMAGE[what] * summary["gflop_per_forward"])
+        line = f"  {MEASUREMENTS[what]:<22} float32 ceiling at that peak {ceiling:8.2f} img/s"
+        if FLAGS.reference and summary.get("ref_" + MEASUREMENTS[what]):
+            line += f" = {ceiling / summary['ref_' + MEASUREMENTS[what]]:.2f}x the reference"
+        print(line)
+    if FLAGS.bpd_check_workdir:
+        print(f"\nbpd of {FLAGS.bpd_check_workdir} over {summary['images']} test images: float32 "
+              f"{summary['fp32_bpd']:.4f}, mixed_bfloat16 {summary['bf16_bpd']:.4f} (difference "
+              f"{summary['bf16_bpd_delta']:+.4f}, max per image {summary['bf16_bpd_delta_max_abs']:.4f})")
     line = json.dumps(summary)
     print(line)
     if FLAGS.json_out:

@@ -656,6 +656,7 @@ def run(args):
     torch = _import_torch(args.threads)
     import numpy as np  # pylint: disable=import-outside-toplevel
     ref = _import_reference(args.reference)
+    runtime_rss_mb = peak_rss_mb()  # torch + the reference imported, nothing built yet
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # UniformSampler draws t with numpy.
 
@@ -664,6 +665,7 @@ def run(args):
         "sample50_img_per_s": None,
         "nll100_img_per_s": None,
         "peak_rss_mb": None,
+        "runtime_rss_mb": runtime_rss_mb,
         "gflop_per_forward": None,
         "gflop_method": ("torch.utils.flop_counter.FlopCounterMode, one "
                          "forward at batch 1; FLOP = 2 x MAC; convolutions "

@@ -25,6 +25,7 @@ from tf_iddpm import data as data_lib
 from tf_iddpm import distribute
 from tf_iddpm import factory
 from tf_iddpm import image_utils
+from tf_iddpm import optimizers
 from tf_iddpm import sampling
 from tf_iddpm import timestep_sampler
 
@@ -67,11 +68,7 @@ class Trainer:
                 ema_net.set_weights(self.net.get_weights())
                 ema_net.trainable = False
                 self.ema_nets[rate] = ema_net
-            if config.train.weight_decay > 0:
-                self.optimizer = keras.optimizers.AdamW(learning_rate=config.train.lr,
-                                                        weight_decay=config.train.weight_decay)
-            else:
-                self.optimizer = keras.optimizers.Adam(learning_rate=config.train.lr)
+            self.optimizer = optimizers.create_adam(config.train.lr, config.train.weight_decay)
             self.optimizer.build(self.net.trainable_variables)
             self.schedule_sampler = timestep_sampler.create_named_schedule_sampler(
                 config.train.schedule_sampler, self.diffusion.num_timesteps)

@@ -1,0 +1,41 @@
+"""Smoke test of tf_iddpm/benchmark.py (ours only): one tiny measurement end to end, no timings asserted."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# GFLOP of one bench-config forward at batch 1 as torch's FlopCounterMode counts it on the
+# reference (convolutions and matmuls, 2 x MAC); our count reads the traced graph instead.
+REFERENCE_GFLOP_PER_FORWARD = 3.25566464
+
+
+def _benchmark(*flags):
+    proc = subprocess.run([sys.executable, "-m", "tf_iddpm.benchmark", *flags], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=900, check=False)
+    return proc
+
+
+def test_one_nll_measurement_prints_the_table_and_json():
+    proc = _benchmark("--what=nll", "--batch=2", "--warmup=0", "--iters=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["gflop_per_forward"] == pytest.approx(REFERENCE_GFLOP_PER_FORWARD, rel=1e-9)
+    assert result["nll100_img_per_s"] > 0
+    # A 100-step chain is 100 forwards per image.
+    assert result["nll100_gflop_per_s"] == pytest.approx(
+        result["nll100_img_per_s"] * 100 * result["gflop_per_forward"], rel=1e-9)
+    assert result["fp32_matmul_gflop_per_s"] > 1
+    assert 0 < result["rss_above_runtime_mb"] < result["peak_rss_mb"]
+    assert (result["threads"], result["batch"], result["precision"]) == (2, 2, "float32")
+    assert "float32 ceiling at that peak" in proc.stdout
+    assert "nll100_img_per_s" in proc.stdout.split("\n{")[0]  # the table, before the JSON line
+
+
+def test_reference_without_its_python_is_a_usage_error():
+    proc = _benchmark("--what=train", "--reference=/nonexistent")
+    assert proc.returncode != 0
+    assert "--reference needs --reference_python" in proc.stderr
