@@ -139,4 +139,3 @@ def test_seeded_samples_do_not_depend_on_the_batch_split(main_net):
     np.testing.assert_allclose(together.numpy(), np.concatenate([a.numpy() for a in apart]), atol=1e-5)
     again = process.p_sample_loop(_model_fn(main_net), [3, 8, 8, 3], seeds=seeds)
     np.testing.assert_array_equal(together.numpy(), again.numpy())
-
