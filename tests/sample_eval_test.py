@@ -85,3 +85,20 @@ def test_class_labels_for_conditional_models():
     assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) == 10
     np.testing.assert_array_equal(sample_lib.sample_labels(config, np.arange(200))[5:8],
                                   sample_lib.sample_labels(config, np.arange(5, 8)))
+
+
+
+def test_benchmark_bpd_precision_check_on_a_trained_workdir(trained_workdir):
+    # The benchmark's --bpd_check_workdir measurement: float32 and mixed_bfloat16 bpd of the same
+    # test images on the same per-image seeds.
+    proc = subprocess.run([sys.executable, "-m", "tf_iddpm.benchmark", "--child=bpd_check",
+                           f"--bpd_check_workdir={trained_workdir}", "--bpd_check_images=6"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON ")][-1]
+    result = json.loads(line[len("BENCH_JSON "):])
+    assert result["images"] == 6
+    assert result["fp32_bpd"] > 0 and result["bf16_bpd"] > 0
+    assert result["bf16_bpd_delta"] != 0  # the second pass really ran in bfloat16
+    assert result["bf16_bpd_delta_max_abs"] < 0.05 * result["fp32_bpd"]
+    assert abs(result["bf16_bpd_delta"]) <= result["bf16_bpd_delta_max_abs"]
