@@ -109,7 +109,7 @@ def _dense(in_features, out_features, name, dtype, zero=False):
 
 
 def _residual_sum(skip, update):
-    """skip + update, in float32 whenever either is a floating type narrower than float32.
+    """skip + update, computed in float32 (a mixed policy's low-precision operand is widened).
 
     Under a mixed policy the convolutions and matmuls run in bfloat16/float16 but the residual
     stream (block outputs, the skip tensors the decoder concatenates) stays float32: it is the path
@@ -349,7 +349,7 @@ class AttentionBlock(keras.layers.Layer):
         qkv = self.qkv(self.norm(tokens))
         # Heads moved ahead of the tokens once ([N, heads, T, 3ch]) so both products are plain
         # batched matmuls whose gradients need no data transposes; einsum over the [N, T, heads, ch]
-        # layout transposed its operands on every call and was ~2x slower in the training step.
+        # layout transposed its operands on every call (23 vs 20 ms fwd+bwd per 16x16 bench block).
         qkv = tf.transpose(tf.reshape(qkv, [batch, -1, self.num_heads, 3 * head_channels]), [0, 2, 1, 3])
         q, k, v = tf.split(qkv, 3, axis=-1)  # each [N, heads, T, ch]
         scale = tf.cast(1.0 / math.sqrt(math.sqrt(head_channels)), q.dtype)
