@@ -259,14 +259,7 @@ def test_command_line_writes_a_workdir(tmp_path):
 
 
 def test_convert_checkpoint_rejects_mismatched_config(tmp_path):
-    from configs import base as base_config  # pylint: disable=g-import-not-at-top
-    config = base_config.get_config()
-    config.data.image_size = 8
-    config.model.num_channels = 32
-    config.model.num_res_blocks = 1
-    config.model.channel_mult = "1,2"
-    config.model.attention_resolutions = "4"
-    config.model.num_heads = 2
+    config = golden.fixture_model_config()
     config.data.class_cond = True  # the checkpoint is unconditional
     config.data.num_classes = 10
     out = tmp_path / "out"

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import base as base_config
 from configs import tiny
 from export import export_lib
 from export import serving
@@ -507,13 +506,7 @@ NLL = golden.load("nll")
 
 def _reference_config(schedule, steps):
     """configs/base.py describing the reference fixture model and one nll.npz case."""
-    config = base_config.get_config()
-    config.data.image_size = 8
-    config.model.num_channels = 32
-    config.model.num_res_blocks = 1
-    config.model.channel_mult = "1,2"
-    config.model.attention_resolutions = "4"
-    config.model.num_heads = 2
+    config = golden.fixture_model_config()
     config.diffusion.steps = steps
     config.diffusion.noise_schedule = schedule
     config.diffusion.cdf = "approx"   # the reference's tanh CDF

@@ -17,6 +17,22 @@ def load(name):
     return np.load(path(name if name.endswith(".npz") else name + ".npz"))
 
 
+def fixture_model_config():
+    """configs/base.py set to the architecture of the reference fixture model (unet_weights.npz).
+
+    8x8x3 images, 32 channels, one res block per level, channel_mult 1,2, attention at 4x4, 2 heads.
+    """
+    from configs import base  # pylint: disable=g-import-not-at-top
+    config = base.get_config()
+    config.data.image_size = 8
+    config.model.num_channels = 32
+    config.model.num_res_blocks = 1
+    config.model.channel_mult = "1,2"
+    config.model.attention_resolutions = "4"
+    config.model.num_heads = 2
+    return config
+
+
 def nhwc(array):
     """Reference tensors are NCHW ([..., N, C, H, W] for step stacks); ours are NHWC."""
     array = np.asarray(array)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import base as base_config
 from tests import golden
 from tf_iddpm import convert
 from tf_iddpm import factory
@@ -411,14 +410,7 @@ def test_create_model_errors(kwargs, message):
 
 
 def _tiny_config():
-    config = base_config.get_config()
-    config.data.image_size = 8
-    config.model.num_channels = 32
-    config.model.num_res_blocks = 1
-    config.model.channel_mult = "1,2"
-    config.model.attention_resolutions = "4"
-    config.model.num_heads = 2
-    return config
+    return golden.fixture_model_config()
 
 
 def test_create_model_from_config():
