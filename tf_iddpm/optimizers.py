@@ -30,10 +30,11 @@ class FusedAdam(keras.optimizers.Adam):
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # One set of bias-correction scalars per step, shared by every variable's update.
         local_step = tf.cast(self.iterations + 1, tf.float32)
+        beta1, beta2 = tf.constant(self.beta_1, tf.float32), tf.constant(self.beta_2, tf.float32)
         self._step_scalars = {
-            "lr": tf.cast(learning_rate, tf.float32),
-            "beta1_power": tf.pow(tf.constant(self.beta_1, tf.float32), local_step),
-            "beta2_power": tf.pow(tf.constant(self.beta_2, tf.float32), local_step),
+            "lr": tf.cast(learning_rate, tf.float32), "beta1": beta1, "beta2": beta2,
+            "epsilon": tf.constant(self.epsilon, tf.float32),
+            "beta1_power": tf.pow(beta1, local_step), "beta2_power": tf.pow(beta2, local_step),
         }
         try:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
@@ -51,8 +52,7 @@ class FusedAdam(keras.optimizers.Adam):
         return tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=m.handle, v=v.handle,
             beta1_power=scalars["beta1_power"], beta2_power=scalars["beta2_power"],
-            lr=scalars["lr"], beta1=tf.constant(self.beta_1, tf.float32),
-            beta2=tf.constant(self.beta_2, tf.float32), epsilon=tf.constant(self.epsilon, tf.float32),
+            lr=scalars["lr"], beta1=scalars["beta1"], beta2=scalars["beta2"], epsilon=scalars["epsilon"],
             grad=tf.cast(gradient, tf.float32), use_locking=False)
 
 
