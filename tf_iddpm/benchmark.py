@@ -125,7 +125,7 @@ def _matmul_peak_gflop_per_s(dtype_name: str) -> float:
 
 
 def _bpd_precision_check(workdir: str, num_images: int):
-    """(float32 bpd, mixed_bfloat16 bpd) per image of workdir's EMA model on its test split."""
+    """Per-image bpd of workdir's EMA model on its test split: {policy name of the net: bpd}."""
     import keras  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -145,9 +145,9 @@ def _bpd_precision_check(workdir: str, num_images: int):
         process = factory.create_diffusion_from_config(config, timestep_respacing="100")
         nll = tf.function(lambda x, s, net=net, process=process: sampling.calc_bpd_loop(
             process, lambda a, t: net(a, t, training=False), x, seeds=s)["total_bpd"])
-        bpd[policy] = nll(batch["image"], seeds).numpy()[np.asarray(batch["mask"], bool)]
+        bpd[net.dtype_policy.name] = nll(batch["image"], seeds).numpy()[np.asarray(batch["mask"], bool)]
     keras.mixed_precision.set_global_policy("float32")
-    return bpd["float32"], bpd["mixed_bfloat16"]
+    return bpd
 
 
 def _child(what: str):
@@ -163,9 +163,10 @@ def _child(what: str):
         print("BENCH_JSON " + json.dumps(result))
         return
     if what == "bpd_check":
-        fp32, bf16 = _bpd_precision_check(FLAGS.bpd_check_workdir, FLAGS.bpd_check_images)
+        bpd = _bpd_precision_check(FLAGS.bpd_check_workdir, FLAGS.bpd_check_images)
+        fp32, bf16 = bpd["float32"], bpd["mixed_bfloat16"]
         print("BENCH_JSON " + json.dumps({
-            "what": what, "images": int(fp32.size), "fp32_bpd": float(fp32.mean()), "bf16_bpd": float(bf16.mean()),
+            "what": what, "images": int(fp32.size), "policies": sorted(bpd), "fp32_bpd": float(fp32.mean()), "bf16_bpd": float(bf16.mean()),
             "bf16_bpd_delta": float((bf16 - fp32).mean()), "bf16_bpd_delta_max_abs": float(np.abs(bf16 - fp32).max())}))
         return
     import keras  # pylint: disable=g-import-not-at-top
