@@ -76,6 +76,9 @@ def get_config():
     train.sample_every = 0              # > 0: write a sample grid to TensorBoard every N steps
     train.jit_compile = False
     train.mixed_precision = "float32"   # or "mixed_bfloat16"
+    # True: tf.config.experimental.enable_op_determinism() (bit-identical GPU runs, slower; CPU
+    # runs are already deterministic, see the README's Reproducibility section).
+    train.deterministic_ops = False
 
     # --- evaluation (bits/dim) --------------------------------------------------------------------
     config.eval = evaluation = ml_collections.ConfigDict()

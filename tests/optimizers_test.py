@@ -1,4 +1,5 @@
-"""Tests for tf_iddpm/optimizers.py: FusedAdam equals Keras' Adam / AdamW, fused under strategies."""
+"""Tests for tf_iddpm/optimizers.py: create_adam is torch.optim.AdamW's arithmetic (float64 closed
+form); FusedAdam with Keras' epsilon placement equals Keras' Adam / AdamW; fused under strategies."""
 
 import json
 import pathlib
@@ -33,11 +34,53 @@ def _run(optimizer, num_steps=20):
     return [v.numpy() for v in variables], [v.numpy() for v in optimizer.variables]
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_create_adam_is_torch_adamw(weight_decay):
+    # Gradients scaled down so that sqrt(v_hat) ~ epsilon matters: where Keras adds its epsilon
+    # shows in the result (the same run with Keras' placement is checked to differ below).
+    def run(optimizer):
+        rng = np.random.default_rng(0)
+        variables = [tf.Variable(rng.standard_normal(s).astype(np.float32)) for s in SHAPES]
+        optimizer.build(variables)
+        step = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables)))
+        for i in range(10):
+            grad_rng = np.random.default_rng(100 + i)
+            step([tf.constant(grad_rng.standard_normal(s).astype(np.float32) * 1e-8) for s in SHAPES])
+        return [v.numpy() for v in variables]
+
+    def expected():
+        rng = np.random.default_rng(0)
+        params = [rng.standard_normal(s).astype(np.float32).astype(np.float64) for s in SHAPES]
+        m = [np.zeros_like(p) for p in params]
+        v = [np.zeros_like(p) for p in params]
+        for i in range(10):
+            grad_rng = np.random.default_rng(100 + i)
+            for j, s in enumerate(SHAPES):
+                g = (grad_rng.standard_normal(s).astype(np.float32) * 1e-8).astype(np.float64)
+                params[j] = params[j] * (1 - 1e-3 * weight_decay)
+                m[j] = 0.9 * m[j] + 0.1 * g
+                v[j] = 0.999 * v[j] + 0.001 * g * g
+                m_hat, v_hat = m[j] / (1 - 0.9 ** (i + 1)), v[j] / (1 - 0.999 ** (i + 1))
+                params[j] = params[j] - 1e-3 * m_hat / (np.sqrt(v_hat) + 1e-8)
+        return params
+
+    initial = [np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in SHAPES]
+    ours, reference = run(optimizers.create_adam(1e-3, weight_decay)), expected()
+    for value, ref, init in zip(ours, reference, initial):
+        update, ref_update = value - init, ref - init
+        # float32 weights of scale 1: the update (~1e-3) is resolved to ~1e-7 absolute.
+        np.testing.assert_allclose(update, ref_update, rtol=0, atol=2e-6)
+    keras_placement = optimizers.FusedAdam(1e-3, epsilon=1e-8, weight_decay=weight_decay or None)
+    moved = run(keras_placement)
+    assert max(np.abs((a - i) - (r - i)).max() for a, r, i in zip(moved, reference, initial)) > 1e-4
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_fused_adam_follows_keras_adam(weight_decay):
+def test_fused_adam_with_keras_epsilon_follows_keras_adam(weight_decay):
     keras_optimizer = (keras.optimizers.AdamW(1e-3, weight_decay=weight_decay) if weight_decay
                        else keras.optimizers.Adam(1e-3))
-    fused_weights, fused_slots = _run(optimizers.create_adam(1e-3, weight_decay))
+    fused_weights, fused_slots = _run(optimizers.FusedAdam(
+        1e-3, weight_decay=weight_decay or None))
     keras_weights, keras_slots = _run(keras_optimizer)
     for fused, reference in zip(fused_weights, keras_weights):
         # 1-2 ulp: Keras rounds (1 - beta) from float64, the kernel subtracts in float32.
@@ -61,7 +104,7 @@ def test_one_fused_kernel_per_variable_and_shared_bias_correction():
     op_types = [op.type for op in graph.get_operations()]
     assert op_types.count("ResourceApplyAdam") == len(SHAPES)
     assert op_types.count("Pow") == 2  # beta_1^t and beta_2^t once per step, not per variable
-    assert "Sqrt" not in op_types
+    assert op_types.count("Sqrt") == 1  # the step's epsilon * sqrt(1 - beta_2^t), once
 
 
 def test_amsgrad_falls_back_to_the_keras_update():
@@ -69,6 +112,22 @@ def test_amsgrad_falls_back_to_the_keras_update():
     keras_weights, _ = _run(keras.optimizers.Adam(1e-3, amsgrad=True), num_steps=5)
     for fused, reference in zip(fused_weights, keras_weights):
         np.testing.assert_array_equal(fused, reference)
+
+
+def test_unfused_path_runs_the_same_arithmetic():
+    """Bfloat16 variables take the op-by-op path; in float32 it must equal the fused kernel."""
+    fused = optimizers.create_adam(1e-3, 0.01)
+    unfused = optimizers.create_adam(1e-3, 0.01)
+    unfused.update_step = unfused._unfused_update_step  # pylint: disable=protected-access
+    fused_weights, _ = _run(fused, num_steps=5)
+    unfused_weights, _ = _run(unfused, num_steps=5)
+    for a, b in zip(fused_weights, unfused_weights):
+        np.testing.assert_allclose(a, b, rtol=0, atol=4 * np.spacing(np.abs(b).max()))
+
+
+def test_amsgrad_with_the_torch_epsilon_is_refused():
+    with pytest.raises(ValueError, match="amsgrad=True is only supported with corrected_epsilon=False"):
+        optimizers.FusedAdam(1e-3, amsgrad=True, corrected_epsilon=True)
 
 
 def test_checkpoints_move_between_keras_adam_and_fused_adam(tmp_path):

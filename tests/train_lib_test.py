@@ -56,8 +56,8 @@ def first_and_last(scalars, tag):
 
 
 def test_training_on_digits_lowers_the_hybrid_loss_and_the_vb_term(digits_dir, tmp_path):
-    # Measured (300 steps, batch 16, lr 1e-3, means over 25-step intervals, 2 runs; the runs
-    # differ slightly because the UNet's initial weights are not seeded):
+    # Measured (300 steps, batch 16, lr 1e-3, means over 25-step intervals, 2 runs before the
+    # initial weights were seeded, hence two values):
     #   loss 0.934 / 0.931 -> 0.180 / 0.177   (last/first 0.19)
     #   vb   0.273 / 0.277 -> 0.047 / 0.046   (last/first 0.17)
     #   mse  0.662 / 0.654 -> 0.133 / 0.131

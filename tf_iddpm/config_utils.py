@@ -49,8 +49,8 @@ GROUP_NORM_GROUPS = 32
 # Fields (glob patterns over dotted names) that may change between runs in one workdir: they
 # say how long to train, how often to log or save, where the data is stored, or how to sample,
 # evaluate and export, but not what is being trained.  Everything else must stay as stored,
-# because the checkpoints in the workdir were produced by it.  `train.jit_compile` changes how
-# the step is compiled, not what it computes; `data.eval_split` only feeds evaluation.
+# because the checkpoints in the workdir were produced by it.  `train.jit_compile` and
+# `train.deterministic_ops` change how the step is compiled / which kernels run, not what it computes; `data.eval_split` only feeds evaluation.
 MUTABLE_FIELDS = (
     "train.num_steps",
     "train.log_every",
@@ -58,6 +58,7 @@ MUTABLE_FIELDS = (
     "train.keep_checkpoints",
     "train.sample_every",
     "train.jit_compile",
+    "train.deterministic_ops",
     "data.data_dir",
     "data.shuffle_buffer",
     "data.eval_split",

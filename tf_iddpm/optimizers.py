@@ -1,40 +1,73 @@
-"""Adam(W) whose per-variable update is one fused kernel instead of a dozen graph ops.
+"""Adam(W) with the reference's arithmetic, one fused kernel per variable.
 
-Keras 3's Adam builds ~45 graph nodes per variable (the bias-correction scalars are recomputed for
-each one, then separate multiply / add / sqrt / divide / assign ops).  The bench UNet has 334
-variables, so the optimizer alone was 15,000 nodes of the 33,000 in the traced training graph:
-~55 ms of executor overhead per step on 2 CPU cores, and memory for tracing and instantiating
-the graph.  ``FusedAdam`` computes the scalars once per step and updates each variable with
-``ResourceApplyAdam``, whose CPU/GPU/TPU kernels run exactly Keras' formulas::
+improved-diffusion trains with ``torch.optim.AdamW``, which adds its epsilon (1e-8) to the
+*bias-corrected* root second moment::
 
-    m += (g - m) * (1 - beta_1)
-    v += (g^2 - v) * (1 - beta_2)
-    var -= m * alpha / (sqrt(v) + epsilon),   alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
+    m += (g - m) * (1 - beta_1);   v += (g^2 - v) * (1 - beta_2)
+    var -= lr * weight_decay * var                                  (decoupled, before the update)
+    var -= lr / (1 - beta_1^t) * m / (sqrt(v / (1 - beta_2^t)) + epsilon)
 
-The only numerical difference is that the kernel forms ``1 - beta`` in float32 (Keras rounds it
-from float64): after 20 steps the weights agree to 1-2 ulp, the second moment to 1.3e-5 relative.
+Keras' Adam and TF's ``ResourceApplyAdam`` add theirs (default 1e-7) to the *uncorrected*
+``sqrt(v)``.  The two agree only when the kernel's epsilon is ``epsilon * sqrt(1 - beta_2^t)`` at
+step t, so :class:`FusedAdam` passes exactly that per-step value to ``ResourceApplyAdam``.  The
+difference matters early in training: for a layer that starts at zero (the reference zeroes its
+output convolutions) ``sqrt(v)`` is tiny and the epsilon placement changes the size of the first
+updates by tens of percent (see ``tests/train_trajectory_test.py``).
+
+Keras 3's Adam also builds ~45 graph nodes per variable (the bias-correction scalars recomputed for
+each one, then separate multiply / add / sqrt / divide / assign ops); ``FusedAdam`` computes the
+step's scalars once and updates each variable with one ``ResourceApplyAdam``.  The kernel forms
+``1 - beta`` in float32 where Keras rounds it from float64: the second moment differs from Keras'
+by 1.3e-5 relative, the weights by 1-2 ulp.
 
 It *is* a ``keras.optimizers.Adam`` (same slots, names and checkpoint layout; decoupled weight
-decay as in AdamW when ``weight_decay > 0``), so checkpoints move freely between the two.  Where a
-slot cannot be resolved to a plain per-device variable (AMSGrad, or a strategy whose variables are
-not mirrored components, e.g. TPU), it falls back to Keras' op-by-op update.
+decay when ``weight_decay > 0``), so checkpoints move freely between the two.  Where a slot cannot
+be resolved to a plain per-device variable (a strategy whose variables are not mirrored
+components, e.g. TPU), the same arithmetic runs op by op.
 """
 
 import keras
+from keras import ops
 import tensorflow as tf
+
+# torch.optim.AdamW's default, the reference's value.
+TORCH_EPSILON = 1e-8
 
 
 class FusedAdam(keras.optimizers.Adam):
-    """``keras.optimizers.Adam`` (with optional decoupled weight decay) using ResourceApplyAdam."""
+    """``keras.optimizers.Adam`` (optional decoupled weight decay) updated by ResourceApplyAdam.
+
+    Args:
+      corrected_epsilon: True (the reference's ``torch.optim.AdamW``): epsilon is added to the
+        bias-corrected ``sqrt(v_hat)``.  False: Keras' placement, added to the uncorrected
+        ``sqrt(v)``.
+      **kwargs: ``keras.optimizers.Adam``'s arguments (``amsgrad`` only with Keras' placement).
+    """
+
+    def __init__(self, *args, corrected_epsilon: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if corrected_epsilon and self.amsgrad:
+            raise ValueError("FusedAdam: amsgrad=True is only supported with corrected_epsilon=False "
+                             "(Keras' epsilon placement)")
+        self.corrected_epsilon = bool(corrected_epsilon)
+
+    def get_config(self):
+        return {**super().get_config(), "corrected_epsilon": self.corrected_epsilon}
+
+    def _step_epsilon(self, beta2_power):
+        """The epsilon to add to the uncorrected sqrt(v) at this step (see the module docstring)."""
+        epsilon = tf.constant(self.epsilon, tf.float32)
+        return epsilon * tf.sqrt(1.0 - beta2_power) if self.corrected_epsilon else epsilon
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # One set of bias-correction scalars per step, shared by every variable's update.
         local_step = tf.cast(self.iterations + 1, tf.float32)
         beta1, beta2 = tf.constant(self.beta_1, tf.float32), tf.constant(self.beta_2, tf.float32)
+        beta2_power = tf.pow(beta2, local_step)
         self._step_scalars = {
             "lr": tf.cast(learning_rate, tf.float32), "beta1": beta1, "beta2": beta2,
-            "epsilon": tf.constant(self.epsilon, tf.float32),
-            "beta1_power": tf.pow(beta1, local_step), "beta2_power": tf.pow(beta2, local_step),
+            "epsilon": self._step_epsilon(beta2_power),
+            "beta1_power": tf.pow(beta1, local_step), "beta2_power": beta2_power,
         }
         try:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
@@ -48,12 +81,29 @@ class FusedAdam(keras.optimizers.Adam):
         v = _component_like(self._velocities[index], variable)
         if (scalars is None or self.amsgrad or m is None or v is None
                 or variable.dtype != tf.float32 or isinstance(gradient, tf.IndexedSlices)):
-            return super().update_step(gradient, variable, learning_rate)
+            return self._unfused_update_step(gradient, variable, learning_rate)
         return tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=m.handle, v=v.handle,
             beta1_power=scalars["beta1_power"], beta2_power=scalars["beta2_power"],
             lr=scalars["lr"], beta1=scalars["beta1"], beta2=scalars["beta2"], epsilon=scalars["epsilon"],
             grad=tf.cast(gradient, tf.float32), use_locking=False)
+
+    def _unfused_update_step(self, gradient, variable, learning_rate):
+        """The same update op by op (Keras' own update when corrected_epsilon is False)."""
+        if not self.corrected_epsilon:
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        gradient = ops.cast(gradient, dtype)
+        local_step = ops.cast(self.iterations + 1, dtype)
+        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        step_size = ops.cast(learning_rate, dtype) / (1 - beta_1_power)
+        denominator = ops.add(ops.sqrt(ops.divide(v, 1 - beta_2_power)), self.epsilon)
+        self.assign_sub(variable, ops.divide(ops.multiply(m, step_size), denominator))
 
 
 def _component_like(slot, variable):
@@ -76,8 +126,13 @@ def _component_like(slot, variable):
 
 
 def create_adam(learning_rate: float, weight_decay: float = 0.0) -> FusedAdam:
-    """Adam, or AdamW (decoupled decay, as keras.optimizers.AdamW) when weight_decay > 0."""
+    """The reference's optimizer: ``torch.optim.AdamW(lr, weight_decay)`` arithmetic.
+
+    betas (0.9, 0.999), epsilon 1e-8 on the bias-corrected root second moment, decoupled weight
+    decay ``var -= lr * weight_decay * var`` before each update (none when weight_decay is 0).
+    """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    return FusedAdam(learning_rate=learning_rate, weight_decay=weight_decay if weight_decay > 0 else None,
+    return FusedAdam(learning_rate=learning_rate, beta_1=0.9, beta_2=0.999, epsilon=TORCH_EPSILON,
+                     corrected_epsilon=True, weight_decay=weight_decay if weight_decay > 0 else None,
                      name="adamw" if weight_decay > 0 else "adam")

@@ -4,9 +4,12 @@ One custom loop serves every strategy (default, Mirrored, MultiWorkerMirrored, T
 ``fit`` does not run under MultiWorkerMirroredStrategy, and one code path is easier to trust.
 ``Trainer.replica_step`` is the whole algorithm; the rest is bookkeeping.
 
-Randomness is a pure function of (seed, step): the timesteps and noise of the *global* batch are
-drawn identically on every replica from stateless seeds and each replica takes its slice, so a
-run's trajectory does not depend on how many replicas share the batch.
+Randomness is a pure function of ``config.seed``: the initial weights of (seed, weight name)
+(:func:`tf_iddpm.unet.initialize_weights`); the timesteps, noise and per-example dropout seeds of
+(seed, step), drawn for the *global* batch identically on every replica from stateless seeds, each
+replica taking its slice; the data order of (seed, step) (:func:`tf_iddpm.data.make_train_dataset`).
+So a run's trajectory does not depend on how many replicas share the batch, nor on whether it was
+interrupted and resumed.
 """
 
 import os
@@ -28,9 +31,12 @@ from tf_iddpm import image_utils
 from tf_iddpm import optimizers
 from tf_iddpm import sampling
 from tf_iddpm import timestep_sampler
+from tf_iddpm import unet
 
 TENSORBOARD_SUBDIR = "tensorboard"
 NUM_QUARTILES = 4
+# The per-example terms Trainer.replay_steps returns.
+REPLAY_TERMS = ("loss", "mse", "vb")
 
 
 def _salted_seed(seed, *salts):
@@ -62,6 +68,7 @@ class Trainer:
 
         with strategy.scope():
             self.net = factory.create_model_from_config(config, name="unet")
+            unet.initialize_weights(self.net, self.seed)
             self.ema_nets = {}
             for rate in self.ema_rates:
                 ema_net = factory.create_model_from_config(config, name=checkpoints.ema_checkpoint_name(rate))
@@ -79,6 +86,7 @@ class Trainer:
             model=self.net, optimizer=self.optimizer, schedule_sampler=self.schedule_sampler,
             step=self.step, **{checkpoints.ema_checkpoint_name(r): n for r, n in self.ema_nets.items()})
         self._train_loop = tf.function(self._train_loop_fn)
+        self._replay_step = None
         # XLA only around the model math: the optimizer update and cross-replica gathers stay out.
         self._losses_and_grads = tf.function(self._losses_and_grads_fn,
                                              jit_compile=bool(config.train.jit_compile))
@@ -93,31 +101,44 @@ class Trainer:
             kwargs["low_res"] = batch["low_res"]
         return kwargs
 
-    def _losses_and_grads_fn(self, x_start, t, weights, noise, model_kwargs):
+    def _losses_and_grads_fn(self, x_start, t, weights, noise, dropout_seeds, model_kwargs):
         def model_fn(x, timesteps, **kwargs):
-            return self.net(x, timesteps, training=True, **kwargs)
+            return self.net(x, timesteps, training=True, dropout_seeds=dropout_seeds, **kwargs)
         with tf.GradientTape() as tape:
             terms = self.diffusion.training_losses(model_fn, x_start, t, model_kwargs=model_kwargs, noise=noise)
             # Sum over this replica / global batch: the optimizer sums gradients over replicas.
             loss = tf.nn.compute_average_loss(terms["loss"] * weights, global_batch_size=self.global_batch_size)
         return terms, tape.gradient(loss, self.net.trainable_variables)
 
-    def replica_step(self, batch):
-        """One step of Algorithm 1 on this replica's slice of the global batch."""
-        x_start = batch["image"]
+    def _replica_slice(self, global_value):
+        """This replica's rows of a tensor drawn for the whole global batch."""
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
         first = replica_id * self.local_batch_size
-        step_seed = _salted_seed(self.seed, self.step)
+        return global_value[first:first + self.local_batch_size]
+
+    def _dropout_seeds(self):
+        """[local batch, 2] dropout seeds: a function of (seed, step, position in the global batch)."""
+        seeds = tf.random.stateless_uniform([self.global_batch_size, 2], seed=_salted_seed(self.seed, self.step, 2),
+                                            minval=None, maxval=None, dtype=tf.int64)
+        return self._replica_slice(seeds)
+
+    def replica_step(self, batch):
+        """One step of Algorithm 1 on this replica's slice of the global batch."""
         # t ~ p(t) (uniform or Section 3.3 importance sampling) and eps ~ N(0, I), both drawn for
         # the whole global batch with the same seed on every replica; each keeps its own slice.
         t_global, weights_global = self.schedule_sampler.sample(self.global_batch_size, _salted_seed(self.seed, self.step, 1))
         noise_global = tf.random.stateless_normal(
-            tf.concat([[self.global_batch_size], tf.shape(x_start)[1:]], 0), seed=step_seed)
-        t = t_global[first:first + self.local_batch_size]
-        weights = weights_global[first:first + self.local_batch_size]
-        noise = noise_global[first:first + self.local_batch_size]
+            tf.concat([[self.global_batch_size], tf.shape(batch["image"])[1:]], 0), seed=_salted_seed(self.seed, self.step))
+        t, weights = self._replica_slice(t_global), self._replica_slice(weights_global)
+        terms = self._update(batch, t, weights, self._replica_slice(noise_global))
+        # Logged terms carry the importance weights (as the reference logs them), so that they
+        # estimate the uniform-t objective whichever sampler draws t.
+        return self._step_metrics({name: value * weights for name, value in terms.items()}, t)
 
-        terms, grads = self._losses_and_grads(x_start, t, weights, noise, self.model_kwargs(batch))
+    def _update(self, batch, t, weights, noise):
+        """Losses, gradients, optimizer and sampler-history update for given t and noise."""
+        terms, grads = self._losses_and_grads(batch["image"], t, weights, noise, self._dropout_seeds(),
+                                              self.model_kwargs(batch))
         if self.grad_clip > 0:
             # Keras clips each replica's gradient before summing them; clip the true global one.
             context = tf.distribute.get_replica_context()
@@ -127,9 +148,7 @@ class Trainer:
         self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
         if self.loss_aware:
             self.schedule_sampler.update_with_local_losses(t, terms["loss"])
-        # Logged terms carry the importance weights (as the reference logs them), so that they
-        # estimate the uniform-t objective whichever sampler draws t.
-        return self._step_metrics({name: value * weights for name, value in terms.items()}, t)
+        return terms
 
     def _step_metrics(self, terms, t):
         """Sums (not means) so that replicas and steps add up exactly; means are taken at logging."""
@@ -165,6 +184,69 @@ class Trainer:
         """Runs num_steps steps in one graph call; returns the summed metrics (see _step_metrics)."""
         totals = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
         return {k: v.numpy() for k, v in totals.items()}
+
+    # ------------------------------------------------------------------ replay
+
+    def _replay_step_fn(self, batch, t, noise):
+        def replica_fn(batch, t, noise):
+            local = tf.nest.map_structure(self._replica_slice, batch)
+            terms = self._update(local, self._replica_slice(t), tf.ones([self.local_batch_size]),
+                                 self._replica_slice(noise))
+            return {name: terms[name] for name in REPLAY_TERMS}
+        per_replica = self.strategy.run(replica_fn, args=(batch, t, noise))
+        self.update_ema()
+        self.step.assign_add(1)
+        return {name: self.strategy.gather(value, axis=0) for name, value in per_replica.items()}
+
+    def replay_steps(self, images, t, noise, labels=None, low_res=None) -> Dict[str, np.ndarray]:
+        """Runs K full training steps on given data, timesteps and noise (e.g. a recorded run).
+
+        Each step is a training step as :meth:`train_steps` runs it (losses, gradients, optimizer,
+        sampler history, EMA, step counter) under the trainer's strategy, with importance weights
+        1 and the given global-batch ``t`` and ``noise`` in place of the seeded draws.  Dropout
+        masks still come from (seed, step).
+
+        Args:
+          images: [K, B, H, W, C] float images in [-1, 1]; B = train.batch_size.
+          t: [K, B] integer timesteps.
+          noise: [K, B, H, W, C] float eps.
+          labels: [K, B] int class labels (class-conditional models only).
+          low_res: [K, B, h, w, C] low-resolution images (super-resolution models only).
+
+        Returns:
+          dict with ``loss``, ``mse`` and ``vb``: [K, B] float32 per-example terms of each step,
+          computed before that step's update (as the reference logs them).
+        """
+        images = np.asarray(images, np.float32)
+        t = np.asarray(t)
+        noise = np.asarray(noise, np.float32)
+        if images.ndim != 5 or images.shape[1] != self.global_batch_size:
+            raise ValueError(f"replay_steps: images must be [K, B={self.global_batch_size}, H, W, C], "
+                             f"got shape {images.shape}")
+        if t.shape != images.shape[:2] or not np.issubdtype(t.dtype, np.integer):
+            raise ValueError(f"replay_steps: t must be integer [K, B] = {images.shape[:2]}, got "
+                             f"{t.dtype} {t.shape}")
+        if noise.shape != images.shape:
+            raise ValueError(f"replay_steps: noise must have the images' shape {images.shape}, got {noise.shape}")
+        if np.any((t < 0) | (t >= self.diffusion.num_timesteps)):
+            raise ValueError(f"replay_steps: timesteps must be in [0, {self.diffusion.num_timesteps}), got "
+                             f"{t.min()}..{t.max()}")
+        extras = {"label": labels, "low_res": low_res}
+        needed = {"label": self.class_cond, "low_res": self.super_res}
+        for name, value in extras.items():
+            if (value is None) == needed[name]:
+                raise ValueError(f"replay_steps: {name} is {'required' if needed[name] else 'not used'} "
+                                 f"for this model")
+        if self._replay_step is None:
+            self._replay_step = tf.function(self._replay_step_fn)
+        steps = []
+        for k in range(images.shape[0]):
+            batch = {"image": tf.constant(images[k])}
+            batch.update({name: tf.constant(np.asarray(value)[k]) for name, value in extras.items()
+                          if value is not None})
+            terms = self._replay_step(batch, tf.constant(t[k], tf.int32), tf.constant(noise[k]))
+            steps.append({name: value.numpy() for name, value in terms.items()})
+        return {name: np.stack([step[name] for step in steps]) for name in REPLAY_TERMS}
 
 
 def summarize(totals: Dict[str, np.ndarray]) -> Dict[str, float]:
@@ -252,6 +334,10 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
     config_utils.validate_config(config, num_replicas=strategy.num_replicas_in_sync)
     data_lib.validate_data_config(config.data)
     keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+    if config.train.deterministic_ops:
+        # GPU kernels (cuDNN convolution backprop, scatter/segment reductions) otherwise pick
+        # non-deterministic algorithms; on CPU every kernel used here is already deterministic.
+        tf.config.experimental.enable_op_determinism()
     trainer = Trainer(config, strategy)
     checkpoint_dir = _checkpoint_dir(workdir, strategy)
     _remove_partial_checkpoints(checkpoint_dir)

@@ -22,6 +22,7 @@ destroys exactly the information the likelihood depends on.  Measured on the tra
 -0.0001 (max 0.004 per image), at the same bfloat16 speed.
 """
 
+import hashlib
 import math
 
 import keras
@@ -119,6 +120,33 @@ def _residual_sum(skip, update):
     if skip.dtype == update.dtype == tf.float32:
         return skip + update
     return tf.cast(skip, tf.float32) + tf.cast(update, tf.float32)
+
+
+def _stateless_dropout(h, rate, example_seeds, salt):
+    """Dropout whose mask is a function of each example's seed and ``salt`` only.
+
+    Example i's mask is drawn from ``fold_in(example_seeds[i], salt)``, so it does not depend on
+    the batch the example is in, the replica that computes it or the run: a trainer that derives
+    the seeds from (seed, step, position in the global batch) gets the same masks on one device or
+    on several, and again after a resume.
+
+    Args:
+      h: [N, ...] activations.
+      rate: probability of dropping an element, in [0, 1).
+      example_seeds: [N, 2] integer stateless seeds, one per example.
+      salt: int distinguishing the dropout layers of one network.
+
+    Returns:
+      ``h * keep / (1 - rate)`` with ``keep ~ Bernoulli(1 - rate)`` elementwise, as tf.nn.dropout.
+    """
+    example_shape = tf.shape(h)[1:]
+
+    def example_keep(seed):
+        seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
+        return tf.random.stateless_uniform(example_shape, seed=seed) >= rate
+
+    keep = tf.map_fn(example_keep, example_seeds, fn_output_signature=tf.bool)
+    return h * tf.cast(keep, h.dtype) * tf.cast(1.0 / (1.0 - rate), h.dtype)
 
 
 def _group_norm(x, gamma, beta, groups, epsilon):
@@ -241,6 +269,7 @@ class ResBlock(keras.layers.Layer):
         self.channels = channels
         self.emb_channels = emb_channels
         self.dropout = float(dropout)
+        self.dropout_salt = 0  # set by the UNet: the block's index among its ResBlocks
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         out_ch = self.out_channels
@@ -265,13 +294,16 @@ class ResBlock(keras.layers.Layer):
         if self.skip_connection is not None:
             self.skip_connection.build((None, None, None, self.channels))
 
-    def call(self, x, emb, training=None):
+    def call(self, x, emb, training=None, dropout_seeds=None):
         """Applies the block.
 
         Args:
           x: [N, H, W, channels] features.
           emb: [N, emb_channels] timestep (+ class) embedding.
           training: enables dropout.
+          dropout_seeds: optional [N, 2] per-example stateless seeds for the dropout mask (see
+            :func:`_stateless_dropout`; the block folds in its ``dropout_salt``).  Without them
+            dropout draws from TensorFlow's stateful RNG.
 
         Returns:
           [N, H, W, out_channels].
@@ -285,9 +317,12 @@ class ResBlock(keras.layers.Layer):
             h = self.out_norm(h + emb_out)
         h = tf.nn.silu(h)
         if training and self.dropout > 0:
-            # tf.nn.dropout draws from the stateful op-level RNG, so under a tf.distribute
-            # strategy every replica gets its own mask (a Keras SeedGenerator would repeat it).
-            h = tf.nn.dropout(h, rate=self.dropout)
+            if dropout_seeds is not None:
+                h = _stateless_dropout(h, self.dropout, dropout_seeds, self.dropout_salt)
+            else:
+                # The stateful op-level RNG: every replica gets its own mask (a Keras
+                # SeedGenerator would repeat it), but masks are not reproducible.
+                h = tf.nn.dropout(h, rate=self.dropout)
         h = self.out_conv(h)
         skip = x if self.skip_connection is None else self.skip_connection(x)
         return _residual_sum(skip, h)
@@ -544,6 +579,8 @@ class UNetModel(keras.Model):
         self._input_blocks = input_blocks
         self._middle_block = middle[0]
         self._output_blocks = output_blocks
+        for salt, block in enumerate(self._res_blocks()):
+            block.dropout_salt = salt
 
         self.out_norm = GroupNorm32(name="out.0", dtype="float32")
         self.out_conv = _conv(ch, self.out_channels, 3, "out.2", "float32", zero=True)
@@ -553,6 +590,12 @@ class UNetModel(keras.Model):
 
     def _layers_of(self, attr_names):
         return [getattr(self, attr) for attr in attr_names]
+
+    def _res_blocks(self):
+        """Every ResBlock, in the reference's module order."""
+        blocks = [*self._input_blocks, self._middle_block, *self._output_blocks]
+        return [layer for names in blocks for layer in self._layers_of(names)
+                if isinstance(layer, ResBlock)]
 
     def build(self, input_shape=None):
         """Creates all variables (called by the constructor; the input shape is not needed)."""
@@ -652,31 +695,31 @@ class UNetModel(keras.Model):
             emb = emb + self.label_emb(y)
         return emb
 
-    def _apply_block(self, attr_names, h, emb, training):
+    def _apply_block(self, attr_names, h, emb, training, dropout_seeds):
         for layer in self._layers_of(attr_names):
             if isinstance(layer, ResBlock):
-                h = layer(h, emb, training=training)
+                h = layer(h, emb, training=training, dropout_seeds=dropout_seeds)
             else:
                 h = layer(h)
         return h
 
-    def _forward(self, x, t, y, training, collect_features=False):
+    def _forward(self, x, t, y, training, collect_features=False, dropout_seeds=None):
         emb = self._embed(t, y)
         features = {"down": [], "up": []}
         skips = []
         h = x
         for attr_names in self._input_blocks:
-            h = self._apply_block(attr_names, h, emb, training)
+            h = self._apply_block(attr_names, h, emb, training, dropout_seeds)
             skips.append(h)
             features["down"].append(h)
-        h = self._apply_block(self._middle_block, h, emb, training)
+        h = self._apply_block(self._middle_block, h, emb, training, dropout_seeds)
         features["middle"] = h
         for attr_names in self._output_blocks:
             skip = skips.pop()
             if h.dtype != skip.dtype:  # mixed precision: a conv output next to a float32 residual
                 h, skip = tf.cast(h, tf.float32), tf.cast(skip, tf.float32)
             h = tf.concat([h, skip], axis=-1)  # h first, skip second, as the reference
-            h = self._apply_block(attr_names, h, emb, training)
+            h = self._apply_block(attr_names, h, emb, training, dropout_seeds)
             features["up"].append(h)
         if collect_features:
             return tf.nest.map_structure(lambda f: tf.cast(f, tf.float32), features)
@@ -693,7 +736,7 @@ class UNetModel(keras.Model):
         self._check_inputs(x, t, y, x_channels)
         return x, t, y
 
-    def call(self, x, t, y=None, training=None):
+    def call(self, x, t, y=None, training=None, dropout_seeds=None):
         """Predicts the model output for noisy images ``x`` at timesteps ``t``.
 
         Args:
@@ -702,12 +745,15 @@ class UNetModel(keras.Model):
           t: [N] timesteps (int or float; the diffusion passes rescaled floats).
           y: [N] integer class labels, required iff the model is class-conditional.
           training: enables dropout.
+          dropout_seeds: optional [N, 2] integer per-example seeds that make the dropout masks
+            a function of the seeds (see :func:`_stateless_dropout`); a trainer derives them from
+            (seed, step, position in the global batch).
 
         Returns:
           [N, H, W, out_channels] float32.
         """
         x, t, y = self._prepare(x, t, y, self.in_channels)
-        return self._forward(x, t, y, training)
+        return self._forward(x, t, y, training, dropout_seeds=dropout_seeds)
 
     def feature_vectors(self, x, t, y=None):
         """All intermediate block outputs (the reference's ``get_feature_vectors``).
@@ -777,10 +823,10 @@ class SuperResModel(UNetModel):
             tf.cast(low_res, tf.float32), tf.shape(x)[1], tf.shape(x)[2])
         return tf.concat([tf.cast(x, tf.float32), upsampled], axis=-1)
 
-    def call(self, x, t, y=None, low_res=None, training=None):
+    def call(self, x, t, y=None, low_res=None, training=None, dropout_seeds=None):
         """As :meth:`UNetModel.call`, plus ``low_res``: [N, h, w, in_channels] float images."""
         x = self._prepare_low_res(x, low_res)
-        return super().call(x, t, y=y, training=training)
+        return super().call(x, t, y=y, training=training, dropout_seeds=dropout_seeds)
 
     def feature_vectors(self, x, t, y=None, low_res=None):
         x = self._prepare_low_res(x, low_res)
@@ -790,6 +836,34 @@ class SuperResModel(UNetModel):
         config = super().get_config()
         config["in_channels"] = self.image_channels
         return config
+
+
+def initialize_weights(net, seed):
+    """Re-draws every random initial weight of ``net`` as a function of (seed, weight name).
+
+    Keras draws an initializer's seed when the layer is constructed, from Python's global RNG,
+    so two builds of one configuration start from different weights.  This gives each randomly
+    initialised weight (conv / dense kernels and biases, class embeddings) its own seed derived
+    from ``seed`` and its reference state_dict name (``input_blocks.3.0.in_layers.2.weight``),
+    with the layer's own initializer (PyTorch's default distributions), so the initial weights do
+    not depend on construction order, process or strategy.  Zero-initialised layers and the norms'
+    ones / zeros stay as they are.  Call it in cross-replica context: a mirrored variable's
+    copies all receive the same value.
+
+    Args:
+      net: a built :class:`UNetModel` / :class:`SuperResModel`.
+      seed: non-negative int.
+    """
+    for prefix, layer in net.torch_layers().items():
+        for attribute in ("kernel", "bias", "embeddings"):
+            variable = getattr(layer, attribute, None)
+            initializer = getattr(layer, attribute + "_initializer", None)
+            if variable is None or initializer is None or "seed" not in initializer.get_config():
+                continue
+            digest = hashlib.sha256(f"{int(seed)}/{prefix}/{attribute}".encode()).digest()
+            config = {**initializer.get_config(), "seed": int.from_bytes(digest[:4], "little") >> 1}
+            seeded = type(initializer).from_config(config)
+            variable.assign(seeded(variable.shape, dtype=variable.dtype))
 
 
 def _parse_int_list(value, arg_name):
