@@ -240,11 +240,13 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
     needs_resize = (height, width) != (image_size, image_size)
     keys = ["image"] + (["label"] if num_classes is not None else [])
 
-    def parse(serialized):
-        example = features.deserialize_example(
-            serialized, decoders={"image": tfds.decode.SkipDecoding()}
-        )
+    def select(example):
         return {key: example[key] for key in keys}
+
+    def parse(serialized):
+        return select(features.deserialize_example(
+            serialized, decoders={"image": tfds.decode.SkipDecoding()}
+        ))
 
     # Prepared files (none under tfds.testing.mock_data, whose splits are empty).
     file_format = builder.info.file_format if splits else None
@@ -280,7 +282,7 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
                 decoders={"image": tfds.decode.SkipDecoding()},  # Decoded by decode().
                 read_config=tfds.ReadConfig(try_autocache=False),
             )
-            return records.map(lambda example: {key: example[key] for key in keys})
+            return records.map(select)
 
         if file_format == tfds.core.FileFormat.TFRECORD:
             stream_files = tuple(
@@ -560,17 +562,20 @@ def _order_key(seed, purpose):
     return tf.constant(key, tf.int64)
 
 
-def _example_index(position, num_examples, permutation_key):
-    """Canonical index of the example at stream ``position`` (an int64 scalar tensor).
+def _example_indices(positions, num_examples, permutation_key):
+    """Canonical indices of the examples at stream ``positions`` (int64 ``[n]``).
 
-    Epoch ``e = position // num_examples`` is one permutation of the split, a stateless
-    function of ``(seed, e)``; the position takes element ``position % num_examples`` of it.
+    Epoch ``e = p // num_examples`` is one permutation of the split, a stateless function of
+    ``(seed, e)``; position ``p`` takes element ``p % num_examples`` of it. (The raw op, since
+    ``tf.random.experimental.index_shuffle`` cannot take one seed per element.)
     """
-    epoch = position // num_examples
-    return tf.random.experimental.index_shuffle(
-        position % num_examples,
-        seed=tf.stack([permutation_key, epoch]),
-        max_index=tf.constant(num_examples - 1, tf.int64),
+    epochs = positions // num_examples
+    seeds = tf.stack(
+        [tf.fill(tf.shape(epochs), permutation_key), epochs, tf.zeros_like(epochs)], axis=-1
+    )
+    return tf.raw_ops.RandomIndexShuffle(
+        index=positions % num_examples, seed=seeds,
+        max_index=tf.constant(num_examples - 1, tf.int64), rounds=4,
     )
 
 
@@ -748,52 +753,45 @@ def make_train_dataset(data_config, *, batch_size, input_context=None, seed=0, s
     )
     permutation_key = _order_key(seed, _PERMUTATION_KEY)
     mechanism = _order_mechanism(source, num_examples, _field(data_config, "image_size"))
-    parse = source.parse or (lambda raw: raw)
+    random_flip = bool(_field(data_config, "random_flip"))
+    flip_key = _order_key(seed, _FLIP_KEY)
 
-    if mechanism == "memory":
-        arrays = {key: tf.constant(array) for key, array in
-                  _decoded_arrays(source, num_examples).items()}
-
-        def lookup(position):
-            index = _example_index(position, num_examples, permutation_key)
-            return position, {key: tf.gather(array, index) for key, array in arrays.items()}
-
-        examples = positions.map(lookup, num_parallel_calls=_AUTOTUNE)
-    elif mechanism == "random_access":
-        read = source.random_access()
-        indexed = positions.map(
-            lambda position: (position, _example_index(position, num_examples, permutation_key))
-        )
-        examples = indexed.batch(_LOOKUP_CHUNK).map(
-            lambda position, index: (position, read(index))
-        ).unbatch().map(
-            lambda position, raw: (position, source.decode(parse(raw))),
-            num_parallel_calls=_AUTOTUNE,
-        )
-    else:
+    if mechanism == "stream":
         records = _record_stream(
             source, num_examples, seed, start_position,
             window=min(_field(data_config, "shuffle_buffer"), num_examples),
         )
         if num_pipelines > 1:
             records = records.batch(local_size).shard(num_pipelines, pipeline_id).unbatch()
-        examples = tf.data.Dataset.zip(positions, records).map(
-            lambda position, raw: (position, source.decode(parse(raw))),
-            num_parallel_calls=_AUTOTUNE,
-        )
+        raw_examples = tf.data.Dataset.zip(positions, records)
+    else:
+        if mechanism == "memory":
+            arrays = {key: tf.constant(array)
+                      for key, array in _decoded_arrays(source, num_examples).items()}
+
+            def read(indices):
+                return {key: tf.gather(array, indices) for key, array in arrays.items()}
+
+        else:
+            read = source.random_access()
+        # Looked up in chunks: one small map per example is the pipeline's main cost.
+        raw_examples = positions.batch(_LOOKUP_CHUNK).map(
+            lambda chunk: (chunk, read(_example_indices(chunk, num_examples, permutation_key)))
+        ).unbatch()
     logging.info(
         "%s: training order %r, %d examples, from step %d (pipeline %d of %d).",
         source.description, mechanism, num_examples, start_step, pipeline_id, num_pipelines,
     )
 
-    random_flip = bool(_field(data_config, "random_flip"))
-    flip_key = _order_key(seed, _FLIP_KEY)
-
-    def finish(position, example):
+    def finish(position, raw):
+        if mechanism == "memory":
+            example = raw
+        else:
+            example = source.decode(source.parse(raw) if source.parse else raw)
         flip_seed = tf.stack([flip_key, position]) if random_flip else None
         return _finish_example(example, data_config, source.channels, flip_seed)
 
-    dataset = examples.map(finish, num_parallel_calls=_AUTOTUNE)
+    dataset = raw_examples.map(finish, num_parallel_calls=_AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE)
     return _deterministic(dataset)
 
