@@ -197,7 +197,8 @@ def order_source(request, digits_dir, array_record_dir, order_folder, tmp_path, 
         monkeypatch.setattr(data, "_CACHE_LIMIT_BYTES", 0)  # Too large for memory.
     with contextlib.ExitStack() as stack:
         if kind == "digits":
-            config, mechanism = _digits_config(digits_dir, train_split="train[:40]", **small), "memory"
+            config = _digits_config(digits_dir, train_split="train[:40]", **small)
+            mechanism = "memory"
         elif kind == "digits_tfrecord_stream":
             config = _digits_config(
                 digits_dir, train_split="train[:20]+train[30:50]", shuffle_buffer=16, **small

@@ -1,5 +1,8 @@
 """Input pipelines: training (shuffled, repeated, per-replica batches) and evaluation (one pass).
 
+The training order is a pure function of (seed, step), so a resumed run reads exactly the
+batches of the run it continues, on any replica layout (see :func:`make_train_dataset`).
+
 Everything is driven by ``config.data`` (see ``configs/base.py``). There are three sources:
 
 * **any TFDS name** (``"cifar10"``, ``"imagenet_resized/64x64"``, ``"lsun/bedroom"``, ...): read
@@ -419,7 +422,8 @@ def _resolve_folder(data_config, split):
         return tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels})
 
     def random_access():
-        return lambda indices: {"path": tf.gather(paths, indices), "label": tf.gather(labels, indices)}
+        return lambda indices: {"path": tf.gather(paths, indices),
+                                "label": tf.gather(labels, indices)}
 
     def decode(record):
         image = tf.numpy_function(
