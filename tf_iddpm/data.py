@@ -263,12 +263,12 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
             return indices.map(lookup).unbatch().map(parse)
 
         def random_access():
-            source = builder.as_data_source(
+            data_source = builder.as_data_source(
                 split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
             )
 
             def fetch(indices):
-                return np.array(source.__getitems__(indices.tolist()), dtype=object)
+                return np.array(data_source.__getitems__(indices.tolist()), dtype=object)
 
             def lookup(indices):
                 serialized = tf.numpy_function(fetch, [indices], tf.string, stateful=False)
