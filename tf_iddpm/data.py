@@ -53,11 +53,11 @@ from tf_iddpm import image_utils
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SUPPORTED_NUM_CHANNELS = (1, 3)
-# Decoded (resized, uint8) images of a pipeline shard up to this size are cached in memory,
-# so small datasets (digits, CIFAR-10) are decoded and resized only once.
+# A training split whose decoded (resized, uint8) images fit in this size is held in memory by
+# every input pipeline, so small datasets (digits, CIFAR-10) are decoded and resized only once.
 _CACHE_LIMIT_BYTES = 256 * 2**20
 _MAX_LISTED_BAD_FILES = 20
-# Indices looked up at once on a random-access source.
+# Stream positions whose examples are looked up at once (memory and random-access orders).
 _LOOKUP_CHUNK = 64
 _AUTOTUNE = tf.data.AUTOTUNE
 
