@@ -33,7 +33,7 @@ def get_config():
     data.class_cond = False
     data.num_classes = 0        # 0 = unconditional; set by class-conditional configs
     data.low_res_size = 0       # > 0: also yield the area-downsampled image (super-resolution)
-    data.shuffle_buffer = 10_000
+    data.shuffle_buffer = 10_000  # big TFRecord splits: records are permuted in windows this big
     data.strict = False         # folder source: error (True) or skip with a warning (False) on bad files
     data.random_flip = False    # the paper trains without flips (reference image_datasets.py)
 

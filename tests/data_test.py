@@ -1,6 +1,12 @@
 """Tests for tf_iddpm.data and tf_iddpm.digits_dataset (all offline, data_dir under tmp_path)."""
 
+import contextlib
+import json
 import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 from numpy import testing as npt
@@ -135,30 +141,6 @@ def test_random_flip_mirrors_some_images(digits_dir, sklearn_digits):
     assert sum(is_mirror and not is_original for is_original, is_mirror in kinds) > 10
 
 
-@pytest.mark.parametrize("train_split,first_shard", [
-    ("train[:64]", range(0, 64, 2)),  # One file: every second example.
-    ("train[:32]+train[32:64]", range(32)),  # Two file instructions: one per pipeline.
-])
-def test_input_pipelines_read_disjoint_shards(digits_dir, sklearn_digits, train_split, first_shard):
-    images, _ = sklearn_digits
-    config = _digits_config(digits_dir, image_size=8, train_split=train_split)
-    key_of = [_key(_expected_digit(images[i], 8)) for i in range(64)]
-    assert len(set(key_of)) == 64
-    seen = []
-    for pipeline_id in range(2):
-        context = tf.distribute.InputContext(
-            num_input_pipelines=2, input_pipeline_id=pipeline_id, num_replicas_in_sync=2
-        )
-        dataset = data.make_train_dataset(config, batch_size=16, input_context=context)
-        # 4 batches of 16 = two passes over a 32-example shard.
-        keys = [_key(image) for batch in dataset.take(4) for image in batch["image"].numpy()]
-        assert len(set(keys)) == 32 and all(keys.count(key) == 2 for key in set(keys))
-        seen.append(set(keys))
-    assert seen[0] == {key_of[i] for i in first_shard}
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(key_of)
-
-
 def test_distribute_datasets_from_function_gives_per_replica_batches(digits_dir):
     config = _digits_config(digits_dir, image_size=8)
     strategy = tf.distribute.get_strategy()
@@ -168,6 +150,193 @@ def test_distribute_datasets_from_function_gives_per_replica_batches(digits_dir)
         )
     )
     assert next(iter(distributed))["image"].shape == (12, 8, 8, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training data order: a pure function of (seed, step), for every source and replica layout
+# ------------------------------------------------------------------------------------------------
+
+ORDER_NUM_EXAMPLES = 40  # Every order source has 40 training examples.
+ORDER_SOURCES = [
+    "digits",                   # memory: decoded once, indexed by the permutation
+    "digits_tfrecord_stream",   # TFRecord stream (over the memory limit); two file instructions
+    "tfds_array_record",        # TFDS prepared as ArrayRecord: random access
+    "tfds_mock",                # a named TFDS dataset under tfds.testing.mock_data: memory
+    "folder",                   # memory
+    "folder_random_access",     # decode the file at the permuted index
+]
+
+
+@pytest.fixture(scope="module")
+def array_record_dir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds_array_record"))
+    builder = tfds.builder(
+        digits_dataset.DIGITS_BUILDER_NAME, data_dir=data_dir, file_format="array_record"
+    )
+    builder.download_and_prepare()
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def order_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("order_folder")
+    rng = np.random.default_rng(2)
+    for i in range(ORDER_NUM_EXAMPLES):
+        array = rng.integers(0, 256, [8, 8, 3], dtype=np.uint8)
+        Image.fromarray(array).save(str(root / f"c{i % 3}_{i:02d}.png"))
+    return str(root)
+
+
+@pytest.fixture(params=ORDER_SOURCES)
+def order_source(request, digits_dir, array_record_dir, order_folder, tmp_path, monkeypatch,
+                 caplog):
+    """``(config, mechanism)``; the test must log that it read the order by ``mechanism``."""
+    kind = request.param
+    small = {"image_size": 8, "random_flip": True}
+    if kind in ("digits_tfrecord_stream", "tfds_array_record", "folder_random_access"):
+        monkeypatch.setattr(data, "_CACHE_LIMIT_BYTES", 0)  # Too large for memory.
+    with contextlib.ExitStack() as stack:
+        if kind == "digits":
+            config = _digits_config(digits_dir, train_split="train[:40]", **small)
+            mechanism = "memory"
+        elif kind == "digits_tfrecord_stream":
+            config = _digits_config(
+                digits_dir, train_split="train[:20]+train[30:50]", shuffle_buffer=16, **small
+            )
+            mechanism = "stream"
+        elif kind == "tfds_array_record":
+            config = _config(
+                name=digits_dataset.DIGITS_BUILDER_NAME, data_dir=array_record_dir,
+                train_split="train[:40]", **small,
+            )
+            mechanism = "random_access"
+        elif kind == "tfds_mock":
+            stack.enter_context(tfds.testing.mock_data(num_examples=ORDER_NUM_EXAMPLES))
+            config, mechanism = _config(name="cifar10", data_dir=str(tmp_path), **small), "memory"
+        elif kind == "folder":
+            config, mechanism = _config(name="folder", folder=order_folder, **small), "memory"
+        else:
+            config = _config(name="folder", folder=order_folder, **small)
+            mechanism = "random_access"
+        stack.enter_context(caplog.at_level("INFO", logger="absl"))
+        yield config, mechanism
+    messages = [record.getMessage() for record in caplog.get_records("call")]
+    assert any(f"training order {mechanism!r}" in message for message in messages)
+
+
+def _train_images(config, *, batch_size, steps, **kwargs):
+    """``[steps, batch_size, H, W, C]``: the first ``steps`` batches of a training pipeline."""
+    dataset = data.make_train_dataset(config, batch_size=batch_size, **kwargs)
+    return np.stack([batch["image"] for batch in dataset.take(steps).as_numpy_iterator()])
+
+
+def test_train_order_resumes_exactly_across_epochs(order_source):
+    config, _ = order_source
+    # 10 steps of 6 = 60 positions; epoch 0 ends inside step 6 (positions 36..41).
+    uninterrupted = _train_images(config, batch_size=6, steps=10, seed=3)
+    for start_step in (1, 5, 7):  # inside epoch 0, just before the boundary, inside epoch 1
+        resumed = _train_images(
+            config, batch_size=6, steps=10 - start_step, seed=3, start_step=start_step
+        )
+        npt.assert_array_equal(resumed, uninterrupted[start_step:])
+
+
+def test_train_order_is_a_permutation_per_epoch(order_source):
+    config, _ = order_source
+    config.random_flip = False  # So every image is exactly one split example.
+    split, _ = _collect(data.make_eval_dataset(config, batch_size=8, split=config.train_split))
+    index_of = {_key(image): i for i, image in enumerate(split["image"][split["mask"]])}
+    assert len(index_of) == ORDER_NUM_EXAMPLES  # The examples are distinct.
+
+    def order(seed):
+        images = _train_images(config, batch_size=8, steps=10, seed=seed)
+        return [index_of[_key(image)] for image in images.reshape(80, *images.shape[2:])]
+
+    first, second = order(0)[:40], order(0)[40:]
+    assert sorted(first) == sorted(second) == list(range(ORDER_NUM_EXAMPLES))
+    assert first != second
+    assert order(1)[:40] != first
+
+
+@pytest.mark.parametrize("num_pipelines,num_replicas", [(2, 2), (1, 2), (2, 4)])
+def test_input_pipelines_together_read_the_global_batch(order_source, num_pipelines,
+                                                        num_replicas):
+    config, _ = order_source
+    batch_size, steps, start_step = 3, 3, 4
+    global_batches = _train_images(
+        config, batch_size=batch_size * num_replicas, steps=steps, seed=5, start_step=start_step
+    )
+    local_replicas = num_replicas // num_pipelines
+    per_pipeline = []
+    for pipeline_id in range(num_pipelines):
+        context = tf.distribute.InputContext(num_pipelines, pipeline_id, num_replicas)
+        images = _train_images(
+            config, batch_size=batch_size, steps=steps * local_replicas, seed=5,
+            start_step=start_step, input_context=context,
+        )
+        # Consecutive batches of a pipeline go to its local replicas in turn.
+        per_pipeline.append(images.reshape(steps, local_replicas * batch_size, *images.shape[2:]))
+    npt.assert_array_equal(np.concatenate(per_pipeline, axis=1), global_batches)
+
+
+def test_folder_order_is_the_same_in_memory_and_by_file(order_folder, monkeypatch):
+    config = _config(name="folder", folder=order_folder, image_size=8, random_flip=True)
+    in_memory = _train_images(config, batch_size=7, steps=8, seed=4)
+    monkeypatch.setattr(data, "_CACHE_LIMIT_BYTES", 0)
+    npt.assert_array_equal(_train_images(config, batch_size=7, steps=8, seed=4), in_memory)
+
+
+# The per-replica batches of MirroredStrategy over 2 logical CPUs next to the global batches of
+# one single-device pipeline, for the memory and the TFRecord-stream orders. Logical devices must
+# exist before TensorFlow initialises, hence a fresh interpreter.
+_MIRRORED_ORDER_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from tf_iddpm import distribute
+    distribute.split_cpu(2)
+    import numpy as np
+    import tensorflow as tf
+    from configs import base
+    from tf_iddpm import data
+
+    data_dir, out_path = json.loads(sys.argv[1])
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    results = {}
+    for name, limit in (("memory", data._CACHE_LIMIT_BYTES), ("stream", 0)):
+        data._CACHE_LIMIT_BYTES = limit
+        config = base.get_config().data
+        config.update(data_dir=data_dir, image_size=8, train_split="train[:40]",
+                      random_flip=True, shuffle_buffer=16)
+        make = lambda batch_size, context=None: data.make_train_dataset(
+            config, batch_size=batch_size, input_context=context, seed=5, start_step=3)
+        results[name + "/global"] = np.stack(
+            [batch["image"] for batch in make(6).take(4).as_numpy_iterator()])
+        iterator = iter(strategy.distribute_datasets_from_function(
+            lambda context: make(context.get_per_replica_batch_size(6), context)))
+        results[name + "/replicas"] = np.stack([
+            np.stack([replica.numpy() for replica in
+                      strategy.experimental_local_results(next(iterator)["image"])])
+            for _ in range(4)])
+    np.savez(out_path, **results)
+""")
+
+
+def test_mirrored_replicas_see_slices_of_the_global_batch(digits_dir, tmp_path):
+    out_path = str(tmp_path / "order.npz")
+    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env.update(PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_ORDER_SCRIPT, json.dumps([digits_dir, out_path])],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    results = np.load(out_path)
+    for name in ("memory", "stream"):
+        global_batches, replicas = results[name + "/global"], results[name + "/replicas"]
+        assert global_batches.shape == (4, 6, 8, 8, 3) and replicas.shape == (4, 2, 3, 8, 8, 3)
+        # Replica r of step s holds positions [6 s + 3 r, 6 s + 3 r + 3) of the global batch.
+        npt.assert_array_equal(replicas.reshape(global_batches.shape), global_batches)
+    assert not np.array_equal(results["memory/global"], results["stream/global"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,6 +606,10 @@ def test_unknown_split_lists_available(digits_dir):
 @pytest.mark.parametrize("kwargs,message", [
     ({"batch_size": 0}, "batch_size must be a positive int"),
     ({"batch_size": 2, "seed": -1}, "seed must be a non-negative int"),
+    ({"batch_size": 2, "start_step": -1}, "start_step must be a non-negative int"),
+    ({"batch_size": 2, "start_step": 1.0}, "start_step must be a non-negative int"),
+    ({"batch_size": 2, "input_context": tf.distribute.InputContext(2, 0, 3)},
+     "num_replicas_in_sync=3 is not a multiple of num_input_pipelines=2"),
 ])
 def test_bad_train_arguments(digits_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):

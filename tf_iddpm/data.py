@@ -1,5 +1,8 @@
 """Input pipelines: training (shuffled, repeated, per-replica batches) and evaluation (one pass).
 
+The training order is a pure function of (seed, step), so a resumed run reads exactly the
+batches of the run it continues, on any replica layout (see :func:`make_train_dataset`).
+
 Everything is driven by ``config.data`` (see ``configs/base.py``). There are three sources:
 
 * **any TFDS name** (``"cifar10"``, ``"imagenet_resized/64x64"``, ``"lsun/bedroom"``, ...): read
@@ -37,7 +40,7 @@ import dataclasses
 import difflib
 import math
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from absl import logging
 import numpy as np
@@ -50,10 +53,12 @@ from tf_iddpm import image_utils
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SUPPORTED_NUM_CHANNELS = (1, 3)
-# Decoded (resized, uint8) images of a pipeline shard up to this size are cached in memory,
-# so small datasets (digits, CIFAR-10) are decoded and resized only once.
+# A training split whose decoded (resized, uint8) images fit in this size is held in memory by
+# every input pipeline, so small datasets (digits, CIFAR-10) are decoded and resized only once.
 _CACHE_LIMIT_BYTES = 256 * 2**20
 _MAX_LISTED_BAD_FILES = 20
+# Stream positions whose examples are looked up at once (memory and random-access orders).
+_LOOKUP_CHUNK = 64
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -137,11 +142,16 @@ class _Source:
         num_examples: examples in the split, or None when unknown (under tfds mocking).
         num_classes: number of classes, or None when the source has no labels.
         channels: channels of the decoded images (1 or 3).
-        make_records: ``(shuffle_files, seed, input_context) -> (dataset, sharded)``. It gives
-            cheap, undecoded records. ``sharded`` tells whether ``input_context`` was already
-            applied (file-level sharding).
+        make_records: ``() -> dataset`` of cheap, undecoded records of the whole split in its
+            canonical order (the order example indices refer to).
         decode: record -> ``{"image": uint8 [S, S, channels], "label": int64 []}`` (label
             only when ``num_classes`` is not None). Traceable by tf.data.
+        random_access: None, or ``() -> lookup`` where ``lookup(indices)`` maps int64
+            ``[n]`` indices (canonical order) to ``n`` raw records. Called once per pipeline.
+        stream_files: TFRecord ``(filename, skip, take)`` triples whose records, read in this
+            order, are the split; empty when the source is not read as TFRecord files.
+        parse: raw record (from ``random_access`` or ``stream_files``) -> record for
+            ``decode``; None means the raw record already is one.
     """
 
     description: str
@@ -150,6 +160,9 @@ class _Source:
     channels: int
     make_records: Callable
     decode: Callable
+    random_access: Optional[Callable] = None
+    stream_files: Tuple[Tuple[str, int, int], ...] = ()
+    parse: Optional[Callable] = None
 
 
 def _crop_and_resize_tensor(image, size, channels):
@@ -199,7 +212,7 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
                 f"to the directory where it is prepared."
             ) from None
     splits = builder.info.splits
-    num_examples, num_files = None, 0
+    num_examples, file_instructions = None, ()
     if splits:  # Empty only under tfds.testing.mock_data.
         try:
             split_info = splits[split]
@@ -210,7 +223,7 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
                 f"splits: {sorted(splits.keys())} (slices such as 'train[:90%]' work too)."
             ) from None
         num_examples = int(split_info.num_examples)
-        num_files = len(split_info.file_instructions)
+        file_instructions = split_info.file_instructions
     label = f"{dataset_label} split {split!r}"
     features = builder.info.features
     if "image" not in features or not isinstance(features["image"], tfds.features.Image):
@@ -228,27 +241,57 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
     if "label" in features and isinstance(features["label"], tfds.features.ClassLabel):
         num_classes = int(features["label"].num_classes)
     needs_resize = (height, width) != (image_size, image_size)
+    keys = ["image"] + (["label"] if num_classes is not None else [])
 
-    def make_records(shuffle_files, seed, input_context):
-        file_level = (
-            input_context is not None
-            and input_context.num_input_pipelines > 1
-            and num_files >= input_context.num_input_pipelines
-        )
-        read_config = tfds.ReadConfig(
-            shuffle_seed=seed,
-            input_context=input_context if file_level else None,
-            try_autocache=False,
-        )
-        records = builder.as_dataset(
-            split=split,
-            # Ordered datasets (disable_shuffling, like our digits) refuse shuffle_files.
-            shuffle_files=shuffle_files and not builder.info.disable_shuffling,
-            decoders={"image": tfds.decode.SkipDecoding()},  # Decode after shuffle and shard.
-            read_config=read_config,
-        )
-        keys = ["image"] + (["label"] if num_classes is not None else [])
-        return records.map(lambda example: {key: example[key] for key in keys}), file_level
+    def select(example):
+        return {key: example[key] for key in keys}
+
+    def parse(serialized):
+        return select(features.deserialize_example(
+            serialized, decoders={"image": tfds.decode.SkipDecoding()}
+        ))
+
+    # Prepared files (none under tfds.testing.mock_data, whose splits are empty).
+    file_format = builder.info.file_format if splits else None
+    random_access, stream_files = None, ()
+    if file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        # tfds' as_dataset() refuses ArrayRecord files; read them through the data source.
+
+        def make_records():
+            lookup = random_access()
+            indices = tf.data.Dataset.range(num_examples).batch(_LOOKUP_CHUNK)
+            return indices.map(lookup).unbatch().map(parse)
+
+        def random_access():
+            data_source = builder.as_data_source(
+                split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+            )
+
+            def fetch(indices):
+                return np.array(data_source.__getitems__(indices.tolist()), dtype=object)
+
+            def lookup(indices):
+                serialized = tf.numpy_function(fetch, [indices], tf.string, stateful=False)
+                return tf.ensure_shape(serialized, indices.shape)
+
+            return lookup
+
+    else:
+
+        def make_records():
+            records = builder.as_dataset(
+                split=split,
+                shuffle_files=False,
+                decoders={"image": tfds.decode.SkipDecoding()},  # Decoded by decode().
+                read_config=tfds.ReadConfig(try_autocache=False),
+            )
+            return records.map(select)
+
+        if file_format == tfds.core.FileFormat.TFRECORD:
+            stream_files = tuple(
+                (os.fspath(instruction.filename), int(instruction.skip), int(instruction.take))
+                for instruction in file_instructions
+            )
 
     def decode(record):
         image = image_feature.decode_example(record["image"])
@@ -261,7 +304,10 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
             example["label"] = tf.cast(record["label"], tf.int64)
         return example
 
-    return _Source(label, num_examples, num_classes, channels, make_records, decode)
+    return _Source(
+        label, num_examples, num_classes, channels, make_records, decode,
+        random_access=random_access, stream_files=stream_files, parse=parse,
+    )
 
 
 # Folder scan results, keyed by (path, size, mtime): each file is decoded once per process.
@@ -372,9 +418,12 @@ def _resolve_folder(data_config, split):
     paths = tf.constant(good)
     labels = tf.constant([label_of[path] for path in good], tf.int64)
 
-    def make_records(shuffle_files, seed, input_context):
-        del shuffle_files, seed, input_context  # Shuffled and sharded by the caller.
-        return tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels}), False
+    def make_records():
+        return tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels})
+
+    def random_access():
+        return lambda indices: {"path": tf.gather(paths, indices),
+                                "label": tf.gather(labels, indices)}
 
     def decode(record):
         image = tf.numpy_function(
@@ -384,7 +433,10 @@ def _resolve_folder(data_config, split):
         image.set_shape([image_size, image_size, channels])
         return {"image": image, "label": record["label"]}
 
-    return _Source(label, len(good), len(class_ids), channels, make_records, decode)
+    return _Source(
+        label, len(good), len(class_ids), channels, make_records, decode,
+        random_access=random_access,
+    )
 
 
 def _resolve_source(data_config, split):
@@ -458,7 +510,7 @@ def dataset_num_examples(data_config, split):
 
 
 def _count_records(source):
-    records, _ = source.make_records(False, 0, None)
+    records = source.make_records()
     cardinality = int(records.cardinality())
     if cardinality >= 0:
         return cardinality
@@ -502,70 +554,248 @@ def _deterministic(dataset):
     return dataset.with_options(options)
 
 
-def make_train_dataset(data_config, *, batch_size, input_context=None, seed=0):
-    """Infinite, shuffled training batches for one input pipeline.
+# Purposes of the keys derived from the training seed (see _order_key).
+_PERMUTATION_KEY, _FLIP_KEY, _FILE_ORDER_KEY, _WINDOW_KEY = range(4)
+# TFRecord files read at once by the stream order (the reader's interleave cycle).
+_STREAM_CYCLE_LENGTH = 16
+
+
+def _order_key(seed, purpose):
+    """A 32-bit key for one use (``_*_KEY``) of the training seed, as a tf.int64 scalar."""
+    key = int(np.random.SeedSequence([int(seed), purpose]).generate_state(1)[0])
+    return tf.constant(key, tf.int64)
+
+
+def _example_indices(positions, num_examples, permutation_key):
+    """Canonical indices of the examples at stream ``positions`` (int64 ``[n]``).
+
+    Epoch ``e = p // num_examples`` is one permutation of the split, a stateless function of
+    ``(seed, e)``; position ``p`` takes element ``p % num_examples`` of it. (The raw op, since
+    ``tf.random.experimental.index_shuffle`` cannot take one seed per element.)
+    """
+    epochs = positions // num_examples
+    seeds = tf.stack(
+        [tf.fill(tf.shape(epochs), permutation_key), epochs, tf.zeros_like(epochs)], axis=-1
+    )
+    return tf.raw_ops.RandomIndexShuffle(
+        index=positions % num_examples, seed=seeds,
+        max_index=tf.constant(num_examples - 1, tf.int64), rounds=4,
+    )
+
+
+def _local_positions(start_position, global_batch, local_size):
+    """This pipeline's stream positions in order: ``local_size`` consecutive ones per step."""
+    return tf.data.Dataset.counter().map(
+        lambda j: start_position + (j // local_size) * global_batch + j % local_size
+    )
+
+
+def _decoded_arrays(source, num_examples):
+    """The whole split decoded: ``{"image": uint8 [N, S, S, C], "label": int64 [N]}``."""
+    dataset = source.make_records().map(source.decode, num_parallel_calls=_AUTOTUNE)
+    parts = list(_deterministic(dataset.batch(1024)).as_numpy_iterator())
+    arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    if len(arrays["image"]) != num_examples:
+        raise ValueError(
+            f"{source.description} declares {num_examples} examples but holds "
+            f"{len(arrays['image'])}; re-prepare it."
+        )
+    return arrays
+
+
+def _record_stream(source, num_examples, seed, start_position, window):
+    """Undecoded records of the TFRecord order from ``start_position`` on (infinite).
+
+    Epoch ``e`` reads the split's files in an order permuted by ``(seed, e)``,
+    ``_STREAM_CYCLE_LENGTH`` files interleaved record by record, and permutes each window of
+    ``window`` consecutive records by ``(seed, e, window index)``. Every step of that is
+    deterministic, so the stream is a function of ``(seed, position)``. Starting inside an
+    epoch reads (and drops) the records before ``start_position`` in that epoch.
+    """
+    names = tf.constant([name for name, _, _ in source.stream_files])
+    skips = tf.constant([skip for _, skip, _ in source.stream_files], tf.int64)
+    takes = tf.constant([take for _, _, take in source.stream_files], tf.int64)
+    num_files = len(source.stream_files)
+    file_key = _order_key(seed, _FILE_ORDER_KEY)
+    window_key = _order_key(seed, _WINDOW_KEY)
+
+    def epoch_records(epoch, first):
+        order = tf.random.experimental.index_shuffle(
+            tf.range(num_files, dtype=tf.int64), seed=tf.stack([file_key, epoch]),
+            max_index=tf.constant(num_files - 1, tf.int64),
+        )
+        files = tf.data.Dataset.from_tensor_slices(
+            (tf.gather(names, order), tf.gather(skips, order), tf.gather(takes, order))
+        )
+        cycle = min(num_files, _STREAM_CYCLE_LENGTH)
+        records = files.interleave(
+            lambda name, skip, take: tf.data.TFRecordDataset(name).skip(skip).take(take),
+            cycle_length=cycle, block_length=1, num_parallel_calls=cycle, deterministic=True,
+        )
+        first_window = first // window
+        windows = tf.data.Dataset.zip(
+            tf.data.Dataset.counter(first_window),
+            records.skip(first_window * window).batch(window),
+        )
+
+        def permute(index, batch):
+            size = tf.shape(batch, out_type=tf.int64)[0]
+            permutation = tf.random.experimental.index_shuffle(
+                tf.range(size),
+                seed=tf.random.experimental.stateless_fold_in(
+                    tf.stack([window_key, epoch]), index
+                ),
+                max_index=size - 1,
+            )
+            return tf.gather(batch, permutation)
+
+        return windows.map(permute).unbatch().skip(first - first_window * window)
+
+    first_epoch, first = divmod(start_position, num_examples)
+    if first:
+        logging.info(
+            "%s: resuming inside epoch %d; reading and dropping its first %d records once.",
+            source.description, first_epoch, first,
+        )
+    stream = epoch_records(tf.constant(first_epoch, tf.int64), tf.constant(first, tf.int64))
+    later = tf.data.Dataset.counter(first_epoch + 1).flat_map(
+        lambda epoch: epoch_records(epoch, tf.constant(0, tf.int64))
+    )
+    return stream.concatenate(later)
+
+
+def _order_mechanism(source, num_examples, image_size):
+    """How the training order is read: ``"memory"``, ``"random_access"`` or ``"stream"``."""
+    if num_examples * image_size**2 * source.channels <= _CACHE_LIMIT_BYTES:
+        return "memory"
+    if source.random_access is not None:
+        return "random_access"
+    if source.stream_files:
+        return "stream"
+    raise ValueError(
+        f"{source.description} has {num_examples} examples, too many to hold decoded in "
+        f"memory ({_CACHE_LIMIT_BYTES // 2**20} MiB), and is neither an image folder nor "
+        f"prepared as ArrayRecord or TFRecord files, so its training order cannot be a "
+        f"function of (seed, step). Prepare it with file_format='array_record' or 'tfrecord'."
+    )
+
+
+def make_train_dataset(data_config, *, batch_size, input_context=None, seed=0, start_step=0):
+    """Infinite training batches for one input pipeline, in an order fixed by (seed, step).
 
     For several replicas use::
 
         strategy.distribute_datasets_from_function(
             lambda ctx: make_train_dataset(cfg.data, batch_size=ctx.get_per_replica_batch_size(
-                global_batch_size), input_context=ctx, seed=cfg.seed))
+                global_batch_size), input_context=ctx, seed=cfg.seed, start_step=step))
 
-    Each input pipeline reads a disjoint shard: whole TFDS files when the split has at least
-    as many files as pipelines, else every ``num_input_pipelines``-th example. Given the seed
-    the stream is deterministic: the file order, the shuffle buffer and the flips are all
-    seeded per pipeline.
+    The data order is a pure function of ``(seed, step)``. The training examples form an
+    infinite stream of positions ``p = 0, 1, 2, ...``; position ``p`` is in epoch
+    ``p // N`` (N = examples in the train split), and every epoch is one permutation of the
+    split chosen by ``(seed, epoch)``. Global step ``s`` reads positions
+    ``[s * G, (s + 1) * G)`` (G = ``batch_size * num_replicas_in_sync``), and replica ``r``
+    gets ``[s * G + r * B, s * G + (r + 1) * B)``, like the trainer's noise and timesteps.
+    Pipeline ``i`` feeds replicas ``i * R ... (i + 1) * R - 1`` (R = replicas per pipeline)
+    and yields, for each step from ``start_step`` on, those replicas' batches in order
+    (tf.distribute hands consecutive batches of a pipeline to its local replicas in turn).
+    So a run resumed at ``start_step`` reads exactly the batches the uninterrupted run reads
+    there, whatever the number of devices. Random flips are a function of ``(seed, p)``.
+
+    How the order is read depends on the source, never on the replicas:
+
+    * ``"memory"``: a split whose decoded images fit in ``_CACHE_LIMIT_BYTES`` (digits,
+      CIFAR-10, small folders) is decoded once and indexed by the permutation.
+    * ``"random_access"``: larger image folders (decode the file at the permuted index) and
+      TFDS splits prepared as ArrayRecord (``tfds.data_source``).
+    * ``"stream"``: larger TFDS splits prepared as TFRecord (no random access). Epoch ``e``
+      reads the files in a ``(seed, e)`` order and permutes windows of
+      ``data.shuffle_buffer`` records by ``(seed, e, window)``; every pipeline reads all
+      records and decodes only its own. A resume inside an epoch reads (and drops) that
+      epoch's records before the resume position once.
 
     Args:
         data_config: ``config.data``.
         batch_size: examples per batch of this pipeline (the per-replica batch).
         input_context: optional ``tf.distribute.InputContext``.
         seed: non-negative int.
+        start_step: non-negative int, the global step of the first batch.
 
     Returns:
         ``tf.data.Dataset`` of dicts: ``"image"`` float32 ``[B, H, W, C]`` in [-1, 1];
         ``"label"`` int32 ``[B]`` if ``class_cond``; ``"low_res"`` float32 ``[B, h, h, C]`` if
-        ``low_res_size > 0``. Remainders are dropped, so B is static.
+        ``low_res_size > 0``. B is static.
+
+    Raises:
+        ValueError: on a bad argument or configuration, an empty split, or a
+            ``num_replicas_in_sync`` that is not a multiple of ``num_input_pipelines``.
     """
     _check_positive_int("batch_size", batch_size)
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-    source = _resolve_source(data_config, _field(data_config, "train_split"))
-    num_pipelines, pipeline_id, _ = _pipeline_position(input_context)
-    if source.num_examples is not None and source.num_examples < num_pipelines:
+    if not _is_int(start_step) or start_step < 0:
+        raise ValueError(f"start_step must be a non-negative int, got {start_step!r}.")
+    if input_context is not None and (
+        input_context.num_replicas_in_sync % input_context.num_input_pipelines
+    ):
         raise ValueError(
-            f"{source.description} has {source.num_examples} examples, fewer than the "
-            f"{num_pipelines} input pipelines; every pipeline needs at least one."
+            f"num_replicas_in_sync={input_context.num_replicas_in_sync} is not a multiple of "
+            f"num_input_pipelines={input_context.num_input_pipelines}; every input pipeline "
+            f"must feed the same number of replicas."
         )
-    # One 32-bit seed per pipeline, so the shards are shuffled differently.
-    pipeline_seed = int(np.random.SeedSequence([int(seed), pipeline_id]).generate_state(1)[0])
-
-    records, sharded = source.make_records(True, pipeline_seed, input_context)
-    if num_pipelines > 1 and not sharded:
-        records = records.shard(num_pipelines, pipeline_id)
-    image_size = _field(data_config, "image_size")
-    local_examples = (source.num_examples or 0) / num_pipelines
-    cache_decoded = (
-        source.num_examples is not None
-        and local_examples * image_size**2 * source.channels <= _CACHE_LIMIT_BYTES
+    source = _resolve_source(data_config, _field(data_config, "train_split"))
+    num_examples = source.num_examples
+    if num_examples is None:
+        num_examples = _count_records(source)
+    if num_examples == 0:
+        raise ValueError(f"{source.description} is empty; nothing to train on.")
+    num_pipelines, pipeline_id, replicas_per_pipeline = _pipeline_position(input_context)
+    local_size = batch_size * replicas_per_pipeline
+    global_batch = local_size * num_pipelines
+    start_position = int(start_step) * global_batch
+    positions = _local_positions(
+        start_position + pipeline_id * local_size, global_batch, local_size
     )
-    dataset = records
-    if cache_decoded:
-        dataset = dataset.map(source.decode, num_parallel_calls=_AUTOTUNE).cache()
-    dataset = dataset.shuffle(
-        _field(data_config, "shuffle_buffer"), seed=pipeline_seed, reshuffle_each_iteration=True
-    ).repeat()
-    if not cache_decoded:
-        dataset = dataset.map(source.decode, num_parallel_calls=_AUTOTUNE)
+    permutation_key = _order_key(seed, _PERMUTATION_KEY)
+    mechanism = _order_mechanism(source, num_examples, _field(data_config, "image_size"))
     random_flip = bool(_field(data_config, "random_flip"))
+    flip_key = _order_key(seed, _FLIP_KEY)
 
-    def finish(counter, example):
-        flip_seed = None
-        if random_flip:
-            flip_seed = tf.stack([tf.constant(pipeline_seed, tf.int64), counter])
+    if mechanism == "stream":
+        records = _record_stream(
+            source, num_examples, seed, start_position,
+            window=min(_field(data_config, "shuffle_buffer"), num_examples),
+        )
+        if num_pipelines > 1:
+            records = records.batch(local_size).shard(num_pipelines, pipeline_id).unbatch()
+        raw_examples = tf.data.Dataset.zip(positions, records)
+    else:
+        if mechanism == "memory":
+            arrays = {key: tf.constant(array)
+                      for key, array in _decoded_arrays(source, num_examples).items()}
+
+            def read(indices):
+                return {key: tf.gather(array, indices) for key, array in arrays.items()}
+
+        else:
+            read = source.random_access()
+        # Looked up in chunks: one small map per example is the pipeline's main cost.
+        raw_examples = positions.batch(_LOOKUP_CHUNK).map(
+            lambda chunk: (chunk, read(_example_indices(chunk, num_examples, permutation_key)))
+        ).unbatch()
+    logging.info(
+        "%s: training order %r, %d examples, from step %d (pipeline %d of %d).",
+        source.description, mechanism, num_examples, start_step, pipeline_id, num_pipelines,
+    )
+
+    def finish(position, raw):
+        if mechanism == "memory":
+            example = raw
+        else:
+            example = source.decode(source.parse(raw) if source.parse else raw)
+        flip_seed = tf.stack([flip_key, position]) if random_flip else None
         return _finish_example(example, data_config, source.channels, flip_seed)
 
-    dataset = dataset.enumerate().map(finish, num_parallel_calls=_AUTOTUNE)
+    dataset = raw_examples.map(finish, num_parallel_calls=_AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE)
     return _deterministic(dataset)
 
@@ -603,7 +833,7 @@ def make_eval_dataset(data_config, *, batch_size, split=None, num_examples=0, in
     source = _resolve_source(data_config, split)
     num_pipelines, pipeline_id, local_replicas = _pipeline_position(input_context)
 
-    records, _ = source.make_records(False, 0, None)
+    records = source.make_records()
     total = source.num_examples if source.num_examples is not None else _count_records(source)
     if num_examples > 0:
         total = min(total, num_examples)

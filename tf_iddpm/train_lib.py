@@ -353,13 +353,12 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
         return {}
 
     global_batch = trainer.global_batch_size
-    # Reseeding the shuffle with the resumed step keeps a resumed run from replaying the data order
-    # of the first run (a tf.data iterator checkpoint would hold the whole shuffle buffer).
-    data_seed = config.seed * 1_000_003 + start_step
+    # The data order is a pure function of (seed, step): starting the pipeline at start_step reads
+    # exactly the batches the uninterrupted run reads from there on (no iterator checkpoint).
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: data_lib.make_train_dataset(
             config.data, batch_size=ctx.get_per_replica_batch_size(global_batch), input_context=ctx,
-            seed=data_seed))
+            seed=config.seed, start_step=start_step))
     iterator = iter(dataset)
 
     writer = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_SUBDIR)) \
