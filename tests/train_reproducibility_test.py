@@ -97,9 +97,11 @@ def _interrupt_after_first_checkpoint(args, workdir, log_path, sig):
 
 
 def _final_state(workdir):
+    """Every variable of the newest checkpoint, less the object graph and tf.train.Checkpoint's
+    save_counter (how many saves the run made: an interrupted run saved once more)."""
     reader = tf.train.load_checkpoint(checkpoints.checkpoint_dir(str(workdir)))
     return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
-            if key != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+            if key != "_CHECKPOINTABLE_OBJECT_GRAPH" and not key.startswith("save_counter/")}
 
 
 def _assert_same_state(actual, expected):
