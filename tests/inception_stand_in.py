@@ -6,6 +6,9 @@ them to 16 x 16 (the real one: 299 x 299), scales them, and computes ``mixed_6/c
 (>= 7 channels), ``pool_3`` [N, 1, 1, 2048] and ``softmax/logits/MatMul`` (pool [N, 2048] times a
 [2048, 1008] weight constant), followed by a bias and ``softmax``.  Fixed random weights (seed),
 so features are a deterministic, non-degenerate function of the images.
+
+``pool_dim`` < 2048 makes a faster variant for end-to-end tests: FID's matrix square root of a
+2048 x 2048 product takes tens of seconds on a busy CPU, and the loader does not depend on it.
 """
 
 import numpy as np
@@ -15,7 +18,7 @@ POOL_DIM = 2048
 NUM_CLASSES = 1008
 
 
-def make_graph_def(seed: int = 0):
+def make_graph_def(seed: int = 0, pool_dim: int = POOL_DIM):
     """The stand-in graph as a tf.compat.v1.GraphDef."""
     rng = np.random.default_rng(seed)
     graph = tf.Graph()
@@ -33,20 +36,20 @@ def make_graph_def(seed: int = 0):
         hidden = tf.nn.relu(spatial)
         pooled = tf.reduce_mean(hidden, axis=[1, 2], keepdims=True)
         features = tf.concat([pooled, tf.reduce_max(hidden, axis=[1, 2], keepdims=True)], -1)
-        projection = tf.constant(rng.normal(0, 1.0, [1, 1, 16, POOL_DIM]).astype(np.float32))
+        projection = tf.constant(rng.normal(0, 1.0, [1, 1, 16, pool_dim]).astype(np.float32))
         pool = tf.nn.relu(tf.nn.conv2d(features, projection, 1, "VALID") + 0.1, name="pool_3")
-        flat = tf.reshape(pool, [-1, POOL_DIM], name="pool_3/_reshape")
-        weights = tf.constant(rng.normal(0, 0.05, [POOL_DIM, NUM_CLASSES]).astype(np.float32),
+        flat = tf.reshape(pool, [-1, pool_dim], name="pool_3/_reshape")
+        weights = tf.constant(rng.normal(0, 0.05, [pool_dim, NUM_CLASSES]).astype(np.float32),
                               name="softmax/weights")
         logits = tf.matmul(flat, weights, name="softmax/logits/MatMul")
         tf.nn.softmax(logits + 0.01, name="softmax")
     return graph.as_graph_def()
 
 
-def write(path, seed: int = 0) -> str:
+def write(path, seed: int = 0, pool_dim: int = POOL_DIM) -> str:
     """Writes the stand-in graph to ``path`` (a .pb file) and returns the path."""
     with open(path, "wb") as f:
-        f.write(make_graph_def(seed).SerializeToString())
+        f.write(make_graph_def(seed, pool_dim).SerializeToString())
     return str(path)
 
 
