@@ -157,7 +157,10 @@ def test_fid_sweep_writes_a_table_and_a_plot(setup):
     (["--ref_batch=r.npz", "--inception=i.pb", "--sweep=500"], "500 steps is not in [1, "),
     (["--ref_batch=r.npz", "--inception=i.pb", "--num_samples=1"], "must be >= 2"),
     (["--ref_batch=r.npz", "--inception=i.pb", "--sweep=5", "--eta=0.5"], "only applies to DDIM"),
-    (["--ref_batch=r.npz", "--inception=/nonexistent/i.pb"], "inception-2015-12-05.tgz"),
+    (["--ref_batch=r.npz", "--inception=/nonexistent/i.pb"],
+     "fid.inception='/nonexistent/i.pb' does not exist; it must be the local path of "
+     "classify_image_graph_def.pb"),
+    (["--ref_batch=/nonexistent/r.npz"], "fid.ref_batch='/nonexistent/r.npz' does not exist"),
 ])
 def test_fid_mode_bad_requests_fail_clearly(tmp_path, args, message):
     # A new workdir: the trained one stores fid.ref_batch / fid.inception from its training run.

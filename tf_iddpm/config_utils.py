@@ -228,6 +228,8 @@ def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) 
                           "samples)")
     steps = config.diffusion.steps
     for respacing in fid_sweep(config):
+        if not respacing:
+            continue            # "full": every step
         if not respacing.isdigit():
             errors.append(f"fid.sweep={fid.sweep!r}: {respacing!r} is not a step count; use "
                           "comma-separated step counts and 'full', e.g. '25,50,100,250,full'")
@@ -245,12 +247,15 @@ def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) 
         needs = [("train.fid_ref_batch (or fid.ref_batch)", train.fid_ref_batch or fid.ref_batch),
                  ("train.fid_inception (or fid.inception)", train.fid_inception or fid.inception)]
     for field, value in needs:
+        what = ("an evaluator-format reference batch .npz" if "ref_batch" in field
+                else "the local path of classify_image_graph_def.pb (the 2015 Inception graph; "
+                "see the README's 'Sample quality' section)")
         if not value:
-            what = ("an evaluator-format reference batch .npz" if "ref_batch" in field
-                    else "the local path of classify_image_graph_def.pb")
             flag = "--ref_batch" if "ref_batch" in field else "--inception"
             errors.append(f"{field} is empty: {'run.py ' + flag if mode == 'fid' else field} "
                           f"needs {what}")
+        elif not _exists(value):
+            errors.append(f"{field}={value!r} does not exist; it must be {what}")
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional[int] = None,
