@@ -175,3 +175,14 @@ def test_to_rgb_repeats_grayscale_and_rejects_other_channel_counts():
     np.testing.assert_array_equal(quality_lib.to_rgb(gray), np.concatenate([gray] * 3, axis=-1))
     with pytest.raises(ValueError, match="1 or 3"):
         quality_lib.to_rgb(np.zeros((1, 2, 2, 2), np.uint8))
+
+
+def test_training_with_fid_every_needs_a_reference_and_a_graph():
+    from tf_iddpm import config_utils
+    config = tiny.get_config()
+    config.train.fid_every = 5
+    with pytest.raises(ValueError, match=r"train.fid_ref_batch \(or fid.ref_batch\) is empty"):
+        config_utils.validate_config(config)
+    config.train.fid_ref_batch, config.fid.inception = "/nonexistent/ref.npz", "/nonexistent/i.pb"
+    with pytest.raises(ValueError, match="fid_ref_batch.*does not exist"):
+        config_utils.validate_config(config)
