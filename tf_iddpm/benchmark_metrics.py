@@ -5,7 +5,8 @@
         --evaluator=/path/to/guided-diffusion/evaluations/evaluator.py
 
 * features: images per second through the Inception graph (64x64 uint8 inputs, resized to 299
-  inside the graph, batch ``--batch``), after one warm-up batch.  With ``--inception=PATH`` the
+  inside the graph, batch ``--batch``), after one warm-up batch; with ``--evaluator``, also the
+  evaluator's own ``compute_activations`` on the same graph and images.  With ``--inception=PATH`` the
   real ``classify_image_graph_def.pb``; otherwise a stand-in with the same architecture and cost:
   Keras' InceptionV3 (random weights) frozen into a GraphDef with the evaluator's tensor names.
 * pr: :func:`tf_iddpm.metrics.precision_recall` on ``--pr_size`` x ``--pr_size`` random 2048-d
@@ -43,15 +44,39 @@ def inception_v3_stand_in_graph_def(seed: int = 0):
         images = tf.identity(images, name="ExpandDims")
         resized = tf.image.resize(images, [299, 299]) / 127.5 - 1.0
         mixed, last = body(resized, training=False)
-        tf.identity(mixed, name="mixed_6/conv")
+        spatial = tf.identity(mixed, name="mixed_6/conv")
         pool = tf.identity(tf.reduce_mean(last, axis=[1, 2], keepdims=True), name="pool_3")
-        return tf.matmul(tf.reshape(pool, [-1, 2048]), weights, name="softmax/logits/MatMul")
+        logits = tf.matmul(tf.reshape(pool, [-1, 2048]), weights, name="softmax/logits/MatMul")
+        return spatial, pool, logits     # outputs, so that freezing keeps the named nodes
 
     frozen = convert_to_constants.convert_variables_to_constants_v2(forward.get_concrete_function())
     return frozen.graph.as_graph_def()
 
 
-def bench_features(inception: str, num_images: int, batch: int, tmp_dir: str) -> dict:
+def _load_evaluator(path: str):
+    if not hasattr(np, "bool"):     # removed in numpy 1.24; the evaluator still uses np.bool
+        np.bool = bool
+    spec = importlib.util.spec_from_file_location("guided_diffusion_evaluator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _evaluator_features(path: str, inception: str, images: np.ndarray, batch: int) -> float:
+    """Seconds the evaluator's own compute_activations takes on the same graph and images."""
+    module = _load_evaluator(path)
+    module.INCEPTION_V3_PATH = inception       # its download step is skipped for an existing file
+    session = tf.compat.v1.Session(graph=tf.Graph())
+    evaluator = module.Evaluator(session, batch_size=batch)
+    evaluator.compute_activations([images[:batch]])              # warm-up
+    batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+    start = time.perf_counter()
+    evaluator.compute_activations(batches)
+    return time.perf_counter() - start
+
+
+def bench_features(inception: str, num_images: int, batch: int, tmp_dir: str,
+                   evaluator: str = "") -> dict:
     if not inception:
         inception = f"{tmp_dir}/inception_v3_stand_in.pb"
         with open(inception, "wb") as f:
@@ -62,18 +87,18 @@ def bench_features(inception: str, num_images: int, batch: int, tmp_dir: str) ->
     start = time.perf_counter()
     graph(images)
     seconds = time.perf_counter() - start
-    return {"features_img_per_s": num_images / seconds, "features_seconds": seconds,
-            "features_images": num_images, "features_graph": "real" if "stand_in" not in inception
-            else "InceptionV3 stand-in"}
+    result = {"features_img_per_s": num_images / seconds, "features_seconds": seconds,
+              "features_images": num_images,
+              "features_graph": "real" if "stand_in" not in inception else "InceptionV3 stand-in"}
+    if evaluator:
+        result["ref_features_img_per_s"] = num_images / _evaluator_features(
+            evaluator, inception, images, batch)
+    return result
 
 
 def _evaluator_pr(path: str, ref: np.ndarray, sample: np.ndarray):
     """The evaluator's ManifoldEstimator on the same features (imported from outside the repo)."""
-    if not hasattr(np, "bool"):     # removed in numpy 1.24; the evaluator still uses np.bool
-        np.bool = bool
-    spec = importlib.util.spec_from_file_location("guided_diffusion_evaluator", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_evaluator(path)
     session = tf.compat.v1.Session(graph=tf.Graph())
     estimator = module.ManifoldEstimator(session)
     start = time.perf_counter()
@@ -121,13 +146,16 @@ def main(argv=None) -> int:
     result = {"device": tf.config.list_physical_devices("GPU") and "GPU" or "CPU"}
     with tempfile.TemporaryDirectory() as tmp_dir:
         if args.what in ("features", "all"):
-            result.update(bench_features(args.inception, args.images, args.batch, tmp_dir))
+            result.update(bench_features(args.inception, args.images, args.batch, tmp_dir,
+                                         args.evaluator))
         if args.what in ("pr", "all"):
             result.update(bench_pr(args.pr_size, args.pr_dim, args.evaluator))
     rows = []
     if "features_img_per_s" in result:
         rows.append((f"Inception features ({result['features_graph']}, {args.images} imgs, "
-                     f"batch {args.batch})", f"{result['features_img_per_s']:.1f} img/s", "-"))
+                     f"batch {args.batch})", f"{result['features_img_per_s']:.1f} img/s",
+                     f"{result['ref_features_img_per_s']:.1f} img/s"
+                     if "ref_features_img_per_s" in result else "-"))
     if "pr_seconds" in result:
         evaluator = (f"{result['ref_pr_seconds']:.1f} s (P {result['ref_pr_precision']:.4f}, "
                      f"R {result['ref_pr_recall']:.4f})" if "ref_pr_seconds" in result else "-")
