@@ -7,6 +7,10 @@ them to 16 x 16 (the real one: 299 x 299), scales them, and computes ``mixed_6/c
 [2048, 1008] weight constant), followed by a bias and ``softmax``.  Fixed random weights (seed),
 so features are a deterministic, non-degenerate function of the images.
 
+Like the real graph, it normalises with ``BatchNormWithGlobalNormalization`` (an op removed from
+GraphDefs newer than version 9, which TF2 functions refuse) and declares an old producer version:
+a plain ``tf.compat.v1.Session`` runs it natively, and the loader under test must rewrite it.
+
 ``pool_dim`` < 2048 makes a faster variant for end-to-end tests: FID's matrix square root of a
 2048 x 2048 product takes tens of seconds on a busy CPU, and the loader does not depend on it.
 """
@@ -28,8 +32,14 @@ def make_graph_def(seed: int = 0, pool_dim: int = POOL_DIM):
         images = tf.expand_dims(decoded, 0, name="ExpandDims")
         resized = tf.image.resize(images, [16, 16])
         scaled = (resized - 128.0) / 128.0
-        conv1 = tf.nn.relu(tf.nn.conv2d(
-            scaled, tf.constant(rng.normal(0, 0.5, [3, 3, 3, 16]).astype(np.float32)), 1, "SAME"))
+        conv0 = tf.nn.conv2d(
+            scaled, tf.constant(rng.normal(0, 0.5, [3, 3, 3, 16]).astype(np.float32)), 1, "SAME")
+        moments = [tf.constant(value.astype(np.float32), name=f"conv0/{name}") for name, value in (
+            ("mean", rng.normal(0, 0.2, 16)), ("variance", rng.uniform(0.5, 2.0, 16)),
+            ("beta", rng.normal(0, 0.1, 16)), ("gamma", rng.uniform(0.5, 1.5, 16)))]
+        # A placeholder op, turned into BatchNormWithGlobalNormalization in the GraphDef below.
+        normalized = tf.identity(conv0, name="conv0/batchnorm")
+        conv1 = tf.nn.relu(normalized)
         spatial = tf.nn.conv2d(
             conv1, tf.constant(rng.normal(0, 0.3, [3, 3, 16, 8]).astype(np.float32)), 2, "SAME",
             name="mixed_6/conv")
@@ -43,7 +53,16 @@ def make_graph_def(seed: int = 0, pool_dim: int = POOL_DIM):
                               name="softmax/weights")
         logits = tf.matmul(flat, weights, name="softmax/logits/MatMul")
         tf.nn.softmax(logits + 0.01, name="softmax")
-    return graph.as_graph_def()
+    graph_def = graph.as_graph_def()
+    for node in graph_def.node:
+        if node.name == "conv0/batchnorm":
+            node.op = "BatchNormWithGlobalNormalization"
+            del node.input[:]
+            node.input.extend([conv0.op.name] + [m.op.name for m in moments])
+            node.attr["variance_epsilon"].f = 1e-3
+            node.attr["scale_after_normalization"].b = True
+    graph_def.versions.producer = 5     # the 2015 graph's era: before the op was removed (9)
+    return graph_def
 
 
 def write(path, seed: int = 0, pool_dim: int = POOL_DIM) -> str:

@@ -669,10 +669,56 @@ def check_images(images, what: str = "images") -> np.ndarray:
     return images
 
 
+def _node(name: str, op: str, inputs, dtype_attr) -> "tf.compat.v1.NodeDef":
+    node = tf.compat.v1.NodeDef(name=name, op=op, input=list(inputs))
+    node.attr["T"].CopyFrom(dtype_attr)
+    return node
+
+
+def replace_deprecated_ops(graph_def):
+    """A copy of ``graph_def`` without ops that TF2 functions refuse, rewritten as current ops.
+
+    The 2015 Inception graph normalises with ``BatchNormWithGlobalNormalization`` (removed from new
+    graphs at GraphDef version 9).  A ``tf.compat.v1.Session`` still runs it, but importing it into
+    a function (``wrap_function``) fails, so each such node becomes the same arithmetic as its
+    kernel: ``(x - mean) * (rsqrt(variance + epsilon) * gamma) + beta`` (``gamma`` only with
+    ``scale_after_normalization``), the last op keeping the node's name so consumers are unchanged.
+    """
+    rewritten = tf.compat.v1.GraphDef()
+    rewritten.versions.CopyFrom(graph_def.versions)
+    rewritten.library.CopyFrom(graph_def.library)
+    for node in graph_def.node:
+        if node.op != "BatchNormWithGlobalNormalization":
+            rewritten.node.append(node)
+            continue
+        x, mean, variance, beta, gamma = node.input
+        dtype = node.attr["T"]
+        prefix = node.name + "/_batchnorm"
+        epsilon = tf.compat.v1.NodeDef(name=prefix + "/epsilon", op="Const")
+        epsilon.attr["dtype"].type = dtype.type
+        epsilon.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(
+            node.attr["variance_epsilon"].f, dtype=tf.dtypes.as_dtype(dtype.type)))
+        nodes = [epsilon,
+                 _node(prefix + "/add", "AddV2", [variance, epsilon.name], dtype),
+                 _node(prefix + "/rsqrt", "Rsqrt", [prefix + "/add"], dtype)]
+        scale = prefix + "/rsqrt"
+        if node.attr["scale_after_normalization"].b:
+            nodes.append(_node(prefix + "/scale", "Mul", [scale, gamma], dtype))
+            scale = prefix + "/scale"
+        nodes += [_node(prefix + "/sub", "Sub", [x, mean], dtype),
+                  _node(prefix + "/mul", "Mul", [prefix + "/sub", scale], dtype),
+                  _node(node.name, "AddV2", [prefix + "/mul", beta], dtype)]
+        for new in nodes:
+            new.device = node.device
+        rewritten.node.extend(nodes)
+    return rewritten
+
+
 class InceptionGraph:
     """The 2015 Inception graph (``classify_image_graph_def.pb``) with the evaluator's outputs.
 
-    Loaded into TF2 with ``tf.compat.v1.wrap_function`` + ``import_graph_def`` and pruned to
+    Loaded into TF2 with ``tf.compat.v1.wrap_function`` + ``import_graph_def`` (after
+    :func:`replace_deprecated_ops` rewrites its 2015 batch-norm ops) and pruned to
     images (float32 [B, H, W, 3] in [0, 255], fed at ``ExpandDims:0``; the graph resizes to 299
     itself) -> pool features [B, 2048], spatial features [B, 17 * 17 * 7] and class probabilities
     [B, 1008].  One compiled function serves every batch.  These are the features behind every
@@ -717,6 +763,8 @@ class InceptionGraph:
         if missing:
             raise ValueError(f"{path!r} is not the Inception graph the evaluator uses: it has no "
                              f"{missing} node(s) ({len(names)} nodes).\n" + _HOW_TO_GET_GRAPH)
+
+        graph_def = replace_deprecated_ops(graph_def)
 
         def import_graph(images):
             pool, spatial, matmul = tf.compat.v1.import_graph_def(
