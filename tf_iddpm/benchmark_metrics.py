@@ -77,7 +77,8 @@ def _evaluator_features(path: str, inception: str, images: np.ndarray, batch: in
 
 def bench_features(inception: str, num_images: int, batch: int, tmp_dir: str,
                    evaluator: str = "") -> dict:
-    if not inception:
+    built = not inception
+    if built:
         inception = f"{tmp_dir}/inception_v3_stand_in.pb"
         with open(inception, "wb") as f:
             f.write(inception_v3_stand_in_graph_def().SerializeToString())
@@ -89,7 +90,7 @@ def bench_features(inception: str, num_images: int, batch: int, tmp_dir: str,
     seconds = time.perf_counter() - start
     result = {"features_img_per_s": num_images / seconds, "features_seconds": seconds,
               "features_images": num_images,
-              "features_graph": "real" if "stand_in" not in inception else "InceptionV3 stand-in"}
+              "features_graph": "InceptionV3 stand-in" if built else "given"}
     if evaluator:
         result["ref_features_img_per_s"] = num_images / _evaluator_features(
             evaluator, inception, images, batch)
