@@ -10,12 +10,16 @@ checkpoints, TensorBoard logs, samples, bits/dim results and exports.
     # later runs reuse the stored config
     python run.py --workdir=/ckpt/cifar10 --mode=sample --steps=ddim50 --ddim --num_samples=64
     python run.py --workdir=/ckpt/cifar10 --mode=eval --num_samples=1000
+    # FID, sFID, IS, precision, recall as guided-diffusion's evaluator (and a FID-vs-steps sweep)
+    python run.py --workdir=/ckpt/cifar10 --mode=fid --ref_batch=ref.npz \
+        --inception=classify_image_graph_def.pb --num_samples=50000 --sweep=25,50,100,250,full
     python run.py --workdir=/ckpt/cifar10 --mode=export --export_dir=/models
 
 Distribution: ``--strategy=auto|default|mirrored|multi_worker|tpu`` (``--tpu`` names the TPU;
 ``multi_worker`` reads the cluster from ``TF_CONFIG``).  ``--num_samples``, ``--batch_size``,
-``--steps``, ``--ddim``, ``--eta``, ``--class_label`` and ``--use_ema`` override the config's
-``sample.*`` / ``eval.*`` / ``export.*`` fields for one run; a flag that is not given leaves the
+``--steps``, ``--ddim``, ``--eta``, ``--class_label``, ``--use_ema``, ``--ref_batch``,
+``--inception`` and ``--sweep`` override the config's ``sample.*`` / ``eval.*`` / ``fid.*`` /
+``export.*`` fields for one run; a flag that is not given leaves the
 config value alone.
 """
 
@@ -63,6 +67,11 @@ flags.DEFINE_integer("class_label", None, "sample: class of every image (-1 = ra
                      "class-conditional models only.")
 flags.DEFINE_boolean("use_ema", None, "sample / eval / export: use the EMA weights.")
 flags.DEFINE_string("export_dir", None, "export: output base directory (default <workdir>/export).")
+flags.DEFINE_string("ref_batch", None, "fid: reference batch .npz in the guided-diffusion "
+                    "evaluator's format (arr_0 uint8 images, optional mu/sigma/mu_s/sigma_s).")
+flags.DEFINE_string("inception", None, "fid: local path of classify_image_graph_def.pb.")
+flags.DEFINE_string("sweep", None, "fid: sampling steps to sweep, e.g. '25,50,100,250,full' "
+                    "(writes a table and a FID-vs-steps plot); '' = only the sample.* settings.")
 flags.mark_flag_as_required("workdir")
 
 # mode -> (module, function).  Imported only when that mode runs, so --help stays fast and a mode
@@ -71,19 +80,27 @@ MODE_ENTRIES = {
     "train": ("tf_iddpm.train_lib", "train"),
     "sample": ("tf_iddpm.sample_lib", "sample"),
     "eval": ("tf_iddpm.eval_lib", "evaluate"),
+    "fid": ("tf_iddpm.quality_lib", "evaluate_fid"),
     "export": ("export.export_lib", "export_from_workdir"),
 }
 
 # run flag -> {mode: config field it overrides in that mode}.
 RUN_FLAG_FIELDS = {
-    "num_samples": {"sample": "sample.num_samples", "eval": "eval.num_samples"},
-    "batch_size": {"sample": "sample.batch_size", "eval": "eval.batch_size"},
-    "steps": {"sample": "sample.timestep_respacing", "eval": "eval.timestep_respacing"},
-    "ddim": {"sample": "sample.use_ddim"},
-    "eta": {"sample": "sample.eta"},
-    "class_label": {"sample": "sample.class_label"},
-    "use_ema": {"sample": "sample.use_ema", "eval": "eval.use_ema", "export": "export.use_ema"},
+    "num_samples": {"sample": "sample.num_samples", "eval": "eval.num_samples",
+                    "fid": "fid.num_samples"},
+    "batch_size": {"sample": "sample.batch_size", "eval": "eval.batch_size",
+                   "fid": "sample.batch_size"},
+    "steps": {"sample": "sample.timestep_respacing", "eval": "eval.timestep_respacing",
+              "fid": "sample.timestep_respacing"},
+    "ddim": {"sample": "sample.use_ddim", "fid": "sample.use_ddim"},
+    "eta": {"sample": "sample.eta", "fid": "sample.eta"},
+    "class_label": {"sample": "sample.class_label", "fid": "sample.class_label"},
+    "use_ema": {"sample": "sample.use_ema", "eval": "eval.use_ema", "export": "export.use_ema",
+                "fid": "sample.use_ema"},
     "export_dir": {"export": None},     # not a config field: passed to the exporter
+    "ref_batch": {"fid": "fid.ref_batch"},
+    "inception": {"fid": "fid.inception"},
+    "sweep": {"fid": "fid.sweep"},
 }
 
 EXIT_CONFIG_ERROR = 1

@@ -74,6 +74,10 @@ def get_config():
     train.checkpoint_every = 10_000
     train.keep_checkpoints = 3
     train.sample_every = 0              # > 0: write a sample grid to TensorBoard every N steps
+    train.fid_every = 0                 # > 0: log FID and KID of EMA samples every N steps
+    train.fid_num_samples = 256         # samples per training-time FID / KID (small N: see KID)
+    train.fid_ref_batch = ""            # "" = fid.ref_batch
+    train.fid_inception = ""            # "" = fid.inception
     train.jit_compile = False
     train.mixed_precision = "float32"   # or "mixed_bfloat16"
     # True: tf.config.experimental.enable_op_determinism() (bit-identical GPU runs, slower; CPU
@@ -98,6 +102,15 @@ def get_config():
     sample.clip_denoised = True
     sample.class_label = -1             # -1 = random labels for class-conditional models
     sample.use_ema = True
+
+    # --- sample quality (run.py --mode=fid; tf_iddpm.quality_lib) -------------------------------
+    config.fid = fid = ml_collections.ConfigDict()
+    fid.ref_batch = ""          # evaluator-format reference batch .npz (arr_0 [+ mu, sigma, ...])
+    fid.inception = ""          # local classify_image_graph_def.pb (the 2015 Inception graph)
+    fid.num_samples = 10_000    # samples per evaluation (papers: 50 000)
+    fid.batch_size = 64         # images per Inception forward pass
+    fid.sweep = ""              # e.g. "25,50,100,250,full": FID vs sampling steps; "" = sample.*
+    fid.sweep_samplers = "ancestral,ddim"  # the sweep's samplers (strided ancestral and/or DDIM)
 
     # --- export -----------------------------------------------------------------------------------
     config.export = export = ml_collections.ConfigDict()

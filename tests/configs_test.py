@@ -299,7 +299,7 @@ def test_validate_config_accepts_the_class_conditional_label_range():
 
 def test_validate_config_rejects_unknown_mode():
     with pytest.raises(ValueError,
-                       match="unknown mode 'serve'; allowed: train, sample, eval, export"):
+                       match="unknown mode 'serve'; allowed: train, sample, eval, fid, export"):
         config_utils.validate_config(get_config("tiny"), mode="serve")
 
 

@@ -25,6 +25,7 @@ MODE_MODULES = {
     "train": ("tf_iddpm.train_lib", "train"),
     "sample": ("tf_iddpm.sample_lib", "sample"),
     "eval": ("tf_iddpm.eval_lib", "evaluate"),
+    "fid": ("tf_iddpm.quality_lib", "evaluate_fid"),
     "export": ("export.export_lib", "export_from_workdir"),
 }
 
@@ -117,7 +118,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--mode=serve", "flag --mode=serve: value should be one of <train|sample|eval|export>"),
+    ("--mode=serve", "flag --mode=serve: value should be one of <train|sample|eval|fid|export>"),
     ("--strategy=mirror",
      "flag --strategy=mirror: value should be one of <auto|default|mirrored|multi_worker|tpu>"),
 ])
@@ -235,9 +236,33 @@ def test_eval_and_export_flags(tmp_path):
     assert received["third"] == str(tmp_path / "models")
 
 
+def test_fid_flags_override_the_sample_and_fid_fields_for_one_run(tmp_path):
+    workdir = tmp_path / "w"
+    before = start_workdir(workdir)
+    ref, graph = tmp_path / "ref.npz", tmp_path / "graph.pb"
+    ref.write_bytes(b"")
+    graph.write_bytes(b"")
+    code, stderr, received = run_py(
+        [f"--workdir={workdir}", "--mode=fid", "--num_samples=30", "--batch_size=6",
+         "--steps=ddim10", "--ddim", "--eta=0.5", f"--ref_batch={ref}", f"--inception={graph}",
+         "--sweep=5,full"], tmp_path)
+    assert code == 0, stderr
+    assert received["module"] == "tf_iddpm.quality_lib"
+    sample, fid = received["config"]["sample"], received["config"]["fid"]
+    assert (sample["batch_size"], sample["timestep_respacing"], sample["use_ddim"],
+            sample["eta"]) == (6, "ddim10", True, 0.5)
+    assert sample["num_samples"] == before["sample"]["num_samples"]  # --num_samples: fid's
+    assert (fid["num_samples"], fid["ref_batch"], fid["inception"], fid["sweep"]) == (
+        30, str(ref), str(graph), "5,full")
+    assert stored_config(workdir) == before                          # one run only
+    code, stderr, _ = run_py([f"--workdir={workdir}", "--mode=sample", f"--ref_batch={ref}"],
+                             tmp_path)
+    assert code == 1 and "--ref_batch applies to --mode=fid, not --mode=sample" in stderr
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--mode=train", "--ddim"], "--ddim applies to --mode=sample, not --mode=train"),
-    (["--mode=eval", "--eta=0.5"], "--eta applies to --mode=sample, not --mode=eval"),
+    (["--mode=train", "--ddim"], "--ddim applies to --mode=sample or --mode=fid, not --mode=train"),
+    (["--mode=eval", "--eta=0.5"], "--eta applies to --mode=sample or --mode=fid, not --mode=eval"),
     (["--mode=sample", "--export_dir=/x"],
      "--export_dir applies to --mode=export, not --mode=sample"),
     (["--mode=sample", "--steps=500"], "sample.timestep_respacing='500' is not a valid respacing"),

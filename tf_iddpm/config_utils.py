@@ -29,7 +29,7 @@ from tf_iddpm import schedules
 
 CONFIG_FILENAME = "config.json"
 
-MODES = ("train", "sample", "eval", "export")
+MODES = ("train", "sample", "eval", "fid", "export")
 NOISE_SCHEDULES = schedules.NOISE_SCHEDULES
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 MIXED_PRECISION_POLICIES = ("float32", "mixed_bfloat16")
@@ -57,6 +57,7 @@ MUTABLE_FIELDS = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.sample_every",
+    "train.fid_*",
     "train.jit_compile",
     "train.deterministic_ops",
     "data.data_dir",
@@ -65,6 +66,7 @@ MUTABLE_FIELDS = (
     "eval.*",
     "sample.*",
     "export.*",
+    "fid.*",
 )
 
 _MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -203,6 +205,60 @@ def _check_respacing(errors: List[str], field: str, respacing: str, num_timestep
                       f"{num_timesteps}: {e}")
 
 
+FID_SAMPLERS = ("ancestral", "ddim")
+
+
+def fid_sweep(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
+    """``fid.sweep`` as respacings: "25,50,full" -> ("25", "50", ""); "" -> () (no sweep).
+
+    Tokens are step counts (strided respacing) or "full"/"all" (every step of the process).
+    """
+    tokens = [token.strip() for token in config.fid.sweep.split(",") if token.strip()]
+    return tuple("" if token in ("full", "all") else token for token in tokens)
+
+
+def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) -> None:
+    fid, train = config.fid, config.train
+    _check_positive(errors, config, "fid.num_samples", "fid.batch_size",
+                    "train.fid_num_samples")
+    _check_positive(errors, config, "train.fid_every", allow_zero=True)
+    for field in ("fid.num_samples", "train.fid_num_samples"):
+        group, name = field.split(".")
+        if 0 < config[group][name] < 2:
+            errors.append(f"{field}={config[group][name]} must be >= 2 (a covariance needs two "
+                          "samples)")
+    steps = config.diffusion.steps
+    for respacing in fid_sweep(config):
+        if not respacing:
+            continue            # "full": every step
+        if not respacing.isdigit():
+            errors.append(f"fid.sweep={fid.sweep!r}: {respacing!r} is not a step count; use "
+                          "comma-separated step counts and 'full', e.g. '25,50,100,250,full'")
+        elif not 0 < int(respacing) <= steps:
+            errors.append(f"fid.sweep={fid.sweep!r}: {respacing} steps is not in [1, "
+                          f"diffusion.steps={steps}]")
+    samplers = [s.strip() for s in fid.sweep_samplers.split(",") if s.strip()]
+    if not samplers or any(s not in FID_SAMPLERS for s in samplers):
+        errors.append(f"fid.sweep_samplers={fid.sweep_samplers!r} must be a comma-separated "
+                      f"subset of {', '.join(FID_SAMPLERS)}")
+    needs = []
+    if mode == "fid":
+        needs = [("fid.ref_batch", fid.ref_batch), ("fid.inception", fid.inception)]
+    elif mode == "train" and train.fid_every > 0:
+        needs = [("train.fid_ref_batch (or fid.ref_batch)", train.fid_ref_batch or fid.ref_batch),
+                 ("train.fid_inception (or fid.inception)", train.fid_inception or fid.inception)]
+    for field, value in needs:
+        what = ("an evaluator-format reference batch .npz" if "ref_batch" in field
+                else "the local path of classify_image_graph_def.pb (the 2015 Inception graph; "
+                "see the README's 'Sample quality' section)")
+        if not value:
+            flag = "--ref_batch" if "ref_batch" in field else "--inception"
+            errors.append(f"{field} is empty: {'run.py ' + flag if mode == 'fid' else field} "
+                          f"needs {what}")
+        elif not _exists(value):
+            errors.append(f"{field}={value!r} does not exist; it must be {what}")
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional[int] = None,
                     mode: str = "train") -> None:
     """Checks a config before anything is built from it; reports every problem at once.
@@ -308,6 +364,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional
     elif label != -1:
         errors.append(f"sample.class_label={label} given for an unconditional model "
                       "(data.class_cond=False); leave it at -1")
+    _check_fid(errors, config, mode)
     if not _MODEL_NAME_PATTERN.match(config.export.model_name):
         errors.append(f"export.model_name={config.export.model_name!r} must be letters, digits, "
                       "'_', '.' or '-' (it names TF-Serving models and directories)")
@@ -315,7 +372,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional
     # replicas
     if num_replicas is not None:
         batch_field = {"train": "train.batch_size", "sample": "sample.batch_size",
-                       "eval": "eval.batch_size"}.get(mode)
+                       "eval": "eval.batch_size", "fid": "sample.batch_size"}.get(mode)
         if batch_field is not None:
             group, name = batch_field.split(".")
             batch_size = config[group][name]

@@ -379,6 +379,8 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
                               (step // checkpoint_every + 1) * checkpoint_every]
                 if sample_every > 0:
                     boundaries.append((step // sample_every + 1) * sample_every)
+                if config.train.fid_every > 0:
+                    boundaries.append((step // config.train.fid_every + 1) * config.train.fid_every)
                 chunk = min(boundaries) - step
                 chunk_start = time.time()
                 totals = trainer.train_steps(iterator, chunk)
@@ -404,6 +406,9 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
                     if grid is not None:
                         with writer.as_default(step=step):
                             tf.summary.image("samples", tf.cast(grid, tf.uint8), max_outputs=16)
+                if config.train.fid_every > 0 and step % config.train.fid_every == 0:
+                    from tf_iddpm import quality_lib  # pylint: disable=g-import-not-at-top
+                    quality_lib.log_training_fid(trainer.ema_nets[max(trainer.ema_rates)], config, step, writer)
         finally:
             step = int(trainer.step.numpy())
             if step > 0 and manager.latest_checkpoint != os.path.join(checkpoint_dir, f"ckpt-{step}"):

@@ -1,0 +1,39 @@
+"""Smoke test of tf_iddpm/benchmark_metrics.py: tiny measurements end to end, no timings asserted."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from tests import inception_stand_in
+from tf_iddpm import benchmark_metrics
+from tf_iddpm import metrics
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_prints_the_table_and_json_with_the_metrics_of_the_same_features(tmp_path):
+    graph = inception_stand_in.write(tmp_path / "stand_in.pb", pool_dim=64)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tf_iddpm.benchmark_metrics", "--what=all", f"--inception={graph}",
+         "--images=8", "--batch=4", "--pr_size=300", "--pr_dim=16"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("| measurement (") and "guided-diffusion evaluator" in lines[0]
+    assert any(line.startswith("| Inception features (given, 8 imgs, batch 4)") for line in lines)
+    assert any(line.startswith("| precision/recall 300 x 300 x 16") for line in lines)
+    result = json.loads(lines[-1])
+    assert result["features_img_per_s"] > 0 and result["features_images"] == 8
+    # The benchmark's features are reproducible: its precision/recall are the library's.
+    rng = np.random.default_rng(1)
+    ref = np.abs(rng.normal(0, 1, [300, 16])).astype(np.float32)
+    sample = np.abs(rng.normal(0.1, 1, [300, 16])).astype(np.float32)
+    assert (result["pr_precision"], result["pr_recall"]) == metrics.precision_recall(ref, sample)
+
+
+def test_inception_v3_stand_in_has_the_evaluators_tensor_names():
+    names = {node.name for node in benchmark_metrics.inception_v3_stand_in_graph_def().node}
+    assert {"ExpandDims", "mixed_6/conv", "pool_3", "softmax/logits/MatMul"} <= names
