@@ -1,22 +1,36 @@
 """Train, sample from, evaluate or export an Improved DDPM (Nichol & Dhariwal, 2021).
 
-One workdir holds one experiment: its config (``config.json``, written on the first run),
-checkpoints, TensorBoard logs, samples, bits/dim results and exports.
+One workdir holds one experiment: its config (``config.json``, written once the first training run
+really starts), checkpoints, TensorBoard logs, samples, bits/dim results and exports.
 
-    # train (resumes from the latest checkpoint when the workdir already has one)
+    # train (resumes from the newest readable checkpoint when the workdir already has one)
     python run.py --config=configs/cifar10_hybrid.py --workdir=/ckpt/cifar10 --mode=train
     # any config field can be overridden on the command line
     python run.py --config=configs/digits.py --config.train.batch_size=32 --workdir=w --mode=train
-    # later runs reuse the stored config
+    # later runs reuse the stored config; --config.* overrides without --config apply to it
+    python run.py --workdir=/ckpt/cifar10 --mode=train --config.train.num_steps=800000
     python run.py --workdir=/ckpt/cifar10 --mode=sample --steps=ddim50 --ddim --num_samples=64
     python run.py --workdir=/ckpt/cifar10 --mode=eval --num_samples=1000
     python run.py --workdir=/ckpt/cifar10 --mode=export --export_dir=/models
+    # an older checkpoint (e.g. when the newest is damaged)
+    python run.py --workdir=/ckpt/cifar10 --mode=sample --checkpoint=/ckpt/cifar10/checkpoints/ckpt-5000
+
+A start refused before training runs (an invalid field, a missing ``data.folder``, a conflict with
+the stored config) writes nothing into the workdir.  Only the fields of
+``config_utils.MUTABLE_FIELDS`` may differ from the stored config (run length, cadences, data
+locations, sample / eval / export settings); a training run records them in ``config.json``.
+Training skips a damaged newest checkpoint (kept in ``checkpoints/damaged/``); sampling, evaluation
+and export refuse it with one line naming the damaged file.
 
 Distribution: ``--strategy=auto|default|mirrored|multi_worker|tpu`` (``--tpu`` names the TPU;
 ``multi_worker`` reads the cluster from ``TF_CONFIG``).  ``--num_samples``, ``--batch_size``,
 ``--steps``, ``--ddim``, ``--eta``, ``--class_label`` and ``--use_ema`` override the config's
 ``sample.*`` / ``eval.*`` / ``export.*`` fields for one run; a flag that is not given leaves the
-config value alone.
+config value alone.  ``--checkpoint=PREFIX`` (sample / eval / export) loads that checkpoint instead
+of the newest.
+
+Errors are printed as ``run.py: error: ...``; exit codes: 1 a config or flag error (nothing ran),
+2 a mode missing from this build, 3 a damaged or missing checkpoint.
 """
 
 import importlib

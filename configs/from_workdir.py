@@ -1,9 +1,11 @@
 """The config stored in a workdir, as a config file, so that ``--config.x=...`` overrides apply.
 
-A run started in a workdir stores its resolved config as ``<workdir>/config.json``; later runs
-without ``--config`` reuse it.  To change a field for one later run (e.g. the evaluation split),
-load the stored config through this file and override on the command line:
+A training run stores its resolved config as ``<workdir>/config.json``; later runs without
+``--config`` reuse it.  ``run.py`` loads the stored config through this file by itself when it is
+given ``--config.x=...`` overrides but no ``--config``, so both of these change a field for one
+later run (e.g. the evaluation split):
 
+    python run.py --workdir=/ckpt/run1 --mode=eval --config.data.eval_split=train
     python run.py --workdir=/ckpt/run1 --mode=eval \\
         --config=configs/from_workdir.py:/ckpt/run1 --config.data.eval_split=train
 
