@@ -161,6 +161,12 @@ def _move_aside(prefix: str, directory: str) -> str:
     return target
 
 
+def _relative_to(directory: str, path: str) -> str:
+    if os.path.dirname(path) == directory.rstrip("/"):
+        return os.path.basename(path)
+    return path
+
+
 def newest_readable_checkpoint(directory: str) -> Optional[str]:
     """The newest readable checkpoint of a training checkpoint directory, for resuming.
 
@@ -217,8 +223,10 @@ def newest_readable_checkpoint(directory: str) -> Optional[str]:
                 kept_times.append(times[i])
     if readable not in kept:
         kept.append(readable)
+    # Relative names, as CheckpointManager writes them, so the workdir can still be moved.
+    kept = [_relative_to(directory, path) for path in kept]
     tf.compat.v1.train.update_checkpoint_state(
-        directory, readable, all_model_checkpoint_paths=kept,
+        directory, _relative_to(directory, readable), all_model_checkpoint_paths=kept,
         all_model_checkpoint_timestamps=kept_times or None,
         last_preserved_timestamp=state.last_preserved_timestamp or None)
     return readable
