@@ -20,6 +20,7 @@ _REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:  # loaded by path (config_flags) from outside the repository root
     sys.path.insert(0, _REPO_ROOT)
 
+from configs import base  # noqa: E402  pylint: disable=g-import-not-at-top
 from tf_iddpm import config_utils  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -28,4 +29,6 @@ def get_config(workdir_or_json_path=None):
         raise ValueError(
             "configs/from_workdir.py needs the workdir after a colon, e.g. "
             "--config=configs/from_workdir.py:/ckpt/run1")
-    return config_utils.load_stored_config(workdir_or_json_path)
+    # Fields added to configs/base.py after the workdir was started get their defaults (logged),
+    # so that they can be overridden too.
+    return config_utils.load_stored_config(workdir_or_json_path, defaults=base.get_config())

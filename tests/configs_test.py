@@ -215,6 +215,16 @@ def test_from_workdir_config_returns_the_stored_config(tmp_path):
     assert flat(loaded) == {**flat(stored), "sample.eta": 0.5}
 
 
+def test_from_workdir_config_fills_fields_the_stored_config_predates(tmp_path):
+    old = get_config("tiny").to_dict()
+    del old["diffusion"]["cdf"]                     # a field added to the schema later
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = load_with_config_flags(f"{CONFIG_DIR / 'from_workdir.py'}:{tmp_path}",
+                                    "--config.train.num_steps=40")
+    assert loaded.diffusion.cdf == base.get_config().diffusion.cdf
+    assert loaded.train.num_steps == 40
+
+
 def test_from_workdir_config_needs_a_workdir():
     # config_flags re-raises the file's ValueError as a flag error, with the message kept.
     with pytest.raises(flags.IllegalFlagValueError, match="needs the workdir after a colon"):
