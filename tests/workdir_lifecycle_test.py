@@ -80,7 +80,7 @@ def started(tmp_path_factory):
     # The workdir does not exist yet: a refused start must not create it.
     code, output = run_py(start + ["--config.data.name=folder",
                                    f"--config.data.folder={root / 'no_such_folder'}"])
-    refusals["missing_folder"] = (code, output, workdir.exists())
+    refusals["missing_folder"] = (code, output, not workdir.exists())     # unchanged: absent
     # The workdir exists with unrelated content: it is left byte for byte as it was.
     workdir.mkdir()
     (workdir / "notes.txt").write_text("mine\n")
@@ -114,10 +114,8 @@ def started(tmp_path_factory):
 def test_a_refused_start_changes_nothing_in_the_workdir(started, case):
     code, output, unchanged = started["refusals"][case]
     assert code != 0
-    if case == "missing_folder":
-        assert not unchanged, "the refused start created the workdir"
-    else:
-        assert unchanged, "the refused start changed the workdir"
+    assert unchanged, ("the refused start created the workdir" if case == "missing_folder" else
+                       "the refused start changed the workdir")
     if case == "bad_value":
         assert "train.lr" in output and "run.py: error: invalid config" in output
     elif case == "empty_folder":

@@ -243,7 +243,10 @@ def _sample_grid(trainer: Trainer, num_images: int = 16):
 
 
 def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = None) -> Dict[str, float]:
-    """Trains per `config` in `workdir`, resuming from its latest checkpoint.
+    """Trains per `config` in `workdir`, resuming from its newest readable checkpoint.
+
+    `config` is stored as `<workdir>/config.json` once the model is built and restored, before the
+    first step, so that a start refused earlier leaves the workdir as it was.
 
     Returns:
       The metrics of the last logging interval (means per example), for callers and tests.
