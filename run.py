@@ -1,26 +1,39 @@
 """Train, sample from, evaluate or export an Improved DDPM (Nichol & Dhariwal, 2021).
 
-One workdir holds one experiment: its config (``config.json``, written on the first run),
-checkpoints, TensorBoard logs, samples, bits/dim results and exports.
+One workdir holds one experiment: its config (``config.json``, written once the first training run
+really starts), checkpoints, TensorBoard logs, samples, bits/dim results and exports.
 
-    # train (resumes from the latest checkpoint when the workdir already has one)
+    # train (resumes from the newest readable checkpoint when the workdir already has one)
     python run.py --config=configs/cifar10_hybrid.py --workdir=/ckpt/cifar10 --mode=train
     # any config field can be overridden on the command line
     python run.py --config=configs/digits.py --config.train.batch_size=32 --workdir=w --mode=train
-    # later runs reuse the stored config
+    # later runs reuse the stored config; --config.* overrides without --config apply to it
+    python run.py --workdir=/ckpt/cifar10 --mode=train --config.train.num_steps=800000
     python run.py --workdir=/ckpt/cifar10 --mode=sample --steps=ddim50 --ddim --num_samples=64
     python run.py --workdir=/ckpt/cifar10 --mode=eval --num_samples=1000
     # FID, sFID, IS, precision, recall as guided-diffusion's evaluator (and a FID-vs-steps sweep)
     python run.py --workdir=/ckpt/cifar10 --mode=fid --ref_batch=ref.npz \
         --inception=classify_image_graph_def.pb --num_samples=50000 --sweep=25,50,100,250,full
     python run.py --workdir=/ckpt/cifar10 --mode=export --export_dir=/models
+    # an older checkpoint (e.g. when the newest is damaged)
+    python run.py --workdir=/ckpt/cifar10 --mode=sample --checkpoint=/ckpt/cifar10/checkpoints/ckpt-5000
+
+A start refused before training runs (an invalid field, a missing ``data.folder``, a conflict with
+the stored config) writes nothing into the workdir.  Only the fields of
+``config_utils.MUTABLE_FIELDS`` may differ from the stored config (run length, cadences, data
+locations, sample / eval / export settings); a training run records them in ``config.json``.
+Training skips a damaged newest checkpoint (kept in ``checkpoints/damaged/``); sampling, evaluation
+and export refuse it with one line naming the damaged file.
 
 Distribution: ``--strategy=auto|default|mirrored|multi_worker|tpu`` (``--tpu`` names the TPU;
 ``multi_worker`` reads the cluster from ``TF_CONFIG``).  ``--num_samples``, ``--batch_size``,
 ``--steps``, ``--ddim``, ``--eta``, ``--class_label``, ``--use_ema``, ``--ref_batch``,
 ``--inception`` and ``--sweep`` override the config's ``sample.*`` / ``eval.*`` / ``fid.*`` /
-``export.*`` fields for one run; a flag that is not given leaves the
-config value alone.
+``export.*`` fields for one run; a flag that is not given leaves the config value alone.
+``--checkpoint=PREFIX`` (sample / eval / fid / export) loads that checkpoint instead of the newest.
+
+Errors are printed as ``run.py: error: ...``; exit codes: 1 a config or flag error (nothing ran),
+2 a mode missing from this build, 3 a damaged or missing checkpoint.
 """
 
 import importlib
@@ -72,6 +85,8 @@ flags.DEFINE_string("ref_batch", None, "fid: reference batch .npz in the guided-
 flags.DEFINE_string("inception", None, "fid: local path of classify_image_graph_def.pb.")
 flags.DEFINE_string("sweep", None, "fid: sampling steps to sweep, e.g. '25,50,100,250,full' "
                     "(writes a table and a FID-vs-steps plot); '' = only the sample.* settings.")
+flags.DEFINE_string("checkpoint", None, "sample / eval / fid / export: the checkpoint prefix to load, e.g. "
+                    "<workdir>/checkpoints/ckpt-10 (default: the newest in <workdir>/checkpoints).")
 flags.mark_flag_as_required("workdir")
 
 # mode -> (module, function).  Imported only when that mode runs, so --help stays fast and a mode
@@ -101,10 +116,12 @@ RUN_FLAG_FIELDS = {
     "ref_batch": {"fid": "fid.ref_batch"},
     "inception": {"fid": "fid.inception"},
     "sweep": {"fid": "fid.sweep"},
+    "checkpoint": {"sample": None, "eval": None, "fid": None, "export": None},     # passed to the mode entry
 }
 
 EXIT_CONFIG_ERROR = 1
 EXIT_MODE_UNAVAILABLE = 2
+EXIT_CHECKPOINT_ERROR = 3
 
 
 class ModeUnavailableError(RuntimeError):
@@ -184,13 +201,67 @@ def _innermost_message(error: BaseException) -> str:
     return error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
 
 
+# The config file that loads a workdir's stored config (configs/from_workdir.py), found next to
+# this file so that run.py works from any directory.
+FROM_WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                                   "from_workdir.py")
+
+# Set by parse_flags: the config is the workdir's stored one plus --config.* overrides.
+_overrides_of_stored_config = False
+
+
+def _flag_value(args, name):
+    """The value of ``--name=V`` / ``--name V`` in ``args`` (the last one wins), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def with_stored_config_as_base(argv):
+    """``argv``, plus ``--config=configs/from_workdir.py:<workdir>`` when it overrides config
+    fields (``--config.train.num_steps=N``) without naming a ``--config``.
+
+    Such overrides then apply to the workdir's stored config (extending a run:
+    ``run.py --workdir=W --config.train.num_steps=20000``), and the usual rules hold: only fields of
+    ``config_utils.MUTABLE_FIELDS`` may differ from the stored config.
+
+    Returns:
+      (argv to parse, whether the stored config was added as the base).
+    """
+    args = argv[1:]
+    if "--" in args:
+        args = args[:args.index("--")]
+    if any(arg == "--config" or arg.startswith("--config=") for arg in args):
+        return argv, False
+    if not any(arg.startswith("--config.") for arg in args):
+        return argv, False
+    workdir = _flag_value(args, "workdir")
+    if not workdir:
+        return argv, False     # absl then reports the missing --workdir
+    return [argv[0], f"--config={FROM_WORKDIR_CONFIG}:{workdir}"] + list(argv[1:]), True
+
+
 def parse_flags(argv):
     """absl's flag parsing, plus clear errors for what config_flags reports lazily or raw.
 
     A ``--config.group.field=...`` naming a field that does not exist (the config is locked, so a
     typo cannot add a field), and a ``--config`` file that cannot be loaded, both end the program
-    here, before anything runs.
+    here, before anything runs.  ``--config.*`` overrides without ``--config`` apply to the
+    workdir's stored config (see :func:`with_stored_config_as_base`).
     """
+    global _overrides_of_stored_config
+    argv, _overrides_of_stored_config = with_stored_config_as_base(argv)
+    if _overrides_of_stored_config:
+        workdir = _flag_value(argv[1:], "workdir")
+        path = config_utils.stored_config_path(workdir)
+        if not config_utils.stored_config_exists(workdir):
+            _fail(f"--config.* overrides without --config apply to the config stored in the "
+                  f"workdir, and there is none ({path} does not exist): start the workdir with "
+                  "--config=configs/<experiment>.py", EXIT_CONFIG_ERROR)
     try:
         args = app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
@@ -206,6 +277,50 @@ def parse_flags(argv):
     return args
 
 
+def check_checkpoint_flag(path: str) -> None:
+    """Checks that ``--checkpoint`` names an existing checkpoint prefix (local paths).
+
+    Raises:
+      FileNotFoundError: naming the missing ``.index`` file and the checkpoints that do exist.
+    """
+    if "://" in path or os.path.exists(path + ".index"):
+        return
+    directory = os.path.dirname(path) or "."
+    existing = sorted(name[:-len(".index")] for name in
+                      (os.listdir(directory) if os.path.isdir(directory) else ())
+                      if name.endswith(".index"))
+    raise FileNotFoundError(
+        f"--checkpoint={path}: no such checkpoint ({path}.index does not exist); give a prefix "
+        "such as <workdir>/checkpoints/ckpt-10 without the .index/.data suffix"
+        + (f" (in {directory}: {', '.join(existing)})" if existing else ""))
+
+
+def check_data_location(config, mode: str) -> None:
+    """Refuses, before anything runs, a ``data.folder`` that does not exist (train / eval).
+
+    The full data checks run in the modes (``data.validate_data_config``); this cheap one gives
+    the commonest refusal, data that moved, a one-line error.
+
+    Raises:
+      FileNotFoundError: naming the field and the missing directory.
+    """
+    if mode not in ("train", "eval") or config.data.name != "folder":
+        return
+    folder = os.path.abspath(os.path.expanduser(config.data.folder)) if config.data.folder else ""
+    if "://" not in folder and not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"config.data.folder={folder!r} does not exist or is not a directory; give the image "
+            "folder with --config.data.folder=DIR (it may differ from the stored one when the data "
+            "moved)")
+
+
+def _checkpoint_error(error: BaseException) -> bool:
+    """Whether ``error`` is a checkpoint problem for the user (damaged or missing checkpoint)."""
+    # tf_iddpm.checkpoints imports TensorFlow: look it up only if the mode has imported it.
+    module = sys.modules.get("tf_iddpm.checkpoints")
+    return module is not None and isinstance(error, module.CheckpointError)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -215,11 +330,18 @@ def main(argv):
     except ModeUnavailableError as e:
         _fail(str(e), EXIT_MODE_UNAVAILABLE)
 
+    # Nothing below writes to the workdir before the mode runs: training stores config.json once
+    # it really starts (train_lib.train), so a refused start leaves the workdir as it was.
     try:
-        config = config_utils.resolve_and_persist_config(
+        config = config_utils.resolve_config(
             FLAGS.config, workdir, config_given=FLAGS.config is not None,
-            update_mutable=(mode == "train"), defaults=base_config.get_config())
-        apply_run_flags(config, mode, given_run_flags(FLAGS))
+            defaults=base_config.get_config(),
+            given_as="overrides" if _overrides_of_stored_config else "config")
+        given = given_run_flags(FLAGS)
+        apply_run_flags(config, mode, given)
+        if "checkpoint" in given:
+            check_checkpoint_flag(given["checkpoint"])
+        check_data_location(config, mode)
         config_utils.validate_config(config, mode=mode)
         strategy = None
         if mode != "export":
@@ -236,11 +358,17 @@ def main(argv):
         entry = load_mode_entry(mode)
     except ModeUnavailableError as e:
         _fail(str(e), EXIT_MODE_UNAVAILABLE)
-    if mode == "export":
-        export_dir = FLAGS.export_dir or os.path.join(workdir, "export")
-        entry(config, workdir, export_dir)
-    else:
-        entry(config, workdir, strategy)
+    kwargs = {"checkpoint": FLAGS.checkpoint} if FLAGS["checkpoint"].present else {}
+    try:
+        if mode == "export":
+            export_dir = FLAGS.export_dir or os.path.join(workdir, "export")
+            entry(config, workdir, export_dir, **kwargs)
+        else:
+            entry(config, workdir, strategy, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+        if not _checkpoint_error(e):
+            raise
+        _fail(str(e), EXIT_CHECKPOINT_ERROR)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The config stored in a workdir, as a config file, so that ``--config.x=...`` overrides apply.
 
-A run started in a workdir stores its resolved config as ``<workdir>/config.json``; later runs
-without ``--config`` reuse it.  To change a field for one later run (e.g. the evaluation split),
-load the stored config through this file and override on the command line:
+A training run stores its resolved config as ``<workdir>/config.json``; later runs without
+``--config`` reuse it.  ``run.py`` loads the stored config through this file by itself when it is
+given ``--config.x=...`` overrides but no ``--config``, so both of these change a field for one
+later run (e.g. the evaluation split):
 
+    python run.py --workdir=/ckpt/run1 --mode=eval --config.data.eval_split=train
     python run.py --workdir=/ckpt/run1 --mode=eval \\
         --config=configs/from_workdir.py:/ckpt/run1 --config.data.eval_split=train
 
@@ -18,6 +20,7 @@ _REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:  # loaded by path (config_flags) from outside the repository root
     sys.path.insert(0, _REPO_ROOT)
 
+from configs import base  # noqa: E402  pylint: disable=g-import-not-at-top
 from tf_iddpm import config_utils  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -26,4 +29,6 @@ def get_config(workdir_or_json_path=None):
         raise ValueError(
             "configs/from_workdir.py needs the workdir after a colon, e.g. "
             "--config=configs/from_workdir.py:/ckpt/run1")
-    return config_utils.load_stored_config(workdir_or_json_path)
+    # Fields added to configs/base.py after the workdir was started get their defaults (logged),
+    # so that they can be overridden too.
+    return config_utils.load_stored_config(workdir_or_json_path, defaults=base.get_config())

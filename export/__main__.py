@@ -9,11 +9,13 @@ same through :func:`export.export_lib.export_from_workdir`.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 
 from export import export_lib
+from tf_iddpm import checkpoints
 
 FLAGS = flags.FLAGS
 
@@ -35,9 +37,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.workdir, "export")
-    export_lib.export_from_workdir(None, FLAGS.workdir, export_dir, checkpoint=FLAGS.checkpoint,
-                                   model_name=FLAGS.model_name, version=FLAGS.version,
-                                   use_ema=FLAGS.use_ema)
+    try:
+        export_lib.export_from_workdir(None, FLAGS.workdir, export_dir, checkpoint=FLAGS.checkpoint,
+                                       model_name=FLAGS.model_name, version=FLAGS.version,
+                                       use_ema=FLAGS.use_ema)
+    except checkpoints.CheckpointError as e:   # damaged or missing: one line, as run.py prints it
+        print(f"python -m export: error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -71,6 +70,7 @@ from export import serving
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
 from tf_iddpm import factory
+from tf_iddpm import fileio
 from tf_iddpm import image_utils
 from tf_iddpm import sampling
 
@@ -526,8 +526,8 @@ def _save_module(module, directory, model_name, metadata):
     requests = [serving.predict_request(model_name, inputs, signature_name=signature)
                 for signature, inputs in module.warmup_inputs()]
     serving.write_warmup_requests(directory, requests)
-    with open(os.path.join(directory, serving.WARMUP_SUBDIR, METADATA_FILENAME), "w") as file:
-        json.dump(metadata, file, indent=2, sort_keys=True)
+    fileio.atomic_write_text(os.path.join(directory, serving.WARMUP_SUBDIR, METADATA_FILENAME),
+                             json.dumps(metadata, indent=2, sort_keys=True))
 
 
 def _next_version(base_paths: Sequence[str], version: Optional[int]) -> int:
@@ -580,7 +580,7 @@ def export_saved_models(config, net, export_dir: str, *, model_name: Optional[st
         "num_timesteps": int(config.diffusion.steps),
         "respacing": "num_steps = K evenly spaced steps (timestep_respacing 'K')",
     }
-    temp_root = tempfile.mkdtemp(prefix=f".{model_name}-export-", dir=export_dir)
+    temp_root = fileio.make_temp_dir(export_dir, prefix=f".{model_name}-export-")
     renamed = []
     try:
         sampler = SamplerModule(config, net, clip_denoised=config.sample.clip_denoised)

@@ -13,7 +13,9 @@ Everything here is about the server, not the diffusion model:
   (a TF1 session, tensors named by the ``SignatureDef``, no Python-side shape or dtype checks),
   so exports and clients can be tested without the server binary.
 
-Only TensorFlow and the ``tensorflow-serving-api`` protos are needed; nothing from ``tf_iddpm``.
+Only TensorFlow and the ``tensorflow-serving-api`` protos are needed, plus the standard-library-only
+:mod:`tf_iddpm.fileio`, which writes every file here atomically with the mode ``open()`` gives
+(a server running as another user can read them).
 """
 
 import os
@@ -28,26 +30,13 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from tf_iddpm import fileio
+
 WARMUP_FILENAME = "tf_serving_warmup_requests"
 WARMUP_SUBDIR = "assets.extra"
 MODELS_CONFIG_FILENAME = "models.config"
 BATCHING_PARAMETERS_FILENAME = "batching_parameters.txt"
 SERVE_TAG = "serve"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    descriptor, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
 
 
 # ------------------------------------------------------------------------------ models.config
@@ -73,7 +62,7 @@ def model_server_config(base_paths: Mapping[str, str]) -> model_server_config_pb
 
 def write_model_server_config(path: str, base_paths: Mapping[str, str]) -> str:
     """Writes :func:`model_server_config` as a text proto (``--model_config_file``)."""
-    atomic_write_text(path, text_format.MessageToString(model_server_config(base_paths)))
+    fileio.atomic_write_text(path, text_format.MessageToString(model_server_config(base_paths)))
     return path
 
 
@@ -117,7 +106,7 @@ def batching_parameters_text(*, max_batch_size: int, batch_timeout_micros: int =
 
 def write_batching_parameters(path: str, **kwargs) -> str:
     """Writes :func:`batching_parameters_text` (same keyword arguments) to ``path``."""
-    atomic_write_text(path, batching_parameters_text(**kwargs))
+    fileio.atomic_write_text(path, batching_parameters_text(**kwargs))
     return path
 
 
@@ -144,15 +133,19 @@ def write_warmup_requests(saved_model_dir: str,
     """
     if not requests:
         raise ValueError("at least one warm-up request is needed")
-    directory = os.path.join(saved_model_dir, WARMUP_SUBDIR)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, WARMUP_FILENAME)
-    with tf.io.TFRecordWriter(path) as writer:
-        for request in requests:
-            log = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request))
-            writer.write(log.SerializeToString())
-    return path
+    path = os.path.join(saved_model_dir, WARMUP_SUBDIR, WARMUP_FILENAME)
+    # TFRecordWriter wants a path: frame the records in a private scratch file, then write the
+    # bytes through the one atomic writer (mode as open() gives, fsync, no partial file).
+    with tempfile.TemporaryDirectory(prefix="warmup-") as scratch:
+        scratch_path = os.path.join(scratch, WARMUP_FILENAME)
+        with tf.io.TFRecordWriter(scratch_path) as writer:
+            for request in requests:
+                log = prediction_log_pb2.PredictionLog(
+                    predict_log=prediction_log_pb2.PredictLog(request=request))
+                writer.write(log.SerializeToString())
+        with open(scratch_path, "rb") as file:
+            records = file.read()
+    return fileio.atomic_write_bytes(path, records)
 
 
 def read_warmup_requests(saved_model_dir: str) -> List[prediction_log_pb2.PredictionLog]:

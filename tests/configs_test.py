@@ -215,6 +215,16 @@ def test_from_workdir_config_returns_the_stored_config(tmp_path):
     assert flat(loaded) == {**flat(stored), "sample.eta": 0.5}
 
 
+def test_from_workdir_config_fills_fields_the_stored_config_predates(tmp_path):
+    old = get_config("tiny").to_dict()
+    del old["diffusion"]["cdf"]                     # a field added to the schema later
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = load_with_config_flags(f"{CONFIG_DIR / 'from_workdir.py'}:{tmp_path}",
+                                    "--config.train.num_steps=40")
+    assert loaded.diffusion.cdf == base.get_config().diffusion.cdf
+    assert loaded.train.num_steps == 40
+
+
 def test_from_workdir_config_needs_a_workdir():
     # config_flags re-raises the file's ValueError as a flag error, with the message kept.
     with pytest.raises(flags.IllegalFlagValueError, match="needs the workdir after a colon"):
@@ -364,6 +374,53 @@ def test_mutable_fields_may_change_and_training_runs_record_them(tmp_path):
     stored = json.loads((tmp_path / "config.json").read_text())
     assert (stored["train"]["num_steps"], stored["sample"]["num_samples"],
             stored["data"]["data_dir"]) == (500, 7, "/elsewhere")
+
+
+def test_resolving_writes_nothing_and_persisting_stores_the_config(tmp_path):
+    workdir = tmp_path / "new_run"
+    config = get_config("tiny")
+    assert config_utils.resolve_config(config, str(workdir), config_given=True) is config
+    assert not workdir.exists()                     # a refused start leaves nothing behind
+    assert config_utils.persist_config(config, str(workdir))
+    assert json.loads((workdir / "config.json").read_text()) == config.to_dict()
+    assert not config_utils.persist_config(config, str(workdir))     # unchanged: not rewritten
+    assert os.listdir(workdir) == ["config.json"]
+
+    other = get_config("tiny")
+    other.model.num_channels = 64
+    with pytest.raises(config_utils.ConfigConflictError, match="model.num_channels: 32 -> 64"):
+        config_utils.persist_config(other, str(workdir))
+    assert json.loads((workdir / "config.json").read_text()) == config.to_dict()
+
+
+def test_moved_data_is_allowed_logged_and_recorded_once_training_persists(tmp_path, caplog):
+    workdir = str(tmp_path)
+    stored = _tiny_with(data__name="folder", data__folder="/old/disk/images")
+    config_utils.persist_config(stored, workdir)
+    given = _tiny_with(data__name="folder", data__folder="/new/disk/images",
+                       data__data_dir="/new/tfds")
+    with caplog.at_level("WARNING"):
+        resolved = config_utils.resolve_config(given, workdir, config_given=True)
+    assert resolved.data.folder == "/new/disk/images"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith('data.folder moved: "/old/disk/images" -> "/new/disk/images"')
+               for m in messages), messages
+    assert any(m.startswith('data.data_dir moved: "" -> "/new/tfds"') for m in messages), messages
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["folder"] == \
+        "/old/disk/images"
+    config_utils.persist_config(resolved, workdir)
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["folder"] == \
+        "/new/disk/images"
+
+
+def test_overrides_of_the_stored_config_name_the_overrides_in_a_conflict(tmp_path):
+    config_utils.persist_config(get_config("tiny"), str(tmp_path))
+    given = get_config("tiny")
+    given.seed = 3
+    with pytest.raises(config_utils.ConfigConflictError) as error:
+        config_utils.resolve_config(given, str(tmp_path), config_given=True, given_as="overrides")
+    assert str(error.value).startswith("the --config.* overrides conflict with the config stored")
+    assert "  seed: 0 -> 3" in str(error.value)
 
 
 def test_config_differences_splits_conflicts_from_allowed_changes():

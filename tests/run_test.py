@@ -76,6 +76,12 @@ def stored_config(workdir):
     return json.loads((workdir / "config.json").read_text())
 
 
+def persist_as_training_does(workdir, config_dict):
+    """What train_lib.train() does once training starts: store the config it was given."""
+    import ml_collections
+    config_utils.persist_config(ml_collections.ConfigDict(config_dict), str(workdir))
+
+
 def start_workdir(workdir, lr=None):
     """What a first ``run.py --config=configs/tiny.py`` stores, without the cost of a subprocess."""
     config = tiny.get_config()
@@ -168,8 +174,12 @@ def test_train_stores_config_then_resumes_and_refuses_a_conflict(tmp_path):
     assert received["workdir"] == str(workdir)
     assert received["third"] == ["_DefaultDistributionStrategy", 1]
     assert received["config"]["train"]["lr"] == 0.001
-    assert stored_config(workdir) == received["config"]
     assert "Mode train in" in stderr and "lr: 0.001" in stderr        # the config is logged
+    # run.py itself writes nothing: train() stores the config once training really starts
+    # (tested with the real train() in tests/workdir_lifecycle_test.py).
+    assert not workdir.exists()
+    persist_as_training_does(workdir, received["config"])
+    assert stored_config(workdir) == received["config"]
 
     # Resume without --config: the stored config is used.
     code, stderr, resumed = run_py([f"--workdir={workdir}"], tmp_path)
@@ -191,7 +201,21 @@ def test_train_stores_config_then_resumes_and_refuses_a_conflict(tmp_path):
          f"--workdir={workdir}"], tmp_path)
     assert code == 0, stderr
     assert longer["config"]["train"]["num_steps"] == 50
+    assert stored_config(workdir)["train"]["num_steps"] == 20      # until training starts
+    persist_as_training_does(workdir, longer["config"])
     assert stored_config(workdir)["train"]["num_steps"] == 50
+
+    # Extending the run needs no --config: overrides apply to the stored config.
+    code, stderr, extended = run_py([f"--workdir={workdir}", "--config.train.num_steps=80"],
+                                    tmp_path)
+    assert code == 0, stderr
+    assert extended["config"]["train"]["num_steps"] == 80
+    assert extended["config"]["train"]["lr"] == 0.001
+    # ... but may not change what defines the experiment.
+    code, stderr, refused = run_py([f"--workdir={workdir}", "--config.train.lr=0.1"], tmp_path)
+    assert code == 1 and refused is None
+    assert "the --config.* overrides conflict with the config stored in" in stderr
+    assert "  train.lr: 0.001 -> 0.1\n" in stderr
 
 
 def test_sample_flags_override_the_stored_config_for_one_run(tmp_path):
@@ -301,3 +325,32 @@ def test_no_config_and_empty_workdir_is_a_clear_error(tmp_path):
     code, stderr, _ = run_py([f"--workdir={tmp_path / 'w'}", "--mode=sample"], tmp_path)
     assert code == 1
     assert "has no stored config (config.json) and no --config was given" in stderr
+
+
+def test_overrides_without_config_need_a_stored_config(tmp_path):
+    workdir = tmp_path / "w"
+    code, stderr, received = run_py([f"--workdir={workdir}", "--config.train.num_steps=5"],
+                                    tmp_path)
+    assert code == 1 and received is None
+    assert ("run.py: error: --config.* overrides without --config apply to the config stored in "
+            "the workdir, and there is none") in stderr
+    assert str(workdir / "config.json") in stderr
+    assert not workdir.exists()
+
+
+def test_checkpoint_flag_must_name_an_existing_checkpoint(tmp_path):
+    workdir = tmp_path / "w"
+    start_workdir(workdir)
+    (workdir / "checkpoints").mkdir()
+    (workdir / "checkpoints" / "ckpt-3.index").write_bytes(b"")
+    missing = workdir / "checkpoints" / "ckpt-4"
+    code, stderr, received = run_py([f"--workdir={workdir}", "--mode=sample",
+                                     f"--checkpoint={missing}"], tmp_path)
+    assert code == 1 and received is None
+    assert (f"--checkpoint={missing}: no such checkpoint ({missing}.index does not exist)"
+            in stderr)
+    assert "ckpt-3" in stderr
+    code, stderr, received = run_py([f"--workdir={workdir}", "--mode=train",
+                                     f"--checkpoint={missing}"], tmp_path)
+    assert code == 1 and received is None
+    assert "--checkpoint applies to --mode=sample or --mode=eval or --mode=export" in stderr

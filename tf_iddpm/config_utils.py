@@ -1,7 +1,9 @@
 """Config checks and the config stored in a workdir.
 
-A workdir belongs to one experiment.  The first run in it writes the resolved config to
-``<workdir>/config.json``; every later run (resumed training, sampling, evaluation, export) reads
+A workdir belongs to one experiment.  The first training run in it writes the resolved config to
+``<workdir>/config.json`` once training really starts (:func:`resolve_config` decides and writes
+nothing; ``train_lib.train`` calls :func:`persist_config`), so a start refused for a bad field or
+missing data leaves the workdir as it was; every later run (resumed training, sampling, evaluation, export) reads
 it back, so ``run.py --workdir=W --mode=sample`` needs no ``--config``.  A later run that does give
 a config must agree with the stored one on every field that defines the experiment; it may differ
 only in the fields of :data:`MUTABLE_FIELDS` (run length, logging cadence, where the data lives,
@@ -19,12 +21,12 @@ import fnmatch
 import json
 import os
 import re
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import ml_collections
 
+from tf_iddpm import fileio
 from tf_iddpm import schedules
 
 CONFIG_FILENAME = "config.json"
@@ -61,6 +63,7 @@ MUTABLE_FIELDS = (
     "train.jit_compile",
     "train.deterministic_ops",
     "data.data_dir",
+    "data.folder",
     "data.shuffle_buffer",
     "data.eval_split",
     "eval.*",
@@ -68,6 +71,9 @@ MUTABLE_FIELDS = (
     "export.*",
     "fid.*",
 )
+
+# Mutable fields that name where the data lives: they change when the data moves to another disk.
+LOCATION_FIELDS = ("data.data_dir", "data.folder")
 
 _MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -410,32 +416,6 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    directory = os.path.dirname(path) or "."
-    if _is_url(path):
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
-        tf.io.gfile.makedirs(directory)
-        tmp_path = f"{path}.tmp-{os.getpid()}"
-        with tf.io.gfile.GFile(tmp_path, "w") as f:
-            f.write(text)
-        tf.io.gfile.rename(tmp_path, path, overwrite=True)
-        return
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                    suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def config_to_json(config: ml_collections.ConfigDict) -> str:
     """The canonical JSON of a config: sorted keys, two-space indent, trailing newline."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -500,6 +480,11 @@ def stored_config_path(workdir: str) -> str:
     return os.path.join(workdir, CONFIG_FILENAME)
 
 
+def stored_config_exists(workdir: str) -> bool:
+    """Whether ``workdir`` has a stored config (it has been trained in)."""
+    return _exists(stored_config_path(workdir))
+
+
 def load_stored_config(workdir_or_path: str, defaults: Optional[ml_collections.ConfigDict] = None
                        ) -> ml_collections.ConfigDict:
     """Loads ``<workdir>/config.json`` (or the JSON file itself when given its path).
@@ -545,26 +530,46 @@ def config_differences(stored: ml_collections.ConfigDict, given: ml_collections.
     return conflicts, allowed
 
 
-def resolve_and_persist_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
-                               config_given: bool, update_mutable: bool = True,
-                               defaults: Optional[ml_collections.ConfigDict] = None
-                               ) -> ml_collections.ConfigDict:
-    """Decides which config a run uses, and stores it in the workdir on the first run.
+def _conflict_error(path: str, conflicts, given_as: str) -> ConfigConflictError:
+    lines = "\n".join(f"  {field}: {_show(old)} -> {_show(new)}" for field, old, new in conflicts)
+    if given_as == "overrides":
+        return ConfigConflictError(
+            f"the --config.* overrides conflict with the config stored in {path} "
+            f"(field: stored -> given):\n{lines}\n"
+            "The checkpoints in this workdir belong to the stored config; only fields that may "
+            f"differ between runs can be overridden ({', '.join(MUTABLE_FIELDS)}). To run a "
+            "different experiment, use a new --workdir.")
+    return ConfigConflictError(
+        f"the given config conflicts with the one stored in {path} "
+        f"(field: stored -> given):\n{lines}\n"
+        "The checkpoints in this workdir belong to the stored config. To continue this "
+        "experiment, drop --config (the stored config is used) or change only fields that may "
+        f"differ between runs ({', '.join(MUTABLE_FIELDS)}); to run a different experiment, "
+        "use a new --workdir.")
 
-    * First run in ``workdir`` (no ``config.json``): ``config`` is validated and written there
-      atomically (temporary file + rename); it is required.
+
+def resolve_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
+                   config_given: bool, defaults: Optional[ml_collections.ConfigDict] = None,
+                   given_as: str = "config") -> ml_collections.ConfigDict:
+    """Decides which config a run uses.  Writes nothing: see :func:`persist_config`.
+
+    * First run in ``workdir`` (no ``config.json``): ``config`` is validated and returned; it is
+      required.  It is stored only once training really starts (``train_lib.train`` calls
+      :func:`persist_config`), so a start refused before that leaves the workdir as it was.
     * Later run without a config: the stored config is loaded and returned.
     * Later run with a config: it must equal the stored one outside :data:`MUTABLE_FIELDS`,
       otherwise :class:`ConfigConflictError` lists the differing fields.  The given config is
-      returned; with ``update_mutable`` (training runs) its mutable fields are written back, so a
-      later run without a config continues with, e.g., the raised ``train.num_steps``.
+      returned; the allowed differences are logged (a moved ``data.folder`` / ``data.data_dir``
+      with its own line).
 
     Args:
       config: the config given on the command line, or None.
-      workdir: the experiment's directory (created if needed).
-      config_given: whether the user gave a config (``--config``).
-      update_mutable: write changed mutable fields back to ``config.json``.
+      workdir: the experiment's directory (need not exist).
+      config_given: whether the user gave a config (``--config``, or ``--config.*`` overrides of
+        the stored config).
       defaults: fills fields missing from an older ``config.json`` (see :func:`load_config_json`).
+      given_as: "config" (a ``--config`` file) or "overrides" (``--config.*`` overrides of the
+        stored config); only changes the wording of a conflict.
 
     Returns:
       The config to run with.
@@ -584,8 +589,6 @@ def resolve_and_persist_config(config: Optional[ml_collections.ConfigDict], work
                 f"{workdir} has no stored config ({CONFIG_FILENAME}) and no --config was given; "
                 "start the run with e.g. --config=configs/digits.py")
         validate_config(config)
-        _atomic_write_text(path, config_to_json(config))
-        logging.info("Stored the config of this workdir in %s", path)
         return config
 
     if not config_given:
@@ -598,23 +601,61 @@ def resolve_and_persist_config(config: Optional[ml_collections.ConfigDict], work
     stored = load_config_json(path)
     conflicts, allowed = config_differences(stored, config)
     if conflicts:
-        lines = "\n".join(f"  {field}: {_show(old)} -> {_show(new)}"
-                          for field, old, new in conflicts)
-        raise ConfigConflictError(
-            f"the given config conflicts with the one stored in {path} "
-            f"(field: stored -> given):\n{lines}\n"
-            "The checkpoints in this workdir belong to the stored config. To continue this "
-            "experiment, drop --config (the stored config is used) or change only fields that may "
-            f"differ between runs ({', '.join(MUTABLE_FIELDS)}); to run a different experiment, "
-            "use a new --workdir.")
+        raise _conflict_error(path, conflicts, given_as)
     stored_only = sorted(set(_flatten(stored.to_dict())) - set(_flatten(config.to_dict())))
     if stored_only:
         logging.warning("%s has fields the given config lacks (ignored): %s", path,
                         ", ".join(stored_only))
     validate_config(config)
+    for field, old, new in allowed:
+        if field in LOCATION_FIELDS:
+            logging.warning("%s moved: %s -> %s (stored in %s once training starts)", field,
+                            _show(old), _show(new), path)
     if allowed:
         changes = ", ".join(f"{field}: {_show(old)} -> {_show(new)}" for field, old, new in allowed)
         logging.info("Config differs from %s in fields allowed to change: %s", path, changes)
-        if update_mutable:
-            _atomic_write_text(path, config_to_json(config))
     return config
+
+
+def persist_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Stores ``config`` as ``<workdir>/config.json`` (atomically), creating the workdir.
+
+    Training calls this once it really starts (its model built and checkpoint restored, before
+    the first step): the first run stores its config, and a later run its changed mutable fields
+    (a raised ``train.num_steps``, a moved ``data.folder``), so that a later run without a config
+    continues with them.  Written with :func:`tf_iddpm.fileio.atomic_write_text`.
+
+    Returns:
+      Whether the file was written (False: it already held exactly this config).
+
+    Raises:
+      ConfigConflictError: if a stored config differs in a field outside :data:`MUTABLE_FIELDS`
+        (:func:`resolve_config` refuses that earlier; this guards direct callers).
+    """
+    path = stored_config_path(workdir)
+    text = config_to_json(config)
+    if _exists(path):
+        if _read_text(path) == text:
+            return False
+        conflicts, _ = config_differences(load_config_json(path), config)
+        if conflicts:
+            raise _conflict_error(path, conflicts, "config")
+    fileio.atomic_write_text(path, text)
+    logging.info("Stored the config of this workdir in %s", path)
+    return True
+
+
+def resolve_and_persist_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
+                               config_given: bool, update_mutable: bool = True,
+                               defaults: Optional[ml_collections.ConfigDict] = None
+                               ) -> ml_collections.ConfigDict:
+    """:func:`resolve_config`, then :func:`persist_config` on a first run or with ``update_mutable``.
+
+    For callers that set up a workdir without training (tests, tools).  ``run.py`` resolves only;
+    training persists once it starts, so a refused start writes nothing.
+    """
+    first_run = not _exists(stored_config_path(workdir))
+    resolved = resolve_config(config, workdir, config_given=config_given, defaults=defaults)
+    if first_run or (config_given and update_mutable):
+        persist_config(resolved, workdir)
+    return resolved

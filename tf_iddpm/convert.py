@@ -22,7 +22,6 @@ GroupNorm weight/bias -> gamma/beta; Embedding unchanged.
 import os
 import shutil
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
@@ -32,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_iddpm import factory
+from tf_iddpm import fileio
 from tf_iddpm import torch_checkpoint
 from tf_iddpm import unet as unet_lib
 
@@ -184,10 +184,10 @@ def convert_checkpoint(checkpoint_path, config, out_dir):
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp_dir = fileio.make_temp_dir(parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
     try:
-        with open(os.path.join(tmp_dir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        fileio.atomic_write_text(os.path.join(tmp_dir, "config.json"),
+                                 config.to_json_best_effort(indent=2))
         manager = tf.train.CheckpointManager(
             tf.train.Checkpoint(model=model), os.path.join(tmp_dir, "checkpoints"),
             max_to_keep=1)

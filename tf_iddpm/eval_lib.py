@@ -9,7 +9,7 @@ depend on the batch size or replica count either.
 
 import json
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 from absl import logging
 import numpy as np
@@ -20,6 +20,7 @@ from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
 from tf_iddpm import data as data_lib
 from tf_iddpm import factory
+from tf_iddpm import fileio
 from tf_iddpm import sampling
 
 EVAL_SUBDIR = "eval"
@@ -58,8 +59,11 @@ class BpdEvaluator:
         }
 
 
-def evaluate(config, workdir: str, strategy=None) -> Dict[str, float]:
+def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = None) -> Dict[str, float]:
     """Evaluates bits/dim on config.data.eval_split; writes <workdir>/eval/{summary.json,*_terms.npz}.
+
+    The files are written atomically (:mod:`tf_iddpm.fileio`).  ``checkpoint``: a checkpoint
+    prefix to evaluate instead of the workdir's newest (``run.py --checkpoint``).
 
     Returns:
       The summary dict (bpd, prior_bpd, num_images, ...).
@@ -73,7 +77,8 @@ def evaluate(config, workdir: str, strategy=None) -> Dict[str, float]:
     with strategy.scope():
         net = factory.create_model_from_config(config)
     loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.eval.use_ema,
-                                                   ema_rates=config_utils.ema_rates(config))
+                                                   ema_rates=config_utils.ema_rates(config),
+                                                   checkpoint_path=checkpoint)
     evaluator = BpdEvaluator(net, process, seed=config.seed, clip_denoised=config.eval.clip_denoised,
                              class_cond=config.data.class_cond, super_res=config.data.low_res_size > 0)
     global_batch = int(config.eval.batch_size)
@@ -111,15 +116,14 @@ def evaluate(config, workdir: str, strategy=None) -> Dict[str, float]:
         "dataset": f"{config.data.name}/{config.data.eval_split}",
     }
     out_dir = os.path.join(workdir, EVAL_SUBDIR)
-    os.makedirs(out_dir, exist_ok=True)
     for name in ("vb", "mse", "xstart_mse"):
         # The reference's image_nll.py layout: arr_0 = the per-step term averaged over images,
         # column k belonging to t = K-1-k.
-        np.savez(os.path.join(out_dir, f"{name}_terms.npz"), totals[name] / count)
-    summary_path = os.path.join(out_dir, "summary.json")
-    with open(summary_path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(summary_path + ".tmp", summary_path)
+        terms = totals[name] / count
+        fileio.atomic_write(os.path.join(out_dir, f"{name}_terms.npz"),
+                            lambda file, terms=terms: np.savez(file, terms))
+    summary_path = fileio.atomic_write_text(os.path.join(out_dir, "summary.json"),
+                                            json.dumps(summary, indent=2))
     logging.info("bpd %.4f over %d images; written to %s", summary["bpd"], summary["num_images"], out_dir)
     print(f"bits/dim: {summary['bpd']:.4f} over {summary['num_images']} images -> {summary_path}")
     return summary

@@ -8,17 +8,17 @@ code can import it cheaply.
 * :func:`area_resize` is the area (box-average) downsampling that improved-diffusion's
   super-resolution data path applies to the target image to get the low-resolution input.
 * :func:`center_crop_and_resize` reproduces improved-diffusion's ``image_datasets.py`` resizing.
-* :func:`save_image_grid` writes a PNG grid atomically.
+* :func:`save_image_grid` writes a PNG grid atomically (:mod:`tf_iddpm.fileio`).
 """
 
 import io
 import math
-import os
-import tempfile
 
 import numpy as np
 from PIL import Image
 import tensorflow as tf
+
+from tf_iddpm import fileio
 
 
 def normalize_images(images):
@@ -253,9 +253,9 @@ def make_image_grid(images, *, num_columns=None, padding=0):
 def save_image_grid(images, path, *, num_columns=None, padding=0):
     """Writes uint8 images ``[N, H, W, C]`` as one PNG grid, atomically.
 
-    The PNG goes to a temporary file next to ``path``, which is then renamed over ``path``.
-    A reader never sees a half-written file. Paths with a scheme (``gs://...``) go through
-    ``tf.io.gfile``.
+    Written with :func:`tf_iddpm.fileio.atomic_write` (a reader never sees a half-written file;
+    the mode is what ``open()`` gives; paths with a scheme, ``gs://...``, go through
+    ``tf.io.gfile``).
 
     Args:
         images: uint8 array or tensor ``[N, H, W, C]`` with C in {1, 3}.
@@ -266,22 +266,4 @@ def save_image_grid(images, path, *, num_columns=None, padding=0):
     grid = make_image_grid(images, num_columns=num_columns, padding=padding)
     buffer = io.BytesIO()
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    if "://" in path:
-        tf.io.gfile.makedirs(directory)
-        temp_path = f"{path}.tmp-{os.getpid()}"
-        with tf.io.gfile.GFile(temp_path, "wb") as file:
-            file.write(buffer.getvalue())
-        tf.io.gfile.rename(temp_path, path, overwrite=True)
-        return
-    os.makedirs(directory, exist_ok=True)
-    file_descriptor, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(file_descriptor, "wb") as file:
-            file.write(buffer.getvalue())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    fileio.atomic_write_bytes(path, buffer.getvalue())

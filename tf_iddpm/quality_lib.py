@@ -141,12 +141,13 @@ def plot_fid_vs_steps(rows: Sequence[Dict], path: str, title: str = "") -> str:
     return path
 
 
-def evaluate_fid(config, workdir: str, strategy=None) -> Dict:
+def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] = None) -> Dict:
     """run.py --mode=fid: IS, FID, sFID, precision, recall (and KID) of the workdir's model.
 
     Draws ``fid.num_samples`` images with the configured sampler (``sample.*``: respacing, DDIM,
     eta, EMA) or, with ``fid.sweep``, once per (steps, sampler) of the sweep, and evaluates them
-    against ``fid.ref_batch`` on the Inception graph ``fid.inception``.
+    against ``fid.ref_batch`` on the Inception graph ``fid.inception``.  ``checkpoint`` is a
+    checkpoint prefix to load instead of the workdir's newest (run.py --checkpoint).
 
     Returns:
       {"rows": [one dict per evaluation], "json": path, "table": path, "png": path or None}.
@@ -169,7 +170,7 @@ def evaluate_fid(config, workdir: str, strategy=None) -> Dict:
         point_config.sample.use_ddim = sampler_name == "ddim"
         if sampler_name != "ddim":
             point_config.sample.eta = 0.0
-        sampler = sample_lib.build_sampler(point_config, workdir)
+        sampler = sample_lib.build_sampler(point_config, workdir, checkpoint=checkpoint)
         steps = int(sampler.process.num_timesteps)
         images = draw_samples(sampler, point_config, num_samples, int(config.sample.batch_size),
                               desc=f"sampling {sampler_name} {steps} steps")

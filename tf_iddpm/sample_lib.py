@@ -16,6 +16,7 @@ import tqdm
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
 from tf_iddpm import factory
+from tf_iddpm import fileio
 from tf_iddpm import image_utils
 from tf_iddpm import sampling
 
@@ -70,13 +71,18 @@ class Sampler:
         return self.sample_batch(seeds, labels)
 
 
-def build_sampler(config, workdir: str) -> Sampler:
-    """The sampler of config.sample (respacing, DDIM, eta, EMA) with the workdir's weights."""
+def build_sampler(config, workdir: str, checkpoint: Optional[str] = None) -> Sampler:
+    """The sampler of config.sample (respacing, DDIM, eta, EMA) with the workdir's weights.
+
+    ``checkpoint`` is a checkpoint prefix to load instead of the workdir's newest; a damaged one
+    raises :class:`tf_iddpm.checkpoints.DamagedCheckpointError`.
+    """
     respacing = config.sample.timestep_respacing
     process = factory.create_diffusion_from_config(config, timestep_respacing=respacing)
     net = factory.create_model_from_config(config)
     loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.sample.use_ema,
-                                                   ema_rates=config_utils.ema_rates(config))
+                                                   ema_rates=config_utils.ema_rates(config),
+                                                   checkpoint_path=checkpoint)
     logging.info("sampling with %s, %d steps (%r), %s", loaded, process.num_timesteps, respacing or "all",
                  f"DDIM eta={config.sample.eta}" if config.sample.use_ddim else "ancestral")
     size = config.data.image_size
@@ -85,8 +91,11 @@ def build_sampler(config, workdir: str) -> Sampler:
                    clip_denoised=config.sample.clip_denoised, class_cond=config.data.class_cond)
 
 
-def sample(config, workdir: str, strategy=None) -> Dict[str, str]:
+def sample(config, workdir: str, strategy=None, checkpoint: Optional[str] = None) -> Dict[str, str]:
     """Draws config.sample.num_samples images; writes an .npz (arr_0 uint8 NHWC, arr_1 labels) and a PNG grid.
+
+    Both files are written atomically (:mod:`tf_iddpm.fileio`).  ``checkpoint``: a checkpoint
+    prefix to sample from instead of the workdir's newest (``run.py --checkpoint``).
 
     Returns:
       {"npz": path, "png": path}.
@@ -100,7 +109,7 @@ def sample(config, workdir: str, strategy=None) -> Dict[str, str]:
     if config.data.low_res_size > 0:
         raise ValueError("the super-resolution model needs low-resolution inputs: sample it through the "
                          "exported sampler (its low_res input) instead of run.py --mode=sample")
-    sampler = build_sampler(config, workdir)
+    sampler = build_sampler(config, workdir, checkpoint)
     seeds = np.arange(num_samples, dtype=np.int64) + int(config.seed)
     labels = sample_labels(config, seeds)
     images = []
@@ -111,15 +120,10 @@ def sample(config, workdir: str, strategy=None) -> Dict[str, str]:
     images = np.concatenate(images)
 
     out_dir = os.path.join(workdir, SAMPLES_SUBDIR)
-    os.makedirs(out_dir, exist_ok=True)
     stem = "samples_" + "x".join(str(d) for d in images.shape)
     npz_path = os.path.join(out_dir, stem + ".npz")
-    tmp_path = npz_path + ".tmp.npz"
-    if labels is None:
-        np.savez(tmp_path, images)
-    else:
-        np.savez(tmp_path, images, labels)
-    os.replace(tmp_path, npz_path)
+    arrays = [images] if labels is None else [images, labels]
+    fileio.atomic_write(npz_path, lambda file: np.savez(file, *arrays))
     png_path = os.path.join(out_dir, stem + ".png")
     image_utils.save_image_grid(images[:256], png_path)
     logging.info("wrote %d samples to %s and a grid to %s", num_samples, npz_path, png_path)

@@ -325,7 +325,10 @@ def _sample_grid(trainer: Trainer, num_images: int = 16):
 
 
 def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = None) -> Dict[str, float]:
-    """Trains per `config` in `workdir`, resuming from its latest checkpoint.
+    """Trains per `config` in `workdir`, resuming from its newest readable checkpoint.
+
+    `config` is stored as `<workdir>/config.json` once the model is built and restored, before the
+    first step, so that a start refused earlier leaves the workdir as it was.
 
     Returns:
       The metrics of the last logging interval (means per example), for callers and tests.
@@ -341,11 +344,15 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
     trainer = Trainer(config, strategy)
     checkpoint_dir = _checkpoint_dir(workdir, strategy)
     _remove_partial_checkpoints(checkpoint_dir)
+    # Skips (and moves aside) damaged newer checkpoints; the manager is created after that move.
+    restore_path = checkpoints.newest_readable_checkpoint(checkpoint_dir)
     manager = tf.train.CheckpointManager(trainer.checkpoint, checkpoint_dir,
                                          max_to_keep=config.train.keep_checkpoints)
-    if manager.latest_checkpoint:
-        trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(trainer.step.numpy()))
+    if restore_path:
+        trainer.checkpoint.restore(restore_path).assert_existing_objects_matched()
+        logging.info("resumed from %s at step %d", restore_path, int(trainer.step.numpy()))
+    if distribute.is_chief(strategy):
+        config_utils.persist_config(config, workdir)   # training really starts: store its config
     start_step = int(trainer.step.numpy())
     num_steps = int(config.train.num_steps)
     if start_step >= num_steps:
