@@ -43,6 +43,8 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from tf_iddpm import fileio
+
 try:  # scipy comes with scikit-learn; without it a numpy eigenvalue route is used.
     import scipy.linalg as _scipy_linalg
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
@@ -172,7 +174,7 @@ def feature_statistics(features) -> Tuple[np.ndarray, np.ndarray]:
 def save_statistics(path: Union[str, os.PathLike], mu, sigma) -> None:
     """Writes reference statistics as an .npz with keys ``mu`` and ``sigma``."""
     mu, sigma = _check_statistics(mu, sigma, "")
-    np.savez(path, mu=mu, sigma=sigma)
+    fileio.atomic_write(path, lambda file: np.savez(file, mu=mu, sigma=sigma))
 
 
 def load_statistics(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, np.ndarray]:
@@ -887,10 +889,7 @@ def write_batch(path: Union[str, os.PathLike], images, *, pool_features=None,
         arrays["mu"], arrays["sigma"] = feature_statistics(pool_features)
     if spatial_features is not None:
         arrays["mu_s"], arrays["sigma_s"] = feature_statistics(spatial_features)
-    path = os.fspath(path)
-    tmp_path = path + ".tmp.npz"
-    np.savez(tmp_path, **arrays)
-    os.replace(tmp_path, path)
+    fileio.atomic_write(path, lambda file: np.savez(file, **arrays))
 
 
 def evaluate_features(ref: Dict[str, np.ndarray], sample: Dict[str, np.ndarray], *,
@@ -978,8 +977,7 @@ def main(argv=None) -> int:
         return 1
     results["inception_sha256"] = graph.sha256
     output = args.output or os.path.splitext(args.sample_batch)[0] + "_metrics.json"
-    with open(output, "w") as f:
-        json.dump(results, f, indent=2)
+    fileio.atomic_write_text(output, json.dumps(results, indent=2))
     print(format_results(results))
     print(f"wrote {output}")
     return 0

@@ -33,6 +33,7 @@ import tqdm
 from tf_iddpm import config_utils
 from tf_iddpm import data as data_lib
 from tf_iddpm import factory
+from tf_iddpm import fileio
 from tf_iddpm import image_utils
 from tf_iddpm import metrics
 from tf_iddpm import sample_lib
@@ -136,7 +137,7 @@ def plot_fid_vs_steps(rows: Sequence[Dict], path: str, title: str = "") -> str:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    fileio.atomic_write(path, lambda file: figure.savefig(file, format="png"))
     pyplot.close(figure)
     return path
 
@@ -188,12 +189,10 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
     summary = {"rows": rows, "ref_batch": config.fid.ref_batch, "inception": graph.path,
                "inception_sha256": graph.sha256}
     json_path = os.path.join(out_dir, "results.json")
-    with open(json_path, "w") as f:
-        json.dump(summary, f, indent=2)
+    fileio.atomic_write_text(json_path, json.dumps(summary, indent=2))
     table = format_table(rows)
     table_path = os.path.join(out_dir, "results.md")
-    with open(table_path, "w") as f:
-        f.write(table + "\n")
+    fileio.atomic_write_text(table_path, table + "\n")
     png_path = None
     if len(points) > 1:
         png_path = plot_fid_vs_steps(rows, os.path.join(out_dir, "fid_vs_steps.png"),
