@@ -353,4 +353,4 @@ def test_checkpoint_flag_must_name_an_existing_checkpoint(tmp_path):
     code, stderr, received = run_py([f"--workdir={workdir}", "--mode=train",
                                      f"--checkpoint={missing}"], tmp_path)
     assert code == 1 and received is None
-    assert "--checkpoint applies to --mode=sample or --mode=eval or --mode=export" in stderr
+    assert "--checkpoint applies to --mode=sample or --mode=eval or --mode=fid or --mode=export" in stderr

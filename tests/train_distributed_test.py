@@ -163,7 +163,7 @@ def digits_dir(tmp_path_factory):
     return data_dir
 
 
-def run_script(script, args, timeout=400):
+def run_script(script, args, timeout=900):
     """Runs `script` in a fresh interpreter; returns the JSON its last stdout line holds."""
     result = subprocess.run([sys.executable, "-c", script, json.dumps(args)], cwd=REPO_ROOT,
                             env=_env(), capture_output=True, text=True, timeout=timeout,
