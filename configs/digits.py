@@ -2,7 +2,7 @@
 
 Not a paper experiment.  It keeps the paper's recipe (L_hybrid = rescaled MSE + L_vlb with a
 learned Sigma, cosine schedule, Adam, EMA) and shrinks everything that costs time: 16x16 images
-(the 8x8 digits upscaled, 3 channels), a two-level UNet with 32 base channels and attention only at
+(the 8x8 digits upscaled, one grayscale channel), a two-level UNet with 32 base channels and attention only at
 8x8, T=1000.  The EMA rate is 0.99 rather than 0.9999 because a run lasts a thousand steps, not
 hundreds of thousands: an EMA of rate r averages over roughly 1/(1-r) steps and starts from the
 initial weights, so with 0.999 a third of the initial (untrained) network would still be in it.
@@ -25,7 +25,7 @@ def get_config():
 
     config.data.name = "digits"
     config.data.image_size = 16
-    config.data.num_channels = 3
+    config.data.num_channels = 1            # the digits are grayscale
     config.data.shuffle_buffer = 2_000      # the whole training split fits
 
     config.model.num_channels = 32

@@ -19,6 +19,7 @@ def get_config():
 
     config.data.image_size = 8              # the digits' native size
     config.data.shuffle_buffer = 256
+    config.data.num_channels = 3            # the golden fixtures (tests/golden.py) are 8x8x3
 
     config.model.num_channels = 32          # GroupNorm(32) needs multiples of 32
     config.model.num_res_blocks = 1

@@ -113,14 +113,14 @@ EXPECTED = {
         "diffusion.rescale_timesteps": False, "train.lr": 3e-4, "train.batch_size": 256,
         "train.num_steps": 500_000},
     "digits": {
-        "data.name": "digits", "data.image_size": 16, "data.num_channels": 3,
+        "data.name": "digits", "data.image_size": 16, "data.num_channels": 1,
         "model.num_channels": 32, "model.num_res_blocks": 2, "model.channel_mult": "1,2",
         "model.attention_resolutions": "8", "model.dropout": 0.1, "diffusion.steps": 1000,
         "diffusion.noise_schedule": "cosine", "diffusion.learn_sigma": True,
         "diffusion.use_kl": False, "train.batch_size": 64, "train.lr": 5e-4,
         "train.ema_rate": "0.99"},
     "tiny": {
-        "data.name": "digits", "data.image_size": 8, "model.num_channels": 32,
+        "data.name": "digits", "data.image_size": 8, "data.num_channels": 3, "model.num_channels": 32,
         "model.num_res_blocks": 1, "model.channel_mult": "1,2", "diffusion.steps": 100,
         "diffusion.learn_sigma": True, "train.batch_size": 16, "train.num_steps": 20,
         "train.checkpoint_every": 10},
