@@ -1,10 +1,12 @@
-"""What the entry points (run.py, ``python -m export``) print: this project's lines, not the frameworks'.
+"""What the entry points (run.py, ``python -m export``) print: this project's lines, not the
+frameworks'.
 
 TensorFlow, oneDNN and TFDS log ~150 INFO lines per run (C++ start-up banners, "Load dataset
 info", "Downloading and preparing dataset" for a dataset that is read from disk).  By default an
 entry point shows only what a user acts on: this project's own log lines (config summary,
 progress, losses, where results were written), other packages' warnings and errors (TFDS's
-errors), and the TensorFlow C++ runtime's errors; TFDS's progress bars are off.  ``-v 1`` (``--verbosity=1``) shows everything, as before.
+errors), and the TensorFlow C++ runtime's errors; TFDS's progress bars are off.  ``-v 1``
+(``--verbosity=1``) shows everything, as before.
 
 ``TF_CPP_MIN_LOG_LEVEL`` does not reach the lines TensorFlow 2.21 logs while it loads its shared
 libraries (through absl before ``absl::InitializeLog()``: "oneDNN custom operations are on", twice),
@@ -33,8 +35,8 @@ VERBOSE = 1
 # C++ log level while quiet: 2 hides TensorFlow's INFO and WARNING lines, keeps ERROR and FATAL.
 QUIET_TF_CPP_MIN_LOG_LEVEL = "2"
 
-_FIRST_PARTY_DIRS = tuple(
-    os.path.dirname(os.path.abspath(p)) + os.sep for p in (__file__,))
+# The tf_iddpm package: its INFO lines are always the user's.
+_FIRST_PARTY_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
 
 
 # TFDS's warnings in this project concern the digits' prepare-on-first-use, which tf_iddpm manages
@@ -72,7 +74,8 @@ def configure(verbosity: int, first_party: Sequence[str] = ()) -> bool:
     * ``TF_CPP_MIN_LOG_LEVEL`` is set to 2 unless the user set it (must run before TensorFlow is
       imported; C++ errors still print).
     * The absl handler (where absl, TensorFlow's, Keras' and TFDS's Python loggers end up) drops
-      INFO/DEBUG records that do not come from this project; warnings and errors always pass.
+      INFO/DEBUG records that do not come from this project; others' warnings and errors pass
+      (TFDS's errors only).
 
     Args:
         verbosity: absl's ``FLAGS.verbosity`` after parsing (0 = the default INFO).
