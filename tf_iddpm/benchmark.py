@@ -22,7 +22,8 @@ With --bpd_check_workdir=DIR, the bpd of DIR's trained model over test images is
 and in mixed_bfloat16 on the same per-image seeds, and the difference is printed.
 
 With --reference the same three run with improved-diffusion (the checkout's
-tools/benchmark_reference.py under --reference_python; it is not part of the installed package), alternating ours / reference per measurement, and the ratios are printed.
+tools/benchmark_reference.py under --reference_python; it is not part of the installed package),
+alternating ours / reference per measurement, and the ratios are printed.
 Output: a table and one JSON line (keys train_img_per_s, sample50_img_per_s, nll100_img_per_s,
 peak_rss_mb, gflop_per_forward, and ref_* for the reference).
 """
