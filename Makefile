@@ -37,8 +37,11 @@ demo: venv
 bazel-test: venv
 	bash tools/bazel_test.sh
 
+# Side by side with the PyTorch reference (tools/benchmark_reference.py, run under a torch Python):
+#   make benchmark BENCH_ARGS="--reference=/path/to/improved-diffusion --reference_python=/path/to/torch/python"
+BENCH_ARGS ?=
 benchmark: venv
-	$(PY) -m tf_iddpm.benchmark --what=all
+	$(PY) -m tf_iddpm.benchmark --what=all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) workdir bazel-*

@@ -32,6 +32,10 @@ Distribution: ``--strategy=auto|default|mirrored|multi_worker|tpu`` (``--tpu`` n
 ``export.*`` fields for one run; a flag that is not given leaves the config value alone.
 ``--checkpoint=PREFIX`` (sample / eval / fid / export) loads that checkpoint instead of the newest.
 
+Output: the config summary, progress, losses and where results were written; TensorFlow's, oneDNN's
+and TFDS's own INFO logging is hidden (``TF_CPP_MIN_LOG_LEVEL=2`` unless set, see
+:mod:`tf_iddpm.console`).  ``-v 1`` (``--verbosity=1``) shows all of it and the full config.
+
 Errors are printed as ``run.py: error: ...``; exit codes: 1 a config or flag error (nothing ran),
 2 a mode missing from this build, 3 a damaged or missing checkpoint.
 """
@@ -49,6 +53,7 @@ from ml_collections import config_flags
 
 from configs import base as base_config
 from tf_iddpm import config_utils
+from tf_iddpm import console
 from tf_iddpm import distribute
 
 FLAGS = flags.FLAGS
@@ -206,6 +211,10 @@ def _innermost_message(error: BaseException) -> str:
 FROM_WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                    "from_workdir.py")
 
+# Whose INFO log lines are shown without -v 1 (besides tf_iddpm's): this file and export/.
+FIRST_PARTY_PATHS = (os.path.abspath(__file__),
+                     os.path.join(os.path.dirname(os.path.abspath(__file__)), "export"))
+
 # Set by parse_flags: the config is the workdir's stored one plus --config.* overrides.
 _overrides_of_stored_config = False
 
@@ -264,6 +273,9 @@ def parse_flags(argv):
                   "--config=configs/<experiment>.py", EXIT_CONFIG_ERROR)
     try:
         args = app.parse_flags_with_usage(argv)
+        # Before anything imports TensorFlow (the config files and the modules imported so far do
+        # not): hide the frameworks' INFO logging unless -v 1.
+        console.configure(FLAGS.verbosity, first_party=FIRST_PARTY_PATHS)
     except (AttributeError, KeyError) as e:
         overrides = " ".join(arg for arg in argv[1:] if arg.startswith("--config."))
         _fail(f"a --config override names a field that does not exist ({overrides}): "
@@ -275,6 +287,19 @@ def parse_flags(argv):
     except OSError as e:
         _fail(f"--config could not be loaded: {e}", EXIT_CONFIG_ERROR)
     return args
+
+
+def config_summary(config) -> str:
+    """One line naming what is trained: data, network, diffusion process and optimisation."""
+    data, model, diffusion, train = config.data, config.model, config.diffusion, config.train
+    condition = f", {data.num_classes} classes" if data.class_cond else ""
+    low_res = f" from {data.low_res_size}x{data.low_res_size}" if data.low_res_size else ""
+    loss = "L_vlb" if diffusion.use_kl else "L_hybrid" if diffusion.learn_sigma else "L_simple"
+    return (f"{data.name} {data.image_size}x{data.image_size}x{data.num_channels}{low_res}"
+            f"{condition} | UNet {model.num_channels} ch, {model.num_res_blocks} res blocks, "
+            f"channel_mult {model.channel_mult or 'auto'}, attention at {model.attention_resolutions}"
+            f" | T={diffusion.steps} {diffusion.noise_schedule}, {loss} | batch {train.batch_size}, "
+            f"lr {train.lr}, {train.num_steps} steps, {train.schedule_sampler} t-sampler")
 
 
 def check_checkpoint_flag(path: str) -> None:
@@ -339,10 +364,18 @@ def main(argv):
             given_as="overrides" if _overrides_of_stored_config else "config")
         given = given_run_flags(FLAGS)
         apply_run_flags(config, mode, given)
+        logging.info("%s in %s: %s", mode, workdir, config_summary(config))
         if "checkpoint" in given:
             check_checkpoint_flag(given["checkpoint"])
         check_data_location(config, mode)
         config_utils.validate_config(config, mode=mode)
+        if console.quiet() and MODE_ENTRIES[mode][0] not in sys.modules:
+            # TensorFlow's start-up banners bypass TF_CPP_MIN_LOG_LEVEL; see tf_iddpm.console.
+            data_modes = mode != "export"   # export reads no dataset and imports no TFDS
+            console.import_quietly(["tensorflow"] + (["tensorflow_datasets"] if data_modes else [])
+                                   + [MODE_ENTRIES[mode][0]])
+            if data_modes:
+                console.disable_tfds_progress_bars()
         strategy = None
         if mode != "export":
             if FLAGS.cpu_devices:
@@ -353,7 +386,7 @@ def main(argv):
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e), EXIT_CONFIG_ERROR)
 
-    logging.info("Mode %s in %s with config:\n%s", mode, workdir, config)
+    logging.vlog(1, "Mode %s in %s with config:\n%s", mode, workdir, config)
     try:
         entry = load_mode_entry(mode)
     except ModeUnavailableError as e:

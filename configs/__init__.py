@@ -17,4 +17,11 @@ starts from ``base.get_config()`` (or from another experiment) and overrides onl
 ``from_workdir.py``         ``--config=configs/from_workdir.py:<workdir>``: the config stored in
                             a workdir, so that ``--config.x=...`` overrides work on it
 ==========================  ===================================================================
+
+Loading: experiment files import each other as this package (``from configs import base``), with
+no path code of their own.  ``run.py`` lives next to ``configs/``, and Python puts a script's
+directory first on ``sys.path``, so ``python /path/to/checkout/run.py --config=...`` resolves
+``configs`` to the checkout's package from any working directory (before an installed package of
+that name; the wheel installs none).  ``python -m export`` / ``python -m tf_iddpm.<module>`` run
+from the checkout root, pytest and Bazel put the root on the path.
 """

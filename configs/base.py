@@ -1,8 +1,9 @@
 """Base configuration shared by every experiment.
 
-Each experiment file (``configs/<name>.py``) imports :func:`get_config` from here and overrides the
-fields that differ; nothing is copied.  Every field can be overridden on the command line, e.g.
-``--config.train.batch_size=64``.  Field names follow openai/improved-diffusion's
+Each experiment file (``configs/<name>.py``) imports :func:`get_config` from here (or from another
+experiment) and sets only the fields whose values differ; nothing is copied, not even a value equal
+to the default (``tests/configs_test.py`` checks both).  Every field can be overridden on the
+command line, e.g. ``--config.train.batch_size=64``.  Field names follow openai/improved-diffusion's
 ``script_util`` argument names so a reference command line maps 1:1:
 
 * ``config.model`` holds exactly the keyword arguments of :func:`tf_iddpm.unet.create_model`

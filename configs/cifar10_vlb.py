@@ -12,14 +12,7 @@ i.e. ``cifar10_hybrid.py`` with the KL loss and the paper's importance-sampled t
 recorded losses).
 """
 
-import pathlib
-import sys
-
-_REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, _REPO_ROOT)
-
-from configs import cifar10_hybrid  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import cifar10_hybrid
 
 
 def get_config():

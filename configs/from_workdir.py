@@ -13,15 +13,8 @@ The part after ``:`` is the workdir (or the path of a ``config.json``).  Fields 
 experiment must still match the stored config; see ``tf_iddpm.config_utils``.
 """
 
-import pathlib
-import sys
-
-_REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, _REPO_ROOT)
-
-from configs import base  # noqa: E402  pylint: disable=g-import-not-at-top
-from tf_iddpm import config_utils  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import base
+from tf_iddpm import config_utils
 
 
 def get_config(workdir_or_json_path=None):

@@ -12,14 +12,7 @@ un-rescaled variants of the timestep input and of the learned-sigma loss, and th
 optimiser settings.  The batch of 2048 is global: it is split over the replicas.
 """
 
-import pathlib
-import sys
-
-_REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, _REPO_ROOT)
-
-from configs import imagenet64_hybrid  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import imagenet64_hybrid
 
 
 def get_config():

@@ -10,14 +10,7 @@ cosine noise schedule" (checkpoint ``imagenet64_uncond_vlb_100M_1500K.pt``):
 i.e. ``imagenet64_hybrid.py`` with the KL loss and importance-sampled timesteps (Section 3.3).
 """
 
-import pathlib
-import sys
-
-_REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, _REPO_ROOT)
-
-from configs import imagenet64_hybrid  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import imagenet64_hybrid
 
 
 def get_config():

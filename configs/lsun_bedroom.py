@@ -12,14 +12,7 @@ learning rate: ``--config.train.lr=2e-5`` (checkpoint ``lsun_uncond_100M_2400K_b
 steps: ``--config.train.num_steps=2400000``).  Data: TFDS ``lsun/bedroom``.
 """
 
-import pathlib
-import sys
-
-_REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, _REPO_ROOT)
-
-from configs import base  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import base
 
 
 def get_config():
@@ -29,22 +22,14 @@ def get_config():
     config.data.eval_split = "validation"
     config.data.image_size = 256
 
-    config.model.num_channels = 128
-    config.model.num_res_blocks = 2
     config.model.num_heads = 1
     config.model.use_scale_shift_norm = False
     config.model.attention_resolutions = "16"
-    config.model.dropout = 0.0
-    config.model.channel_mult = ""          # the reference's 256x256 default, (1, 1, 2, 2, 4, 4)
 
-    config.diffusion.steps = 1000
     config.diffusion.noise_schedule = "linear"
-    config.diffusion.learn_sigma = True
     config.diffusion.rescale_learned_sigmas = False
     config.diffusion.rescale_timesteps = False
 
-    config.train.lr = 1e-4
-    config.train.batch_size = 128
     config.train.num_steps = 1_200_000
 
     config.export.model_name = "lsun_bedroom"

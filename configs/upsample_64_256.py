@@ -13,14 +13,7 @@ The model generates the 256x256 image (``data.image_size``) conditioned on its a
 TFDS ``imagenet2012`` (a manual-download dataset), center-cropped and resized to 256x256.
 """
 
-import pathlib
-import sys
-
-_REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, _REPO_ROOT)
-
-from configs import base  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import base
 
 
 def get_config():
@@ -34,20 +27,14 @@ def get_config():
     config.data.num_classes = 1000
 
     config.model.num_channels = 192
-    config.model.num_res_blocks = 2
-    config.model.dropout = 0.0
-    config.model.channel_mult = ""          # the reference's 256x256 default, (1, 1, 2, 2, 4, 4)
-    config.model.attention_resolutions = "16,8"
 
     config.diffusion.steps = 4000
     config.diffusion.noise_schedule = "linear"
-    config.diffusion.learn_sigma = True
     config.diffusion.rescale_learned_sigmas = False
     config.diffusion.rescale_timesteps = False
 
     config.train.lr = 3e-4
     config.train.batch_size = 256
-    config.train.num_steps = 500_000
 
     config.export.model_name = "upsample_64_256"
     return config

@@ -5,7 +5,8 @@
 
 The workdir is a training workdir or a converted reference checkpoint (``python -m
 tf_iddpm.convert``); its ``config.json`` describes the model.  ``run.py --mode=export`` does the
-same through :func:`export.export_lib.export_from_workdir`.
+same through :func:`export.export_lib.export_from_workdir`.  TensorFlow's own INFO logging is
+hidden unless ``-v 1`` (:mod:`tf_iddpm.console`).
 """
 
 import os
@@ -14,8 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
-from export import export_lib
-from tf_iddpm import checkpoints
+from tf_iddpm import console
 
 FLAGS = flags.FLAGS
 
@@ -37,6 +37,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.workdir, "export")
+    # TensorFlow is imported below, after the framework logging is quieted (unless -v 1).
+    if console.configure(FLAGS.verbosity,
+                         first_party=[os.path.dirname(os.path.abspath(__file__))]):
+        console.import_quietly(["tensorflow", "export.export_lib"])
+    from export import export_lib  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import checkpoints  # pylint: disable=g-import-not-at-top
     try:
         export_lib.export_from_workdir(None, FLAGS.workdir, export_dir, checkpoint=FLAGS.checkpoint,
                                        model_name=FLAGS.model_name, version=FLAGS.version,

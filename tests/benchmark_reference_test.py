@@ -1,4 +1,4 @@
-"""Tests for tf_iddpm/benchmark_reference.py, the PyTorch-side benchmark.
+"""Tests for tools/benchmark_reference.py, the PyTorch-side benchmark.
 
 The script runs under a separate interpreter that has torch; these tests run
 in the TensorFlow venv (no torch), so they check what must work without torch:
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-SCRIPT = (pathlib.Path(__file__).resolve().parent.parent / "tf_iddpm"
+SCRIPT = (pathlib.Path(__file__).resolve().parent.parent / "tools"
           / "benchmark_reference.py")
 _REFERENCE_MODULES = ("__init__", "script_util", "gaussian_diffusion",
                       "respace", "resample", "unet", "nn", "fp16_util")

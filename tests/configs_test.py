@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -113,14 +114,14 @@ EXPECTED = {
         "diffusion.rescale_timesteps": False, "train.lr": 3e-4, "train.batch_size": 256,
         "train.num_steps": 500_000},
     "digits": {
-        "data.name": "digits", "data.image_size": 16, "data.num_channels": 3,
+        "data.name": "digits", "data.image_size": 16, "data.num_channels": 1,
         "model.num_channels": 32, "model.num_res_blocks": 2, "model.channel_mult": "1,2",
         "model.attention_resolutions": "8", "model.dropout": 0.1, "diffusion.steps": 1000,
         "diffusion.noise_schedule": "cosine", "diffusion.learn_sigma": True,
         "diffusion.use_kl": False, "train.batch_size": 64, "train.lr": 5e-4,
         "train.ema_rate": "0.99"},
     "tiny": {
-        "data.name": "digits", "data.image_size": 8, "model.num_channels": 32,
+        "data.name": "digits", "data.image_size": 8, "data.num_channels": 3, "model.num_channels": 32,
         "model.num_res_blocks": 1, "model.channel_mult": "1,2", "diffusion.steps": 100,
         "diffusion.learn_sigma": True, "train.batch_size": 16, "train.num_steps": 20,
         "train.checkpoint_every": 10},
@@ -133,6 +134,120 @@ def test_hyperparameters_match_the_paper_and_readme(name):
     mismatches = {field: (values[field], want) for field, want in EXPECTED[name].items()
                   if values[field] != want}
     assert not mismatches, mismatches
+
+
+# improved-diffusion@1bc7bbb: the defaults of scripts/image_train.py's flags
+# (script_util.model_and_diffusion_defaults() and create_argparser()) and
+# super_res_train.py's (sr_model_and_diffusion_defaults(): large_size 256, small_size 64).
+REFERENCE_DEFAULTS = {
+    "image_size": "64", "num_channels": "128", "num_res_blocks": "2", "num_heads": "4",
+    "num_heads_upsample": "-1", "attention_resolutions": "16,8", "dropout": "0.0",
+    "learn_sigma": "False", "sigma_small": "False", "class_cond": "False",
+    "diffusion_steps": "1000", "noise_schedule": "linear", "timestep_respacing": "",
+    "use_kl": "False", "predict_xstart": "False", "rescale_timesteps": "True",
+    "rescale_learned_sigmas": "True", "use_scale_shift_norm": "True",
+    "schedule_sampler": "uniform", "lr": "1e-4", "weight_decay": "0.0", "ema_rate": "0.9999",
+}
+SUPER_RES_DEFAULTS = {"large_size": "256", "small_size": "64"}
+# reference flag -> config field
+REFERENCE_FLAG_FIELDS = {
+    "image_size": "data.image_size", "large_size": "data.image_size",
+    "small_size": "data.low_res_size", "class_cond": "data.class_cond",
+    "num_channels": "model.num_channels", "num_res_blocks": "model.num_res_blocks",
+    "num_heads": "model.num_heads", "num_heads_upsample": "model.num_heads_upsample",
+    "attention_resolutions": "model.attention_resolutions", "dropout": "model.dropout",
+    "use_scale_shift_norm": "model.use_scale_shift_norm",
+    "learn_sigma": "diffusion.learn_sigma", "sigma_small": "diffusion.sigma_small",
+    "diffusion_steps": "diffusion.steps", "noise_schedule": "diffusion.noise_schedule",
+    "timestep_respacing": "diffusion.timestep_respacing", "use_kl": "diffusion.use_kl",
+    "predict_xstart": "diffusion.predict_xstart",
+    "rescale_timesteps": "diffusion.rescale_timesteps",
+    "rescale_learned_sigmas": "diffusion.rescale_learned_sigmas",
+    "schedule_sampler": "train.schedule_sampler", "lr": "train.lr",
+    "weight_decay": "train.weight_decay", "batch_size": "train.batch_size",
+    "ema_rate": "train.ema_rate",
+}
+# The improved-diffusion README's commands ("Models and Hyperparameters"), as given in issue #13.
+README_FLAGS = {
+    "cifar10_hybrid": "--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True "
+                      "--dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine --lr 1e-4 "
+                      "--batch_size 128",
+    "imagenet64_hybrid": "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True "
+                         "--diffusion_steps 4000 --noise_schedule cosine --lr 1e-4 --batch_size 128",
+}
+README_FLAGS["cifar10_vlb"] = README_FLAGS["cifar10_hybrid"] + (
+    " --use_kl True --schedule_sampler loss-second-moment --lr 1e-4")
+README_FLAGS["imagenet64_vlb"] = README_FLAGS["imagenet64_hybrid"] + (
+    " --use_kl True --schedule_sampler loss-second-moment --lr 1e-4")
+PAPER_CONFIGS = ("cifar10_hybrid", "cifar10_vlb", "imagenet64_hybrid", "imagenet64_vlb",
+                 "imagenet64_cond", "lsun_bedroom", "upsample_64_256")
+
+
+def _parse_flags(text):
+    tokens = text.split()
+    assert len(tokens) % 2 == 0 and all(t.startswith("--") for t in tokens[::2]), text
+    return {name[2:]: value for name, value in zip(tokens[::2], tokens[1::2])}
+
+
+def _docstring_flags(name):
+    """The reference command a config's docstring says it reproduces (its *_FLAGS="..." lines)."""
+    doc = importlib.import_module(f"configs.{name}").__doc__
+    flags_text = " ".join(re.findall(r'^\s*[A-Z_]+_FLAGS="([^"]*)"', doc, re.M))
+    assert flags_text, f"configs/{name}.py's docstring quotes no reference flags"
+    return _parse_flags(flags_text)
+
+
+def _as_config_value(text, current):
+    if isinstance(current, bool):
+        return {"True": True, "False": False}[text]
+    return type(current)(text)
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_resolve_to_the_reference_command(name):
+    """Each paper config, resolved, equals the reference script's flags (its docstring's command,
+    on top of the script's defaults); the docstrings quote the improved-diffusion README."""
+    given = _docstring_flags(name)
+    if name in README_FLAGS:
+        assert given == _parse_flags(README_FLAGS[name])
+    reference = {**REFERENCE_DEFAULTS, **(SUPER_RES_DEFAULTS if "large_size" in given or
+                                          name.startswith("upsample") else {}), **given}
+    if "large_size" in reference:
+        del reference["image_size"]
+    values = flat(get_config(name))
+    mismatches = {}
+    for flag, text in reference.items():
+        field = REFERENCE_FLAG_FIELDS[flag]
+        want = _as_config_value(text, values[field])
+        if values[field] != want:
+            mismatches[f"--{flag} {text}"] = (field, values[field])
+    assert not mismatches, mismatches
+
+
+_ASSIGNMENT = re.compile(r"^\s+config\.(\w+)\.(\w+) = ", re.M)
+_PARENT = re.compile(r"^from configs import (\w+)$", re.M)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_files_hold_only_real_overrides(name):
+    """configs/base.py's promise: nothing is copied. Every field an experiment file sets differs
+    from the config it derives from."""
+    text = (CONFIG_DIR / f"{name}.py").read_text()
+    parents = _PARENT.findall(text)
+    assert len(parents) == 1, f"configs/{name}.py should derive from exactly one config"
+    parent_values = flat(get_config(parents[0]))
+    values = flat(get_config(name))
+    restated = [f"{group}.{field}" for group, field in _ASSIGNMENT.findall(text)
+                if values[f"{group}.{field}"] == parent_values[f"{group}.{field}"]]
+    assert not restated, (f"configs/{name}.py restates {restated}, already the values of "
+                          f"configs/{parents[0]}.py")
+
+
+def test_config_files_need_no_sys_path_preamble():
+    """One loading mechanism: configs import each other as the `configs` package."""
+    offenders = [p.name for p in CONFIG_DIR.glob("*.py")
+                 if re.search(r"^\s*(import sys|sys\.path\.)", p.read_text(), re.M)]
+    assert not offenders
 
 
 @pytest.mark.parametrize("name, want_channel_mult, want_attention_rates", [
@@ -186,22 +301,19 @@ def test_override_with_a_typo_fails():
 
 
 def test_config_file_loads_from_outside_the_repository(tmp_path):
-    # A fresh interpreter whose sys.path lacks the repo root, in an unrelated directory.
-    script = (
-        "import sys\n"
-        "from absl import flags\n"
-        "from ml_collections import config_flags\n"
-        f"assert {str(REPO_ROOT)!r} not in sys.path\n"
-        "fv = flags.FlagValues()\n"
-        f"argv = ['p', '--config={CONFIG_DIR / 'imagenet64_cond.py'}']\n"
-        "config_flags.DEFINE_config_file('config', None, '', flag_values=fv, sys_argv=argv)\n"
-        "fv(argv)\n"
-        "print(fv.config.model.num_channels, fv.config.train.lr, fv.config.diffusion.steps)\n")
+    # run.py started in an unrelated directory, without PYTHONPATH: Python puts run.py's directory
+    # (the checkout) first on sys.path, so a config file's `from configs import ...` resolves to
+    # this checkout's configs package, with no path code in the config files.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["192", "0.0003", "4000"]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), f"--config={CONFIG_DIR / 'imagenet64_cond.py'}",
+         f"--workdir={tmp_path / 'work'}", "--mode=export", f"--checkpoint={tmp_path / 'none'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    # Loaded and summarised; then refused (exit 1) for the checkpoint that does not exist.
+    assert result.returncode == 1 and "no such checkpoint" in result.stderr, result.stderr
+    summary = re.search(r"export in .*: (.*)", result.stderr).group(1)
+    assert re.search(r"UNet 192 ch\b", summary), summary
+    assert "lr 0.0003" in summary and "T=4000" in summary, summary
 
 
 def test_from_workdir_config_returns_the_stored_config(tmp_path):

@@ -168,13 +168,13 @@ def test_train_stores_config_then_resumes_and_refuses_a_conflict(tmp_path):
     # and passed to train().
     code, stderr, received = run_py(
         [f"--config={TINY}", "--config.train.lr=0.001", f"--workdir={workdir}", "--mode=train",
-         "--strategy=default"], tmp_path, cwd=tmp_path)      # not from the repository root
+         "--strategy=default", "-v", "1"], tmp_path, cwd=tmp_path)  # not from the repository root
     assert code == 0, stderr
     assert received["module"] == "tf_iddpm.train_lib"
     assert received["workdir"] == str(workdir)
     assert received["third"] == ["_DefaultDistributionStrategy", 1]
     assert received["config"]["train"]["lr"] == 0.001
-    assert "Mode train in" in stderr and "lr: 0.001" in stderr        # the config is logged
+    assert "Mode train in" in stderr and "lr: 0.001" in stderr        # the config, in full at -v 1
     # run.py itself writes nothing: train() stores the config once training really starts
     # (tested with the real train() in tests/workdir_lifecycle_test.py).
     assert not workdir.exists()

@@ -102,3 +102,41 @@ def test_benchmark_bpd_precision_check_on_a_trained_workdir(trained_workdir):
     assert result["policies"] == ["float32", "mixed_bfloat16"]  # each pass built its net in that policy
     assert result["bf16_bpd_delta_max_abs"] < 0.05 * result["fp32_bpd"]
     assert abs(result["bf16_bpd_delta"]) <= result["bf16_bpd_delta_max_abs"]
+
+
+def test_one_channel_model_trains_samples_evaluates_and_exports(tmp_path):
+    """configs/digits.py is grayscale (C=1): the whole pipeline keeps one channel, and the PNG grid
+    is a grayscale image (not three tinted copies)."""
+    import tensorflow as tf
+    from PIL import Image
+
+    workdir = str(tmp_path / "work")
+    code, output = _run(["--config=configs/tiny.py", "--config.data.num_channels=1",
+                         f"--workdir={workdir}", "--mode=train",
+                         f"--config.data.data_dir={tmp_path / 'tfds'}",
+                         "--config.train.num_steps=2", "--config.train.checkpoint_every=2"])
+    assert code == 0, output
+    code, output = _run([f"--workdir={workdir}", "--mode=sample", "--num_samples=3", "--steps=3"])
+    assert code == 0, output
+    npz = os.path.join(workdir, "samples", "samples_3x8x8x1.npz")
+    assert np.load(npz)["arr_0"].shape == (3, 8, 8, 1)
+    with Image.open(npz[:-4] + ".png") as grid:
+        assert grid.mode == "L"
+    code, output = _run([f"--workdir={workdir}", "--mode=eval", "--num_samples=4", "--batch_size=4",
+                         "--steps=3"])
+    assert code == 0, output
+    with open(os.path.join(workdir, "eval", "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["num_images"] == 4 and 0.5 < summary["bpd"] < 30, summary
+    code, output = _run([f"--workdir={workdir}", "--mode=export"])
+    assert code == 0, output
+    export_dir = os.path.join(workdir, "export")
+    sampler = tf.saved_model.load(os.path.join(export_dir, "tiny_sampler", "1"))
+    images = sampler.signatures["serving_default"](
+        seed=tf.constant([1, 2], tf.int64), num_steps=tf.constant(2), eta=tf.constant(0.0),
+        use_ddim=tf.constant(False))["images"]
+    assert images.shape == (2, 8, 8, 1) and images.dtype == tf.uint8
+    nll = tf.saved_model.load(os.path.join(export_dir, "tiny_nll", "1"))
+    result = nll.signatures["serving_default"](
+        images=tf.constant(images), num_steps=tf.constant(2), seed=tf.constant([1, 2], tf.int64))
+    assert result["total_bpd"].shape == (2,)

@@ -21,8 +21,9 @@ RSS belongs to one measurement and threads are pinned before TensorFlow starts):
 With --bpd_check_workdir=DIR, the bpd of DIR's trained model over test images is computed in float32
 and in mixed_bfloat16 on the same per-image seeds, and the difference is printed.
 
-With --reference the same three run with improved-diffusion (tf_iddpm/benchmark_reference.py under
---reference_python), alternating ours / reference per measurement, and the ratios are printed.
+With --reference the same three run with improved-diffusion (the checkout's
+tools/benchmark_reference.py under --reference_python; it is not part of the installed package),
+alternating ours / reference per measurement, and the ratios are printed.
 Output: a table and one JSON line (keys train_img_per_s, sample50_img_per_s, nll100_img_per_s,
 peak_rss_mb, gflop_per_forward, and ref_* for the reference).
 """
@@ -242,8 +243,16 @@ def _ours(what):
                       f"--bpd_check_workdir={FLAGS.bpd_check_workdir}", f"--bpd_check_images={FLAGS.bpd_check_images}"])
 
 
+# The PyTorch-side benchmark: a script of the checkout, run by path under --reference_python.
+REFERENCE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                                "benchmark_reference.py")
+
+
 def _reference(what, json_path):
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_reference.py")
+    script = REFERENCE_SCRIPT
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"{script} not found: --reference needs a checkout of this project "
+                                "(tools/ is not installed with the package)")
     command = [FLAGS.reference_python, script, "--reference", FLAGS.reference, "--threads", str(FLAGS.threads),
                "--batch", str(FLAGS.batch), "--what", what, "--json-out", json_path]
     proc = subprocess.run(command, capture_output=True, text=True)

@@ -16,6 +16,7 @@ disabled, so each split reads back in scikit-learn's order.
 import fcntl
 import os
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -49,6 +50,14 @@ class IddpmDigits(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "scikit-learn load_digits, train = first 1500, test = last 297."}
+
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to
+    # stdout unconditionally; nothing is downloaded here, so log what happens instead.
+    def _log_download_bytes(self):
+        logging.vlog(1, "preparing %s from scikit-learn's digits in %s", self.name, self.data_dir)
+
+    def _log_download_done(self):
+        logging.info("prepared the digits dataset in %s (later runs reuse it)", self.data_dir)
 
     def _info(self):
         # DatasetInfo(builder=self, ...) directly: tfds' dataset_info_from_configs needs

@@ -4,10 +4,10 @@ This is the reference half of the tf_iddpm benchmark. It runs under a
 *different* interpreter from the rest of the package: a Python that has torch
 (for example a virtualenv made with `pip install torch==2.13.0 numpy`). It
 therefore imports only the standard library, numpy, torch and the reference
-package, and never tensorflow or tf_iddpm. Run it by file path, not with
-`python -m tf_iddpm...` (that would import the TensorFlow package):
+package, and never tensorflow or tf_iddpm. It lives in the checkout's tools/,
+outside the installed package; run it by file path:
 
-    /path/to/torchvenv/bin/python tf_iddpm/benchmark_reference.py \
+    /path/to/torchvenv/bin/python tools/benchmark_reference.py \
         --reference /path/to/improved-diffusion --threads 2 --what all \
         --json-out /tmp/reference.json
 
@@ -790,8 +790,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # When run by path, Python puts this file's directory (tf_iddpm/) first on
-    # sys.path; drop it so package modules cannot shadow top-level imports.
+    # When run by path, Python puts this file's directory (tools/) first on
+    # sys.path; drop it so that nothing there can shadow top-level imports.
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(
             os.path.abspath(__file__)):
         del sys.path[0]

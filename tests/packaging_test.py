@@ -1,0 +1,60 @@
+"""What `pip install` of this project puts into site-packages: the library, and nothing else.
+
+configs/ and export/ stay top-level folders of the checkout (run.py and `python -m export` run
+from it), but a wheel that installed them as top-level `configs` / `export` packages would collide
+with other projects'; tools/benchmark_reference.py runs under a PyTorch interpreter. The wheel is
+built offline, with this interpreter's setuptools, from a copy of the sources.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# What the build reads (pyproject.toml's readme and packages), plus the folders it must leave out.
+SOURCES = ("pyproject.toml", "README.md", "run.py", "tf_iddpm", "configs", "export", "tools")
+
+
+@pytest.fixture(scope="module")
+def wheel_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packaging")
+    source = root / "src"
+    source.mkdir()
+    for name in SOURCES:
+        path = REPO_ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "bazel-*"))
+        else:
+            shutil.copy2(path, source / name)
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "-w", str(root / "dist"), str(source)],
+        env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (wheel,) = (root / "dist").glob("tf_iddpm-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        top_level_txt = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+        return names, [archive.read(n).decode().split() for n in top_level_txt]
+
+
+def test_the_wheel_installs_only_the_tf_iddpm_package(wheel_files):
+    names, top_level_txt = wheel_files
+    top_level = {name.split("/")[0] for name in names}
+    assert {t for t in top_level if not t.endswith(".dist-info")} == {"tf_iddpm"}, top_level
+    assert "configs" not in top_level and "export" not in top_level
+    assert all(modules == ["tf_iddpm"] for modules in top_level_txt), top_level_txt
+    assert "tf_iddpm/unet.py" in names and "tf_iddpm/__init__.py" in names
+
+
+def test_the_wheel_holds_no_torch_side_file(wheel_files):
+    names, _ = wheel_files
+    assert not [n for n in names if os.path.basename(n) == "benchmark_reference.py"]
+    assert not [n for n in names if n.startswith(("tools/", "tests/"))]
