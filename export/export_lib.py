@@ -69,6 +69,7 @@ import tensorflow as tf
 from export import serving
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
+from tf_iddpm import diffusion
 from tf_iddpm import factory
 from tf_iddpm import fileio
 from tf_iddpm import image_utils
@@ -342,7 +343,7 @@ class SamplerModule(_ServingModule):
 
         def run_group(members, accumulators):
             first = members[0]
-            process = sampling.respace_uniform(self.base_diffusion, steps[first])
+            process = diffusion.respace_uniform(self.base_diffusion, steps[first])
             seeds = tf.gather(seed, members)
             kwargs = {k: tf.gather(v, members) for k, v in model_inputs.items()}
             shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
@@ -449,7 +450,7 @@ class NllModule(_ServingModule):
 
         def run_group(members, accumulators):
             num = steps[members[0]]
-            process = sampling.respace_uniform(self.base_diffusion, num)
+            process = diffusion.respace_uniform(self.base_diffusion, num)
             terms = self._bpd_rows(process, tf.gather(x_start, members),
                                    {k: tf.gather(v, members) for k, v in model_inputs.items()},
                                    seeds=tf.gather(seed, members))
@@ -491,7 +492,7 @@ class NllModule(_ServingModule):
         model_inputs = dict(zip(model_inputs, gated_inputs))
         x_start = self.normalize(images)
         model_inputs = self._model_inputs(x_start, model_inputs)
-        process = sampling.respace_uniform(self.base_diffusion, num)
+        process = diffusion.respace_uniform(self.base_diffusion, num)
         terms = self._bpd_rows(process, x_start, model_inputs,
                                step_noise=tf.transpose(noise, [1, 0, 2, 3, 4]))
         return self._outputs(terms)

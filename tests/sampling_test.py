@@ -57,7 +57,7 @@ def test_bpd_of_a_zero_output_model_equals_its_closed_form(respacing):
     rng = np.random.RandomState(0)
     x_start = (rng.randint(0, 256, [3, 4, 4, 3]) / 127.5 - 1).astype(np.float32)
     noise = rng.randn(process.num_timesteps, 3, 4, 4, 3).astype(np.float32)
-    out = process.calc_bpd_loop(_zero_model, x_start, clip_denoised=False, step_noise=noise)
+    out = sampling.calc_bpd_loop(process, _zero_model, x_start, clip_denoised=False, step_noise=noise)
     vb, prior = _numpy_vlb_of_zero_model(process, x_start, noise)
     np.testing.assert_allclose(out["vb"].numpy(), vb, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(out["prior_bpd"].numpy(), prior, rtol=1e-4)
@@ -72,7 +72,7 @@ def test_in_graph_uniform_respacing_equals_space_timesteps():
 
     @tf.function
     def tables(num_steps):
-        process = sampling.respace_uniform(base, num_steps)
+        process = diffusion.respace_uniform(base, num_steps)
         return process.betas, process.timestep_map, process.posterior_log_variance_clipped
 
     for num_steps in [1, 2, 3, 10, 25, 49, 50, 100, 250, 333, 999, 1000]:
@@ -99,19 +99,19 @@ def test_sampler_compiles_once_per_shape_and_step_count():
 def test_ddim_eta0_is_deterministic_given_x_T_and_ignores_step_noise():
     process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True, timestep_respacing="ddim10")
     x_T = np.random.RandomState(1).randn(2, 4, 4, 3).astype(np.float32)
-    a = process.ddim_sample_loop(_zero_model, x_T.shape, noise=x_T, seeds=tf.constant([1, 2], tf.int64))
-    b = process.ddim_sample_loop(_zero_model, x_T.shape, noise=x_T, seeds=tf.constant([3, 4], tf.int64))
+    a = sampling.ddim_sample_loop(process, _zero_model, x_T.shape, noise=x_T, seeds=tf.constant([1, 2], tf.int64))
+    b = sampling.ddim_sample_loop(process, _zero_model, x_T.shape, noise=x_T, seeds=tf.constant([3, 4], tf.int64))
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
 
 def test_step_noise_length_must_match_the_chain():
     process = diffusion.create_gaussian_diffusion(steps=100, timestep_respacing="10")
     with pytest.raises(ValueError, match="step_noise holds 9 draws but the chain has 10 steps"):
-        process.p_sample_loop(_zero_model, [1, 4, 4, 3], step_noise=np.zeros([9, 1, 4, 4, 3], np.float32))
+        sampling.p_sample_loop(process, _zero_model, [1, 4, 4, 3], step_noise=np.zeros([9, 1, 4, 4, 3], np.float32))
 
 
 def test_respace_uniform_rejects_out_of_range_step_counts():
     base = diffusion.create_gaussian_diffusion(steps=100)
     for bad in (0, 101):
         with pytest.raises(ValueError, match=r"num_steps .* out of range; allowed: 1..100"):
-            sampling.respace_uniform(base, bad)
+            diffusion.respace_uniform(base, bad)

@@ -18,7 +18,6 @@ Randomness is either replayed or seed-determined:
 import numpy as np
 import tensorflow as tf
 
-from tf_iddpm import schedules
 from tf_iddpm.diffusion import GaussianDiffusion, mean_flat
 
 
@@ -185,56 +184,3 @@ def calc_bpd_loop(diffusion: GaussianDiffusion, model_fn, x_start, *, clip_denoi
                     xstart_mse=xstart_mse, mse=mse)
 
     return _in_graph(run)
-
-
-# ---------------------------------------------------------------------- respacing at run time
-
-def uniform_respacing_indices(num_timesteps: int, num_steps):
-    """space_timesteps(T, "K") computed with TF ops, so K can be a tensor (chosen per request).
-
-    Same arithmetic as the reference: a float64 stride (T-1)/(K-1) accumulated by sequential
-    addition (tf.scan) and rounded half to even.
-
-    Args:
-      num_timesteps: T (python int).
-      num_steps: K, int scalar (tensor or python), 1 <= K <= T.
-
-    Returns:
-      int64 [K] sorted kept indices.
-    """
-    num_steps = tf.cast(num_steps, tf.int64)
-    count = tf.cast(num_steps, tf.float64)
-    frac_stride = tf.where(num_steps > 1, (num_timesteps - 1.0) / tf.maximum(count - 1.0, 1.0),
-                           tf.constant(1.0, tf.float64))
-    offsets = tf.scan(lambda acc, step: acc + step, tf.fill([num_steps - 1], frac_stride),
-                      initializer=tf.constant(0.0, tf.float64))
-    positions = tf.concat([tf.zeros([1], tf.float64), offsets], 0)
-    return tf.cast(tf.math.round(positions), tf.int64)
-
-
-def respace_uniform(diffusion: GaussianDiffusion, num_steps) -> GaussianDiffusion:
-    """`diffusion` restricted to K evenly spaced steps ("K" respacing), K possibly a tensor.
-
-    Eagerly with a python K this equals diffusion.respace(diffusion, space_timesteps(T, str(K)));
-    inside a graph it builds the respaced constants from K with TF ops.
-    """
-    if not isinstance(diffusion.num_timesteps, int):
-        raise ValueError("respace_uniform needs a diffusion with a static number of steps")
-    if isinstance(num_steps, (int, np.integer)):
-        if not 1 <= num_steps <= diffusion.num_timesteps:
-            raise ValueError(f"num_steps {num_steps} out of range; allowed: 1..{diffusion.num_timesteps}")
-        from tf_iddpm.diffusion import respace  # pylint: disable=g-import-not-at-top
-        return respace(diffusion, schedules.space_timesteps(diffusion.num_timesteps, str(int(num_steps))))
-    indices = uniform_respacing_indices(diffusion.num_timesteps, num_steps)
-    kept = tf.gather(tf.convert_to_tensor(diffusion.alphas_cumprod, tf.float64), indices)
-    previous = tf.concat([tf.ones([1], tf.float64), kept[:-1]], 0)
-    return GaussianDiffusion(
-        betas=1.0 - kept / previous,
-        model_mean_type=diffusion.model_mean_type,
-        model_var_type=diffusion.model_var_type,
-        loss_type=diffusion.loss_type,
-        rescale_timesteps=diffusion.rescale_timesteps,
-        timestep_map=tf.gather(tf.convert_to_tensor(diffusion.timestep_map, tf.int64), indices),
-        original_num_steps=diffusion.original_num_steps,
-        cdf=diffusion.cdf,
-    )
