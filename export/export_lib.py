@@ -58,7 +58,6 @@ The exported graphs need no Python from this project; this module imports no tra
 import dataclasses
 import json
 import os
-import re
 import shutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -86,7 +85,6 @@ _WARMUP_STEPS = 2
 # Bit layout of the key that groups the sampler's images by (num_steps, use_ddim, eta).
 _STEPS_SHIFT = 2 ** 33
 _DDIM_SHIFT = 2 ** 32
-_MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -563,9 +561,9 @@ def export_saved_models(config, net, export_dir: str, *, model_name: Optional[st
       ValueError: if ``version`` already exists.
     """
     model_name = model_name or config.export.model_name
-    if not _MODEL_NAME_PATTERN.match(model_name):
-        raise ValueError(f"model name {model_name!r} must be letters, digits, '_', '.' or '-' (it "
-                         "names TF-Serving models and directories)")
+    name_error = config_utils.model_name_error(model_name, field="model name")
+    if name_error:
+        raise ValueError(name_error)
     export_dir = os.path.abspath(export_dir)
     os.makedirs(export_dir, exist_ok=True)
     sampler_name, nll_name = model_name + SAMPLER_SUFFIX, model_name + NLL_SUFFIX
@@ -662,7 +660,8 @@ def load_workdir_config(workdir: str):
 
 def export_from_workdir(config, workdir: str, export_dir: str, *, checkpoint: Optional[str] = None,
                         model_name: Optional[str] = None, version: Optional[int] = None,
-                        use_ema: Optional[bool] = None) -> ExportResult:
+                        use_ema: Optional[bool] = None,
+                        config_checked: bool = False) -> ExportResult:
     """Exports the latest checkpoint of a workdir (``run.py --mode=export`` calls this).
 
     Args:
@@ -673,13 +672,17 @@ def export_from_workdir(config, workdir: str, export_dir: str, *, checkpoint: Op
       model_name: default ``config.export.model_name``.
       version: default: the next free version number.
       use_ema: default ``config.export.use_ema``.
+      config_checked: the caller has validated ``config`` for this mode (``run.py`` does, once
+        per process); otherwise it is validated here.
 
     Returns:
       An :class:`ExportResult`; the serving commands are printed.
     """
     if config is None:
         config = load_workdir_config(workdir)
-    config_utils.validate_config(config, mode="export")
+        config_checked = False
+    if not config_checked:
+        config_utils.validate_config(config, mode="export")
     use_ema = config.export.use_ema if use_ema is None else use_ema
     net, checkpoint_path, weights = load_network(config, workdir, use_ema=use_ema,
                                                  checkpoint_path=checkpoint)
