@@ -68,7 +68,7 @@ import tensorflow as tf
 from export import serving
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
-from tf_iddpm import diffusion
+from tf_iddpm import diffusion as diffusion_lib
 from tf_iddpm import factory
 from tf_iddpm import fileio
 from tf_iddpm import image_utils
@@ -144,8 +144,7 @@ def load_network(config, workdir: str, *, use_ema: bool = True,
     except AssertionError as e:
         raise ValueError(f"the checkpoint of {workdir} does not fit the model of the config: "
                          f"{e}") from e
-    path, name = loaded.rsplit(":", 1)
-    return net, path, name
+    return net, loaded.path, loaded.attribute
 
 
 # ------------------------------------------------------------------------------ in-graph checks
@@ -219,7 +218,8 @@ class _ServingModule(tf.Module):
 
     Only the network's raw ``tf.Variable``s are tracked, never the Keras model itself: with the
     model tracked, ``saved_model_cli run`` and the C++ loader (TF-Serving) cannot find the
-    variables (shared/notes/tf_stack.md, section 5).  The traced functions close over the model.
+    variables (``FailedPreconditionError: Could not find variable ...``; the TF2 loader works
+    either way).  The traced functions close over the model.
     """
 
     def __init__(self, config, net, name):
@@ -232,8 +232,8 @@ class _ServingModule(tf.Module):
         self.channels = int(data.num_channels)
         self.num_classes = int(data.num_classes) if data.class_cond else 0
         self.low_res_size = int(data.low_res_size)
-        self.base_diffusion = factory.create_diffusion_from_config(config, timestep_respacing="")
-        self.num_timesteps = int(self.base_diffusion.num_timesteps)
+        self.diffusion = factory.create_diffusion_from_config(config, timestep_respacing="")
+        self.num_timesteps = int(self.diffusion.num_timesteps)
         # normalize_images of every uint8 value, computed eagerly.  Inside a graph Grappler turns
         # x / 127.5 into x * (1 / 127.5), which rounds 111 of the 256 values differently; a
         # lookup keeps the graph's inputs bit-identical to the eager normalisation.
@@ -341,19 +341,19 @@ class SamplerModule(_ServingModule):
 
         def run_group(members, accumulators):
             first = members[0]
-            process = diffusion.respace_uniform(self.base_diffusion, steps[first])
+            diffusion = diffusion_lib.respace_uniform(self.diffusion, steps[first])
             seeds = tf.gather(seed, members)
             kwargs = {k: tf.gather(v, members) for k, v in model_inputs.items()}
             shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
 
             def ddim():
                 return sampling.ddim_sample_loop(
-                    process, self.model_fn, shape, clip_denoised=self.clip_denoised,
+                    diffusion, self.model_fn, shape, clip_denoised=self.clip_denoised,
                     model_kwargs=kwargs, eta=eta[first], seeds=seeds)
 
             def ancestral():
                 return sampling.p_sample_loop(
-                    process, self.model_fn, shape, clip_denoised=self.clip_denoised,
+                    diffusion, self.model_fn, shape, clip_denoised=self.clip_denoised,
                     model_kwargs=kwargs, seeds=seeds)
 
             samples = tf.cond(use_ddim[first], ddim, ancestral)
@@ -420,12 +420,12 @@ class NllModule(_ServingModule):
             model_inputs = dict(model_inputs, low_res=low_res)
         return model_inputs
 
-    def _bpd_rows(self, process, x_start, model_inputs, **noise):
+    def _bpd_rows(self, diffusion, x_start, model_inputs, **noise):
         """calc_bpd_loop on one group, plus the original timestep of each vb column."""
-        terms = sampling.calc_bpd_loop(process, self.model_fn, x_start,
+        terms = sampling.calc_bpd_loop(diffusion, self.model_fn, x_start,
                                        clip_denoised=self.clip_denoised,
                                        model_kwargs=model_inputs, **noise)
-        timesteps = tf.reverse(tf.cast(process.timestep_map, tf.int32), [0])
+        timesteps = tf.reverse(tf.cast(diffusion.timestep_map, tf.int32), [0])
         terms["vb_timesteps"] = tf.tile(timesteps[None], [tf.shape(x_start)[0], 1])
         return terms
 
@@ -448,8 +448,8 @@ class NllModule(_ServingModule):
 
         def run_group(members, accumulators):
             num = steps[members[0]]
-            process = diffusion.respace_uniform(self.base_diffusion, num)
-            terms = self._bpd_rows(process, tf.gather(x_start, members),
+            diffusion = diffusion_lib.respace_uniform(self.diffusion, num)
+            terms = self._bpd_rows(diffusion, tf.gather(x_start, members),
                                    {k: tf.gather(v, members) for k, v in model_inputs.items()},
                                    seeds=tf.gather(seed, members))
             padding = [[0, 0], [0, max_steps - num]]
@@ -490,8 +490,8 @@ class NllModule(_ServingModule):
         model_inputs = dict(zip(model_inputs, gated_inputs))
         x_start = self.normalize(images)
         model_inputs = self._model_inputs(x_start, model_inputs)
-        process = diffusion.respace_uniform(self.base_diffusion, num)
-        terms = self._bpd_rows(process, x_start, model_inputs,
+        diffusion = diffusion_lib.respace_uniform(self.diffusion, num)
+        terms = self._bpd_rows(diffusion, x_start, model_inputs,
                                step_noise=tf.transpose(noise, [1, 0, 2, 3, 4]))
         return self._outputs(terms)
 

@@ -29,9 +29,9 @@ EVAL_SUBDIR = "eval"
 class BpdEvaluator:
     """Sums of calc_bpd_loop's outputs over masked batches, one replica step at a time."""
 
-    def __init__(self, net, process, *, seed=0, clip_denoised=True, class_cond=False, super_res=False):
+    def __init__(self, net, diffusion, *, seed=0, clip_denoised=True, class_cond=False, super_res=False):
         self.net = net
-        self.process = process
+        self.diffusion = diffusion
         self.seed = int(seed)
         self.clip_denoised = clip_denoised
         self.class_cond = class_cond
@@ -45,7 +45,7 @@ class BpdEvaluator:
         if self.super_res:
             kwargs["low_res"] = batch["low_res"]
         seeds = tf.cast(batch["index"], tf.int64) + self.seed
-        out = sampling.calc_bpd_loop(self.process, lambda x, t, **kw: self.net(x, t, training=False, **kw),
+        out = sampling.calc_bpd_loop(self.diffusion, lambda x, t, **kw: self.net(x, t, training=False, **kw),
                                      batch["image"], clip_denoised=self.clip_denoised, model_kwargs=kwargs,
                                      seeds=seeds)
         mask = tf.cast(batch["mask"], tf.float32)
@@ -73,13 +73,13 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
     if num_examples < 0:
         raise ValueError(f"eval.num_samples must be >= 0 (0 = the whole split), got {num_examples}")
     data_lib.validate_data_config(config.data)
-    process = factory.create_diffusion_from_config(config, timestep_respacing=config.eval.timestep_respacing)
+    diffusion = factory.create_diffusion_from_config(config, timestep_respacing=config.eval.timestep_respacing)
     with strategy.scope():
         net = factory.create_model_from_config(config)
     loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.eval.use_ema,
                                                    ema_rates=config_utils.ema_rates(config),
                                                    checkpoint_path=checkpoint)
-    evaluator = BpdEvaluator(net, process, seed=config.seed, clip_denoised=config.eval.clip_denoised,
+    evaluator = BpdEvaluator(net, diffusion, seed=config.seed, clip_denoised=config.eval.clip_denoised,
                              class_cond=config.data.class_cond, super_res=config.data.low_res_size > 0)
     global_batch = int(config.eval.batch_size)
     dataset = strategy.distribute_datasets_from_function(
@@ -93,7 +93,7 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
 
     logging.info("evaluating %s on %s/%s with %d steps per image", loaded, config.data.name,
-                 config.data.eval_split, process.num_timesteps)
+                 config.data.eval_split, diffusion.num_timesteps)
     totals = None
     progress = tqdm.tqdm(dataset, desc="bpd", unit="batch")
     for batch in progress:
@@ -108,11 +108,11 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
         "bpd": float(totals["total_bpd"] / count),
         "prior_bpd": float(totals["prior_bpd"] / count),
         "num_images": int(count),
-        "num_steps": int(process.num_timesteps),
+        "num_steps": int(diffusion.num_timesteps),
         "timestep_respacing": config.eval.timestep_respacing,
         "clip_denoised": bool(config.eval.clip_denoised),
         "cdf": config.diffusion.cdf,
-        "weights": loaded,
+        "weights": str(loaded),
         "dataset": f"{config.data.name}/{config.data.eval_split}",
     }
     out_dir = os.path.join(workdir, EVAL_SUBDIR)

@@ -40,10 +40,10 @@ def sample_labels(config, seeds: np.ndarray) -> Optional[np.ndarray]:
 class Sampler:
     """A network plus a (respaced) diffusion, with the whole reverse loop compiled once per shape."""
 
-    def __init__(self, net, process, *, image_shape, use_ddim=False, eta=0.0, clip_denoised=True,
+    def __init__(self, net, diffusion, *, image_shape, use_ddim=False, eta=0.0, clip_denoised=True,
                  class_cond=False):
         self.net = net
-        self.process = process
+        self.diffusion = diffusion
         self.image_shape = list(image_shape)
         self.use_ddim = use_ddim
         self.eta = float(eta)
@@ -60,9 +60,9 @@ class Sampler:
         shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
         kwargs = {"y": labels} if self.class_cond else {}
         if self.use_ddim:
-            return sampling.ddim_sample_loop(self.process, self._model_fn, shape, seeds=seeds, eta=self.eta,
+            return sampling.ddim_sample_loop(self.diffusion, self._model_fn, shape, seeds=seeds, eta=self.eta,
                                              clip_denoised=self.clip_denoised, model_kwargs=kwargs)
-        return sampling.p_sample_loop(self.process, self._model_fn, shape, seeds=seeds,
+        return sampling.p_sample_loop(self.diffusion, self._model_fn, shape, seeds=seeds,
                                       clip_denoised=self.clip_denoised, model_kwargs=kwargs)
 
     def __call__(self, seeds, labels=None):
@@ -78,15 +78,15 @@ def build_sampler(config, workdir: str, checkpoint: Optional[str] = None) -> Sam
     raises :class:`tf_iddpm.checkpoints.DamagedCheckpointError`.
     """
     respacing = config.sample.timestep_respacing
-    process = factory.create_diffusion_from_config(config, timestep_respacing=respacing)
+    diffusion = factory.create_diffusion_from_config(config, timestep_respacing=respacing)
     net = factory.create_model_from_config(config)
     loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.sample.use_ema,
                                                    ema_rates=config_utils.ema_rates(config),
                                                    checkpoint_path=checkpoint)
-    logging.info("sampling with %s, %d steps (%r), %s", loaded, process.num_timesteps, respacing or "all",
+    logging.info("sampling with %s, %d steps (%r), %s", loaded, diffusion.num_timesteps, respacing or "all",
                  f"DDIM eta={config.sample.eta}" if config.sample.use_ddim else "ancestral")
     size = config.data.image_size
-    return Sampler(net, process, image_shape=[size, size, config.data.num_channels],
+    return Sampler(net, diffusion, image_shape=[size, size, config.data.num_channels],
                    use_ddim=config.sample.use_ddim, eta=config.sample.eta,
                    clip_denoised=config.sample.clip_denoised, class_cond=config.data.class_cond)
 

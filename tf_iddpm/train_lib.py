@@ -311,7 +311,7 @@ def _sample_grid(trainer: Trainer, num_images: int = 16):
     config = trainer.config
     rate = max(trainer.ema_rates)
     net = trainer.ema_nets[rate]
-    process = factory.create_diffusion_from_config(config, timestep_respacing=config.sample.timestep_respacing or "50")
+    diffusion = factory.create_diffusion_from_config(config, timestep_respacing=config.sample.timestep_respacing or "50")
     size, channels = config.data.image_size, config.data.num_channels
     kwargs = {}
     if trainer.class_cond:
@@ -319,7 +319,7 @@ def _sample_grid(trainer: Trainer, num_images: int = 16):
     if trainer.super_res:
         return None  # needs low-resolution inputs; evaluated by run.py --mode=sample instead
     images = sampling.p_sample_loop(
-        process, lambda x, t, **kw: net(x, t, training=False, **kw), [num_images, size, size, channels],
+        diffusion, lambda x, t, **kw: net(x, t, training=False, **kw), [num_images, size, size, channels],
         seeds=tf.range(num_images, dtype=tf.int64), model_kwargs=kwargs)
     return image_utils.denormalize_images(images)
 
