@@ -63,10 +63,14 @@ def draw_samples(sampler: sample_lib.Sampler, config, num_samples: int, batch_si
     seeds = np.arange(num_samples, dtype=np.int64) + int(config.seed)
     labels = sample_lib.sample_labels(config, seeds)
     images = []
-    for start in tqdm.trange(0, num_samples, batch_size, desc=desc, unit="batch"):
-        batch_labels = None if labels is None else labels[start:start + batch_size]
-        batch = sampler(seeds[start:start + batch_size], batch_labels)
-        images.append(image_utils.denormalize_images(batch).numpy())
+    starts = range(0, num_samples, batch_size)
+    with tqdm.tqdm(total=len(starts) * sampler.diffusion.num_timesteps, desc=desc,
+                   unit="step") as progress:
+        for start in starts:
+            batch_labels = None if labels is None else labels[start:start + batch_size]
+            batch = sampler.sample_in_chunks(seeds[start:start + batch_size], batch_labels,
+                                             on_chunk=progress.update)
+            images.append(image_utils.denormalize_images(batch).numpy())
     return to_rgb(np.concatenate(images))
 
 
