@@ -448,6 +448,9 @@ class UNetModel(keras.Model):
 
     Constructor arguments are the reference's (``dims=2`` and ``use_checkpoint`` aside), so a
     reference configuration maps 1:1.  Called as ``model(x, t)`` or ``model(x, t, y=labels)``.
+    The model is usable on its own, so it raises on arguments it cannot be built with; the rules on
+    an experiment's config fields are ``config_utils.validate_config``'s, which ``run.py`` checks
+    before anything is built.
 
     Args:
       in_channels: channels of the input image.
