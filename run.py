@@ -103,6 +103,9 @@ MODE_ENTRIES = {
     "fid": ("tf_iddpm.quality_lib", "evaluate_fid"),
     "export": ("export.export_lib", "export_from_workdir"),
 }
+# Modes whose entry validates the config for direct callers unless told `config_checked=True`;
+# run.py has validated it already (once per process).
+MODES_THAT_VALIDATE = ("train", "export")
 
 # run flag -> {mode: config field it overrides in that mode}.
 RUN_FLAG_FIELDS = {
@@ -368,6 +371,9 @@ def main(argv):
         if "checkpoint" in given:
             check_checkpoint_flag(given["checkpoint"])
         check_data_location(config, mode)
+        # The one validation of the config in this process: every field now, before TensorFlow
+        # starts, and the batch split once the strategy is known.  The modes that validate for
+        # direct callers are told not to again (config_checked).
         config_utils.validate_config(config, mode=mode)
         if console.quiet() and MODE_ENTRIES[mode][0] not in sys.modules:
             # TensorFlow's start-up banners bypass TF_CPP_MIN_LOG_LEVEL; see tf_iddpm.console.
@@ -381,8 +387,10 @@ def main(argv):
             if FLAGS.cpu_devices:
                 distribute.split_cpu(FLAGS.cpu_devices)
             strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
-            config_utils.validate_config(config, mode=mode,
-                                         num_replicas=distribute.num_replicas(strategy))
+            split_error = config_utils.batch_split_error(
+                config, mode=mode, num_replicas=distribute.num_replicas(strategy))
+            if split_error:
+                raise ValueError("invalid config:\n  - " + split_error)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e), EXIT_CONFIG_ERROR)
 
@@ -392,6 +400,8 @@ def main(argv):
     except ModeUnavailableError as e:
         _fail(str(e), EXIT_MODE_UNAVAILABLE)
     kwargs = {"checkpoint": FLAGS.checkpoint} if FLAGS["checkpoint"].present else {}
+    if mode in MODES_THAT_VALIDATE:
+        kwargs["config_checked"] = True
     try:
         if mode == "export":
             export_dir = FLAGS.export_dir or os.path.join(workdir, "export")

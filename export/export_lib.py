@@ -58,7 +58,6 @@ The exported graphs need no Python from this project; this module imports no tra
 import dataclasses
 import json
 import os
-import re
 import shutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -69,6 +68,7 @@ import tensorflow as tf
 from export import serving
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
+from tf_iddpm import diffusion as diffusion_lib
 from tf_iddpm import factory
 from tf_iddpm import fileio
 from tf_iddpm import image_utils
@@ -85,7 +85,6 @@ _WARMUP_STEPS = 2
 # Bit layout of the key that groups the sampler's images by (num_steps, use_ddim, eta).
 _STEPS_SHIFT = 2 ** 33
 _DDIM_SHIFT = 2 ** 32
-_MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +144,7 @@ def load_network(config, workdir: str, *, use_ema: bool = True,
     except AssertionError as e:
         raise ValueError(f"the checkpoint of {workdir} does not fit the model of the config: "
                          f"{e}") from e
-    path, name = loaded.rsplit(":", 1)
-    return net, path, name
+    return net, loaded.path, loaded.attribute
 
 
 # ------------------------------------------------------------------------------ in-graph checks
@@ -220,7 +218,8 @@ class _ServingModule(tf.Module):
 
     Only the network's raw ``tf.Variable``s are tracked, never the Keras model itself: with the
     model tracked, ``saved_model_cli run`` and the C++ loader (TF-Serving) cannot find the
-    variables (shared/notes/tf_stack.md, section 5).  The traced functions close over the model.
+    variables (``FailedPreconditionError: Could not find variable ...``; the TF2 loader works
+    either way).  The traced functions close over the model.
     """
 
     def __init__(self, config, net, name):
@@ -233,8 +232,8 @@ class _ServingModule(tf.Module):
         self.channels = int(data.num_channels)
         self.num_classes = int(data.num_classes) if data.class_cond else 0
         self.low_res_size = int(data.low_res_size)
-        self.base_diffusion = factory.create_diffusion_from_config(config, timestep_respacing="")
-        self.num_timesteps = int(self.base_diffusion.num_timesteps)
+        self.diffusion = factory.create_diffusion_from_config(config, timestep_respacing="")
+        self.num_timesteps = int(self.diffusion.num_timesteps)
         # normalize_images of every uint8 value, computed eagerly.  Inside a graph Grappler turns
         # x / 127.5 into x * (1 / 127.5), which rounds 111 of the 256 values differently; a
         # lookup keeps the graph's inputs bit-identical to the eager normalisation.
@@ -342,19 +341,19 @@ class SamplerModule(_ServingModule):
 
         def run_group(members, accumulators):
             first = members[0]
-            process = sampling.respace_uniform(self.base_diffusion, steps[first])
+            diffusion = diffusion_lib.respace_uniform(self.diffusion, steps[first])
             seeds = tf.gather(seed, members)
             kwargs = {k: tf.gather(v, members) for k, v in model_inputs.items()}
             shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
 
             def ddim():
                 return sampling.ddim_sample_loop(
-                    process, self.model_fn, shape, clip_denoised=self.clip_denoised,
+                    diffusion, self.model_fn, shape, clip_denoised=self.clip_denoised,
                     model_kwargs=kwargs, eta=eta[first], seeds=seeds)
 
             def ancestral():
                 return sampling.p_sample_loop(
-                    process, self.model_fn, shape, clip_denoised=self.clip_denoised,
+                    diffusion, self.model_fn, shape, clip_denoised=self.clip_denoised,
                     model_kwargs=kwargs, seeds=seeds)
 
             samples = tf.cond(use_ddim[first], ddim, ancestral)
@@ -421,12 +420,12 @@ class NllModule(_ServingModule):
             model_inputs = dict(model_inputs, low_res=low_res)
         return model_inputs
 
-    def _bpd_rows(self, process, x_start, model_inputs, **noise):
+    def _bpd_rows(self, diffusion, x_start, model_inputs, **noise):
         """calc_bpd_loop on one group, plus the original timestep of each vb column."""
-        terms = sampling.calc_bpd_loop(process, self.model_fn, x_start,
+        terms = sampling.calc_bpd_loop(diffusion, self.model_fn, x_start,
                                        clip_denoised=self.clip_denoised,
                                        model_kwargs=model_inputs, **noise)
-        timesteps = tf.reverse(tf.cast(process.timestep_map, tf.int32), [0])
+        timesteps = tf.reverse(tf.cast(diffusion.timestep_map, tf.int32), [0])
         terms["vb_timesteps"] = tf.tile(timesteps[None], [tf.shape(x_start)[0], 1])
         return terms
 
@@ -449,8 +448,8 @@ class NllModule(_ServingModule):
 
         def run_group(members, accumulators):
             num = steps[members[0]]
-            process = sampling.respace_uniform(self.base_diffusion, num)
-            terms = self._bpd_rows(process, tf.gather(x_start, members),
+            diffusion = diffusion_lib.respace_uniform(self.diffusion, num)
+            terms = self._bpd_rows(diffusion, tf.gather(x_start, members),
                                    {k: tf.gather(v, members) for k, v in model_inputs.items()},
                                    seeds=tf.gather(seed, members))
             padding = [[0, 0], [0, max_steps - num]]
@@ -491,8 +490,8 @@ class NllModule(_ServingModule):
         model_inputs = dict(zip(model_inputs, gated_inputs))
         x_start = self.normalize(images)
         model_inputs = self._model_inputs(x_start, model_inputs)
-        process = sampling.respace_uniform(self.base_diffusion, num)
-        terms = self._bpd_rows(process, x_start, model_inputs,
+        diffusion = diffusion_lib.respace_uniform(self.diffusion, num)
+        terms = self._bpd_rows(diffusion, x_start, model_inputs,
                                step_noise=tf.transpose(noise, [1, 0, 2, 3, 4]))
         return self._outputs(terms)
 
@@ -562,9 +561,9 @@ def export_saved_models(config, net, export_dir: str, *, model_name: Optional[st
       ValueError: if ``version`` already exists.
     """
     model_name = model_name or config.export.model_name
-    if not _MODEL_NAME_PATTERN.match(model_name):
-        raise ValueError(f"model name {model_name!r} must be letters, digits, '_', '.' or '-' (it "
-                         "names TF-Serving models and directories)")
+    name_error = config_utils.model_name_error(model_name, field="model name")
+    if name_error:
+        raise ValueError(name_error)
     export_dir = os.path.abspath(export_dir)
     os.makedirs(export_dir, exist_ok=True)
     sampler_name, nll_name = model_name + SAMPLER_SUFFIX, model_name + NLL_SUFFIX
@@ -661,7 +660,8 @@ def load_workdir_config(workdir: str):
 
 def export_from_workdir(config, workdir: str, export_dir: str, *, checkpoint: Optional[str] = None,
                         model_name: Optional[str] = None, version: Optional[int] = None,
-                        use_ema: Optional[bool] = None) -> ExportResult:
+                        use_ema: Optional[bool] = None,
+                        config_checked: bool = False) -> ExportResult:
     """Exports the latest checkpoint of a workdir (``run.py --mode=export`` calls this).
 
     Args:
@@ -672,13 +672,17 @@ def export_from_workdir(config, workdir: str, export_dir: str, *, checkpoint: Op
       model_name: default ``config.export.model_name``.
       version: default: the next free version number.
       use_ema: default ``config.export.use_ema``.
+      config_checked: the caller has validated ``config`` for this mode (``run.py`` does, once
+        per process); otherwise it is validated here.
 
     Returns:
       An :class:`ExportResult`; the serving commands are printed.
     """
     if config is None:
         config = load_workdir_config(workdir)
-    config_utils.validate_config(config, mode="export")
+        config_checked = False
+    if not config_checked:
+        config_utils.validate_config(config, mode="export")
     use_ema = config.export.use_ema if use_ema is None else use_ema
     net, checkpoint_path, weights = load_network(config, workdir, use_ema=use_ema,
                                                  checkpoint_path=checkpoint)

@@ -334,6 +334,121 @@ def test_dependency_graph_has_no_cycles(targets):
         visit(name, [])
 
 
+# The modules whose import graph must be acyclic and layered: the library, the export package, the
+# experiment configs and the entry point (tests may import anything).
+_APPLICATION_SOURCES = ("tf_iddpm/*.py", "export/*.py", "configs/*.py", "run.py")
+
+
+def module_import_graph():
+    """{repo-relative module: first-party modules it imports} over _APPLICATION_SOURCES.
+
+    Computed from the sources (`first_party_imports`), so imports inside functions count, as do
+    modules named by string for a dynamic import; package `__init__.py` files are left out (empty
+    here, and every module of a package imports them implicitly).
+    """
+    modules = [m for m in _glob(list(_APPLICATION_SOURCES)) if not m.endswith("__init__.py")]
+    return {m: [i for i in first_party_imports(m) if not i.endswith("__init__.py")] for m in modules}
+
+
+def find_import_cycle(graph):
+    """One import cycle of `graph` as a list of modules [a, b, ..., a], or None."""
+    state = {}  # module -> "visiting" or "done"
+
+    def visit(module, path):
+        if state.get(module) == "done":
+            return None
+        if state.get(module) == "visiting":
+            return path[path.index(module):] + [module]
+        state[module] = "visiting"
+        for imported in graph.get(module, []):
+            cycle = visit(imported, path + [module])
+            if cycle:
+                return cycle
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        cycle = visit(module, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def test_modules_have_no_import_cycles():
+    """No module imports itself through others, not even lazily inside a function: Bazel could not
+    express the cycle, and each module would be half-initialised when the other first runs."""
+    graph = module_import_graph()
+    assert "tf_iddpm/sampling.py" in graph and "run.py" in graph
+    cycle = find_import_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The import layers of the README's Architecture section, lowest first: a module imports modules of
+# its own layer or of lower ones, never of a higher one.  A new module must be placed here.
+IMPORT_LAYERS = (
+    ("foundations", ("configs/*.py", "tf_iddpm/fileio.py", "tf_iddpm/schedules.py",
+                     "tf_iddpm/losses.py", "tf_iddpm/config_utils.py", "tf_iddpm/image_utils.py",
+                     "tf_iddpm/checkpoints.py", "tf_iddpm/distribute.py")),
+    ("data, network, diffusion", ("tf_iddpm/data.py", "tf_iddpm/digits_dataset.py",
+                                  "tf_iddpm/unet.py", "tf_iddpm/torch_checkpoint.py",
+                                  "tf_iddpm/diffusion.py", "tf_iddpm/timestep_sampler.py",
+                                  "tf_iddpm/optimizers.py", "tf_iddpm/metrics.py")),
+    ("assembly", ("tf_iddpm/sampling.py", "tf_iddpm/factory.py", "tf_iddpm/convert.py")),
+    ("modes", ("tf_iddpm/train_lib.py", "tf_iddpm/eval_lib.py", "tf_iddpm/sample_lib.py",
+               "tf_iddpm/quality_lib.py")),
+    ("entry points", ("export/*.py", "run.py", "tf_iddpm/benchmark*.py")),
+)
+# What export/ must not reach, even indirectly: training and the run modes (a SavedModel export
+# and the serving helpers need only the network, the diffusion and the checkpoint readers).
+EXPORT_MUST_NOT_REACH = ("tf_iddpm/train_lib.py", "tf_iddpm/eval_lib.py", "tf_iddpm/sample_lib.py",
+                         "tf_iddpm/quality_lib.py", "tf_iddpm/optimizers.py",
+                         "tf_iddpm/timestep_sampler.py", "tf_iddpm/data.py",
+                         "tf_iddpm/distribute.py")
+
+
+def _layer_of(module):
+    layers = [i for i, (_, patterns) in enumerate(IMPORT_LAYERS)
+              if any(fnmatch.fnmatch(module, p) for p in patterns)]
+    return layers[0] if len(layers) == 1 else None
+
+
+def test_imports_go_down_the_layers():
+    graph = module_import_graph()
+    unplaced = [m for m in graph if _layer_of(m) is None]
+    assert not unplaced, (f"modules in no layer (or several) of IMPORT_LAYERS: {unplaced}; place "
+                          "each in the layer of the README's Architecture section it belongs to")
+    problems = []
+    for module, imported in graph.items():
+        for target in imported:
+            if _layer_of(target) > _layer_of(module):
+                problems.append(f"{module} ({IMPORT_LAYERS[_layer_of(module)][0]}) imports "
+                                f"{target} ({IMPORT_LAYERS[_layer_of(target)][0]}), a higher layer")
+            if module.startswith("tf_iddpm/") and (target == "run.py" or
+                                                   target.startswith("export/")):
+                problems.append(f"{module} imports {target}: the library never imports export/ "
+                                "or run.py")
+    assert not problems, "\n".join(problems)
+
+
+def test_export_reaches_no_training_code():
+    graph = module_import_graph()
+    for module in (m for m in graph if m.startswith("export/")):
+        reached, stack = set(), [module]
+        while stack:
+            for target in graph.get(stack.pop(), []):
+                if target not in reached:
+                    reached.add(target)
+                    stack.append(target)
+        forbidden = sorted(reached & set(EXPORT_MUST_NOT_REACH))
+        assert not forbidden, f"{module} imports training code (directly or not): {forbidden}"
+
+
+def test_import_cycle_finder_on_known_cases():
+    assert find_import_cycle({"a": ["b"], "b": ["c"], "c": []}) is None
+    assert find_import_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
+    assert find_import_cycle({"a": ["a"]}) == ["a", "a"]
+
+
 def test_package_init_files_reach_every_module(targets):
     """Bazel creates no __init__.py files (.bazelrc), so each target must bring its package's."""
     problems = []

@@ -549,7 +549,7 @@ def test_folder_missing_or_empty(tmp_path):
     with pytest.raises(ValueError, match="holds no image files"):
         config = _config(name="folder", folder=str(tmp_path / "empty"))
         data.make_train_dataset(config, batch_size=2)
-    with pytest.raises(ValueError, match="config.data.folder is empty"):
+    with pytest.raises(ValueError, match="data.name='folder' needs data.folder"):
         data.make_train_dataset(_config(name="folder", folder=""), batch_size=2)
 
 
@@ -562,10 +562,10 @@ def test_folder_of_only_unreadable_files(tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("image_size", 12, "multiple of 8"),
     ("image_size", 0, "multiple of 8"),
-    ("num_channels", 2, "num_channels must be one of"),
-    ("low_res_size", 16, r"low_res_size must be 0"),
-    ("shuffle_buffer", 0, "shuffle_buffer must be a positive int"),
-    ("name", "", "config.data.name must be"),
+    ("num_channels", 2, "num_channels=2 must be one of"),
+    ("low_res_size", 16, r"low_res_size=16 must be 0"),
+    ("shuffle_buffer", 0, "shuffle_buffer=0 must be a positive int"),
+    ("name", "", "data.name='' must be"),
 ])
 def test_bad_config_fields(tmp_path, field, value, message):
     config = _config(data_dir=str(tmp_path), image_size=16)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from tests import golden
 from tf_iddpm import convert
 from tf_iddpm import diffusion
+from tf_iddpm import sampling
 from tf_iddpm import schedules
 from tf_iddpm import unet
 
@@ -55,9 +56,9 @@ def test_strided_sampling_replays_reference(main_net, run):
                   step_noise=golden.nhwc(SAMPLING[f"{run}_step_noise"]))
     shape = golden.nhwc(SAMPLING["noise_init"]).shape
     if run == "p_sample":
-        final = process.p_sample_loop(_model_fn(main_net), shape, **kwargs)
+        final = sampling.p_sample_loop(process, _model_fn(main_net), shape, **kwargs)
     else:
-        final = process.ddim_sample_loop(_model_fn(main_net), shape, eta=0.5 if run.endswith("0p5") else 0.0, **kwargs)
+        final = sampling.ddim_sample_loop(process, _model_fn(main_net), shape, eta=0.5 if run.endswith("0p5") else 0.0, **kwargs)
     error = golden.max_rel_error(final, golden.nhwc(SAMPLING[f"{run}_final"]))
     assert error <= 1e-4, error
 
@@ -74,7 +75,7 @@ def test_calc_bpd_loop_replays_reference(main_net, case):
     else:
         process = diffusion.create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="linear",
                                                       rescale_timesteps=True, timestep_respacing="25", cdf="approx")
-    out = process.calc_bpd_loop(_model_fn(main_net), golden.nhwc(NLL["x_start"]), clip_denoised=True,
+    out = sampling.calc_bpd_loop(process, _model_fn(main_net), golden.nhwc(NLL["x_start"]), clip_denoised=True,
                                 step_noise=golden.nhwc(NLL[f"{case}_noise"]))
     for key in ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse"):
         error = golden.max_rel_error(out[key], NLL[f"{case}_{key}"])
@@ -125,8 +126,8 @@ def test_variant_class_conditional_sampling(variant_net, run, sigma_small, predi
     noise = golden.nhwc(VARIANT["sample_noise_init"])
     kwargs = dict(noise=noise, clip_denoised=True, model_kwargs={"y": tf.constant(VARIANT["sample_y"], tf.int32)},
                   step_noise=golden.nhwc(VARIANT[f"{run}_step_noise"]))
-    loop = process.ddim_sample_loop if ddim else process.p_sample_loop
-    final = loop(_model_fn(variant_net), noise.shape, **kwargs)
+    loop = sampling.ddim_sample_loop if ddim else sampling.p_sample_loop
+    final = loop(process, _model_fn(variant_net), noise.shape, **kwargs)
     assert golden.max_rel_error(final, golden.nhwc(VARIANT[f"{run}_final"])) <= 1e-4
 
 
@@ -134,8 +135,8 @@ def test_seeded_samples_do_not_depend_on_the_batch_split(main_net):
     process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True, noise_schedule="cosine",
                                                   rescale_timesteps=True, timestep_respacing="5")
     seeds = tf.constant([11, 12, 13], tf.int64)
-    together = process.p_sample_loop(_model_fn(main_net), [3, 8, 8, 3], seeds=seeds)
-    apart = [process.p_sample_loop(_model_fn(main_net), [1, 8, 8, 3], seeds=seeds[i:i + 1]) for i in range(3)]
+    together = sampling.p_sample_loop(process, _model_fn(main_net), [3, 8, 8, 3], seeds=seeds)
+    apart = [sampling.p_sample_loop(process, _model_fn(main_net), [1, 8, 8, 3], seeds=seeds[i:i + 1]) for i in range(3)]
     np.testing.assert_allclose(together.numpy(), np.concatenate([a.numpy() for a in apart]), atol=1e-5)
-    again = process.p_sample_loop(_model_fn(main_net), [3, 8, 8, 3], seeds=seeds)
+    again = sampling.p_sample_loop(process, _model_fn(main_net), [3, 8, 8, 3], seeds=seeds)
     np.testing.assert_array_equal(together.numpy(), again.numpy())

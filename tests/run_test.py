@@ -40,7 +40,7 @@ _DRIVER = textwrap.dedent("""
     for name, function in stand_ins:
         module = types.ModuleType(name)
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        def entry(config, workdir, third, _name=name):
+        def entry(config, workdir, third, _name=name, **options):  # checkpoint, config_checked
             if not isinstance(third, str):
                 third = [type(third).__name__, third.num_replicas_in_sync]
             with open(record, "w") as f:

@@ -130,8 +130,8 @@ def _no_trainer(*args, **kwargs):
      "Unknown dataset config.data.name='cifar1O': not 'digits', not 'folder' and not a TFDS "
      "dataset. Close TFDS names: ['cifar10'"),
     ({"image_size": 12}, {"attention_resolutions": ""},
-     "config.data.image_size must be a multiple of 8 and at least 8 "
-     "(8, 16, 32, 64, 128, 256, ...), got 12."),
+     "data.image_size=12 must be a multiple of 8 and at least 8 "
+     "(8, 16, 32, 64, 128, 256, ...)"),
     ({"image_size": 48}, {"channel_mult": "", "attention_resolutions": ""},
      "data.image_size=48 has no default UNet channel_mult (defaults exist for 32, 64, 128, "
      "256); set model.channel_mult"),

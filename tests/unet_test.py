@@ -536,7 +536,9 @@ def test_export_archive_round_trip(tmp_path):
 
 
 def test_plain_saved_model_of_a_module_tracking_the_model(tmp_path):
-    """tf.saved_model.save does not trip over the two-argument call (tf_stack.md pitfall A)."""
+    """tf.saved_model.save does not trip over the two-argument call: a tracked keras.Model whose
+    call is call(self, x, t) can make it fail with "missing a required argument: 't'", since
+    Keras builds a default signature that calls self(inputs)."""
     model = _variant_model()
     module = tf.Module()
     module.net = model

@@ -143,9 +143,9 @@ def _bpd_precision_check(workdir: str, num_images: int):
         keras.mixed_precision.set_global_policy(policy)
         net = factory.create_model_from_config(config)
         checkpoints.restore_inference_weights(net, workdir, use_ema=True, ema_rates=config_utils.ema_rates(config))
-        process = factory.create_diffusion_from_config(config, timestep_respacing="100")
-        nll = tf.function(lambda x, s, net=net, process=process: sampling.calc_bpd_loop(
-            process, lambda a, t: net(a, t, training=False), x, seeds=s)["total_bpd"])
+        diffusion = factory.create_diffusion_from_config(config, timestep_respacing="100")
+        nll = tf.function(lambda x, s, net=net, diffusion=diffusion: sampling.calc_bpd_loop(
+            diffusion, lambda a, t: net(a, t, training=False), x, seeds=s)["total_bpd"])
         bpd[net.dtype_policy.name] = nll(batch["image"], seeds).numpy()[np.asarray(batch["mask"], bool)]
     keras.mixed_precision.set_global_policy("float32")
     return bpd
@@ -204,9 +204,9 @@ def _child(what: str):
                                          image_shape=[size, size, 3])
             run = lambda i: sampler(np.arange(batch) + i * batch).numpy()
         else:
-            process = factory.create_diffusion_from_config(config, timestep_respacing="100")
+            diffusion = factory.create_diffusion_from_config(config, timestep_respacing="100")
             nll = tf.function(lambda x, seeds: sampling.calc_bpd_loop(
-                process, lambda a, t: net(a, t, training=False), x, seeds=seeds)["total_bpd"])
+                diffusion, lambda a, t: net(a, t, training=False), x, seeds=seeds)["total_bpd"])
             run = lambda i: nll(images, tf.range(batch, dtype=tf.int64) + i * batch).numpy()
         for i in range(FLAGS.warmup):
             run(i)

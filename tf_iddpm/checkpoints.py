@@ -18,6 +18,7 @@ every value, and reported as :class:`DamagedCheckpointError` naming the file:
   to pick another (``--checkpoint=<prefix>``); they move nothing.
 """
 
+import dataclasses
 import os
 import re
 from typing import List, Optional
@@ -94,11 +95,10 @@ def check_readable(prefix: str) -> None:
     """Checks that a checkpoint's index parses and that every value in it can be read.
 
     Every tensor is read (TensorFlow verifies its checksum), one at a time, so memory stays at the
-    largest tensor.  Measured on a CIFAR-10 size checkpoint (``configs/cifar10_hybrid.py``, 52.5M
-    parameters, model and one EMA, 0.42 GB) on a busy 2-core CPU machine: 2.5-7.7 s, against
-    4.9-36 s for restoring it; a training checkpoint with Adam slots is about twice the size.
-    The cheaper check (data-file sizes against the index) would need a parser of the index's
-    table format and misses corrupt bytes inside a file of the right length.
+    largest tensor.  This costs less than restoring the checkpoint (the README's Performance
+    section gives measured times).  The cheaper check (data-file sizes against the index) would
+    need a parser of the index's table format and misses corrupt bytes inside a file of the right
+    length.
 
     Args:
       prefix: a checkpoint path prefix, e.g. ``<workdir>/checkpoints/ckpt-12``.
@@ -250,8 +250,22 @@ def _readable_alternative(workdir: str, damaged: str) -> Optional[str]:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadedWeights:
+    """Which weights :func:`restore_inference_weights` loaded: the checkpoint prefix and the
+    checkpoint attribute (``"model"`` or an EMA name such as ``"ema_0p9999"``).
+
+    ``str()`` gives ``"<path>:<attribute>"`` for logs and result files.
+    """
+    path: str
+    attribute: str
+
+    def __str__(self):
+        return f"{self.path}:{self.attribute}"
+
+
 def restore_inference_weights(net, workdir: str, *, use_ema: bool, ema_rates=(),
-                              checkpoint_path: Optional[str] = None) -> str:
+                              checkpoint_path: Optional[str] = None) -> LoadedWeights:
     """Loads the weights to sample / evaluate / export with into a built network.
 
     Args:
@@ -264,7 +278,7 @@ def restore_inference_weights(net, workdir: str, *, use_ema: bool, ema_rates=(),
       checkpoint_path: a specific checkpoint instead of the latest.
 
     Returns:
-      A description of what was loaded ("<path>:<attribute>").
+      What was loaded, a :class:`LoadedWeights` (``str()`` of it: ``"<path>:<attribute>"``).
 
     Raises:
       CheckpointNotFoundError: if the workdir has no checkpoint.
@@ -290,4 +304,4 @@ def restore_inference_weights(net, workdir: str, *, use_ema: bool, ema_rates=(),
         else:
             logging.warning("checkpoint %s has no %s weights; using the raw model weights", path, candidate)
     tf.train.Checkpoint(**{name: net}).read(path).assert_existing_objects_matched().expect_partial()
-    return f"{path}:{name}"
+    return LoadedWeights(path=path, attribute=name)

@@ -12,6 +12,14 @@ and everything about sampling, evaluation and export).
 :func:`validate_config` turns the mistakes that would otherwise surface deep inside training
 (an unknown schedule name, an image size the UNet has no default for, a global batch that the
 replicas cannot share, ...) into one ``ValueError`` that lists them all, before any step runs.
+It is the one owner of the rules on config fields: :func:`data_field_errors` (the ``config.data``
+fields, also checked by ``tf_iddpm.data`` before it reads anything), the model name rule
+(:func:`model_name_error`, also used by ``export.export_lib``) and the replica split
+(:func:`batch_split_error`).  A process validates its config once: ``run.py`` calls
+:func:`validate_config` before it builds the strategy and :func:`batch_split_error` after, and
+tells the modes that validate for direct callers (``train_lib.train``,
+``export_lib.export_from_workdir``) that the config is checked (``config_checked=True``);
+:func:`resolve_config` only decides which config runs.
 
 Nothing here imports TensorFlow (only a ``gs://``-style workdir reaches for ``tf.io.gfile``), so
 ``run.py --help`` and config errors stay fast.
@@ -19,6 +27,7 @@ Nothing here imports TensorFlow (only a ``gs://``-style workdir reaches for ``tf
 
 import fnmatch
 import json
+import numbers
 import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -75,7 +84,11 @@ MUTABLE_FIELDS = (
 # Mutable fields that name where the data lives: they change when the data moves to another disk.
 LOCATION_FIELDS = ("data.data_dir", "data.folder")
 
-_MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Image channels the data pipeline and the UNet support: grayscale or RGB.
+SUPPORTED_NUM_CHANNELS = (1, 3)
+
+# Names of exported models (TF-Serving model names and directory names).
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class ConfigConflictError(ValueError):
@@ -186,6 +199,87 @@ def attention_downsample_rates(config: ml_collections.ConfigDict) -> Tuple[int, 
 # --------------------------------------------------------------------------------------------
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int; a ValueError naming ``name`` unless it is an int > 0 (bools are not)."""
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def model_name_error(name: Any, *, field: str = "export.model_name") -> Optional[str]:
+    """Why ``name`` cannot name an exported model (TF-Serving model and directory), or None."""
+    if isinstance(name, str) and MODEL_NAME_PATTERN.match(name):
+        return None
+    return (f"{field}={name!r} must be letters, digits, '_', '.' or '-' (it names TF-Serving "
+            "models and directories)")
+
+
+def data_field_errors(data) -> List[str]:
+    """Every problem of the ``config.data`` fields that needs no data access.
+
+    The one place these rules live: :func:`validate_config` reports them with the rest of the
+    config, and ``tf_iddpm.data`` checks them before it reads a source (the data functions take
+    ``config.data`` from any caller).
+
+    Args:
+      data: ``config.data`` (a ConfigDict or a dict with the fields of ``configs/base.py``).
+
+    Returns:
+      One message per invalid field (empty if all are valid).
+    """
+    errors = []
+    name = data["name"]
+    if not isinstance(name, str) or not name:
+        errors.append(f"data.name={name!r} must be 'digits', 'folder' or a TFDS dataset name such "
+                      "as 'cifar10'")
+    elif name == "folder" and not data["folder"]:
+        errors.append("data.name='folder' needs data.folder, the root directory of the images")
+    image_size = data["image_size"]
+    if not _is_int(image_size) or image_size < 8 or image_size % 8:
+        errors.append(f"data.image_size={image_size!r} must be a multiple of 8 and at least 8 "
+                      "(8, 16, 32, 64, 128, 256, ...)")
+    num_channels = data["num_channels"]
+    if not _is_int(num_channels) or num_channels not in SUPPORTED_NUM_CHANNELS:
+        errors.append(f"data.num_channels={num_channels!r} must be one of "
+                      f"{SUPPORTED_NUM_CHANNELS}")
+    low_res_size = data["low_res_size"]
+    if not _is_int(low_res_size) or low_res_size < 0 or (
+            low_res_size and _is_int(image_size) and
+            (low_res_size >= image_size or image_size % low_res_size)):
+        errors.append(f"data.low_res_size={low_res_size!r} must be 0 (no super-resolution) or a "
+                      f"proper divisor of data.image_size={image_size!r}, e.g. 64 for 256")
+    num_classes, class_cond = data["num_classes"], data["class_cond"]
+    if not _is_int(num_classes) or num_classes < 0:
+        errors.append(f"data.num_classes={num_classes!r} must be an int >= 0")
+    if not isinstance(class_cond, bool):
+        errors.append(f"data.class_cond={class_cond!r} must be a bool")
+    elif class_cond and _is_int(num_classes) and num_classes < 1:
+        errors.append(f"data.class_cond=True needs data.num_classes >= 1, got {num_classes}")
+    shuffle_buffer = data["shuffle_buffer"]
+    if not _is_int(shuffle_buffer) or shuffle_buffer <= 0:
+        errors.append(f"data.shuffle_buffer={shuffle_buffer!r} must be a positive int")
+    return errors
+
+
+def batch_split_error(config: ml_collections.ConfigDict, *, mode: str,
+                      num_replicas: int) -> Optional[str]:
+    """Why the batch size ``mode`` uses cannot be split over ``num_replicas`` replicas, or None."""
+    batch_field = {"train": "train.batch_size", "sample": "sample.batch_size",
+                   "eval": "eval.batch_size", "fid": "sample.batch_size"}.get(mode)
+    if batch_field is None:
+        return None
+    group, name = batch_field.split(".")
+    batch_size = config[group][name]
+    if batch_size > 0 and batch_size % num_replicas:
+        return (f"{batch_field}={batch_size} is not divisible by the {num_replicas} replicas of "
+                f"the distribution strategy; use a multiple of {num_replicas}")
+    return None
+
+
 def _check_choice(errors: List[str], field: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         errors.append(f"{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
@@ -285,19 +379,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional
     data, model, diffusion, train = config.data, config.model, config.diffusion, config.train
 
     # data
-    if not data.name:
-        errors.append("data.name is empty; use 'digits', 'folder' or a tfds name such as 'cifar10'")
-    if data.name == "folder" and not data.folder:
-        errors.append("data.name='folder' needs data.folder, the root directory of the images")
-    _check_positive(errors, config, "data.image_size", "data.num_channels")
-    if data.class_cond and data.num_classes < 1:
-        errors.append(f"data.class_cond=True needs data.num_classes >= 1, got {data.num_classes}")
-    if data.low_res_size:
-        if data.low_res_size < 0 or data.low_res_size >= data.image_size or \
-                data.image_size % data.low_res_size:
-            errors.append(f"data.low_res_size={data.low_res_size} must be 0 (no super-resolution) "
-                          f"or a proper divisor of data.image_size={data.image_size}, e.g. 64 for "
-                          "256")
+    errors.extend(data_field_errors(data))
 
     # model
     try:
@@ -371,21 +453,15 @@ def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional
         errors.append(f"sample.class_label={label} given for an unconditional model "
                       "(data.class_cond=False); leave it at -1")
     _check_fid(errors, config, mode)
-    if not _MODEL_NAME_PATTERN.match(config.export.model_name):
-        errors.append(f"export.model_name={config.export.model_name!r} must be letters, digits, "
-                      "'_', '.' or '-' (it names TF-Serving models and directories)")
+    name_error = model_name_error(config.export.model_name)
+    if name_error:
+        errors.append(name_error)
 
     # replicas
     if num_replicas is not None:
-        batch_field = {"train": "train.batch_size", "sample": "sample.batch_size",
-                       "eval": "eval.batch_size", "fid": "sample.batch_size"}.get(mode)
-        if batch_field is not None:
-            group, name = batch_field.split(".")
-            batch_size = config[group][name]
-            if batch_size > 0 and batch_size % num_replicas:
-                errors.append(f"{batch_field}={batch_size} is not divisible by the {num_replicas} "
-                              f"replicas of the distribution strategy; use a multiple of "
-                              f"{num_replicas}")
+        split_error = batch_split_error(config, mode=mode, num_replicas=num_replicas)
+        if split_error:
+            errors.append(split_error)
 
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
@@ -553,7 +629,7 @@ def resolve_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
                    given_as: str = "config") -> ml_collections.ConfigDict:
     """Decides which config a run uses.  Writes nothing: see :func:`persist_config`.
 
-    * First run in ``workdir`` (no ``config.json``): ``config`` is validated and returned; it is
+    * First run in ``workdir`` (no ``config.json``): ``config`` is returned; it is
       required.  It is stored only once training really starts (``train_lib.train`` calls
       :func:`persist_config`), so a start refused before that leaves the workdir as it was.
     * Later run without a config: the stored config is loaded and returned.
@@ -571,13 +647,15 @@ def resolve_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
       given_as: "config" (a ``--config`` file) or "overrides" (``--config.*`` overrides of the
         stored config); only changes the wording of a conflict.
 
+    The returned config is not validated here: the caller validates it once, after applying its
+    own overrides (``run.py``: :func:`validate_config`; :func:`resolve_and_persist_config` too).
+
     Returns:
       The config to run with.
 
     Raises:
       ConfigConflictError: if a given config contradicts the stored one.
       FileNotFoundError: if neither a config is given nor one is stored.
-      ValueError: if the resulting config is invalid (see :func:`validate_config`).
     """
     path = stored_config_path(workdir)
     if config_given and config is None:
@@ -588,13 +666,11 @@ def resolve_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
             raise FileNotFoundError(
                 f"{workdir} has no stored config ({CONFIG_FILENAME}) and no --config was given; "
                 "start the run with e.g. --config=configs/digits.py")
-        validate_config(config)
         return config
 
     if not config_given:
         stored = load_config_json(path, defaults)
         logging.info("Using the config stored in %s", path)
-        validate_config(stored)
         return stored
 
     # No defaults here: a field the stored file lacks predates it, and is no conflict.
@@ -606,7 +682,6 @@ def resolve_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
     if stored_only:
         logging.warning("%s has fields the given config lacks (ignored): %s", path,
                         ", ".join(stored_only))
-    validate_config(config)
     for field, old, new in allowed:
         if field in LOCATION_FIELDS:
             logging.warning("%s moved: %s -> %s (stored in %s once training starts)", field,
@@ -651,11 +726,13 @@ def resolve_and_persist_config(config: Optional[ml_collections.ConfigDict], work
                                ) -> ml_collections.ConfigDict:
     """:func:`resolve_config`, then :func:`persist_config` on a first run or with ``update_mutable``.
 
-    For callers that set up a workdir without training (tests, tools).  ``run.py`` resolves only;
+    For callers that set up a workdir without training (tests, tools); the resolved config is
+    validated (:func:`validate_config`) before anything is stored.  ``run.py`` resolves only;
     training persists once it starts, so a refused start writes nothing.
     """
     first_run = not _exists(stored_config_path(workdir))
     resolved = resolve_config(config, workdir, config_given=config_given, defaults=defaults)
+    validate_config(resolved)
     if first_run or (config_given and update_mutable):
         persist_config(resolved, workdir)
     return resolved

@@ -48,11 +48,11 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tf_iddpm import config_utils
 from tf_iddpm import digits_dataset
 from tf_iddpm import image_utils
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-SUPPORTED_NUM_CHANNELS = (1, 3)
 # A training split whose decoded (resized, uint8) images fit in this size is held in memory by
 # every input pipeline, so small datasets (digits, CIFAR-10) are decoded and resized only once.
 _CACHE_LIMIT_BYTES = 256 * 2**20
@@ -83,49 +83,23 @@ def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_positive_int(name, value):
-    if not _is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+# The fields of ``config.data`` whose rules live in config_utils.data_field_errors.
+_CHECKED_FIELDS = ("name", "folder", "image_size", "num_channels", "low_res_size", "num_classes",
+                   "class_cond", "shuffle_buffer")
 
 
 def _check_config_fields(data_config):
-    """Checks the fields of ``config.data`` that need no data access."""
-    name = _field(data_config, "name")
-    if not isinstance(name, str) or not name:
-        raise ValueError(
-            f"config.data.name must be 'digits', 'folder' or a TFDS dataset name, got {name!r}."
-        )
-    image_size = _field(data_config, "image_size")
-    if not _is_int(image_size) or image_size < 8 or image_size % 8:
-        raise ValueError(
-            f"config.data.image_size must be a multiple of 8 and at least 8 "
-            f"(8, 16, 32, 64, 128, 256, ...), got {image_size!r}."
-        )
-    num_channels = _field(data_config, "num_channels")
-    if num_channels not in SUPPORTED_NUM_CHANNELS or not _is_int(num_channels):
-        raise ValueError(
-            f"config.data.num_channels must be one of {SUPPORTED_NUM_CHANNELS}, "
-            f"got {num_channels!r}."
-        )
-    low_res_size = _field(data_config, "low_res_size")
-    if not _is_int(low_res_size) or not 0 <= low_res_size < image_size:
-        raise ValueError(
-            f"config.data.low_res_size must be 0 (no low-resolution input) or in "
-            f"[1, image_size - 1 = {image_size - 1}], got {low_res_size!r}."
-        )
-    num_classes = _field(data_config, "num_classes")
-    if not _is_int(num_classes) or num_classes < 0:
-        raise ValueError(f"config.data.num_classes must be an int >= 0, got {num_classes!r}.")
-    if not isinstance(_field(data_config, "class_cond"), bool):
-        raise ValueError(
-            f"config.data.class_cond must be a bool, got {_field(data_config, 'class_cond')!r}."
-        )
-    _check_positive_int("config.data.shuffle_buffer", _field(data_config, "shuffle_buffer"))
-    if name == "folder" and not _field(data_config, "folder"):
-        raise ValueError(
-            "config.data.name is 'folder' but config.data.folder is empty; set it to the "
-            "directory that holds the images."
-        )
+    """Checks the fields of ``config.data`` that need no data access.
+
+    The rules are :func:`tf_iddpm.config_utils.data_field_errors`'s, which ``validate_config``
+    reports too; they are checked here as well because the data functions take ``config.data``
+    from any caller.
+    """
+    for name in _CHECKED_FIELDS:
+        _field(data_config, name)  # a missing field is named as such
+    errors = config_utils.data_field_errors(data_config)
+    if errors:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,9 +207,10 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
         )
     image_feature = features["image"]
     height, width, channels = image_feature.shape
-    if channels not in SUPPORTED_NUM_CHANNELS:
+    if channels not in config_utils.SUPPORTED_NUM_CHANNELS:
         raise ValueError(
-            f"{label} has {channels}-channel images; only {SUPPORTED_NUM_CHANNELS} are supported."
+            f"{label} has {channels}-channel images; only "
+            f"{config_utils.SUPPORTED_NUM_CHANNELS} are supported."
         )
     num_classes = None
     if "label" in features and isinstance(features["label"], tfds.features.ClassLabel):
@@ -729,7 +704,7 @@ def make_train_dataset(data_config, *, batch_size, input_context=None, seed=0, s
         ValueError: on a bad argument or configuration, an empty split, or a
             ``num_replicas_in_sync`` that is not a multiple of ``num_input_pipelines``.
     """
-    _check_positive_int("batch_size", batch_size)
+    config_utils.check_positive_int("batch_size", batch_size)
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
     if not _is_int(start_step) or start_step < 0:
@@ -824,7 +799,7 @@ def make_eval_dataset(data_config, *, batch_size, split=None, num_examples=0, in
         ``"label"`` int32 ``[B]`` and ``"low_res"`` float32 ``[B, h, h, C]`` (as in training, no
         flips), ``"mask"`` bool ``[B]``, ``"index"`` int64 ``[B]``. Padding rows are zeros.
     """
-    _check_positive_int("batch_size", batch_size)
+    config_utils.check_positive_int("batch_size", batch_size)
     if not _is_int(num_examples) or num_examples < 0:
         raise ValueError(
             f"num_examples must be an int >= 0 (0 = whole split), got {num_examples!r}."

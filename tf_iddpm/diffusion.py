@@ -8,10 +8,12 @@ to float32 rounding.
 Respacing is explicit: a :class:`GaussianDiffusion` carries a ``timestep_map`` (the original index
 of each of its steps) and applies it, and the optional 0..1000 rescaling, in one visible place,
 :meth:`GaussianDiffusion.model_timesteps`.  :func:`respace` builds the process restricted to a
-subset of steps; :func:`create_gaussian_diffusion` mirrors improved-diffusion's factory.
+subset of steps and :func:`respace_uniform` the "K" respacing with K chosen at run time (a
+tensor); both build the restricted process through :func:`_restricted`.
+:func:`create_gaussian_diffusion` mirrors improved-diffusion's factory.
 
-Sampling and likelihood loops over the whole chain live in :mod:`tf_iddpm.sampling`; the methods
-``p_sample_loop``, ``ddim_sample_loop`` and ``calc_bpd_loop`` here delegate to it.
+Sampling and likelihood loops over the whole chain (``p_sample_loop``, ``ddim_sample_loop``,
+``calc_bpd_loop``) live in :mod:`tf_iddpm.sampling`, which builds on this module.
 """
 
 import enum
@@ -468,30 +470,6 @@ class GaussianDiffusion:
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
-    # ------------------------------------------------------------------ whole-chain loops
-
-    def p_sample_loop(self, model_fn: ModelFn, shape, *, noise=None, clip_denoised=True,
-                      model_kwargs=None, step_noise=None, seeds=None):
-        """Ancestral sampling over the whole chain in one graph; see sampling.p_sample_loop."""
-        from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top (loops build on this module)
-        return sampling.p_sample_loop(self, model_fn, shape, noise=noise, clip_denoised=clip_denoised,
-                                      model_kwargs=model_kwargs, step_noise=step_noise, seeds=seeds)
-
-    def ddim_sample_loop(self, model_fn: ModelFn, shape, *, noise=None, clip_denoised=True,
-                         model_kwargs=None, eta=0.0, step_noise=None, seeds=None):
-        """DDIM sampling over the whole chain in one graph; see sampling.ddim_sample_loop."""
-        from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top
-        return sampling.ddim_sample_loop(self, model_fn, shape, noise=noise, clip_denoised=clip_denoised,
-                                         model_kwargs=model_kwargs, eta=eta, step_noise=step_noise,
-                                         seeds=seeds)
-
-    def calc_bpd_loop(self, model_fn: ModelFn, x_start, *, clip_denoised=True, model_kwargs=None,
-                      step_noise=None, seeds=None):
-        """The full VLB in bits/dim in one graph; see sampling.calc_bpd_loop."""
-        from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top
-        return sampling.calc_bpd_loop(self, model_fn, x_start, clip_denoised=clip_denoised,
-                                      model_kwargs=model_kwargs, step_noise=step_noise, seeds=seeds)
-
 
 def respace(diffusion: GaussianDiffusion, use_timesteps) -> GaussianDiffusion:
     """The process that visits only `use_timesteps` of `diffusion` (Section 4).
@@ -508,16 +486,64 @@ def respace(diffusion: GaussianDiffusion, use_timesteps) -> GaussianDiffusion:
       A new GaussianDiffusion with the same mean/variance/loss types.
     """
     betas, index_map = schedules.respace_betas(np.asarray(diffusion.alphas_cumprod), use_timesteps)
+    return _restricted(diffusion, betas=betas, timestep_map=np.asarray(diffusion.timestep_map)[index_map])
+
+
+def _restricted(diffusion: GaussianDiffusion, *, betas, timestep_map) -> GaussianDiffusion:
+    """A process with `diffusion`'s types and original numbering, on a new chain `betas` whose
+    step k is the original step ``timestep_map[k]``: the one constructor of respaced processes."""
     return GaussianDiffusion(
         betas=betas,
         model_mean_type=diffusion.model_mean_type,
         model_var_type=diffusion.model_var_type,
         loss_type=diffusion.loss_type,
         rescale_timesteps=diffusion.rescale_timesteps,
-        timestep_map=np.asarray(diffusion.timestep_map)[index_map],
+        timestep_map=timestep_map,
         original_num_steps=diffusion.original_num_steps,
         cdf=diffusion.cdf,
     )
+
+
+def uniform_respacing_indices(num_timesteps: int, num_steps):
+    """space_timesteps(T, "K") computed with TF ops, so K can be a tensor (chosen per request).
+
+    Same arithmetic as the reference: a float64 stride (T-1)/(K-1) accumulated by sequential
+    addition (tf.scan) and rounded half to even.
+
+    Args:
+      num_timesteps: T (python int).
+      num_steps: K, int scalar (tensor or python), 1 <= K <= T.
+
+    Returns:
+      int64 [K] sorted kept indices.
+    """
+    num_steps = tf.cast(num_steps, tf.int64)
+    count = tf.cast(num_steps, tf.float64)
+    frac_stride = tf.where(num_steps > 1, (num_timesteps - 1.0) / tf.maximum(count - 1.0, 1.0),
+                           tf.constant(1.0, tf.float64))
+    offsets = tf.scan(lambda acc, step: acc + step, tf.fill([num_steps - 1], frac_stride),
+                      initializer=tf.constant(0.0, tf.float64))
+    positions = tf.concat([tf.zeros([1], tf.float64), offsets], 0)
+    return tf.cast(tf.math.round(positions), tf.int64)
+
+
+def respace_uniform(diffusion: GaussianDiffusion, num_steps) -> GaussianDiffusion:
+    """`diffusion` restricted to K evenly spaced steps ("K" respacing), K possibly a tensor.
+
+    Eagerly with a python K this equals respace(diffusion, space_timesteps(T, str(K)));
+    inside a graph it builds the respaced constants from K with TF ops.
+    """
+    if not isinstance(diffusion.num_timesteps, int):
+        raise ValueError("respace_uniform needs a diffusion with a static number of steps")
+    if isinstance(num_steps, (int, np.integer)):
+        if not 1 <= num_steps <= diffusion.num_timesteps:
+            raise ValueError(f"num_steps {num_steps} out of range; allowed: 1..{diffusion.num_timesteps}")
+        return respace(diffusion, schedules.space_timesteps(diffusion.num_timesteps, str(int(num_steps))))
+    indices = uniform_respacing_indices(diffusion.num_timesteps, num_steps)
+    kept = tf.gather(tf.convert_to_tensor(diffusion.alphas_cumprod, tf.float64), indices)
+    previous = tf.concat([tf.ones([1], tf.float64), kept[:-1]], 0)
+    return _restricted(diffusion, betas=1.0 - kept / previous,
+                       timestep_map=tf.gather(tf.convert_to_tensor(diffusion.timestep_map, tf.int64), indices))
 
 
 def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=False,

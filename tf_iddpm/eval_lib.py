@@ -27,27 +27,46 @@ EVAL_SUBDIR = "eval"
 
 
 class BpdEvaluator:
-    """Sums of calc_bpd_loop's outputs over masked batches, one replica step at a time."""
+    """Sums of calc_bpd_loop's outputs over masked batches, one replica step at a time.
 
-    def __init__(self, net, process, *, seed=0, clip_denoised=True, class_cond=False, super_res=False):
+    :meth:`replica_sums` evaluates a batch's whole chain in one call; :meth:`replica_chunk` and
+    :meth:`replica_chunk_sums` split it into a few calls (sampling.chunk_bounds) for progress
+    reports, with bit-identical sums.
+    """
+
+    def __init__(self, net, diffusion, *, seed=0, clip_denoised=True, class_cond=False, super_res=False):
         self.net = net
-        self.process = process
+        self.diffusion = diffusion
         self.seed = int(seed)
         self.clip_denoised = clip_denoised
         self.class_cond = class_cond
         self.super_res = super_res
 
-    def replica_sums(self, batch):
-        """Per-replica sums over the real (unmasked) examples of one batch."""
+    def _bpd(self, batch, steps=None):
         kwargs = {}
         if self.class_cond:
             kwargs["y"] = batch["label"]
         if self.super_res:
             kwargs["low_res"] = batch["low_res"]
         seeds = tf.cast(batch["index"], tf.int64) + self.seed
-        out = sampling.calc_bpd_loop(self.process, lambda x, t, **kw: self.net(x, t, training=False, **kw),
-                                     batch["image"], clip_denoised=self.clip_denoised, model_kwargs=kwargs,
-                                     seeds=seeds)
+        return sampling.calc_bpd_loop(self.diffusion, lambda x, t, **kw: self.net(x, t, training=False, **kw),
+                                      batch["image"], clip_denoised=self.clip_denoised, model_kwargs=kwargs,
+                                      seeds=seeds, steps=steps)
+
+    def replica_sums(self, batch):
+        """Per-replica sums over the real (unmasked) examples of one batch."""
+        return self._sums(batch, self._bpd(batch))
+
+    def replica_chunk(self, batch, begin, end):
+        """Loop steps begin..end-1 of one batch: their vb, xstart_mse, mse columns."""
+        return self._bpd(batch, steps=(begin, end))
+
+    def replica_chunk_sums(self, batch, chunks):
+        """replica_sums from the batch's chunks (replica_chunk over the whole chain, in order)."""
+        return self._sums(batch, sampling.bpd_from_chunks(self.diffusion, batch["image"], chunks))
+
+    @staticmethod
+    def _sums(batch, out):
         mask = tf.cast(batch["mask"], tf.float32)
         return {
             "count": tf.reduce_sum(mask),
@@ -73,13 +92,13 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
     if num_examples < 0:
         raise ValueError(f"eval.num_samples must be >= 0 (0 = the whole split), got {num_examples}")
     data_lib.validate_data_config(config.data)
-    process = factory.create_diffusion_from_config(config, timestep_respacing=config.eval.timestep_respacing)
+    diffusion = factory.create_diffusion_from_config(config, timestep_respacing=config.eval.timestep_respacing)
     with strategy.scope():
         net = factory.create_model_from_config(config)
     loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.eval.use_ema,
                                                    ema_rates=config_utils.ema_rates(config),
                                                    checkpoint_path=checkpoint)
-    evaluator = BpdEvaluator(net, process, seed=config.seed, clip_denoised=config.eval.clip_denoised,
+    evaluator = BpdEvaluator(net, diffusion, seed=config.seed, clip_denoised=config.eval.clip_denoised,
                              class_cond=config.data.class_cond, super_res=config.data.low_res_size > 0)
     global_batch = int(config.eval.batch_size)
     dataset = strategy.distribute_datasets_from_function(
@@ -87,19 +106,34 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
             config.data, batch_size=ctx.get_per_replica_batch_size(global_batch),
             num_examples=num_examples, input_context=ctx))
 
+    # Each batch's chain runs as a few graph calls (chunks of steps), so progress moves along the
+    # chain; the sums equal the one-call evaluator.replica_sums bit for bit.
     @tf.function
-    def eval_step(batch):
-        per_replica = strategy.run(evaluator.replica_sums, args=(batch,))
+    def eval_chunk(batch, begin, end):
+        return strategy.run(evaluator.replica_chunk, args=(batch, begin, end))
+
+    @tf.function
+    def eval_sums(batch, chunks):
+        per_replica = strategy.run(evaluator.replica_chunk_sums, args=(batch, chunks))
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
 
     logging.info("evaluating %s on %s/%s with %d steps per image", loaded, config.data.name,
-                 config.data.eval_split, process.num_timesteps)
+                 config.data.eval_split, diffusion.num_timesteps)
+    bounds = [(tf.constant(b, tf.int32), tf.constant(e, tf.int32))
+              for b, e in sampling.chunk_bounds(diffusion.num_timesteps)]
+    split_size = data_lib.dataset_num_examples(config.data, config.data.eval_split)
+    num_batches = -(-(min(split_size, num_examples) if num_examples else split_size) // global_batch)
     totals = None
-    progress = tqdm.tqdm(dataset, desc="bpd", unit="batch")
-    for batch in progress:
-        sums = {k: v.numpy() for k, v in eval_step(batch).items()}
+    progress = tqdm.tqdm(total=num_batches * diffusion.num_timesteps, desc="bpd", unit="step")
+    for batch in dataset:
+        chunks = []
+        for begin, end in bounds:
+            chunks.append(eval_chunk(batch, begin, end))
+            progress.update(int(end - begin))
+        sums = {k: v.numpy() for k, v in eval_sums(batch, chunks).items()}
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
         progress.set_postfix(bpd=f"{totals['total_bpd'] / max(totals['count'], 1):.4f}", n=int(totals["count"]))
+    progress.close()
     if totals is None or totals["count"] == 0:
         raise ValueError(f"the eval split {config.data.eval_split!r} of {config.data.name!r} is empty")
 
@@ -108,11 +142,11 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
         "bpd": float(totals["total_bpd"] / count),
         "prior_bpd": float(totals["prior_bpd"] / count),
         "num_images": int(count),
-        "num_steps": int(process.num_timesteps),
+        "num_steps": int(diffusion.num_timesteps),
         "timestep_respacing": config.eval.timestep_respacing,
         "clip_denoised": bool(config.eval.clip_denoised),
         "cdf": config.diffusion.cdf,
-        "weights": loaded,
+        "weights": str(loaded),
         "dataset": f"{config.data.name}/{config.data.eval_split}",
     }
     out_dir = os.path.join(workdir, EVAL_SUBDIR)

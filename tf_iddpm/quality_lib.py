@@ -63,10 +63,14 @@ def draw_samples(sampler: sample_lib.Sampler, config, num_samples: int, batch_si
     seeds = np.arange(num_samples, dtype=np.int64) + int(config.seed)
     labels = sample_lib.sample_labels(config, seeds)
     images = []
-    for start in tqdm.trange(0, num_samples, batch_size, desc=desc, unit="batch"):
-        batch_labels = None if labels is None else labels[start:start + batch_size]
-        batch = sampler(seeds[start:start + batch_size], batch_labels)
-        images.append(image_utils.denormalize_images(batch).numpy())
+    starts = range(0, num_samples, batch_size)
+    with tqdm.tqdm(total=len(starts) * sampler.diffusion.num_timesteps, desc=desc,
+                   unit="step") as progress:
+        for start in starts:
+            batch_labels = None if labels is None else labels[start:start + batch_size]
+            batch = sampler.sample_in_chunks(seeds[start:start + batch_size], batch_labels,
+                                             on_chunk=progress.update)
+            images.append(image_utils.denormalize_images(batch).numpy())
     return to_rgb(np.concatenate(images))
 
 
@@ -172,7 +176,7 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
         if sampler_name != "ddim":
             point_config.sample.eta = 0.0
         sampler = sample_lib.build_sampler(point_config, workdir, checkpoint=checkpoint)
-        steps = int(sampler.process.num_timesteps)
+        steps = int(sampler.diffusion.num_timesteps)
         images = draw_samples(sampler, point_config, num_samples, int(config.sample.batch_size),
                               desc=f"sampling {sampler_name} {steps} steps")
         if len(points) == 1:
@@ -236,11 +240,11 @@ def log_training_fid(net, config, step: int, writer) -> Optional[Dict[str, float
     sample = config.sample
     key = (id(net), sample.timestep_respacing, sample.use_ddim, float(sample.eta))
     if key not in _TRAINING_SAMPLERS:
-        process = factory.create_diffusion_from_config(
+        diffusion = factory.create_diffusion_from_config(
             config, timestep_respacing=sample.timestep_respacing)
         size = config.data.image_size
         _TRAINING_SAMPLERS[key] = sample_lib.Sampler(
-            net, process, image_shape=[size, size, config.data.num_channels],
+            net, diffusion, image_shape=[size, size, config.data.num_channels],
             use_ddim=sample.use_ddim, eta=sample.eta, clip_denoised=sample.clip_denoised,
             class_cond=config.data.class_cond)
     images = draw_samples(_TRAINING_SAMPLERS[key], config, int(config.train.fid_num_samples),

@@ -6,7 +6,7 @@ returns the same image.
 """
 
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from absl import logging
 import numpy as np
@@ -38,12 +38,17 @@ def sample_labels(config, seeds: np.ndarray) -> Optional[np.ndarray]:
 
 
 class Sampler:
-    """A network plus a (respaced) diffusion, with the whole reverse loop compiled once per shape."""
+    """A network plus a (respaced) diffusion, with the whole reverse loop compiled once per shape.
 
-    def __init__(self, net, process, *, image_shape, use_ddim=False, eta=0.0, clip_denoised=True,
+    ``sampler(seeds)`` runs the chain as one graph call; :meth:`sample_in_chunks` runs it as a few
+    graph calls of consecutive steps (sampling.chunk_bounds) and reports each, for progress bars.
+    Both give bit-identical images.
+    """
+
+    def __init__(self, net, diffusion, *, image_shape, use_ddim=False, eta=0.0, clip_denoised=True,
                  class_cond=False):
         self.net = net
-        self.process = process
+        self.diffusion = diffusion
         self.image_shape = list(image_shape)
         self.use_ddim = use_ddim
         self.eta = float(eta)
@@ -52,23 +57,47 @@ class Sampler:
         # [None] batch dims: a last, smaller batch reuses the same graph.
         self.sample_batch = tf.function(self._sample_batch, input_signature=[
             tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32)])
+        self.initial_noise = tf.function(
+            lambda seeds: sampling.seeded_normal(seeds, 0, self.image_shape),
+            input_signature=[tf.TensorSpec([None], tf.int64)])
+        self.sample_steps = tf.function(self._sample_batch, input_signature=[
+            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None] + self.image_shape, tf.float32), tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.int32)])
 
     def _model_fn(self, x, t, **kwargs):
         return self.net(x, t, training=False, **kwargs)
 
-    def _sample_batch(self, seeds, labels):
+    def _sample_batch(self, seeds, labels, x=None, begin=None, end=None):
         shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
         kwargs = {"y": labels} if self.class_cond else {}
+        steps = None if begin is None else (begin, end)
         if self.use_ddim:
-            return sampling.ddim_sample_loop(self.process, self._model_fn, shape, seeds=seeds, eta=self.eta,
-                                             clip_denoised=self.clip_denoised, model_kwargs=kwargs)
-        return sampling.p_sample_loop(self.process, self._model_fn, shape, seeds=seeds,
-                                      clip_denoised=self.clip_denoised, model_kwargs=kwargs)
+            return sampling.ddim_sample_loop(self.diffusion, self._model_fn, shape, seeds=seeds, eta=self.eta,
+                                             clip_denoised=self.clip_denoised, model_kwargs=kwargs,
+                                             noise=x, steps=steps)
+        return sampling.p_sample_loop(self.diffusion, self._model_fn, shape, seeds=seeds,
+                                      clip_denoised=self.clip_denoised, model_kwargs=kwargs,
+                                      noise=x, steps=steps)
 
-    def __call__(self, seeds, labels=None):
+    @staticmethod
+    def _inputs(seeds, labels):
         seeds = tf.convert_to_tensor(seeds, tf.int64)
         labels = tf.zeros_like(seeds, tf.int32) if labels is None else tf.convert_to_tensor(labels, tf.int32)
-        return self.sample_batch(seeds, labels)
+        return seeds, labels
+
+    def __call__(self, seeds, labels=None):
+        return self.sample_batch(*self._inputs(seeds, labels))
+
+    def sample_in_chunks(self, seeds, labels=None, on_chunk: Optional[Callable[[int], None]] = None):
+        """As ``sampler(seeds, labels)``, run as a few graph calls; on_chunk(steps run) after each."""
+        seeds, labels = self._inputs(seeds, labels)
+        x = self.initial_noise(seeds)
+        for begin, end in sampling.chunk_bounds(self.diffusion.num_timesteps):
+            x = self.sample_steps(seeds, labels, x, begin, end)
+            if on_chunk is not None:
+                on_chunk(end - begin)
+        return x
 
 
 def build_sampler(config, workdir: str, checkpoint: Optional[str] = None) -> Sampler:
@@ -78,15 +107,15 @@ def build_sampler(config, workdir: str, checkpoint: Optional[str] = None) -> Sam
     raises :class:`tf_iddpm.checkpoints.DamagedCheckpointError`.
     """
     respacing = config.sample.timestep_respacing
-    process = factory.create_diffusion_from_config(config, timestep_respacing=respacing)
+    diffusion = factory.create_diffusion_from_config(config, timestep_respacing=respacing)
     net = factory.create_model_from_config(config)
     loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.sample.use_ema,
                                                    ema_rates=config_utils.ema_rates(config),
                                                    checkpoint_path=checkpoint)
-    logging.info("sampling with %s, %d steps (%r), %s", loaded, process.num_timesteps, respacing or "all",
+    logging.info("sampling with %s, %d steps (%r), %s", loaded, diffusion.num_timesteps, respacing or "all",
                  f"DDIM eta={config.sample.eta}" if config.sample.use_ddim else "ancestral")
     size = config.data.image_size
-    return Sampler(net, process, image_shape=[size, size, config.data.num_channels],
+    return Sampler(net, diffusion, image_shape=[size, size, config.data.num_channels],
                    use_ddim=config.sample.use_ddim, eta=config.sample.eta,
                    clip_denoised=config.sample.clip_denoised, class_cond=config.data.class_cond)
 
@@ -113,10 +142,15 @@ def sample(config, workdir: str, strategy=None, checkpoint: Optional[str] = None
     seeds = np.arange(num_samples, dtype=np.int64) + int(config.seed)
     labels = sample_labels(config, seeds)
     images = []
-    for start in tqdm.trange(0, num_samples, batch_size, desc="sampling", unit="batch"):
-        batch_seeds = seeds[start:start + batch_size]
-        batch_labels = None if labels is None else labels[start:start + batch_size]
-        images.append(image_utils.denormalize_images(sampler(batch_seeds, batch_labels)).numpy())
+    starts = range(0, num_samples, batch_size)
+    # Progress in reverse-chain steps over all batches, updated a few dozen times per chain.
+    with tqdm.tqdm(total=len(starts) * sampler.diffusion.num_timesteps, desc="sampling",
+                   unit="step") as progress:
+        for start in starts:
+            batch_seeds = seeds[start:start + batch_size]
+            batch_labels = None if labels is None else labels[start:start + batch_size]
+            batch = sampler.sample_in_chunks(batch_seeds, batch_labels, on_chunk=progress.update)
+            images.append(image_utils.denormalize_images(batch).numpy())
     images = np.concatenate(images)
 
     out_dir = os.path.join(workdir, SAMPLES_SUBDIR)

@@ -13,12 +13,16 @@ Randomness is either replayed or seed-determined:
   ``stateless_normal([H, W, C], seed=[seeds[n], d])``; draw 0 is x_T (when ``noise`` is not given)
   and draw k + 1 is the noise of loop iteration k.  An image therefore depends only on its own
   seed, never on the batch it was computed in.
+
+A chain can also run as a few graph calls of consecutive steps (``steps=(begin, end)``, the loop
+state carried between calls, see :func:`chunk_bounds`), so that a caller can show progress along
+the chain; every step computes exactly what it computes in the one-call loop, so the results are
+bit-identical.  :func:`bpd_from_chunks` joins the chunks of :func:`calc_bpd_loop`.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from tf_iddpm import schedules
 from tf_iddpm.diffusion import GaussianDiffusion, mean_flat
 
 
@@ -53,7 +57,7 @@ def _noise_for_step(step_noise, seeds, k, image_shape):
     return seeded_normal(seeds, k + 1, image_shape)
 
 
-def _noise_sources(step_noise, seeds, batch_size, num_steps):
+def _noise_sources(step_noise, seeds, batch_size, num_steps, steps=None):
     """Validates replayed draws, or falls back to random per-image seeds when none are given."""
     if step_noise is not None:
         step_noise = tf.convert_to_tensor(step_noise, tf.float32)
@@ -61,14 +65,44 @@ def _noise_sources(step_noise, seeds, batch_size, num_steps):
         if isinstance(num_steps, int) and steps_given is not None and steps_given != num_steps:
             raise ValueError(f"step_noise holds {steps_given} draws but the chain has {num_steps} steps")
     elif seeds is None:
+        if steps is not None:
+            raise ValueError("a chain run in chunks (steps=...) needs seeds or step_noise, so that "
+                             "every chunk draws from the same streams")
         seeds = tf.random.uniform([batch_size], maxval=np.iinfo(np.int64).max, dtype=tf.int64)
     return step_noise, seeds
 
 
+# About this many graph calls per chain when it runs in chunks (chunk_bounds).
+CHUNKS_PER_CHAIN = 32
+
+
+def chunk_bounds(num_steps: int, num_chunks: int = CHUNKS_PER_CHAIN):
+    """Splits the K loop steps of a chain into about `num_chunks` runs of consecutive steps.
+
+    Args:
+      num_steps: K, the steps of the (respaced) chain.
+      num_chunks: the wanted number of chunks (fewer when K is smaller).
+
+    Returns:
+      [(begin, end), ...] covering 0..K in order; every chunk but the last has ceil(K / num_chunks)
+      steps.
+    """
+    chunk = max(1, -(-int(num_steps) // max(1, int(num_chunks))))
+    return [(begin, min(begin + chunk, int(num_steps))) for begin in range(0, int(num_steps), chunk)]
+
+
+def _step_range(diffusion, steps):
+    """(begin, end) int32 scalars of the loop steps to run: `steps`, or the whole chain."""
+    if steps is None:
+        return tf.constant(0), tf.cast(diffusion.num_timesteps, tf.int32)
+    begin, end = steps
+    return tf.cast(begin, tf.int32), tf.cast(end, tf.int32)
+
+
 def _sample_loop(diffusion: GaussianDiffusion, model_fn, shape, step_fn, *, noise, model_kwargs,
-                 step_noise, seeds):
+                 step_noise, seeds, steps=None):
     shape = [int(s) for s in shape] if not isinstance(shape, tf.Tensor) else shape
-    step_noise, seeds = _noise_sources(step_noise, seeds, shape[0], diffusion.num_timesteps)
+    step_noise, seeds = _noise_sources(step_noise, seeds, shape[0], diffusion.num_timesteps, steps)
     model_kwargs = dict(model_kwargs or {})
     image_shape = shape[1:]
 
@@ -78,6 +112,7 @@ def _sample_loop(diffusion: GaussianDiffusion, model_fn, shape, step_fn, *, nois
         else:
             x_init = seeded_normal(seeds, 0, image_shape)
         num_steps = tf.cast(diffusion.num_timesteps, tf.int32)
+        begin, end = _step_range(diffusion, steps)
         batch = tf.shape(x_init)[0]
 
         def body(k, x):
@@ -87,14 +122,14 @@ def _sample_loop(diffusion: GaussianDiffusion, model_fn, shape, step_fn, *, nois
             # Keep the static shape of x_T across iterations (tf.fill's batch dim is dynamic).
             return k + 1, tf.ensure_shape(step_fn(model_output, x, t, z), x_init.shape)
 
-        _, x_final = tf.while_loop(lambda k, x: k < num_steps, body, [tf.constant(0), x_init])
+        _, x_final = tf.while_loop(lambda k, x: k < end, body, [begin, x_init])
         return x_final
 
     return _in_graph(run)
 
 
 def p_sample_loop(diffusion: GaussianDiffusion, model_fn, shape, *, noise=None, clip_denoised=True,
-                  model_kwargs=None, step_noise=None, seeds=None):
+                  model_kwargs=None, step_noise=None, seeds=None, steps=None):
     """Ancestral sampling x_T -> x_0 through p(x_{t-1} | x_t) over every step of `diffusion`.
 
     With a respaced diffusion this is the paper's strided sampling (Section 4): the respaced betas
@@ -109,18 +144,22 @@ def p_sample_loop(diffusion: GaussianDiffusion, model_fn, shape, *, noise=None, 
       model_kwargs: extra network inputs, e.g. {"y": labels}.
       step_noise: optional [K, N, H, W, C] draws to replay (see module doc).
       seeds: optional int64 [N] per-image seeds (see module doc); random if neither is given.
+      steps: optional (begin, end): run only loop steps begin..end-1 (t = K-1-begin down to
+        t = K-end) starting from `noise`, the state after step begin-1 (x_T when begin = 0 and
+        `noise` is None); needs seeds or step_noise.  See chunk_bounds.
 
     Returns:
-      float32 [N, H, W, C] samples in (approximately) [-1, 1].
+      float32 [N, H, W, C] samples in (approximately) [-1, 1] (with `steps`: the state after
+      step end-1).
     """
     def step(model_output, x, t, z):
         return diffusion.p_sample_from_output(model_output, x, t, z, clip_denoised=clip_denoised)["sample"]
     return _sample_loop(diffusion, model_fn, shape, step, noise=noise, model_kwargs=model_kwargs,
-                        step_noise=step_noise, seeds=seeds)
+                        step_noise=step_noise, seeds=seeds, steps=steps)
 
 
 def ddim_sample_loop(diffusion: GaussianDiffusion, model_fn, shape, *, noise=None, clip_denoised=True,
-                     model_kwargs=None, eta=0.0, step_noise=None, seeds=None):
+                     model_kwargs=None, eta=0.0, step_noise=None, seeds=None, steps=None):
     """DDIM sampling (Song et al. 2020) over every step of `diffusion`; eta = 0 is deterministic.
 
     Arguments as p_sample_loop, plus eta >= 0 (a python float or a float32 scalar tensor).
@@ -129,11 +168,11 @@ def ddim_sample_loop(diffusion: GaussianDiffusion, model_fn, shape, *, noise=Non
         return diffusion.ddim_sample_from_output(model_output, x, t, z, eta=eta,
                                                  clip_denoised=clip_denoised)["sample"]
     return _sample_loop(diffusion, model_fn, shape, step, noise=noise, model_kwargs=model_kwargs,
-                        step_noise=step_noise, seeds=seeds)
+                        step_noise=step_noise, seeds=seeds, steps=steps)
 
 
 def calc_bpd_loop(diffusion: GaussianDiffusion, model_fn, x_start, *, clip_denoised=True,
-                  model_kwargs=None, step_noise=None, seeds=None):
+                  model_kwargs=None, step_noise=None, seeds=None, steps=None):
     """The whole variational bound (Eq. 4) in bits/dim, per image.
 
     For t = K-1 ... 0 (K = steps of `diffusion`): draw eps, form x_t ~ q(x_t | x_0), and evaluate
@@ -147,20 +186,25 @@ def calc_bpd_loop(diffusion: GaussianDiffusion, model_fn, x_start, *, clip_denoi
       model_kwargs: extra network inputs.
       step_noise: optional [K, N, H, W, C] eps draws to replay, entry k used at t = K-1-k.
       seeds: optional int64 [N] per-image seeds.
+      steps: optional (begin, end): evaluate only loop steps begin..end-1 and return their
+        columns; needs seeds or step_noise.  bpd_from_chunks joins the chunks of a chain.
 
     Returns:
       dict: total_bpd [N], prior_bpd [N], and [N, K] arrays vb, xstart_mse, mse whose column k
-      belongs to t = K-1-k (the reference's order).  total_bpd = prior_bpd + vb.sum(1).
+      belongs to t = K-1-k (the reference's order).  total_bpd = prior_bpd + vb.sum(1).  With
+      `steps`: only vb, xstart_mse, mse, each [N, end - begin].
     """
     x_start = tf.convert_to_tensor(x_start, tf.float32)
-    step_noise, seeds = _noise_sources(step_noise, seeds, tf.shape(x_start)[0], diffusion.num_timesteps)
+    step_noise, seeds = _noise_sources(step_noise, seeds, tf.shape(x_start)[0], diffusion.num_timesteps,
+                                       steps)
     model_kwargs = dict(model_kwargs or {})
     image_shape = tf.shape(x_start)[1:]
 
     def run():
         num_steps = tf.cast(diffusion.num_timesteps, tf.int32)
+        begin, end = _step_range(diffusion, steps)
         batch = tf.shape(x_start)[0]
-        arrays = [tf.TensorArray(tf.float32, size=num_steps, element_shape=[None]) for _ in range(3)]
+        arrays = [tf.TensorArray(tf.float32, size=end - begin, element_shape=[None]) for _ in range(3)]
 
         def body(k, vb_ta, xstart_mse_ta, mse_ta):
             t = tf.fill([batch], num_steps - 1 - k)
@@ -170,71 +214,43 @@ def calc_bpd_loop(diffusion: GaussianDiffusion, model_fn, x_start, *, clip_denoi
             term = diffusion.vb_terms_bpd_from_output(model_output, x_start, x_t, t, clip_denoised=clip_denoised)
             pred_eps = diffusion.predict_eps_from_xstart(x_t, t, term["pred_xstart"])
             return (k + 1,
-                    vb_ta.write(k, term["output"]),
-                    xstart_mse_ta.write(k, mean_flat(tf.square(term["pred_xstart"] - x_start))),
-                    mse_ta.write(k, mean_flat(tf.square(pred_eps - eps))))
+                    vb_ta.write(k - begin, term["output"]),
+                    xstart_mse_ta.write(k - begin, mean_flat(tf.square(term["pred_xstart"] - x_start))),
+                    mse_ta.write(k - begin, mean_flat(tf.square(pred_eps - eps))))
 
         # parallel_iterations=1: the iterations are independent, and running several at once made
         # oneDNN kernels return (rarely) different vb terms from run to run; one at a time is
         # deterministic and no slower on a CPU whose cores each iteration already uses.
         _, vb_ta, xstart_mse_ta, mse_ta = tf.while_loop(
-            lambda k, *_: k < num_steps, body, [tf.constant(0)] + arrays, parallel_iterations=1)
-        vb, xstart_mse, mse = (tf.transpose(ta.stack()) for ta in (vb_ta, xstart_mse_ta, mse_ta))
-        prior_bpd = diffusion.prior_bpd(x_start)
-        return dict(total_bpd=tf.reduce_sum(vb, axis=1) + prior_bpd, prior_bpd=prior_bpd, vb=vb,
-                    xstart_mse=xstart_mse, mse=mse)
+            lambda k, *_: k < end, body, [begin] + arrays, parallel_iterations=1)
+        columns = {name: tf.transpose(ta.stack()) for name, ta in
+                   (("vb", vb_ta), ("xstart_mse", xstart_mse_ta), ("mse", mse_ta))}
+        if steps is not None:
+            return columns
+        return bpd_from_chunks(diffusion, x_start, [columns])
 
     return _in_graph(run)
 
 
-# ---------------------------------------------------------------------- respacing at run time
-
-def uniform_respacing_indices(num_timesteps: int, num_steps):
-    """space_timesteps(T, "K") computed with TF ops, so K can be a tensor (chosen per request).
-
-    Same arithmetic as the reference: a float64 stride (T-1)/(K-1) accumulated by sequential
-    addition (tf.scan) and rounded half to even.
+def bpd_from_chunks(diffusion: GaussianDiffusion, x_start, chunks):
+    """calc_bpd_loop's result from the chunks of one chain (calc_bpd_loop(..., steps=...) in order).
 
     Args:
-      num_timesteps: T (python int).
-      num_steps: K, int scalar (tensor or python), 1 <= K <= T.
+      diffusion: the process of the chain.
+      x_start: [N, H, W, C] images in [-1, 1].
+      chunks: the chunks' dicts of vb, xstart_mse, mse [N, end - begin], covering the chain.
 
     Returns:
-      int64 [K] sorted kept indices.
+      The dict calc_bpd_loop returns for the whole chain (bit-identical to it).
     """
-    num_steps = tf.cast(num_steps, tf.int64)
-    count = tf.cast(num_steps, tf.float64)
-    frac_stride = tf.where(num_steps > 1, (num_timesteps - 1.0) / tf.maximum(count - 1.0, 1.0),
-                           tf.constant(1.0, tf.float64))
-    offsets = tf.scan(lambda acc, step: acc + step, tf.fill([num_steps - 1], frac_stride),
-                      initializer=tf.constant(0.0, tf.float64))
-    positions = tf.concat([tf.zeros([1], tf.float64), offsets], 0)
-    return tf.cast(tf.math.round(positions), tf.int64)
+    x_start = tf.convert_to_tensor(x_start, tf.float32)
 
+    def run():
+        joined = {name: chunks[0][name] if len(chunks) == 1 else tf.concat([c[name] for c in chunks], 1)
+                  for name in ("vb", "xstart_mse", "mse")}
+        prior_bpd = diffusion.prior_bpd(x_start)
+        return dict(total_bpd=tf.reduce_sum(joined["vb"], axis=1) + prior_bpd, prior_bpd=prior_bpd,
+                    **joined)
 
-def respace_uniform(diffusion: GaussianDiffusion, num_steps) -> GaussianDiffusion:
-    """`diffusion` restricted to K evenly spaced steps ("K" respacing), K possibly a tensor.
-
-    Eagerly with a python K this equals diffusion.respace(diffusion, space_timesteps(T, str(K)));
-    inside a graph it builds the respaced constants from K with TF ops.
-    """
-    if not isinstance(diffusion.num_timesteps, int):
-        raise ValueError("respace_uniform needs a diffusion with a static number of steps")
-    if isinstance(num_steps, (int, np.integer)):
-        if not 1 <= num_steps <= diffusion.num_timesteps:
-            raise ValueError(f"num_steps {num_steps} out of range; allowed: 1..{diffusion.num_timesteps}")
-        from tf_iddpm.diffusion import respace  # pylint: disable=g-import-not-at-top
-        return respace(diffusion, schedules.space_timesteps(diffusion.num_timesteps, str(int(num_steps))))
-    indices = uniform_respacing_indices(diffusion.num_timesteps, num_steps)
-    kept = tf.gather(tf.convert_to_tensor(diffusion.alphas_cumprod, tf.float64), indices)
-    previous = tf.concat([tf.ones([1], tf.float64), kept[:-1]], 0)
-    return GaussianDiffusion(
-        betas=1.0 - kept / previous,
-        model_mean_type=diffusion.model_mean_type,
-        model_var_type=diffusion.model_var_type,
-        loss_type=diffusion.loss_type,
-        rescale_timesteps=diffusion.rescale_timesteps,
-        timestep_map=tf.gather(tf.convert_to_tensor(diffusion.timestep_map, tf.int64), indices),
-        original_num_steps=diffusion.original_num_steps,
-        cdf=diffusion.cdf,
-    )
+    # In a graph, as in the one-call loop: graph optimisations round some arithmetic differently.
+    return _in_graph(run)

@@ -29,15 +29,11 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
+from tf_iddpm import config_utils
+
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 TensorLike = Union[tf.Tensor, np.ndarray, list, int]
-
-
-def _check_positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class ScheduleSampler(tf.Module):
@@ -54,7 +50,7 @@ class ScheduleSampler(tf.Module):
           name: the module name (variable name scope).
         """
         super().__init__(name=name)
-        self._num_timesteps = _check_positive_int(num_timesteps, "num_timesteps")
+        self._num_timesteps = config_utils.check_positive_int("num_timesteps", num_timesteps)
 
     @property
     def num_timesteps(self) -> int:
@@ -183,7 +179,7 @@ class LossSecondMomentResampler(ScheduleSampler):
           name: the module name.
         """
         super().__init__(num_timesteps, name=name)
-        self.history_per_term = _check_positive_int(history_per_term, "history_per_term")
+        self.history_per_term = config_utils.check_positive_int("history_per_term", history_per_term)
         if isinstance(uniform_prob, bool) or not 0.0 <= float(uniform_prob) <= 1.0:
             raise ValueError(f"uniform_prob must be a float in [0, 1], got {uniform_prob!r}")
         self.uniform_prob = float(uniform_prob)

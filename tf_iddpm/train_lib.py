@@ -311,7 +311,7 @@ def _sample_grid(trainer: Trainer, num_images: int = 16):
     config = trainer.config
     rate = max(trainer.ema_rates)
     net = trainer.ema_nets[rate]
-    process = factory.create_diffusion_from_config(config, timestep_respacing=config.sample.timestep_respacing or "50")
+    diffusion = factory.create_diffusion_from_config(config, timestep_respacing=config.sample.timestep_respacing or "50")
     size, channels = config.data.image_size, config.data.num_channels
     kwargs = {}
     if trainer.class_cond:
@@ -319,22 +319,28 @@ def _sample_grid(trainer: Trainer, num_images: int = 16):
     if trainer.super_res:
         return None  # needs low-resolution inputs; evaluated by run.py --mode=sample instead
     images = sampling.p_sample_loop(
-        process, lambda x, t, **kw: net(x, t, training=False, **kw), [num_images, size, size, channels],
+        diffusion, lambda x, t, **kw: net(x, t, training=False, **kw), [num_images, size, size, channels],
         seeds=tf.range(num_images, dtype=tf.int64), model_kwargs=kwargs)
     return image_utils.denormalize_images(images)
 
 
-def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = None) -> Dict[str, float]:
+def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = None, *,
+          config_checked: bool = False) -> Dict[str, float]:
     """Trains per `config` in `workdir`, resuming from its newest readable checkpoint.
 
     `config` is stored as `<workdir>/config.json` once the model is built and restored, before the
     first step, so that a start refused earlier leaves the workdir as it was.
 
+    `config` is validated here (config_utils.validate_config, with the strategy's replica count)
+    unless `config_checked`: run.py validates it once per process and passes True.  The data
+    sources are checked here in any case (data.validate_data_config).
+
     Returns:
       The metrics of the last logging interval (means per example), for callers and tests.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    config_utils.validate_config(config, num_replicas=strategy.num_replicas_in_sync)
+    if not config_checked:
+        config_utils.validate_config(config, num_replicas=strategy.num_replicas_in_sync)
     data_lib.validate_data_config(config.data)
     keras.mixed_precision.set_global_policy(config.train.mixed_precision)
     if config.train.deterministic_ops:

@@ -17,9 +17,9 @@ the skips the decoder concatenates), the 1x1 skip convolutions, GroupNorm statis
 softmax, the timestep/class embedding MLP and the ``out`` head; the output is float32.  Why: at
 small t the model reads eps off deviations of x_t far below bfloat16's resolution (its spacing near
 1.0 is 2^-7, one 8-bit pixel level), so rounding the image or the stream that passes it to the head
-destroys exactly the information the likelihood depends on.  Measured on the trained digits model
-(100-step chain, 64 test images): an all-bfloat16 torso moved bpd by +0.016; this split by
--0.0001 (max 0.004 per image), at the same bfloat16 speed.
+destroys exactly the information the likelihood depends on.  How far a policy moves the bpd of a
+trained model is what ``python -m tf_iddpm.benchmark --bpd_check_workdir=...`` measures (the
+README's Performance section records the numbers).
 """
 
 import hashlib
@@ -384,7 +384,7 @@ class AttentionBlock(keras.layers.Layer):
         qkv = self.qkv(self.norm(tokens))
         # Heads moved ahead of the tokens once ([N, heads, T, 3ch]) so both products are plain
         # batched matmuls whose gradients need no data transposes; einsum over the [N, T, heads, ch]
-        # layout transposed its operands on every call (23 vs 20 ms fwd+bwd per 16x16 bench block).
+        # layout transposed its operands on every call, which was slower (README, Performance).
         qkv = tf.transpose(tf.reshape(qkv, [batch, -1, self.num_heads, 3 * head_channels]), [0, 2, 1, 3])
         q, k, v = tf.split(qkv, 3, axis=-1)  # each [N, heads, T, ch]
         scale = tf.cast(1.0 / math.sqrt(math.sqrt(head_channels)), q.dtype)
@@ -448,6 +448,9 @@ class UNetModel(keras.Model):
 
     Constructor arguments are the reference's (``dims=2`` and ``use_checkpoint`` aside), so a
     reference configuration maps 1:1.  Called as ``model(x, t)`` or ``model(x, t, y=labels)``.
+    The model is usable on its own, so it raises on arguments it cannot be built with; the rules on
+    an experiment's config fields are ``config_utils.validate_config``'s, which ``run.py`` checks
+    before anything is built.
 
     Args:
       in_channels: channels of the input image.
