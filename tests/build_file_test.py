@@ -386,7 +386,7 @@ def test_modules_have_no_import_cycles():
 # The import layers of the README's Architecture section, lowest first: a module imports modules of
 # its own layer or of lower ones, never of a higher one.  A new module must be placed here.
 IMPORT_LAYERS = (
-    ("foundations", ("configs/*.py", "tf_iddpm/fileio.py", "tf_iddpm/schedules.py",
+    ("foundations", ("configs/*.py", "tf_iddpm/fileio.py", "tf_iddpm/console.py", "tf_iddpm/schedules.py",
                      "tf_iddpm/losses.py", "tf_iddpm/config_utils.py", "tf_iddpm/image_utils.py",
                      "tf_iddpm/checkpoints.py", "tf_iddpm/distribute.py")),
     ("data, network, diffusion", ("tf_iddpm/data.py", "tf_iddpm/digits_dataset.py",
