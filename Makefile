@@ -11,7 +11,7 @@ WORKDIR ?= workdir/digits
 # own files, hence --no-deps (otherwise pip would install a second TensorFlow over the first).
 NODEPS_PKGS := tf-keras==2.21.0 tensorflow-serving-api==2.21.0
 
-.PHONY: venv test demo bazel-test benchmark clean
+.PHONY: venv test demo bazel-test benchmark format clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -n 2 -q tests
 	# Bazel smoke: builds every BUILD target and runs two of them (the full `make bazel-test`
 	# would run the suite a second time, beyond the CI budget).
@@ -33,6 +35,10 @@ demo: venv
 	$(PY) run.py --workdir=$(WORKDIR) --mode=sample
 	$(PY) run.py --workdir=$(WORKDIR) --mode=eval
 	$(PY) run.py --workdir=$(WORKDIR) --mode=export
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bazel-test: venv
 	bash tools/bazel_test.sh

@@ -57,7 +57,9 @@ def test_discretized_likelihood_approx_matches_reference():
 
 def _exact_bin_probs(x, mean, log_scale):
     """Bin probabilities of the discretised Gaussian from math.erf in float64."""
-    phi = lambda z: 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+    def phi(z):
+        return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
     scale = math.exp(log_scale)
     upper = 1.0 if x > 0.999 else phi((x + 1 / 255 - mean) / scale)
     lower = 0.0 if x < -0.999 else phi((x - 1 / 255 - mean) / scale)
@@ -93,7 +95,9 @@ def test_exact_mode_is_accurate_in_the_far_tails():
     means = np.float32([0.2, -0.2])
     log_probs = losses.discretized_gaussian_log_likelihood(
         np.float32([0.0, 0.0]), means=means, log_scales=np.float32([np.log(scale)] * 2)).numpy()
-    lower_tail = lambda z: 0.5 * math.erfc(-z / math.sqrt(2.0))
+    def lower_tail(z):
+        return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
     expected_left = math.log(lower_tail((1 / 255 - 0.2) / scale) - lower_tail((-1 / 255 - 0.2) / scale))
     np.testing.assert_allclose(log_probs, [expected_left, expected_left], rtol=1e-5)
 

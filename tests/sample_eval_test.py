@@ -95,7 +95,7 @@ def test_benchmark_bpd_precision_check_on_a_trained_workdir(trained_workdir):
                            f"--bpd_check_workdir={trained_workdir}", "--bpd_check_images=6"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON ")][-1]
+    line = [out for out in proc.stdout.splitlines() if out.startswith("BENCH_JSON ")][-1]
     result = json.loads(line[len("BENCH_JSON "):])
     assert result["images"] == 6
     assert result["fp32_bpd"] > 0 and result["bf16_bpd"] > 0

@@ -29,7 +29,9 @@ def test_cosine_schedule_closed_form():
     # only touches the last beta at T = 1000.
     num_timesteps = 1000
     betas = schedules.get_named_beta_schedule("cosine", num_timesteps)
-    f = lambda t: np.cos((t / num_timesteps + 0.008) / 1.008 * np.pi / 2) ** 2
+    def f(t):
+        return np.cos((t / num_timesteps + 0.008) / 1.008 * np.pi / 2) ** 2
+
     t = np.arange(num_timesteps)
     alpha_bar = f(t + 1) / f(0)
     np.testing.assert_allclose(np.cumprod(1 - betas)[:-1], alpha_bar[:-1], rtol=1e-9)

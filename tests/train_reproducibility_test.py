@@ -177,7 +177,7 @@ def test_an_interrupted_run_resumes_into_the_uninterrupted_one(digits_dir, unint
     assert 8 <= stopped_at < NUM_STEPS, f"stopped at {stopped_at}"
     # Resume as users do: the same command.
     _run_to_end(args, tmp_path / "resumed.log")
-    assert f"resumed from" in (tmp_path / "resumed.log").read_text()
+    assert "resumed from" in (tmp_path / "resumed.log").read_text()
     reference = uninterrupted(strategy)
     _assert_same_state(_final_state(workdir), _final_state(reference))
     resumed = _losses_by_step(workdir, newest_file_only=True)

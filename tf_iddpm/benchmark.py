@@ -202,12 +202,14 @@ def _child(what: str):
         if what == "sample":
             sampler = sample_lib.Sampler(net, factory.create_diffusion_from_config(config, timestep_respacing="50"),
                                          image_shape=[size, size, 3])
-            run = lambda i: sampler(np.arange(batch) + i * batch).numpy()
+            def run(i):
+                return sampler(np.arange(batch) + i * batch).numpy()
         else:
             diffusion = factory.create_diffusion_from_config(config, timestep_respacing="100")
             nll = tf.function(lambda x, seeds: sampling.calc_bpd_loop(
                 diffusion, lambda a, t: net(a, t, training=False), x, seeds=seeds)["total_bpd"])
-            run = lambda i: nll(images, tf.range(batch, dtype=tf.int64) + i * batch).numpy()
+            def run(i):
+                return nll(images, tf.range(batch, dtype=tf.int64) + i * batch).numpy()
         for i in range(FLAGS.warmup):
             run(i)
         for i in range(FLAGS.iters):

@@ -143,7 +143,7 @@ def assign_state_dict(model, state_dict):
         if mismatched:
             lines.append("shape mismatches:\n  " + "\n  ".join(mismatched))
         raise ValueError("\n".join(lines))
-    for key, (unused_layer, unused_suffix, variable) in mapping.items():
+    for key, (_, _, variable) in mapping.items():
         variable.assign(converted[key].astype(variable.dtype))
 
 

@@ -113,7 +113,7 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> f
         warnings.warn(
             f"sqrt(sigma1 @ sigma2) has relative residual {residual:.3g}; retried with {eps} * I "
             f"added to both covariances (residual {offset_residual:.3g}) and kept the more "
-            "accurate root", RuntimeWarning)
+            "accurate root", RuntimeWarning, stacklevel=2)
         if offset_residual < residual:
             root = offset_root
     if np.iscomplexobj(root):
@@ -419,7 +419,8 @@ def warn_if_too_few(num_features: int, dim: int, what: str = "FID") -> bool:
         warnings.warn(
             f"{what} from {num_features} feature vectors of dimension {dim}: with N <= D the "
             "covariance is singular and FID is unreliable (and biased upwards at any small N); "
-            "published FIDs use 50 000 samples (KID is unbiased at small N)", RuntimeWarning)
+            "published FIDs use 50 000 samples (KID is unbiased at small N)", RuntimeWarning,
+            stacklevel=2)
         return True
     return False
 
