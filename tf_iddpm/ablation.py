@@ -84,7 +84,7 @@ def default_base_config() -> ml_collections.ConfigDict:
     """The default study's model: the embedded digits at 8x8, the tests' UNet, T=1000.
 
     ``configs/tiny.py`` (one res block per level, 32 channels, attention at 4x4), with the paper's
-    T=1000 diffusion steps and a global batch of 64.
+    T=1000 diffusion steps, a global batch of 64 and sampling batches of 256.
     """
     config = tiny.get_config()
     config.diffusion.steps = 1000
@@ -92,6 +92,7 @@ def default_base_config() -> ml_collections.ConfigDict:
     config.train.log_every = 25
     config.train.checkpoint_every = 200
     config.eval.batch_size = 64
+    config.sample.batch_size = 256     # one batch per quality point: a 8x8 chain is cheap per image
     config.export.model_name = "study"
     return config
 
@@ -101,6 +102,7 @@ def quick_base_config() -> ml_collections.ConfigDict:
     config = tiny.get_config()
     config.train.log_every = 5
     config.train.checkpoint_every = 10
+    config.sample.batch_size = 64
     return config
 
 
