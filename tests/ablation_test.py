@@ -48,6 +48,7 @@ def test_quick_study_writes_finite_results_and_resumes_without_recomputing(tmp_p
     with open(os.path.join(study_dir, "results.json")) as f:
         results = json.load(f)
     study = results["study"]
+    assert study["run_seconds"] > 0 and study["wall_seconds"] > 0
     assert study["quick"] and study["arms"] == list(ablation.QUICK_ARMS) and study["seeds"] == 1
     assert len(study["sampling_steps"]) == 2 and study["proxy_features"]
     assert len(results["runs"]) == 2
@@ -114,6 +115,14 @@ def test_unknown_arm_is_refused_with_the_list_of_arms(tmp_path):
     with pytest.raises(ValueError, match="twice"):
         ablation.parse_arms("simple_linear,simple_linear")
     assert ablation.parse_arms("all") == list(ablation.ARMS)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_iddpm.ablation", "--arms=simple_linear,bogus",
+         f"--study_dir={tmp_path / 'cli'}"], cwd=REPO_ROOT, env=env, capture_output=True,
+        text=True, check=False)
+    assert result.returncode != 0
+    assert "unknown arm(s) 'bogus'" in result.stderr and "hybrid_cosine" in result.stderr
+    assert not os.path.exists(tmp_path / "cli")
     study_dir = str(tmp_path / "study")
     with pytest.raises(ValueError, match="unknown arm 'nope'"):
         ablation.run_study(ablation.quick_base_config(), study_dir, arms=["nope"], seeds=1,

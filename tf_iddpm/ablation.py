@@ -33,6 +33,7 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
+from absl import app
 from absl import logging
 import keras
 import ml_collections
@@ -594,6 +595,10 @@ def run_study(base_config, study_dir: str, *, arms: Sequence[str], seeds: int, s
 
     # --- summary ------------------------------------------------------------------------------
     summary = summarize_runs(runs, arms, step_points)
+    # Time spent on the runs in whichever invocations did the work (a resumed study's own wall
+    # time covers only what was left).
+    run_seconds = sum(r["train"].get("seconds", 0.0) + sum(b["seconds"] for b in r["bpd"].values())
+                      + sum(p["seconds"] for p in r["quality"]) for r in runs)
     results = {
         "study": {
             "command": command, "commit": _git_commit(), "quick": quick,
@@ -604,6 +609,7 @@ def run_study(base_config, study_dir: str, *, arms: Sequence[str], seeds: int, s
             "bpd_respacing": bpd_respacing, "sampling_steps": step_points,
             "quality_samples": quality_samples, "features": extractor.description,
             "proxy_features": proxy, "wall_seconds": time.time() - started,
+            "run_seconds": run_seconds,
             "base_config": json.loads(config_utils.config_to_json(base_config)),
         },
         "feature_check": check,
@@ -660,8 +666,10 @@ def format_results(results: Dict) -> str:
              f"Command: `{study['command']}`  ", f"Commit: `{study['commit']}`  ",
              f"Dataset: {study['dataset']} {study['image_size']}x{study['image_size']}; "
              f"T={study['diffusion_steps']}; {study['train_steps']} training steps of batch "
-             f"{study['batch_size']} per run; {study['seeds']} seed(s) per arm; wall time "
-             f"{study['wall_seconds'] / 60:.1f} min.", "",
+             f"{study['batch_size']} per run; {study['seeds']} seed(s) per arm; wall time of this "
+             f"invocation {study['wall_seconds'] / 60:.1f} min; training and evaluation of the "
+             f"runs {study['run_seconds'] / 60:.1f} min (summed over the invocations that did "
+             "them).", "",
              f"Sample quality features: {study['features']}.", ""]
     if study["proxy_features"]:
         lines += ["**The distances below are a proxy** (a small classifier's features on the "
@@ -825,7 +833,11 @@ def main(argv):
     else:
         base = quick_base_config() if flags_.quick else default_base_config()
     command = " ".join(["python -m tf_iddpm.ablation"] + sys.argv[1:])
-    run_study(base, flags_.study_dir, arms=parse_arms(pick("arms")), seeds=int(pick("seeds")),
+    try:
+        arms = parse_arms(pick("arms"))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    run_study(base, flags_.study_dir, arms=arms, seeds=int(pick("seeds")),
               steps=int(pick("steps")), bpd_examples=int(pick("bpd_examples")),
               bpd_respacing=pick("bpd_respacing"), sampling_steps=pick("sampling_steps"),
               quality_samples=int(pick("quality_samples")), inception=flags_.inception,
@@ -834,7 +846,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app  # pylint: disable=g-import-not-at-top
     from absl import flags  # pylint: disable=g-import-not-at-top
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
