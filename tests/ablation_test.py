@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tf_iddpm import ablation
+from tf_iddpm import data as data_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,3 +167,9 @@ def test_mean_and_spread_over_seeds():
     assert stat == {"mean": 2.0, "std": 1.0, "n": 3}
     assert ablation._mean_std([5.0])["std"] == 0.0  # pylint: disable=protected-access
     assert ablation._mean_std([])["n"] == 0  # pylint: disable=protected-access
+
+
+def test_dataset_num_classes_reads_the_label_count():
+    config = ablation.quick_base_config()
+    assert data_lib.dataset_num_classes(config.data, "train") == 10
+    assert data_lib.dataset_num_classes(config.data.to_dict(), "test") == 10
