@@ -396,7 +396,7 @@ IMPORT_LAYERS = (
     ("assembly", ("tf_iddpm/sampling.py", "tf_iddpm/factory.py", "tf_iddpm/convert.py")),
     ("modes", ("tf_iddpm/train_lib.py", "tf_iddpm/eval_lib.py", "tf_iddpm/sample_lib.py",
                "tf_iddpm/quality_lib.py")),
-    ("entry points", ("export/*.py", "run.py", "tf_iddpm/benchmark*.py")),
+    ("entry points", ("export/*.py", "run.py", "tf_iddpm/benchmark*.py", "tf_iddpm/ablation.py")),
 )
 # What export/ must not reach, even indirectly: training and the run modes (a SavedModel export
 # and the serving helpers need only the network, the diffusion and the checkpoint readers).

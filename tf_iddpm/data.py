@@ -484,6 +484,20 @@ def dataset_num_examples(data_config, split):
     return _count_records(source)
 
 
+def dataset_num_classes(data_config, split):
+    """Number of classes of ``split``'s labels, or None when it has none (e.g. an unlabelled set).
+
+    Args:
+        data_config: ``config.data``.
+        split: split name, e.g. ``config.data.train_split``.
+
+    Returns:
+        int or None.
+    """
+    fields = data_config if isinstance(data_config, dict) else data_config.to_dict()
+    return _resolve_source(dict(fields, class_cond=False), split).num_classes
+
+
 def _count_records(source):
     records = source.make_records()
     cardinality = int(records.cardinality())
