@@ -559,7 +559,7 @@ def run_study(base_config, study_dir: str, *, arms: Sequence[str], seeds: int, s
                 bpd[name], _ = _cached(
                     os.path.join(cache_dir, f"bpd_{name}.json"),
                     dict(base_key, respacing=respacing, n=bpd_examples),
-                    lambda r=respacing: (load(), model.bpd(respacing=r, num_examples=bpd_examples))[1])
+                    lambda r=respacing, model=model: (load(), model.bpd(respacing=r, num_examples=bpd_examples))[1])
             points = []
             for sampler in SAMPLERS:
                 for k in step_points:
@@ -567,7 +567,7 @@ def run_study(base_config, study_dir: str, *, arms: Sequence[str], seeds: int, s
                                features=extractor.description)
                     grid_path = os.path.join(cache_dir, f"grid_{sampler}_{k}.npy")
 
-                    def compute(sampler=sampler, k=k, grid_path=grid_path):
+                    def compute(sampler=sampler, k=k, grid_path=grid_path, model=model):
                         t0 = time.time()
                         load()
                         images = model.samples(sampler=sampler, steps=k,
