@@ -59,39 +59,68 @@ from tf_iddpm import distribute
 FLAGS = flags.FLAGS
 
 config_flags.DEFINE_config_file(
-    "config", None,
+    "config",
+    None,
     "Experiment config file, e.g. configs/cifar10_hybrid.py. Required on the first run in a "
     "workdir; later runs reuse <workdir>/config.json. Fields: --config.train.batch_size=64.",
-    lock_config=True)
+    lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "Directory of the experiment (config, checkpoints, logs).")
 flags.DEFINE_enum("mode", "train", config_utils.MODES, "What to do.")
-flags.DEFINE_enum("strategy", "auto", distribute.STRATEGIES,
-                  "tf.distribute strategy; auto = tpu if --tpu is given, multi_worker if TF_CONFIG "
-                  "lists several tasks, mirrored if there are several GPUs, else default.")
+flags.DEFINE_enum(
+    "strategy",
+    "auto",
+    distribute.STRATEGIES,
+    "tf.distribute strategy; auto = tpu if --tpu is given, multi_worker if TF_CONFIG "
+    "lists several tasks, mirrored if there are several GPUs, else default.",
+)
 flags.DEFINE_string("tpu", "", "TPU name, grpc://host:port, or 'local' on a TPU VM.")
-flags.DEFINE_integer("cpu_devices", 0,
-                     "Split the CPU into this many logical devices (0: don't), so that "
-                     "--strategy=mirrored can run several replicas on a CPU-only machine.")
+flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "Split the CPU into this many logical devices (0: don't), so that "
+    "--strategy=mirrored can run several replicas on a CPU-only machine.",
+)
 
 # Per-run overrides of the sample / eval / export groups.  Default None = "not given".
-flags.DEFINE_integer("num_samples", None, "sample: images to draw; eval: images to evaluate "
-                     "(0 = the whole split).")
+flags.DEFINE_integer(
+    "num_samples", None, "sample: images to draw; eval: images to evaluate (0 = the whole split)."
+)
 flags.DEFINE_integer("batch_size", None, "sample / eval: global batch size.")
-flags.DEFINE_string("steps", None, "sample / eval: timestep respacing, e.g. '50', 'ddim50', "
-                    "'10,10,10'; '' = every step of the trained process.")
+flags.DEFINE_string(
+    "steps",
+    None,
+    "sample / eval: timestep respacing, e.g. '50', 'ddim50', "
+    "'10,10,10'; '' = every step of the trained process.",
+)
 flags.DEFINE_boolean("ddim", None, "sample: use the DDIM sampler instead of ancestral sampling.")
 flags.DEFINE_float("eta", None, "sample: DDIM eta (0 = deterministic).")
-flags.DEFINE_integer("class_label", None, "sample: class of every image (-1 = random labels); "
-                     "class-conditional models only.")
+flags.DEFINE_integer(
+    "class_label",
+    None,
+    "sample: class of every image (-1 = random labels); class-conditional models only.",
+)
 flags.DEFINE_boolean("use_ema", None, "sample / eval / export: use the EMA weights.")
 flags.DEFINE_string("export_dir", None, "export: output base directory (default <workdir>/export).")
-flags.DEFINE_string("ref_batch", None, "fid: reference batch .npz in the guided-diffusion "
-                    "evaluator's format (arr_0 uint8 images, optional mu/sigma/mu_s/sigma_s).")
+flags.DEFINE_string(
+    "ref_batch",
+    None,
+    "fid: reference batch .npz in the guided-diffusion "
+    "evaluator's format (arr_0 uint8 images, optional mu/sigma/mu_s/sigma_s).",
+)
 flags.DEFINE_string("inception", None, "fid: local path of classify_image_graph_def.pb.")
-flags.DEFINE_string("sweep", None, "fid: sampling steps to sweep, e.g. '25,50,100,250,full' "
-                    "(writes a table and a FID-vs-steps plot); '' = only the sample.* settings.")
-flags.DEFINE_string("checkpoint", None, "sample / eval / fid / export: the checkpoint prefix to load, e.g. "
-                    "<workdir>/checkpoints/ckpt-10 (default: the newest in <workdir>/checkpoints).")
+flags.DEFINE_string(
+    "sweep",
+    None,
+    "fid: sampling steps to sweep, e.g. '25,50,100,250,full' "
+    "(writes a table and a FID-vs-steps plot); '' = only the sample.* settings.",
+)
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "sample / eval / fid / export: the checkpoint prefix to load, e.g. "
+    "<workdir>/checkpoints/ckpt-10 (default: the newest in <workdir>/checkpoints).",
+)
 flags.mark_flag_as_required("workdir")
 
 # mode -> (module, function).  Imported only when that mode runs, so --help stays fast and a mode
@@ -109,22 +138,40 @@ MODES_THAT_VALIDATE = ("train", "export")
 
 # run flag -> {mode: config field it overrides in that mode}.
 RUN_FLAG_FIELDS = {
-    "num_samples": {"sample": "sample.num_samples", "eval": "eval.num_samples",
-                    "fid": "fid.num_samples"},
-    "batch_size": {"sample": "sample.batch_size", "eval": "eval.batch_size",
-                   "fid": "sample.batch_size"},
-    "steps": {"sample": "sample.timestep_respacing", "eval": "eval.timestep_respacing",
-              "fid": "sample.timestep_respacing"},
+    "num_samples": {
+        "sample": "sample.num_samples",
+        "eval": "eval.num_samples",
+        "fid": "fid.num_samples",
+    },
+    "batch_size": {
+        "sample": "sample.batch_size",
+        "eval": "eval.batch_size",
+        "fid": "sample.batch_size",
+    },
+    "steps": {
+        "sample": "sample.timestep_respacing",
+        "eval": "eval.timestep_respacing",
+        "fid": "sample.timestep_respacing",
+    },
     "ddim": {"sample": "sample.use_ddim", "fid": "sample.use_ddim"},
     "eta": {"sample": "sample.eta", "fid": "sample.eta"},
     "class_label": {"sample": "sample.class_label", "fid": "sample.class_label"},
-    "use_ema": {"sample": "sample.use_ema", "eval": "eval.use_ema", "export": "export.use_ema",
-                "fid": "sample.use_ema"},
-    "export_dir": {"export": None},     # not a config field: passed to the exporter
+    "use_ema": {
+        "sample": "sample.use_ema",
+        "eval": "eval.use_ema",
+        "export": "export.use_ema",
+        "fid": "sample.use_ema",
+    },
+    "export_dir": {"export": None},  # not a config field: passed to the exporter
     "ref_batch": {"fid": "fid.ref_batch"},
     "inception": {"fid": "fid.inception"},
     "sweep": {"fid": "fid.sweep"},
-    "checkpoint": {"sample": None, "eval": None, "fid": None, "export": None},     # passed to the mode entry
+    "checkpoint": {
+        "sample": None,
+        "eval": None,
+        "fid": None,
+        "export": None,
+    },  # passed to the mode entry
 }
 
 EXIT_CONFIG_ERROR = 1
@@ -149,7 +196,8 @@ def check_mode_available(mode: str) -> None:
         raise ModeUnavailableError(f"mode {mode!r} is not available in this build: {e}") from e
     if spec is None:
         raise ModeUnavailableError(
-            f"mode {mode!r} is not available in this build: module {module_name} not found")
+            f"mode {mode!r} is not available in this build: module {module_name} not found"
+        )
 
 
 def load_mode_entry(mode: str) -> Callable[..., Any]:
@@ -164,19 +212,19 @@ def load_mode_entry(mode: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ModeUnavailableError(
-            f"mode {mode!r} is not available in this build: importing {module_name} failed: "
-            f"{e}") from e
+            f"mode {mode!r} is not available in this build: importing {module_name} failed: {e}"
+        ) from e
     entry = getattr(module, function_name, None)
     if entry is None:
-        raise ModeUnavailableError(f"mode {mode!r} is not available in this build: "
-                                   f"{module_name} has no {function_name}()")
+        raise ModeUnavailableError(
+            f"mode {mode!r} is not available in this build: {module_name} has no {function_name}()"
+        )
     return entry
 
 
 def given_run_flags(flag_values: flags.FlagValues) -> Dict[str, Any]:
     """The per-run flags given on the command line, with their values."""
-    return {name: flag_values[name].value for name in RUN_FLAG_FIELDS
-            if flag_values[name].present}
+    return {name: flag_values[name].value for name in RUN_FLAG_FIELDS if flag_values[name].present}
 
 
 def apply_run_flags(config, mode: str, given: Dict[str, Any]) -> None:
@@ -211,12 +259,15 @@ def _innermost_message(error: BaseException) -> str:
 
 # The config file that loads a workdir's stored config (configs/from_workdir.py), found next to
 # this file so that run.py works from any directory.
-FROM_WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                                   "from_workdir.py")
+FROM_WORKDIR_CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "configs", "from_workdir.py"
+)
 
 # Whose INFO log lines are shown without -v 1 (besides tf_iddpm's): this file and export/.
-FIRST_PARTY_PATHS = (os.path.abspath(__file__),
-                     os.path.join(os.path.dirname(os.path.abspath(__file__)), "export"))
+FIRST_PARTY_PATHS = (
+    os.path.abspath(__file__),
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "export"),
+)
 
 # Set by parse_flags: the config is the workdir's stored one plus --config.* overrides.
 _overrides_of_stored_config = False
@@ -246,14 +297,14 @@ def with_stored_config_as_base(argv):
     """
     args = argv[1:]
     if "--" in args:
-        args = args[:args.index("--")]
+        args = args[: args.index("--")]
     if any(arg == "--config" or arg.startswith("--config=") for arg in args):
         return argv, False
     if not any(arg.startswith("--config.") for arg in args):
         return argv, False
     workdir = _flag_value(args, "workdir")
     if not workdir:
-        return argv, False     # absl then reports the missing --workdir
+        return argv, False  # absl then reports the missing --workdir
     return [argv[0], f"--config={FROM_WORKDIR_CONFIG}:{workdir}"] + list(argv[1:]), True
 
 
@@ -271,9 +322,12 @@ def parse_flags(argv):
         workdir = _flag_value(argv[1:], "workdir")
         path = config_utils.stored_config_path(workdir)
         if not config_utils.stored_config_exists(workdir):
-            _fail(f"--config.* overrides without --config apply to the config stored in the "
-                  f"workdir, and there is none ({path} does not exist): start the workdir with "
-                  "--config=configs/<experiment>.py", EXIT_CONFIG_ERROR)
+            _fail(
+                f"--config.* overrides without --config apply to the config stored in the "
+                f"workdir, and there is none ({path} does not exist): start the workdir with "
+                "--config=configs/<experiment>.py",
+                EXIT_CONFIG_ERROR,
+            )
     try:
         args = app.parse_flags_with_usage(argv)
         # Before anything imports TensorFlow (the config files and the modules imported so far do
@@ -281,12 +335,15 @@ def parse_flags(argv):
         console.configure(FLAGS.verbosity, first_party=FIRST_PARTY_PATHS)
     except (AttributeError, KeyError) as e:
         overrides = " ".join(arg for arg in argv[1:] if arg.startswith("--config."))
-        _fail(f"a --config override names a field that does not exist ({overrides}): "
-              f"{_innermost_message(e)}\nThe config is locked: overrides can only change the "
-              "fields of configs/base.py.", EXIT_CONFIG_ERROR)
+        _fail(
+            f"a --config override names a field that does not exist ({overrides}): "
+            f"{_innermost_message(e)}\nThe config is locked: overrides can only change the "
+            "fields of configs/base.py.",
+            EXIT_CONFIG_ERROR,
+        )
     try:
         if FLAGS.config is not None:
-            FLAGS.config.to_dict()      # config_flags defers file-loading errors to first access
+            FLAGS.config.to_dict()  # config_flags defers file-loading errors to first access
     except OSError as e:
         _fail(f"--config could not be loaded: {e}", EXIT_CONFIG_ERROR)
     return args
@@ -298,11 +355,13 @@ def config_summary(config) -> str:
     condition = f", {data.num_classes} classes" if data.class_cond else ""
     low_res = f" from {data.low_res_size}x{data.low_res_size}" if data.low_res_size else ""
     loss = "L_vlb" if diffusion.use_kl else "L_hybrid" if diffusion.learn_sigma else "L_simple"
-    return (f"{data.name} {data.image_size}x{data.image_size}x{data.num_channels}{low_res}"
-            f"{condition} | UNet {model.num_channels} ch, {model.num_res_blocks} res blocks, "
-            f"channel_mult {model.channel_mult or 'auto'}, attention at {model.attention_resolutions}"
-            f" | T={diffusion.steps} {diffusion.noise_schedule}, {loss} | batch {train.batch_size}, "
-            f"lr {train.lr}, {train.num_steps} steps, {train.schedule_sampler} t-sampler")
+    return (
+        f"{data.name} {data.image_size}x{data.image_size}x{data.num_channels}{low_res}"
+        f"{condition} | UNet {model.num_channels} ch, {model.num_res_blocks} res blocks, "
+        f"channel_mult {model.channel_mult or 'auto'}, attention at {model.attention_resolutions}"
+        f" | T={diffusion.steps} {diffusion.noise_schedule}, {loss} | batch {train.batch_size}, "
+        f"lr {train.lr}, {train.num_steps} steps, {train.schedule_sampler} t-sampler"
+    )
 
 
 def check_checkpoint_flag(path: str) -> None:
@@ -314,13 +373,16 @@ def check_checkpoint_flag(path: str) -> None:
     if "://" in path or os.path.exists(path + ".index"):
         return
     directory = os.path.dirname(path) or "."
-    existing = sorted(name[:-len(".index")] for name in
-                      (os.listdir(directory) if os.path.isdir(directory) else ())
-                      if name.endswith(".index"))
+    existing = sorted(
+        name[: -len(".index")]
+        for name in (os.listdir(directory) if os.path.isdir(directory) else ())
+        if name.endswith(".index")
+    )
     raise FileNotFoundError(
         f"--checkpoint={path}: no such checkpoint ({path}.index does not exist); give a prefix "
         "such as <workdir>/checkpoints/ckpt-10 without the .index/.data suffix"
-        + (f" (in {directory}: {', '.join(existing)})" if existing else ""))
+        + (f" (in {directory}: {', '.join(existing)})" if existing else "")
+    )
 
 
 def check_data_location(config, mode: str) -> None:
@@ -339,7 +401,8 @@ def check_data_location(config, mode: str) -> None:
         raise FileNotFoundError(
             f"config.data.folder={folder!r} does not exist or is not a directory; give the image "
             "folder with --config.data.folder=DIR (it may differ from the stored one when the data "
-            "moved)")
+            "moved)"
+        )
 
 
 def _checkpoint_error(error: BaseException) -> bool:
@@ -362,9 +425,12 @@ def main(argv):
     # it really starts (train_lib.train), so a refused start leaves the workdir as it was.
     try:
         config = config_utils.resolve_config(
-            FLAGS.config, workdir, config_given=FLAGS.config is not None,
+            FLAGS.config,
+            workdir,
+            config_given=FLAGS.config is not None,
             defaults=base_config.get_config(),
-            given_as="overrides" if _overrides_of_stored_config else "config")
+            given_as="overrides" if _overrides_of_stored_config else "config",
+        )
         given = given_run_flags(FLAGS)
         apply_run_flags(config, mode, given)
         logging.info("%s in %s: %s", mode, workdir, config_summary(config))
@@ -377,9 +443,12 @@ def main(argv):
         config_utils.validate_config(config, mode=mode)
         if console.quiet() and MODE_ENTRIES[mode][0] not in sys.modules:
             # TensorFlow's start-up banners bypass TF_CPP_MIN_LOG_LEVEL; see tf_iddpm.console.
-            data_modes = mode != "export"   # export reads no dataset and imports no TFDS
-            console.import_quietly(["tensorflow"] + (["tensorflow_datasets"] if data_modes else [])
-                                   + [MODE_ENTRIES[mode][0]])
+            data_modes = mode != "export"  # export reads no dataset and imports no TFDS
+            console.import_quietly(
+                ["tensorflow"]
+                + (["tensorflow_datasets"] if data_modes else [])
+                + [MODE_ENTRIES[mode][0]]
+            )
             if data_modes:
                 console.disable_tfds_progress_bars()
         strategy = None
@@ -388,7 +457,8 @@ def main(argv):
                 distribute.split_cpu(FLAGS.cpu_devices)
             strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
             split_error = config_utils.batch_split_error(
-                config, mode=mode, num_replicas=distribute.num_replicas(strategy))
+                config, mode=mode, num_replicas=distribute.num_replicas(strategy)
+            )
             if split_error:
                 raise ValueError("invalid config:\n  - " + split_error)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -25,18 +25,18 @@ def get_config():
     # "digits" (embedded default), "folder" (a directory of images) or any tfds name
     # ("cifar10", "imagenet_resized/64x64", "lsun/bedroom", ...) prepared in `data_dir`.
     data.name = "digits"
-    data.data_dir = ""          # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
-    data.folder = ""            # root of the image folder when name == "folder"
+    data.data_dir = ""  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
+    data.folder = ""  # root of the image folder when name == "folder"
     data.train_split = "train"
     data.eval_split = "test"
     data.image_size = 32
     data.num_channels = 3
     data.class_cond = False
-    data.num_classes = 0        # 0 = unconditional; set by class-conditional configs
-    data.low_res_size = 0       # > 0: also yield the area-downsampled image (super-resolution)
+    data.num_classes = 0  # 0 = unconditional; set by class-conditional configs
+    data.low_res_size = 0  # > 0: also yield the area-downsampled image (super-resolution)
     data.shuffle_buffer = 10_000  # big TFRecord splits: records are permuted in windows this big
-    data.strict = False         # folder source: error (True) or skip with a warning (False) on bad files
-    data.random_flip = False    # the paper trains without flips (reference image_datasets.py)
+    data.strict = False  # folder source: error (True) or skip with a warning (False) on bad files
+    data.random_flip = False  # the paper trains without flips (reference image_datasets.py)
 
     # --- model (tf_iddpm.unet.create_model kwargs) ------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
@@ -47,7 +47,7 @@ def get_config():
     model.attention_resolutions = "16,8"
     model.dropout = 0.0
     model.use_scale_shift_norm = True
-    model.channel_mult = ""     # "" = the reference's per-image-size default, else e.g. "1,2,2"
+    model.channel_mult = ""  # "" = the reference's per-image-size default, else e.g. "1,2,2"
 
     # --- diffusion (tf_iddpm.diffusion.create_gaussian_diffusion kwargs) --------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -60,27 +60,27 @@ def get_config():
     diffusion.rescale_timesteps = True
     diffusion.rescale_learned_sigmas = True
     diffusion.timestep_respacing = ""
-    diffusion.cdf = "exact"     # "exact" (TFP normal CDF) or "approx" (the reference's tanh)
+    diffusion.cdf = "exact"  # "exact" (TFP normal CDF) or "approx" (the reference's tanh)
 
     # --- training ---------------------------------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()
-    train.batch_size = 128              # global batch, split over replicas
+    train.batch_size = 128  # global batch, split over replicas
     train.lr = 1e-4
-    train.weight_decay = 0.0            # > 0 switches Adam to AdamW
-    train.grad_clip = 0.0               # global-norm clip; 0 = off
-    train.ema_rate = "0.9999"           # comma-separated list for several EMAs
+    train.weight_decay = 0.0  # > 0 switches Adam to AdamW
+    train.grad_clip = 0.0  # global-norm clip; 0 = off
+    train.ema_rate = "0.9999"  # comma-separated list for several EMAs
     train.schedule_sampler = "uniform"  # or "loss-second-moment" (Section 3.3)
     train.num_steps = 500_000
     train.log_every = 100
     train.checkpoint_every = 10_000
     train.keep_checkpoints = 3
-    train.sample_every = 0              # > 0: write a sample grid to TensorBoard every N steps
-    train.fid_every = 0                 # > 0: log FID and KID of EMA samples every N steps
-    train.fid_num_samples = 256         # samples per training-time FID / KID (small N: see KID)
-    train.fid_ref_batch = ""            # "" = fid.ref_batch
-    train.fid_inception = ""            # "" = fid.inception
+    train.sample_every = 0  # > 0: write a sample grid to TensorBoard every N steps
+    train.fid_every = 0  # > 0: log FID and KID of EMA samples every N steps
+    train.fid_num_samples = 256  # samples per training-time FID / KID (small N: see KID)
+    train.fid_ref_batch = ""  # "" = fid.ref_batch
+    train.fid_inception = ""  # "" = fid.inception
     train.jit_compile = False
-    train.mixed_precision = "float32"   # or "mixed_bfloat16"
+    train.mixed_precision = "float32"  # or "mixed_bfloat16"
     # True: tf.config.experimental.enable_op_determinism() (bit-identical GPU runs, slower; CPU
     # runs are already deterministic, see the README's Reproducibility section).
     train.deterministic_ops = False
@@ -88,7 +88,7 @@ def get_config():
     # --- evaluation (bits/dim) --------------------------------------------------------------------
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.batch_size = 64
-    evaluation.num_samples = 0          # 0 = the whole split
+    evaluation.num_samples = 0  # 0 = the whole split
     evaluation.timestep_respacing = ""  # "" = the full chain
     evaluation.clip_denoised = True
     evaluation.use_ema = True
@@ -101,16 +101,16 @@ def get_config():
     sample.use_ddim = False
     sample.eta = 0.0
     sample.clip_denoised = True
-    sample.class_label = -1             # -1 = random labels for class-conditional models
+    sample.class_label = -1  # -1 = random labels for class-conditional models
     sample.use_ema = True
 
     # --- sample quality (run.py --mode=fid; tf_iddpm.quality_lib) -------------------------------
     config.fid = fid = ml_collections.ConfigDict()
-    fid.ref_batch = ""          # evaluator-format reference batch .npz (arr_0 [+ mu, sigma, ...])
-    fid.inception = ""          # local classify_image_graph_def.pb (the 2015 Inception graph)
-    fid.num_samples = 10_000    # samples per evaluation (papers: 50 000)
-    fid.batch_size = 64         # images per Inception forward pass
-    fid.sweep = ""              # e.g. "25,50,100,250,full": FID vs sampling steps; "" = sample.*
+    fid.ref_batch = ""  # evaluator-format reference batch .npz (arr_0 [+ mu, sigma, ...])
+    fid.inception = ""  # local classify_image_graph_def.pb (the 2015 Inception graph)
+    fid.num_samples = 10_000  # samples per evaluation (papers: 50 000)
+    fid.batch_size = 64  # images per Inception forward pass
+    fid.sweep = ""  # e.g. "25,50,100,250,full": FID vs sampling steps; "" = sample.*
     fid.sweep_samplers = "ancestral,ddim"  # the sweep's samplers (strided ancestral and/or DDIM)
 
     # --- export -----------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ def get_config(workdir_or_json_path=None):
     if not workdir_or_json_path:
         raise ValueError(
             "configs/from_workdir.py needs the workdir after a colon, e.g. "
-            "--config=configs/from_workdir.py:/ckpt/run1")
+            "--config=configs/from_workdir.py:/ckpt/run1"
+        )
     # Fields added to configs/base.py after the workdir was started get their defaults (logged),
     # so that they can be overridden too.
     return config_utils.load_stored_config(workdir_or_json_path, defaults=base.get_config())

@@ -10,9 +10,9 @@ from configs import digits
 def get_config():
     config = digits.get_config()
 
-    config.data.image_size = 8              # the digits' native size
+    config.data.image_size = 8  # the digits' native size
     config.data.shuffle_buffer = 256
-    config.data.num_channels = 3            # the golden fixtures (tests/golden.py) are 8x8x3
+    config.data.num_channels = 3  # the golden fixtures (tests/golden.py) are 8x8x3
 
     config.model.num_res_blocks = 1
     config.model.attention_resolutions = "4"

@@ -21,8 +21,8 @@ def get_config():
 
     config.data.name = "imagenet2012"
     config.data.eval_split = "validation"
-    config.data.image_size = 256            # the reference's large_size
-    config.data.low_res_size = 64           # the reference's small_size
+    config.data.image_size = 256  # the reference's large_size
+    config.data.low_res_size = 64  # the reference's small_size
     config.data.class_cond = True
     config.data.num_classes = 1000
 

@@ -23,12 +23,23 @@ FLAGS = flags.FLAGS
 def _define_flags():
     flags.DEFINE_string("workdir", None, "Training workdir or converted checkpoint directory.")
     flags.DEFINE_string("export_dir", None, "TF-Serving base directory (default <workdir>/export).")
-    flags.DEFINE_string("model_name", None, "Model name prefix (default config.export.model_name); "
-                        "the models are <name>_sampler and <name>_nll.")
-    flags.DEFINE_integer("version", None, "Version number (default: the next free one); an existing "
-                         "version is never overwritten.")
-    flags.DEFINE_boolean("use_ema", None, "Export the EMA weights (default config.export.use_ema); "
-                         "--nouse_ema exports the raw weights.")
+    flags.DEFINE_string(
+        "model_name",
+        None,
+        "Model name prefix (default config.export.model_name); "
+        "the models are <name>_sampler and <name>_nll.",
+    )
+    flags.DEFINE_integer(
+        "version",
+        None,
+        "Version number (default: the next free one); an existing version is never overwritten.",
+    )
+    flags.DEFINE_boolean(
+        "use_ema",
+        None,
+        "Export the EMA weights (default config.export.use_ema); "
+        "--nouse_ema exports the raw weights.",
+    )
     flags.DEFINE_string("checkpoint", None, "A specific checkpoint prefix (default: the latest).")
     flags.mark_flag_as_required("workdir")
 
@@ -38,16 +49,22 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.workdir, "export")
     # TensorFlow is imported below, after the framework logging is quieted (unless -v 1).
-    if console.configure(FLAGS.verbosity,
-                         first_party=[os.path.dirname(os.path.abspath(__file__))]):
+    if console.configure(FLAGS.verbosity, first_party=[os.path.dirname(os.path.abspath(__file__))]):
         console.import_quietly(["tensorflow", "export.export_lib"])
     from export import export_lib  # pylint: disable=g-import-not-at-top
     from tf_iddpm import checkpoints  # pylint: disable=g-import-not-at-top
+
     try:
-        export_lib.export_from_workdir(None, FLAGS.workdir, export_dir, checkpoint=FLAGS.checkpoint,
-                                       model_name=FLAGS.model_name, version=FLAGS.version,
-                                       use_ema=FLAGS.use_ema)
-    except checkpoints.CheckpointError as e:   # damaged or missing: one line, as run.py prints it
+        export_lib.export_from_workdir(
+            None,
+            FLAGS.workdir,
+            export_dir,
+            checkpoint=FLAGS.checkpoint,
+            model_name=FLAGS.model_name,
+            version=FLAGS.version,
+            use_ema=FLAGS.use_ema,
+        )
+    except checkpoints.CheckpointError as e:  # damaged or missing: one line, as run.py prints it
         print(f"python -m export: error: {e}", file=sys.stderr)
         sys.exit(3)
 

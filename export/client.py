@@ -39,12 +39,23 @@ REST_PORT = 8501
 GRPC_PORT = 8500
 # Signature dtypes of every input and output of the exported models (export/export_lib.py).
 INPUT_DTYPES = {
-    "seed": np.int64, "num_steps": np.int32, "eta": np.float32, "use_ddim": np.bool_,
-    "class_labels": np.int32, "low_res": np.uint8, "images": np.uint8, "noise": np.float32,
+    "seed": np.int64,
+    "num_steps": np.int32,
+    "eta": np.float32,
+    "use_ddim": np.bool_,
+    "class_labels": np.int32,
+    "low_res": np.uint8,
+    "images": np.uint8,
+    "noise": np.float32,
 }
 OUTPUT_DTYPES = {
-    "images": np.uint8, "images_float": np.float32, "total_bpd": np.float32,
-    "prior_bpd": np.float32, "vb_terms": np.float32, "xstart_mse": np.float32, "mse": np.float32,
+    "images": np.uint8,
+    "images_float": np.float32,
+    "total_bpd": np.float32,
+    "prior_bpd": np.float32,
+    "vb_terms": np.float32,
+    "xstart_mse": np.float32,
+    "mse": np.float32,
     "vb_timesteps": np.int32,
 }
 _GRPC_MESSAGE_LIMIT = 512 * 1024 * 1024
@@ -70,9 +81,15 @@ def _as_output(key, value):
 # ------------------------------------------------------------------------------ request inputs
 
 
-def sampler_inputs(seeds: Sequence[int], num_steps: int, *, eta: float = 0.0,
-                   use_ddim: bool = False, class_labels: Optional[Sequence[int]] = None,
-                   low_res: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+def sampler_inputs(
+    seeds: Sequence[int],
+    num_steps: int,
+    *,
+    eta: float = 0.0,
+    use_ddim: bool = False,
+    class_labels: Optional[Sequence[int]] = None,
+    low_res: Optional[np.ndarray] = None,
+) -> Dict[str, np.ndarray]:
     """The inputs of one sampler request, every parameter repeated per seed.
 
     Args:
@@ -88,8 +105,12 @@ def sampler_inputs(seeds: Sequence[int], num_steps: int, *, eta: float = 0.0,
     """
     seeds = np.asarray(seeds, np.int64).reshape([-1])
     count = seeds.shape[0]
-    inputs = {"seed": seeds, "num_steps": np.full([count], num_steps, np.int32),
-              "eta": np.full([count], eta, np.float32), "use_ddim": np.full([count], bool(use_ddim))}
+    inputs = {
+        "seed": seeds,
+        "num_steps": np.full([count], num_steps, np.int32),
+        "eta": np.full([count], eta, np.float32),
+        "use_ddim": np.full([count], bool(use_ddim)),
+    }
     if class_labels is not None:
         inputs["class_labels"] = np.broadcast_to(np.asarray(class_labels, np.int32), [count]).copy()
     if low_res is not None:
@@ -97,8 +118,13 @@ def sampler_inputs(seeds: Sequence[int], num_steps: int, *, eta: float = 0.0,
     return inputs
 
 
-def nll_inputs(images: np.ndarray, num_steps: int, *, seeds: Optional[Sequence[int]] = None,
-               class_labels: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+def nll_inputs(
+    images: np.ndarray,
+    num_steps: int,
+    *,
+    seeds: Optional[Sequence[int]] = None,
+    class_labels: Optional[Sequence[int]] = None,
+) -> Dict[str, np.ndarray]:
     """The inputs of one NLL request (seeds default to 0, 1, ..., N-1)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -114,9 +140,16 @@ def nll_inputs(images: np.ndarray, num_steps: int, *, seeds: Optional[Sequence[i
 # ------------------------------------------------------------------------------ REST
 
 
-def rest_predict(server: str, model: str, inputs: Mapping[str, object], *,
-                 signature_name: str = DEFAULT_SIGNATURE, version: Optional[int] = None,
-                 row_format: bool = False, timeout: float = 600.0) -> Dict[str, np.ndarray]:
+def rest_predict(
+    server: str,
+    model: str,
+    inputs: Mapping[str, object],
+    *,
+    signature_name: str = DEFAULT_SIGNATURE,
+    version: Optional[int] = None,
+    row_format: bool = False,
+    timeout: float = 600.0,
+) -> Dict[str, np.ndarray]:
     """POST /v1/models/<model>[/versions/<v>]:predict with a JSON body.
 
     Args:
@@ -139,18 +172,29 @@ def rest_predict(server: str, model: str, inputs: Mapping[str, object], *,
     if row_format:
         counts = {key: value.shape[0] if value.ndim else None for key, value in inputs.items()}
         if len(set(counts.values())) != 1 or None in counts.values():
-            raise ValueError(f"row format needs every input batch-major with one count, got {counts}")
+            raise ValueError(
+                f"row format needs every input batch-major with one count, got {counts}"
+            )
         count = next(iter(counts.values()))
-        body = {"signature_name": signature_name,
-                "instances": [{key: value[i].tolist() for key, value in inputs.items()}
-                              for i in range(count)]}
+        body = {
+            "signature_name": signature_name,
+            "instances": [
+                {key: value[i].tolist() for key, value in inputs.items()} for i in range(count)
+            ],
+        }
     else:
-        body = {"signature_name": signature_name,
-                "inputs": {key: value.tolist() for key, value in inputs.items()}}
+        body = {
+            "signature_name": signature_name,
+            "inputs": {key: value.tolist() for key, value in inputs.items()},
+        }
     base = server if server.startswith(("http://", "https://")) else f"http://{server}"
     path = f"/v1/models/{model}" + (f"/versions/{int(version)}" if version is not None else "")
-    request = urllib.request.Request(base + path + ":predict", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        base + path + ":predict",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             payload = json.loads(response.read())
@@ -165,11 +209,13 @@ def rest_predict(server: str, model: str, inputs: Mapping[str, object], *,
         raise PredictError(f"{model} ({base}): {payload['error']}")
     if row_format:
         rows = payload["predictions"]
-        if rows and not isinstance(rows[0], dict):   # a single-output signature
+        if rows and not isinstance(rows[0], dict):  # a single-output signature
             return {"output": np.asarray(rows)}
-        return {key: _as_output(key, [row[key] for row in rows]) for key in (rows[0] if rows else {})}
+        return {
+            key: _as_output(key, [row[key] for row in rows]) for key in (rows[0] if rows else {})
+        }
     outputs = payload["outputs"]
-    if not isinstance(outputs, dict):   # a single-output signature returns the bare value
+    if not isinstance(outputs, dict):  # a single-output signature returns the bare value
         return {"output": np.asarray(outputs)}
     return {key: _as_output(key, value) for key, value in outputs.items()}
 
@@ -177,9 +223,15 @@ def rest_predict(server: str, model: str, inputs: Mapping[str, object], *,
 # ------------------------------------------------------------------------------ gRPC
 
 
-def grpc_predict(server: str, model: str, inputs: Mapping[str, object], *,
-                 signature_name: str = DEFAULT_SIGNATURE, version: Optional[int] = None,
-                 timeout: float = 600.0) -> Dict[str, np.ndarray]:
+def grpc_predict(
+    server: str,
+    model: str,
+    inputs: Mapping[str, object],
+    *,
+    signature_name: str = DEFAULT_SIGNATURE,
+    version: Optional[int] = None,
+    timeout: float = 600.0,
+) -> Dict[str, np.ndarray]:
     """PredictionService.Predict over an insecure gRPC channel.
 
     Arguments and return value as :func:`rest_predict`; tensors travel as TensorProtos with the
@@ -200,20 +252,24 @@ def grpc_predict(server: str, model: str, inputs: Mapping[str, object], *,
         request.model_spec.version.value = int(version)
     for key, value in _typed(inputs).items():
         request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-    options = [("grpc.max_send_message_length", _GRPC_MESSAGE_LIMIT),
-               ("grpc.max_receive_message_length", _GRPC_MESSAGE_LIMIT)]
+    options = [
+        ("grpc.max_send_message_length", _GRPC_MESSAGE_LIMIT),
+        ("grpc.max_receive_message_length", _GRPC_MESSAGE_LIMIT),
+    ]
     with grpc.insecure_channel(server, options=options) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         try:
             response = stub.Predict(request, timeout=timeout)
         except grpc.RpcError as e:
-            raise PredictError(f"{model} ({server}): {e.code().name}: {e.details()}",
-                               code=e.code().name) from None
+            raise PredictError(
+                f"{model} ({server}): {e.code().name}: {e.details()}", code=e.code().name
+            ) from None
     return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
 
 
-def predict(server: str, model: str, inputs: Mapping[str, object], *, protocol: str = "rest",
-            **kwargs) -> Dict[str, np.ndarray]:
+def predict(
+    server: str, model: str, inputs: Mapping[str, object], *, protocol: str = "rest", **kwargs
+) -> Dict[str, np.ndarray]:
     """:func:`rest_predict` or :func:`grpc_predict`."""
     if protocol == "rest":
         return rest_predict(server, model, inputs, **kwargs)
@@ -223,17 +279,37 @@ def predict(server: str, model: str, inputs: Mapping[str, object], *, protocol: 
     raise ValueError(f"unknown protocol {protocol!r}; allowed: rest, grpc")
 
 
-def sample(server: str, model: str, seeds: Sequence[int], num_steps: int, *, protocol: str = "rest",
-           eta: float = 0.0, use_ddim: bool = False, class_labels=None, low_res=None,
-           **kwargs) -> Dict[str, np.ndarray]:
+def sample(
+    server: str,
+    model: str,
+    seeds: Sequence[int],
+    num_steps: int,
+    *,
+    protocol: str = "rest",
+    eta: float = 0.0,
+    use_ddim: bool = False,
+    class_labels=None,
+    low_res=None,
+    **kwargs,
+) -> Dict[str, np.ndarray]:
     """Draws one image per seed from a served sampler (see :func:`sampler_inputs`)."""
-    inputs = sampler_inputs(seeds, num_steps, eta=eta, use_ddim=use_ddim,
-                            class_labels=class_labels, low_res=low_res)
+    inputs = sampler_inputs(
+        seeds, num_steps, eta=eta, use_ddim=use_ddim, class_labels=class_labels, low_res=low_res
+    )
     return predict(server, model, inputs, protocol=protocol, **kwargs)
 
 
-def nll(server: str, model: str, images: np.ndarray, num_steps: int, *, protocol: str = "rest",
-        seeds=None, class_labels=None, **kwargs) -> Dict[str, np.ndarray]:
+def nll(
+    server: str,
+    model: str,
+    images: np.ndarray,
+    num_steps: int,
+    *,
+    protocol: str = "rest",
+    seeds=None,
+    class_labels=None,
+    **kwargs,
+) -> Dict[str, np.ndarray]:
     """Bits/dim of uint8 images [N, H, W, C] from a served NLL model (see :func:`nll_inputs`)."""
     inputs = nll_inputs(images, num_steps, seeds=seeds, class_labels=class_labels)
     return predict(server, model, inputs, protocol=protocol, **kwargs)
@@ -245,9 +321,12 @@ def nll(server: str, model: str, images: np.ndarray, num_steps: int, *, protocol
 def write_pngs(images: np.ndarray, out_dir: str, names: Sequence[str]) -> list:
     """Writes uint8 images [N, H, W, C] (C = 1 or 3) as <out_dir>/<name>.png; returns the paths."""
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"expected uint8 [N, H, W, 1 or 3] images, got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"expected uint8 [N, H, W, 1 or 3] images, got {images.dtype} {images.shape}"
+        )
     if len(names) != images.shape[0]:
         raise ValueError(f"{len(names)} names for {images.shape[0]} images")
     os.makedirs(out_dir, exist_ok=True)
@@ -272,11 +351,13 @@ def load_images(spec: str) -> np.ndarray:
         images = np.load(paths[0])
     else:
         from PIL import Image  # pylint: disable=g-import-not-at-top
+
         arrays = [np.asarray(Image.open(p)) for p in paths]
         images = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{spec}: expected uint8 [N, H, W, C] images, got {images.dtype} "
-                         f"{images.shape}")
+        raise ValueError(
+            f"{spec}: expected uint8 [N, H, W, C] images, got {images.dtype} {images.shape}"
+        )
     return images
 
 
@@ -288,25 +369,36 @@ FLAGS = flags.FLAGS
 def _define_flags():
     # Defined only when run as a program, so that importing the client next to another entry
     # point (run.py has --eta, --num_samples, ...) cannot clash.
-    flags.DEFINE_string("server", f"localhost:{REST_PORT}",
-                        f"host:port of TF-Serving's REST API ({REST_PORT}) or gRPC port ({GRPC_PORT}).")
+    flags.DEFINE_string(
+        "server",
+        f"localhost:{REST_PORT}",
+        f"host:port of TF-Serving's REST API ({REST_PORT}) or gRPC port ({GRPC_PORT}).",
+    )
     flags.DEFINE_enum("protocol", "rest", ["rest", "grpc"], "How to talk to the server.")
     flags.DEFINE_string("model", None, "Served model name, e.g. digits_sampler or digits_nll.")
     flags.DEFINE_integer("version", None, "Model version (default: the latest the server has).")
-    flags.DEFINE_boolean("row_format", False,
-                         "REST: send {'instances': [...]} instead of {'inputs': {...}}.")
-    flags.DEFINE_list("seeds", None, "sample: one seed per image (default 0..num_samples-1); "
-                      "nll: the per-image noise seeds (default 0..N-1).")
+    flags.DEFINE_boolean(
+        "row_format", False, "REST: send {'instances': [...]} instead of {'inputs': {...}}."
+    )
+    flags.DEFINE_list(
+        "seeds",
+        None,
+        "sample: one seed per image (default 0..num_samples-1); "
+        "nll: the per-image noise seeds (default 0..N-1).",
+    )
     flags.DEFINE_integer("num_samples", 4, "sample: images to draw when --seeds is not given.")
     flags.DEFINE_integer("num_steps", 50, "Steps K of the respaced chain (1 <= K <= T).")
     flags.DEFINE_boolean("ddim", False, "sample: DDIM instead of ancestral sampling.")
     flags.DEFINE_float("eta", 0.0, "sample: DDIM eta in [0, 1].")
-    flags.DEFINE_list("class_labels", None,
-                      "Class-conditional models: one label per image, or one for all.")
-    flags.DEFINE_string("low_res", None,
-                        "sample, super-resolution model: low-resolution images (.npz/.npy/PNGs).")
-    flags.DEFINE_string("images", None,
-                        "nll: images to evaluate (.npz with arr_0, .npy, or PNG paths).")
+    flags.DEFINE_list(
+        "class_labels", None, "Class-conditional models: one label per image, or one for all."
+    )
+    flags.DEFINE_string(
+        "low_res", None, "sample, super-resolution model: low-resolution images (.npz/.npy/PNGs)."
+    )
+    flags.DEFINE_string(
+        "images", None, "nll: images to evaluate (.npz with arr_0, .npy, or PNG paths)."
+    )
     flags.DEFINE_string("out_dir", "samples", "sample: directory for the PNGs.")
     flags.DEFINE_string("output", None, "Optional .npz path for every output array.")
     flags.DEFINE_float("timeout", 600.0, "Request timeout in seconds.")
@@ -324,11 +416,19 @@ def run(command: str) -> Dict[str, np.ndarray]:
     if FLAGS.protocol == "rest":
         common["row_format"] = FLAGS.row_format
     if command == "sample":
-        seeds = ([int(s) for s in FLAGS.seeds] if FLAGS.seeds
-                 else list(range(FLAGS.num_samples)))
+        seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else list(range(FLAGS.num_samples))
         low_res = load_images(FLAGS.low_res) if FLAGS.low_res else None
-        outputs = sample(FLAGS.server, FLAGS.model, seeds, FLAGS.num_steps, eta=FLAGS.eta,
-                         use_ddim=FLAGS.ddim, class_labels=labels, low_res=low_res, **common)
+        outputs = sample(
+            FLAGS.server,
+            FLAGS.model,
+            seeds,
+            FLAGS.num_steps,
+            eta=FLAGS.eta,
+            use_ddim=FLAGS.ddim,
+            class_labels=labels,
+            low_res=low_res,
+            **common,
+        )
         paths = write_pngs(outputs["images"], FLAGS.out_dir, [f"sample_seed{s}" for s in seeds])
         for path in paths:
             print(path)
@@ -337,12 +437,21 @@ def run(command: str) -> Dict[str, np.ndarray]:
             raise app.UsageError("nll needs --images")
         images = load_images(FLAGS.images)
         seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
-        outputs = nll(FLAGS.server, FLAGS.model, images, FLAGS.num_steps, seeds=seeds,
-                      class_labels=labels, **common)
+        outputs = nll(
+            FLAGS.server,
+            FLAGS.model,
+            images,
+            FLAGS.num_steps,
+            seeds=seeds,
+            class_labels=labels,
+            **common,
+        )
         for index, (total, prior) in enumerate(zip(outputs["total_bpd"], outputs["prior_bpd"])):
             print(f"image {index}: total_bpd {total:.6f} prior_bpd {prior:.6f}")
-        print(f"mean total_bpd {float(np.mean(outputs['total_bpd'])):.6f} over {len(images)} "
-              f"images, {FLAGS.num_steps} steps")
+        print(
+            f"mean total_bpd {float(np.mean(outputs['total_bpd'])):.6f} over {len(images)} "
+            f"images, {FLAGS.num_steps} steps"
+        )
     if FLAGS.output:
         np.savez(FLAGS.output, **outputs)
         print(f"wrote {FLAGS.output}")

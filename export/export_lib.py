@@ -78,13 +78,13 @@ SAMPLER_SUFFIX = "_sampler"
 NLL_SUFFIX = "_nll"
 DEFAULT_SIGNATURE = "serving_default"
 NLL_REPLAY_SIGNATURE = "nll_replay"
-METADATA_FILENAME = "iddpm_export.json"   # next to the warm-up file, in assets.extra
+METADATA_FILENAME = "iddpm_export.json"  # next to the warm-up file, in assets.extra
 
 # Steps of the warm-up requests: enough to run every op of the loops once.
 _WARMUP_STEPS = 2
 # Bit layout of the key that groups the sampler's images by (num_steps, use_ddim, eta).
-_STEPS_SHIFT = 2 ** 33
-_DDIM_SHIFT = 2 ** 32
+_STEPS_SHIFT = 2**33
+_DDIM_SHIFT = 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +99,7 @@ class ExportResult:
       batching_parameters: path of batching_parameters.txt.
       weights: the checkpoint attribute that was exported ("ema_0p9999" or "model").
     """
+
     version: int
     sampler_dir: str
     nll_dir: str
@@ -112,8 +113,9 @@ class ExportResult:
 # ------------------------------------------------------------------------------ weights
 
 
-def load_network(config, workdir: str, *, use_ema: bool = True,
-                 checkpoint_path: Optional[str] = None) -> Tuple[Any, str, str]:
+def load_network(
+    config, workdir: str, *, use_ema: bool = True, checkpoint_path: Optional[str] = None
+) -> Tuple[Any, str, str]:
     """Builds the config's UNet and restores the weights to export.
 
     With ``use_ema`` the EMA weights of the largest rate in ``config.train.ema_rate`` are used; a
@@ -134,16 +136,23 @@ def load_network(config, workdir: str, *, use_ema: bool = True,
       ValueError: if the checkpoint's weights do not fit the config's architecture.
     """
     if checkpoint_path is not None and not tf.io.gfile.exists(checkpoint_path + ".index"):
-        raise FileNotFoundError(f"no checkpoint {checkpoint_path} ({checkpoint_path}.index does "
-                                "not exist); give a prefix such as <workdir>/checkpoints/ckpt-12")
+        raise FileNotFoundError(
+            f"no checkpoint {checkpoint_path} ({checkpoint_path}.index does "
+            "not exist); give a prefix such as <workdir>/checkpoints/ckpt-12"
+        )
     net = factory.create_model_from_config(config)
     try:
         loaded = checkpoints.restore_inference_weights(
-            net, workdir, use_ema=use_ema, ema_rates=config_utils.ema_rates(config),
-            checkpoint_path=checkpoint_path)
+            net,
+            workdir,
+            use_ema=use_ema,
+            ema_rates=config_utils.ema_rates(config),
+            checkpoint_path=checkpoint_path,
+        )
     except AssertionError as e:
-        raise ValueError(f"the checkpoint of {workdir} does not fit the model of the config: "
-                         f"{e}") from e
+        raise ValueError(
+            f"the checkpoint of {workdir} does not fit the model of the config: {e}"
+        ) from e
     return net, loaded.path, loaded.attribute
 
 
@@ -157,8 +166,9 @@ def _per_image(value, batch, name):
     message = f"{name} must be a scalar or a vector [N] with one value per image"
     checks = [
         tf.debugging.assert_less_equal(tf.rank(value), 1, message=message),
-        tf.debugging.assert_equal(tf.logical_or(tf.equal(size, 1), tf.equal(size, batch)), True,
-                                  message=message),
+        tf.debugging.assert_equal(
+            tf.logical_or(tf.equal(size, 1), tf.equal(size, batch)), True, message=message
+        ),
     ]
     return flat, checks
 
@@ -176,17 +186,21 @@ def _padded_shape(tensor, length):
 def _check_vector(flat_or_tensor, batch, name, per):
     """A per-image input must be a vector [N] (one value per `per`)."""
     return tf.debugging.assert_equal(
-        tf.reduce_all(tf.equal(_padded_shape(flat_or_tensor, 2), tf.stack([batch, -1]))), True,
-        message=f"{name} must be a vector [N] holding exactly one value per {per}")
+        tf.reduce_all(tf.equal(_padded_shape(flat_or_tensor, 2), tf.stack([batch, -1]))),
+        True,
+        message=f"{name} must be a vector [N] holding exactly one value per {per}",
+    )
 
 
 def _check_images(images, batch, size, channels, name):
     """images must be [batch, size, size, channels] (the uint8 dtype is the signature's)."""
     expected = tf.stack([batch, size, size, channels, -1])
     return tf.debugging.assert_equal(
-        tf.reduce_all(tf.equal(_padded_shape(images, 5), expected)), True,
+        tf.reduce_all(tf.equal(_padded_shape(images, 5), expected)),
+        True,
         message=f"{name} must be uint8 [N, {size}, {size}, {channels}] with N = the number of "
-                f"images of the request")
+        f"images of the request",
+    )
 
 
 def _gated(checks, *tensors):
@@ -199,9 +213,11 @@ def _gated(checks, *tensors):
 
 def _for_each_group(group_ids, num_groups, fn, initial):
     """Runs fn(member_indices, accumulators) -> accumulators for every group, in one while_loop."""
+
     def body(g, *accumulators):
         members = tf.cast(tf.where(tf.equal(group_ids, g))[:, 0], tf.int32)
         return (g + 1,) + tuple(fn(members, accumulators))
+
     results = tf.while_loop(lambda g, *_: g < num_groups, body, (tf.constant(0),) + tuple(initial))
     return results[1:]
 
@@ -256,24 +272,37 @@ class _ServingModule(tf.Module):
 
         def call(*args):
             return fn(**dict(zip(names, args)))
+
         call.__name__ = fn.__name__
-        return tf.function(call, input_signature=[
-            tf.TensorSpec(spec.shape, spec.dtype, name=key) for key, spec in specs.items()])
+        return tf.function(
+            call,
+            input_signature=[
+                tf.TensorSpec(spec.shape, spec.dtype, name=key) for key, spec in specs.items()
+            ],
+        )
 
     def _label_checks(self, labels, batch, per):
         return labels, [
             _check_vector(labels, batch, "class_labels", per),
             tf.debugging.assert_greater_equal(
-                labels, 0, message=f"class_labels must lie in [0, {self.num_classes})"),
+                labels, 0, message=f"class_labels must lie in [0, {self.num_classes})"
+            ),
             tf.debugging.assert_less(
-                labels, self.num_classes, message=f"class_labels must lie in [0, {self.num_classes})"),
+                labels,
+                self.num_classes,
+                message=f"class_labels must lie in [0, {self.num_classes})",
+            ),
         ]
 
     def _check_steps(self, steps, name="num_steps"):
-        message = (f"{name} must lie in [1, {self.num_timesteps}] (the trained process has "
-                   f"T = {self.num_timesteps} steps)")
-        return [tf.debugging.assert_greater_equal(steps, 1, message=message),
-                tf.debugging.assert_less_equal(steps, self.num_timesteps, message=message)]
+        message = (
+            f"{name} must lie in [1, {self.num_timesteps}] (the trained process has "
+            f"T = {self.num_timesteps} steps)"
+        )
+        return [
+            tf.debugging.assert_greater_equal(steps, 1, message=message),
+            tf.debugging.assert_less_equal(steps, self.num_timesteps, message=message),
+        ]
 
 
 class SamplerModule(_ServingModule):
@@ -292,7 +321,8 @@ class SamplerModule(_ServingModule):
             specs["class_labels"] = tf.TensorSpec([None], tf.int32)
         if self.low_res_size:
             specs["low_res"] = tf.TensorSpec(
-                [None, self.low_res_size, self.low_res_size, self.channels], tf.uint8)
+                [None, self.low_res_size, self.low_res_size, self.channels], tf.uint8
+            )
         self.input_specs = specs
         self.sample = self._make_function(self._sample, specs)
 
@@ -301,42 +331,60 @@ class SamplerModule(_ServingModule):
 
     def _sample(self, seed, num_steps, eta, use_ddim, class_labels=None, low_res=None):
         batch = tf.size(seed)
-        checks = [tf.debugging.assert_positive(
-                      batch, message="seed is empty: send one seed per image, at least one"),
-                  _check_vector(seed, batch, "seed", "image")]
+        checks = [
+            tf.debugging.assert_positive(
+                batch, message="seed is empty: send one seed per image, at least one"
+            ),
+            _check_vector(seed, batch, "seed", "image"),
+        ]
         steps, step_checks = _per_image(num_steps, batch, "num_steps")
         eta, eta_checks = _per_image(eta, batch, "eta")
         use_ddim, ddim_checks = _per_image(use_ddim, batch, "use_ddim")
         checks += step_checks + eta_checks + ddim_checks
         checks += self._check_steps(steps)
         eta_message = "eta must lie in [0, 1] (0 = deterministic DDIM)"
-        checks += [tf.debugging.assert_greater_equal(eta, 0.0, message=eta_message),
-                   tf.debugging.assert_less_equal(eta, 1.0, message=eta_message)]
+        checks += [
+            tf.debugging.assert_greater_equal(eta, 0.0, message=eta_message),
+            tf.debugging.assert_less_equal(eta, 1.0, message=eta_message),
+        ]
         model_inputs = {}
         if self.num_classes:
             labels, label_checks = self._label_checks(class_labels, batch, "seed")
             checks += label_checks
             model_inputs["y"] = labels
         if self.low_res_size:
-            checks.append(_check_images(low_res, batch, self.low_res_size, self.channels, "low_res"))
+            checks.append(
+                _check_images(low_res, batch, self.low_res_size, self.channels, "low_res")
+            )
             model_inputs["low_res"] = low_res
         batch, seed, steps, eta, use_ddim, *gated_inputs = _gated(
-            checks, batch, seed, steps, eta, use_ddim, *model_inputs.values())
+            checks, batch, seed, steps, eta, use_ddim, *model_inputs.values()
+        )
         model_inputs = dict(zip(model_inputs, gated_inputs))
         steps = tf.broadcast_to(steps, [batch])
         eta = tf.broadcast_to(eta, [batch])
         use_ddim = tf.broadcast_to(use_ddim, [batch])
-        eta = _gated([tf.debugging.assert_equal(
-            tf.reduce_all(tf.logical_or(use_ddim, tf.equal(eta, 0.0))), True,
-            message="eta is nonzero for an image with use_ddim false: eta only applies to DDIM "
-                    "sampling (set use_ddim true, or eta 0)")], eta)
+        eta = _gated(
+            [
+                tf.debugging.assert_equal(
+                    tf.reduce_all(tf.logical_or(use_ddim, tf.equal(eta, 0.0))),
+                    True,
+                    message="eta is nonzero for an image with use_ddim false: eta only applies to DDIM "
+                    "sampling (set use_ddim true, or eta 0)",
+                )
+            ],
+            eta,
+        )
         if "low_res" in model_inputs:
             model_inputs["low_res"] = self.normalize(model_inputs["low_res"])
 
         # Images sharing (num_steps, use_ddim, eta) run as one chain; a request normally is one
         # group, a batch merged by the server from several requests may be several.
-        key = (tf.cast(steps, tf.int64) * _STEPS_SHIFT + tf.cast(use_ddim, tf.int64) * _DDIM_SHIFT
-               + tf.cast(tf.bitcast(eta, tf.uint32), tf.int64))
+        key = (
+            tf.cast(steps, tf.int64) * _STEPS_SHIFT
+            + tf.cast(use_ddim, tf.int64) * _DDIM_SHIFT
+            + tf.cast(tf.bitcast(eta, tf.uint32), tf.int64)
+        )
         unique_keys, group_ids = tf.unique(key)
 
         def run_group(members, accumulators):
@@ -348,13 +396,24 @@ class SamplerModule(_ServingModule):
 
             def ddim():
                 return sampling.ddim_sample_loop(
-                    diffusion, self.model_fn, shape, clip_denoised=self.clip_denoised,
-                    model_kwargs=kwargs, eta=eta[first], seeds=seeds)
+                    diffusion,
+                    self.model_fn,
+                    shape,
+                    clip_denoised=self.clip_denoised,
+                    model_kwargs=kwargs,
+                    eta=eta[first],
+                    seeds=seeds,
+                )
 
             def ancestral():
                 return sampling.p_sample_loop(
-                    diffusion, self.model_fn, shape, clip_denoised=self.clip_denoised,
-                    model_kwargs=kwargs, seeds=seeds)
+                    diffusion,
+                    self.model_fn,
+                    shape,
+                    clip_denoised=self.clip_denoised,
+                    model_kwargs=kwargs,
+                    seeds=seeds,
+                )
 
             samples = tf.cond(use_ddim[first], ddim, ancestral)
             return [_scatter_rows(accumulators[0], members, samples)]
@@ -368,15 +427,18 @@ class SamplerModule(_ServingModule):
         """One ancestral and one DDIM request of one image each."""
         requests = []
         for use_ddim, eta in ((False, 0.0), (True, 0.5)):
-            inputs = {"seed": np.array([0], np.int64),
-                      "num_steps": np.array([_WARMUP_STEPS], np.int32),
-                      "eta": np.array([eta], np.float32),
-                      "use_ddim": np.array([use_ddim])}
+            inputs = {
+                "seed": np.array([0], np.int64),
+                "num_steps": np.array([_WARMUP_STEPS], np.int32),
+                "eta": np.array([eta], np.float32),
+                "use_ddim": np.array([use_ddim]),
+            }
             if self.num_classes:
                 inputs["class_labels"] = np.array([0], np.int32)
             if self.low_res_size:
                 inputs["low_res"] = np.full(
-                    [1, self.low_res_size, self.low_res_size, self.channels], 128, np.uint8)
+                    [1, self.low_res_size, self.low_res_size, self.channels], 128, np.uint8
+                )
             requests.append((DEFAULT_SIGNATURE, inputs))
         return requests
 
@@ -388,10 +450,15 @@ class NllModule(_ServingModule):
         super().__init__(config, net, name="nll")
         self.clip_denoised = bool(clip_denoised)
         images = tf.TensorSpec([None] + self.image_shape, tf.uint8)
-        specs = {"images": images, "num_steps": tf.TensorSpec(None, tf.int32),
-                 "seed": tf.TensorSpec([None], tf.int64)}
-        replay_specs = {"images": images,
-                        "noise": tf.TensorSpec([None, None] + self.image_shape, tf.float32)}
+        specs = {
+            "images": images,
+            "num_steps": tf.TensorSpec(None, tf.int32),
+            "seed": tf.TensorSpec([None], tf.int64),
+        }
+        replay_specs = {
+            "images": images,
+            "noise": tf.TensorSpec([None, None] + self.image_shape, tf.float32),
+        }
         if self.num_classes:
             specs["class_labels"] = replay_specs["class_labels"] = tf.TensorSpec([None], tf.int32)
         self.input_specs = specs
@@ -403,8 +470,11 @@ class NllModule(_ServingModule):
         return {DEFAULT_SIGNATURE: self.nll, NLL_REPLAY_SIGNATURE: self.nll_replay}
 
     def _image_inputs(self, images, class_labels, batch, checks):
-        checks.append(tf.debugging.assert_positive(
-            batch, message="images is empty (or not [N, H, W, C]): send at least one image"))
+        checks.append(
+            tf.debugging.assert_positive(
+                batch, message="images is empty (or not [N, H, W, C]): send at least one image"
+            )
+        )
         checks.append(_check_images(images, batch, self.image_size, self.channels, "images"))
         model_inputs = {}
         if self.num_classes:
@@ -414,7 +484,7 @@ class NllModule(_ServingModule):
         return model_inputs
 
     def _model_inputs(self, x_start, model_inputs):
-        if self.low_res_size:   # conditioned on its own area-downsampled image, as in training
+        if self.low_res_size:  # conditioned on its own area-downsampled image, as in training
             x_start = tf.ensure_shape(x_start, [None] + self.image_shape)
             low_res = image_utils.area_resize(x_start, self.low_res_size)
             model_inputs = dict(model_inputs, low_res=low_res)
@@ -422,9 +492,14 @@ class NllModule(_ServingModule):
 
     def _bpd_rows(self, diffusion, x_start, model_inputs, **noise):
         """calc_bpd_loop on one group, plus the original timestep of each vb column."""
-        terms = sampling.calc_bpd_loop(diffusion, self.model_fn, x_start,
-                                       clip_denoised=self.clip_denoised,
-                                       model_kwargs=model_inputs, **noise)
+        terms = sampling.calc_bpd_loop(
+            diffusion,
+            self.model_fn,
+            x_start,
+            clip_denoised=self.clip_denoised,
+            model_kwargs=model_inputs,
+            **noise,
+        )
         timesteps = tf.reverse(tf.cast(diffusion.timestep_map, tf.int32), [0])
         terms["vb_timesteps"] = tf.tile(timesteps[None], [tf.shape(x_start)[0], 1])
         return terms
@@ -436,8 +511,9 @@ class NllModule(_ServingModule):
         checks.append(_check_vector(seed, batch, "seed", "image"))
         steps, step_checks = _per_image(num_steps, batch, "num_steps")
         checks += step_checks + self._check_steps(steps)
-        batch, images, seed, steps, *gated_inputs = _gated(checks, batch, images, seed, steps,
-                                                           *model_inputs.values())
+        batch, images, seed, steps, *gated_inputs = _gated(
+            checks, batch, images, seed, steps, *model_inputs.values()
+        )
         model_inputs = dict(zip(model_inputs, gated_inputs))
         steps = tf.broadcast_to(steps, [batch])
         x_start = self.normalize(images)
@@ -449,15 +525,20 @@ class NllModule(_ServingModule):
         def run_group(members, accumulators):
             num = steps[members[0]]
             diffusion = diffusion_lib.respace_uniform(self.diffusion, num)
-            terms = self._bpd_rows(diffusion, tf.gather(x_start, members),
-                                   {k: tf.gather(v, members) for k, v in model_inputs.items()},
-                                   seeds=tf.gather(seed, members))
+            terms = self._bpd_rows(
+                diffusion,
+                tf.gather(x_start, members),
+                {k: tf.gather(v, members) for k, v in model_inputs.items()},
+                seeds=tf.gather(seed, members),
+            )
             padding = [[0, 0], [0, max_steps - num]]
             updated = []
             for name, accumulator in zip(self._output_names(), accumulators):
                 rows = terms[name]
                 if rows.shape.rank == 2:
-                    rows = tf.pad(rows, padding, constant_values=-1 if name == "vb_timesteps" else 0)
+                    rows = tf.pad(
+                        rows, padding, constant_values=-1 if name == "vb_timesteps" else 0
+                    )
                 updated.append(_scatter_rows(accumulator, members, rows))
             return updated
 
@@ -477,22 +558,33 @@ class NllModule(_ServingModule):
         checks = []
         model_inputs = self._image_inputs(images, class_labels, batch, checks)
         noise_shape = _padded_shape(noise, 6)
-        checks.append(tf.debugging.assert_equal(
-            tf.reduce_all(tf.equal(tf.gather(noise_shape, [0, 2, 3, 4, 5]),
-                                   tf.stack([batch] + self.image_shape + [-1]))), True,
-            message=f"noise must be float32 [N, K, {self.image_size}, {self.image_size}, "
-                    f"{self.channels}]: one row of K draws per image"))
+        checks.append(
+            tf.debugging.assert_equal(
+                tf.reduce_all(
+                    tf.equal(
+                        tf.gather(noise_shape, [0, 2, 3, 4, 5]),
+                        tf.stack([batch] + self.image_shape + [-1]),
+                    )
+                ),
+                True,
+                message=f"noise must be float32 [N, K, {self.image_size}, {self.image_size}, "
+                f"{self.channels}]: one row of K draws per image",
+            )
+        )
         num = noise_shape[1]
         checks += self._check_steps(
-            num, name="the number of noise draws per image, K = noise.shape[1],")
-        batch, images, noise, num, *gated_inputs = _gated(checks, batch, images, noise, num,
-                                                          *model_inputs.values())
+            num, name="the number of noise draws per image, K = noise.shape[1],"
+        )
+        batch, images, noise, num, *gated_inputs = _gated(
+            checks, batch, images, noise, num, *model_inputs.values()
+        )
         model_inputs = dict(zip(model_inputs, gated_inputs))
         x_start = self.normalize(images)
         model_inputs = self._model_inputs(x_start, model_inputs)
         diffusion = diffusion_lib.respace_uniform(self.diffusion, num)
-        terms = self._bpd_rows(diffusion, x_start, model_inputs,
-                               step_noise=tf.transpose(noise, [1, 0, 2, 3, 4]))
+        terms = self._bpd_rows(
+            diffusion, x_start, model_inputs, step_noise=tf.transpose(noise, [1, 0, 2, 3, 4])
+        )
         return self._outputs(terms)
 
     @staticmethod
@@ -501,16 +593,26 @@ class NllModule(_ServingModule):
 
     @staticmethod
     def _outputs(terms):
-        return {"total_bpd": terms["total_bpd"], "prior_bpd": terms["prior_bpd"],
-                "vb_terms": terms["vb"], "xstart_mse": terms["xstart_mse"], "mse": terms["mse"],
-                "vb_timesteps": terms["vb_timesteps"]}
+        return {
+            "total_bpd": terms["total_bpd"],
+            "prior_bpd": terms["prior_bpd"],
+            "vb_terms": terms["vb"],
+            "xstart_mse": terms["xstart_mse"],
+            "mse": terms["mse"],
+            "vb_timesteps": terms["vb_timesteps"],
+        }
 
     def warmup_inputs(self):
         images = np.full([1] + self.image_shape, 128, np.uint8)
-        default = {"images": images, "num_steps": np.array([_WARMUP_STEPS], np.int32),
-                   "seed": np.array([0], np.int64)}
-        replay = {"images": images,
-                  "noise": np.zeros([1, _WARMUP_STEPS] + self.image_shape, np.float32)}
+        default = {
+            "images": images,
+            "num_steps": np.array([_WARMUP_STEPS], np.int32),
+            "seed": np.array([0], np.int64),
+        }
+        replay = {
+            "images": images,
+            "noise": np.zeros([1, _WARMUP_STEPS] + self.image_shape, np.float32),
+        }
         if self.num_classes:
             default["class_labels"] = replay["class_labels"] = np.array([0], np.int32)
         return [(DEFAULT_SIGNATURE, default), (NLL_REPLAY_SIGNATURE, replay)]
@@ -522,11 +624,15 @@ class NllModule(_ServingModule):
 def _save_module(module, directory, model_name, metadata):
     """Saves one module as a SavedModel with warm-up records and export metadata."""
     tf.saved_model.save(module, directory, signatures=module.signatures())
-    requests = [serving.predict_request(model_name, inputs, signature_name=signature)
-                for signature, inputs in module.warmup_inputs()]
+    requests = [
+        serving.predict_request(model_name, inputs, signature_name=signature)
+        for signature, inputs in module.warmup_inputs()
+    ]
     serving.write_warmup_requests(directory, requests)
-    fileio.atomic_write_text(os.path.join(directory, serving.WARMUP_SUBDIR, METADATA_FILENAME),
-                             json.dumps(metadata, indent=2, sort_keys=True))
+    fileio.atomic_write_text(
+        os.path.join(directory, serving.WARMUP_SUBDIR, METADATA_FILENAME),
+        json.dumps(metadata, indent=2, sort_keys=True),
+    )
 
 
 def _next_version(base_paths: Sequence[str], version: Optional[int]) -> int:
@@ -536,14 +642,23 @@ def _next_version(base_paths: Sequence[str], version: Optional[int]) -> int:
     if int(version) < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
     if int(version) in existing:
-        raise ValueError(f"version {version} already exists under {', '.join(base_paths)}; "
-                         f"exports never overwrite a version (existing: {existing})")
+        raise ValueError(
+            f"version {version} already exists under {', '.join(base_paths)}; "
+            f"exports never overwrite a version (existing: {existing})"
+        )
     return int(version)
 
 
-def export_saved_models(config, net, export_dir: str, *, model_name: Optional[str] = None,
-                        version: Optional[int] = None, weights: str = "",
-                        checkpoint_path: str = "") -> ExportResult:
+def export_saved_models(
+    config,
+    net,
+    export_dir: str,
+    *,
+    model_name: Optional[str] = None,
+    version: Optional[int] = None,
+    weights: str = "",
+    checkpoint_path: str = "",
+) -> ExportResult:
     """Writes the sampler and NLL SavedModels of ``net`` as a new version under ``export_dir``.
 
     Args:
@@ -575,7 +690,9 @@ def export_saved_models(config, net, export_dir: str, *, model_name: Optional[st
 
     metadata = {
         "config": json.loads(config_utils.config_to_json(config)),
-        "checkpoint": checkpoint_path, "weights": weights, "version": version,
+        "checkpoint": checkpoint_path,
+        "weights": weights,
+        "version": version,
         "num_timesteps": int(config.diffusion.steps),
         "respacing": "num_steps = K evenly spaced steps (timestep_respacing 'K')",
     }
@@ -583,42 +700,59 @@ def export_saved_models(config, net, export_dir: str, *, model_name: Optional[st
     renamed = []
     try:
         sampler = SamplerModule(config, net, clip_denoised=config.sample.clip_denoised)
-        _save_module(sampler, os.path.join(temp_root, "sampler"), sampler_name,
-                     dict(metadata, model="sampler"))
+        _save_module(
+            sampler,
+            os.path.join(temp_root, "sampler"),
+            sampler_name,
+            dict(metadata, model="sampler"),
+        )
         nll = NllModule(config, net, clip_denoised=config.eval.clip_denoised)
         _save_module(nll, os.path.join(temp_root, "nll"), nll_name, dict(metadata, model="nll"))
         for source, target in (("sampler", sampler_dir), ("nll", nll_dir)):
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.exists(target):   # a concurrent export took the number
+            if os.path.exists(target):  # a concurrent export took the number
                 raise FileExistsError(f"{target} appeared during the export; not overwriting it")
             os.rename(os.path.join(temp_root, source), target)
             renamed.append(target)
     except BaseException:
-        for target in renamed:   # keep the two models' versions paired
+        for target in renamed:  # keep the two models' versions paired
             shutil.rmtree(target, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(temp_root, ignore_errors=True)
 
     models_config = serving.write_model_server_config(
-        os.path.join(export_dir, serving.MODELS_CONFIG_FILENAME), serving.servable_models(export_dir))
+        os.path.join(export_dir, serving.MODELS_CONFIG_FILENAME),
+        serving.servable_models(export_dir),
+    )
     batching = serving.write_batching_parameters(
         os.path.join(export_dir, serving.BATCHING_PARAMETERS_FILENAME),
-        max_batch_size=int(config.export.max_batch_size))
-    return ExportResult(version=version, sampler_dir=sampler_dir, nll_dir=nll_dir,
-                        sampler_name=sampler_name, nll_name=nll_name, models_config=models_config,
-                        batching_parameters=batching, weights=weights)
+        max_batch_size=int(config.export.max_batch_size),
+    )
+    return ExportResult(
+        version=version,
+        sampler_dir=sampler_dir,
+        nll_dir=nll_dir,
+        sampler_name=sampler_name,
+        nll_name=nll_name,
+        models_config=models_config,
+        batching_parameters=batching,
+        weights=weights,
+    )
 
 
-def serving_instructions(result: ExportResult, *, num_timesteps: int,
-                         class_cond: bool = False) -> str:
+def serving_instructions(
+    result: ExportResult, *, num_timesteps: int, class_cond: bool = False
+) -> str:
     """Commands to inspect, serve and query an export (printed at the end of an export)."""
     export_dir = os.path.dirname(os.path.dirname(result.sampler_dir))
     run_steps, client_steps = min(10, num_timesteps), min(50, num_timesteps)
     labels = " --class_labels=0,1,2,3" if class_cond else ""
-    rest_inputs = (f'"seed": [1, 2], "num_steps": [{client_steps}, {client_steps}], '
-                   '"eta": [0.0, 0.0], "use_ddim": [false, false]'
-                   + (', "class_labels": [0, 1]' if class_cond else ""))
+    rest_inputs = (
+        f'"seed": [1, 2], "num_steps": [{client_steps}, {client_steps}], '
+        '"eta": [0.0, 0.0], "use_ddim": [false, false]'
+        + (', "class_labels": [0, 1]' if class_cond else "")
+    )
     lines = [
         f"Exported version {result.version} ({result.weights} weights):",
         f"  {result.sampler_dir}",
@@ -629,7 +763,8 @@ def serving_instructions(result: ExportResult, *, num_timesteps: int,
         f"  saved_model_cli run --dir {result.sampler_dir} --tag_set serve "
         f"--signature_def serving_default --input_exprs "
         f"'seed=[1,2];num_steps={run_steps};eta=0.0;use_ddim=False"
-        + (";class_labels=[0,1]" if class_cond else "") + "'",
+        + (";class_labels=[0,1]" if class_cond else "")
+        + "'",
         "Serve (TF-Serving binary, or docker):",
         f"  tensorflow_model_server --port=8500 --rest_api_port=8501 "
         f"--model_config_file={result.models_config} --enable_batching "
@@ -652,16 +787,24 @@ def load_workdir_config(workdir: str):
     """``<workdir>/config.json``, missing fields filled from configs/base.py when importable."""
     try:
         from configs import base as base_config  # pylint: disable=g-import-not-at-top
+
         defaults = base_config.get_config()
-    except ImportError:   # the repository's configs/ is not on the path (an installed package)
+    except ImportError:  # the repository's configs/ is not on the path (an installed package)
         defaults = None
     return config_utils.load_stored_config(workdir, defaults=defaults)
 
 
-def export_from_workdir(config, workdir: str, export_dir: str, *, checkpoint: Optional[str] = None,
-                        model_name: Optional[str] = None, version: Optional[int] = None,
-                        use_ema: Optional[bool] = None,
-                        config_checked: bool = False) -> ExportResult:
+def export_from_workdir(
+    config,
+    workdir: str,
+    export_dir: str,
+    *,
+    checkpoint: Optional[str] = None,
+    model_name: Optional[str] = None,
+    version: Optional[int] = None,
+    use_ema: Optional[bool] = None,
+    config_checked: bool = False,
+) -> ExportResult:
     """Exports the latest checkpoint of a workdir (``run.py --mode=export`` calls this).
 
     Args:
@@ -684,11 +827,25 @@ def export_from_workdir(config, workdir: str, export_dir: str, *, checkpoint: Op
     if not config_checked:
         config_utils.validate_config(config, mode="export")
     use_ema = config.export.use_ema if use_ema is None else use_ema
-    net, checkpoint_path, weights = load_network(config, workdir, use_ema=use_ema,
-                                                 checkpoint_path=checkpoint)
+    net, checkpoint_path, weights = load_network(
+        config, workdir, use_ema=use_ema, checkpoint_path=checkpoint
+    )
     logging.info("exporting %s weights of %s", weights, checkpoint_path)
-    result = export_saved_models(config, net, export_dir, model_name=model_name, version=version,
-                                 weights=weights, checkpoint_path=checkpoint_path)
-    print(serving_instructions(result, num_timesteps=int(config.diffusion.steps),
-                               class_cond=bool(config.data.class_cond)), flush=True)
+    result = export_saved_models(
+        config,
+        net,
+        export_dir,
+        model_name=model_name,
+        version=version,
+        weights=weights,
+        checkpoint_path=checkpoint_path,
+    )
+    print(
+        serving_instructions(
+            result,
+            num_timesteps=int(config.diffusion.steps),
+            class_cond=bool(config.data.class_cond),
+        ),
+        flush=True,
+    )
     return result

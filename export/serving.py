@@ -75,8 +75,13 @@ def read_model_server_config(path: str) -> model_server_config_pb2.ModelServerCo
 # ------------------------------------------------------------------------------ batching
 
 
-def batching_parameters_text(*, max_batch_size: int, batch_timeout_micros: int = 5000,
-                             max_enqueued_batches: int = 64, num_batch_threads: int = 2) -> str:
+def batching_parameters_text(
+    *,
+    max_batch_size: int,
+    batch_timeout_micros: int = 5000,
+    max_enqueued_batches: int = 64,
+    num_batch_threads: int = 2,
+) -> str:
     """The ``--batching_parameters_file`` contents (a ``BatchingParameters`` text proto).
 
     With ``--enable_batching`` the server concatenates concurrent requests along dimension 0 of
@@ -92,16 +97,21 @@ def batching_parameters_text(*, max_batch_size: int, batch_timeout_micros: int =
     Returns:
       The text proto.
     """
-    for name, value in (("max_batch_size", max_batch_size), ("num_batch_threads", num_batch_threads),
-                        ("max_enqueued_batches", max_enqueued_batches)):
+    for name, value in (
+        ("max_batch_size", max_batch_size),
+        ("num_batch_threads", num_batch_threads),
+        ("max_enqueued_batches", max_enqueued_batches),
+    ):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if int(batch_timeout_micros) < 0:
         raise ValueError(f"batch_timeout_micros must be >= 0, got {batch_timeout_micros}")
-    return (f"max_batch_size {{ value: {int(max_batch_size)} }}\n"
-            f"batch_timeout_micros {{ value: {int(batch_timeout_micros)} }}\n"
-            f"max_enqueued_batches {{ value: {int(max_enqueued_batches)} }}\n"
-            f"num_batch_threads {{ value: {int(num_batch_threads)} }}\n")
+    return (
+        f"max_batch_size {{ value: {int(max_batch_size)} }}\n"
+        f"batch_timeout_micros {{ value: {int(batch_timeout_micros)} }}\n"
+        f"max_enqueued_batches {{ value: {int(max_enqueued_batches)} }}\n"
+        f"num_batch_threads {{ value: {int(num_batch_threads)} }}\n"
+    )
 
 
 def write_batching_parameters(path: str, **kwargs) -> str:
@@ -113,8 +123,9 @@ def write_batching_parameters(path: str, **kwargs) -> str:
 # ------------------------------------------------------------------------------ warm-up records
 
 
-def predict_request(model_name: str, inputs: Mapping[str, np.ndarray], *,
-                    signature_name: str = "serving_default") -> predict_pb2.PredictRequest:
+def predict_request(
+    model_name: str, inputs: Mapping[str, np.ndarray], *, signature_name: str = "serving_default"
+) -> predict_pb2.PredictRequest:
     """A PredictRequest whose tensors keep the numpy dtypes of ``inputs``."""
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
@@ -124,8 +135,9 @@ def predict_request(model_name: str, inputs: Mapping[str, np.ndarray], *,
     return request
 
 
-def write_warmup_requests(saved_model_dir: str,
-                          requests: Sequence[predict_pb2.PredictRequest]) -> str:
+def write_warmup_requests(
+    saved_model_dir: str, requests: Sequence[predict_pb2.PredictRequest]
+) -> str:
     """Writes ``<saved_model_dir>/assets.extra/tf_serving_warmup_requests``.
 
     Returns:
@@ -141,7 +153,8 @@ def write_warmup_requests(saved_model_dir: str,
         with tf.io.TFRecordWriter(scratch_path) as writer:
             for request in requests:
                 log = prediction_log_pb2.PredictionLog(
-                    predict_log=prediction_log_pb2.PredictLog(request=request))
+                    predict_log=prediction_log_pb2.PredictLog(request=request)
+                )
                 writer.write(log.SerializeToString())
         with open(scratch_path, "rb") as file:
             records = file.read()
@@ -153,8 +166,10 @@ def read_warmup_requests(saved_model_dir: str) -> List[prediction_log_pb2.Predic
     path = os.path.join(saved_model_dir, WARMUP_SUBDIR, WARMUP_FILENAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no warm-up file at {path}")
-    return [prediction_log_pb2.PredictionLog.FromString(record.numpy())
-            for record in tf.data.TFRecordDataset(path)]
+    return [
+        prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        for record in tf.data.TFRecordDataset(path)
+    ]
 
 
 def request_inputs(request: predict_pb2.PredictRequest) -> Dict[str, np.ndarray]:
@@ -169,8 +184,11 @@ def numeric_versions(base_path: str) -> List[int]:
     """The version numbers TF-Serving would see under a model base path (numeric dirs), sorted."""
     if not os.path.isdir(base_path):
         return []
-    return sorted(int(name) for name in os.listdir(base_path)
-                  if name.isdigit() and os.path.isdir(os.path.join(base_path, name)))
+    return sorted(
+        int(name)
+        for name in os.listdir(base_path)
+        if name.isdigit() and os.path.isdir(os.path.join(base_path, name))
+    )
 
 
 def servable_models(export_dir: str) -> Dict[str, str]:
@@ -186,8 +204,10 @@ def servable_models(export_dir: str) -> Dict[str, str]:
         base_path = os.path.abspath(os.path.join(export_dir, name))
         if name.startswith(".") or not os.path.isdir(base_path):
             continue
-        if any(os.path.exists(os.path.join(base_path, str(v), "saved_model.pb"))
-               for v in numeric_versions(base_path)):
+        if any(
+            os.path.exists(os.path.join(base_path, str(v), "saved_model.pb"))
+            for v in numeric_versions(base_path)
+        ):
             models[name] = base_path
     return models
 
@@ -209,25 +229,31 @@ class LocalSession:
         self._graph = tf.Graph()
         self._session = tf.compat.v1.Session(graph=self._graph)
         with self._graph.as_default():
-            meta_graph = tf.compat.v1.saved_model.loader.load(self._session, list(tags),
-                                                              saved_model_dir)
+            meta_graph = tf.compat.v1.saved_model.loader.load(
+                self._session, list(tags), saved_model_dir
+            )
         self.signature_defs = dict(meta_graph.signature_def)
         self._callables: Dict[Tuple[str, Tuple[str, ...]], object] = {}
 
     def input_dtypes(self, signature_name: str = "serving_default") -> Dict[str, np.dtype]:
         """Input name -> numpy dtype of a signature."""
         signature = self._signature(signature_name)
-        return {key: tf.dtypes.as_dtype(info.dtype).as_numpy_dtype
-                for key, info in signature.inputs.items()}
+        return {
+            key: tf.dtypes.as_dtype(info.dtype).as_numpy_dtype
+            for key, info in signature.inputs.items()
+        }
 
     def _signature(self, signature_name):
         if signature_name not in self.signature_defs:
-            raise ValueError(f"unknown signature {signature_name!r}; this model has "
-                             f"{sorted(self.signature_defs)}")
+            raise ValueError(
+                f"unknown signature {signature_name!r}; this model has "
+                f"{sorted(self.signature_defs)}"
+            )
         return self.signature_defs[signature_name]
 
-    def run(self, inputs: Mapping[str, np.ndarray],
-            signature_name: str = "serving_default") -> Dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray], signature_name: str = "serving_default"
+    ) -> Dict[str, np.ndarray]:
         """Runs a signature on numpy inputs.
 
         Args:

@@ -19,7 +19,12 @@ def _run_quick(study_dir):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
         [sys.executable, "-m", "tf_iddpm.ablation", "--quick", f"--study_dir={study_dir}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
 
@@ -36,9 +41,11 @@ def _numbers(tree):
 
 
 def _mtimes(study_dir):
-    paths = (glob.glob(os.path.join(study_dir, "runs", "*", "checkpoints", "*"))
-             + glob.glob(os.path.join(study_dir, "runs", "*", "study", "*.json"))
-             + glob.glob(os.path.join(study_dir, "classifier", "*")))
+    paths = (
+        glob.glob(os.path.join(study_dir, "runs", "*", "checkpoints", "*"))
+        + glob.glob(os.path.join(study_dir, "runs", "*", "study", "*.json"))
+        + glob.glob(os.path.join(study_dir, "classifier", "*"))
+    )
     return {p: os.path.getmtime(p) for p in paths}
 
 
@@ -58,7 +65,8 @@ def test_quick_study_writes_finite_results_and_resumes_without_recomputing(tmp_p
         assert run["bpd"]["full"]["num_steps"] == study["diffusion_steps"]
         assert run["bpd"]["respaced"]["num_steps"] == int(study["bpd_respacing"])
         assert {(p["sampler"], p["steps"]) for p in run["quality"]} == {
-            (s, k) for s in ablation.SAMPLERS for k in study["sampling_steps"]}
+            (s, k) for s in ablation.SAMPLERS for k in study["sampling_steps"]
+        }
         assert all(run["curves"][f"loss_q{q}"] for q in range(4))
         if run["arm"] == "hybrid_cosine":  # L_simple logs no vb term
             assert all(run["curves"][f"vb_q{q}"] for q in range(4))
@@ -102,9 +110,12 @@ def test_arm_configs_follow_the_paper():
     assert set(expected) == set(ablation.ARMS)
     for arm, (learn_sigma, use_kl, schedule, sampler) in expected.items():
         config = ablation.arm_config(base, arm, seed=3, steps=77)
-        assert (config.diffusion.learn_sigma, config.diffusion.use_kl,
-                config.diffusion.noise_schedule, config.train.schedule_sampler) == (
-                    learn_sigma, use_kl, schedule, sampler), arm
+        assert (
+            config.diffusion.learn_sigma,
+            config.diffusion.use_kl,
+            config.diffusion.noise_schedule,
+            config.train.schedule_sampler,
+        ) == (learn_sigma, use_kl, schedule, sampler), arm
         assert not config.diffusion.sigma_small and config.diffusion.rescale_learned_sigmas
         assert config.seed == 3 and config.train.num_steps == 77
     assert base.diffusion.learn_sigma  # the base is copied, never changed
@@ -118,45 +129,83 @@ def test_unknown_arm_is_refused_with_the_list_of_arms(tmp_path):
     assert ablation.parse_arms("all") == list(ablation.ARMS)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, "-m", "tf_iddpm.ablation", "--arms=simple_linear,bogus",
-         f"--study_dir={tmp_path / 'cli'}"], cwd=REPO_ROOT, env=env, capture_output=True,
-        text=True, check=False)
+        [
+            sys.executable,
+            "-m",
+            "tf_iddpm.ablation",
+            "--arms=simple_linear,bogus",
+            f"--study_dir={tmp_path / 'cli'}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode != 0
     assert "unknown arm(s) 'bogus'" in result.stderr and "hybrid_cosine" in result.stderr
     assert not os.path.exists(tmp_path / "cli")
     study_dir = str(tmp_path / "study")
     with pytest.raises(ValueError, match="unknown arm 'nope'"):
-        ablation.run_study(ablation.quick_base_config(), study_dir, arms=["nope"], seeds=1,
-                           steps=1, bpd_examples=1, bpd_respacing="", sampling_steps="5",
-                           quality_samples=8)
+        ablation.run_study(
+            ablation.quick_base_config(),
+            study_dir,
+            arms=["nope"],
+            seeds=1,
+            steps=1,
+            bpd_examples=1,
+            bpd_respacing="",
+            sampling_steps="5",
+            quality_samples=8,
+        )
     assert not os.path.exists(study_dir)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("data.name", "no_such_dataset", "no_such_dataset"),
-    ("model.channel_mult", "1,x", "channel_mult"),
-    ("train.batch_size", 0, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("data.name", "no_such_dataset", "no_such_dataset"),
+        ("model.channel_mult", "1,x", "channel_mult"),
+        ("train.batch_size", 0, "batch_size"),
+    ],
+)
 def test_bad_base_config_fails_before_anything_runs(tmp_path, field, value, message):
     config = ablation.quick_base_config()
     group, name = field.split(".")
     setattr(getattr(config, group), name, value)
     study_dir = str(tmp_path / "study")
     with pytest.raises(ValueError, match=message):
-        ablation.run_study(config, study_dir, arms=["simple_linear"], seeds=1, steps=1,
-                           bpd_examples=1, bpd_respacing="", sampling_steps="5",
-                           quality_samples=8)
+        ablation.run_study(
+            config,
+            study_dir,
+            arms=["simple_linear"],
+            seeds=1,
+            steps=1,
+            bpd_examples=1,
+            bpd_respacing="",
+            sampling_steps="5",
+            quality_samples=8,
+        )
     assert not os.path.exists(study_dir)
 
 
 def test_bad_budgets_are_refused(tmp_path):
     base = ablation.quick_base_config()
-    kwargs = dict(arms=["simple_linear"], seeds=1, steps=1, bpd_examples=1, bpd_respacing="",
-                  sampling_steps="5", quality_samples=8)
-    for change, message in ((dict(sampling_steps="5,1000"), "outside 1..100"),
-                            (dict(sampling_steps="five"), "not a step count"),
-                            (dict(seeds=0), "--seeds must be >= 1"),
-                            (dict(quality_samples=1), "--quality_samples must be >= 2")):
+    kwargs = dict(
+        arms=["simple_linear"],
+        seeds=1,
+        steps=1,
+        bpd_examples=1,
+        bpd_respacing="",
+        sampling_steps="5",
+        quality_samples=8,
+    )
+    for change, message in (
+        (dict(sampling_steps="5,1000"), "outside 1..100"),
+        (dict(sampling_steps="five"), "not a step count"),
+        (dict(seeds=0), "--seeds must be >= 1"),
+        (dict(quality_samples=1), "--quality_samples must be >= 2"),
+    ):
         with pytest.raises(ValueError, match=message):
             ablation.run_study(base, str(tmp_path / "s"), **dict(kwargs, **change))
     assert ablation.parse_sampling_steps("50,full,10,50", 100) == [10, 50, 100]

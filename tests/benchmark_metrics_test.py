@@ -17,9 +17,23 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_prints_the_table_and_json_with_the_metrics_of_the_same_features(tmp_path):
     graph = inception_stand_in.write(tmp_path / "stand_in.pb", pool_dim=64)
     proc = subprocess.run(
-        [sys.executable, "-m", "tf_iddpm.benchmark_metrics", "--what=all", f"--inception={graph}",
-         "--images=8", "--batch=4", "--pr_size=300", "--pr_dim=16"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+        [
+            sys.executable,
+            "-m",
+            "tf_iddpm.benchmark_metrics",
+            "--what=all",
+            f"--inception={graph}",
+            "--images=8",
+            "--batch=4",
+            "--pr_size=300",
+            "--pr_dim=16",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("| measurement (") and "guided-diffusion evaluator" in lines[0]

@@ -15,23 +15,33 @@ import sys
 
 import pytest
 
-SCRIPT = (pathlib.Path(__file__).resolve().parent.parent / "tools"
-          / "benchmark_reference.py")
-_REFERENCE_MODULES = ("__init__", "script_util", "gaussian_diffusion",
-                      "respace", "resample", "unet", "nn", "fp16_util")
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "tools" / "benchmark_reference.py"
+_REFERENCE_MODULES = (
+    "__init__",
+    "script_util",
+    "gaussian_diffusion",
+    "respace",
+    "resample",
+    "unet",
+    "nn",
+    "fp16_util",
+)
 
 
 def _run_script(*args):
     """Runs the script with this interpreter; returns CompletedProcess."""
-    return subprocess.run([sys.executable, str(SCRIPT), *args],
-                          capture_output=True, text=True, timeout=60,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _load_module():
     """Loads the script by path, without importing the tf_iddpm package."""
-    spec = importlib.util.spec_from_file_location("benchmark_reference",
-                                                  SCRIPT)
+    spec = importlib.util.spec_from_file_location("benchmark_reference", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -81,15 +91,17 @@ def test_missing_torch_says_which_python_to_use(tmp_path):
     assert "Traceback" not in completed.stderr
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--threads", "0", "expected an integer >= 1, got 0"),
-    ("--batch", "-3", "expected an integer >= 1, got -3"),
-    ("--iters", "two", "expected an integer >= 1, got 'two'"),
-    ("--warmup", "-1", "expected an integer >= 0, got -1"),
-    ("--what", "speed", "invalid choice: 'speed'"),
-])
-def test_bad_arguments_are_rejected_with_the_value(tmp_path, flag, value,
-                                                   message):
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--threads", "0", "expected an integer >= 1, got 0"),
+        ("--batch", "-3", "expected an integer >= 1, got -3"),
+        ("--iters", "two", "expected an integer >= 1, got 'two'"),
+        ("--warmup", "-1", "expected an integer >= 0, got -1"),
+        ("--what", "speed", "invalid choice: 'speed'"),
+    ],
+)
+def test_bad_arguments_are_rejected_with_the_value(tmp_path, flag, value, message):
     checkout = _fake_checkout(tmp_path)
     completed = _run_script("--reference", str(checkout), flag, value)
     assert completed.returncode == 2
@@ -100,8 +112,7 @@ def test_bad_arguments_are_rejected_with_the_value(tmp_path, flag, value,
 def test_json_out_in_missing_directory_is_rejected(tmp_path):
     checkout = _fake_checkout(tmp_path)
     target = tmp_path / "no_such_dir" / "ref.json"
-    completed = _run_script("--reference", str(checkout), "--json-out",
-                            str(target))
+    completed = _run_script("--reference", str(checkout), "--json-out", str(target))
     assert completed.returncode == 2
     assert f"--json-out {str(target)!r}" in completed.stderr
     assert "does not exist" in completed.stderr
@@ -116,11 +127,23 @@ def test_parse_args_defaults_and_absolute_reference(tmp_path, monkeypatch):
     assert os.path.isabs(args.reference)
     assert (args.threads, args.batch, args.what) == (2, 16, "all")
     assert args.warmup is None and args.iters is None
-    args = module.parse_args(["--reference", str(checkout), "--threads", "4",
-                              "--batch", "8", "--what", "nll", "--warmup",
-                              "0", "--iters", "3"])
-    assert (args.threads, args.batch, args.what, args.warmup,
-            args.iters) == (4, 8, "nll", 0, 3)
+    args = module.parse_args(
+        [
+            "--reference",
+            str(checkout),
+            "--threads",
+            "4",
+            "--batch",
+            "8",
+            "--what",
+            "nll",
+            "--warmup",
+            "0",
+            "--iters",
+            "3",
+        ]
+    )
+    assert (args.threads, args.batch, args.what, args.warmup, args.iters) == (4, 8, "nll", 0, 3)
 
 
 def test_bench_config_matches_the_issue():
@@ -142,8 +165,17 @@ def test_bench_config_matches_the_issue():
 
 def test_script_imports_only_stdlib_numpy_torch():
     tree = ast.parse(SCRIPT.read_text())
-    allowed_top_level = {"argparse", "importlib", "json", "os", "platform",
-                         "resource", "statistics", "sys", "time"}
+    allowed_top_level = {
+        "argparse",
+        "importlib",
+        "json",
+        "os",
+        "platform",
+        "resource",
+        "statistics",
+        "sys",
+        "time",
+    }
     allowed_anywhere = allowed_top_level | {"numpy", "torch"}
     top_level = set()
     for node in tree.body:

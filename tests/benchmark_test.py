@@ -14,8 +14,14 @@ REFERENCE_GFLOP_PER_FORWARD = 3.25566464
 
 
 def _benchmark(*flags):
-    proc = subprocess.run([sys.executable, "-m", "tf_iddpm.benchmark", *flags], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tf_iddpm.benchmark", *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     return proc
 
 
@@ -27,7 +33,8 @@ def test_one_nll_measurement_prints_the_table_and_json():
     assert result["nll100_img_per_s"] > 0
     # A 100-step chain is 100 forwards per image.
     assert result["nll100_gflop_per_s"] == pytest.approx(
-        result["nll100_img_per_s"] * 100 * result["gflop_per_forward"], rel=1e-9)
+        result["nll100_img_per_s"] * 100 * result["gflop_per_forward"], rel=1e-9
+    )
     assert result["fp32_matmul_gflop_per_s"] > 1
     assert 0 < result["rss_above_runtime_mb"] < result["peak_rss_mb"]
     assert (result["threads"], result["batch"], result["precision"]) == (2, 2, "float32")

@@ -145,8 +145,9 @@ def first_party_imports(path):
             return
         resolved = _module_path(dotted)
         if resolved is None:
-            raise ValueError(f"{path}:{lineno} imports {dotted!r}, which is not a file "
-                             "of this repository")
+            raise ValueError(
+                f"{path}:{lineno} imports {dotted!r}, which is not a file of this repository"
+            )
         found.add(resolved)
 
     def scan(tree, script_lineno=None):
@@ -163,7 +164,7 @@ def first_party_imports(path):
                     add(alias.name, script_lineno or node.lineno)
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base_parts = package_parts[:len(package_parts) - (node.level - 1)]
+                    base_parts = package_parts[: len(package_parts) - (node.level - 1)]
                     base = ".".join(base_parts + ([node.module] if node.module else []))
                 else:
                     base = node.module
@@ -226,8 +227,10 @@ def test_every_library_module_is_in_exactly_one_py_library(targets, package):
     for module in modules:
         owners = [n for n, t in libraries.items() if module in t.get("srcs", [])]
         if len(owners) != 1:
-            problems.append(f"{module} is in the srcs of {len(owners)} py_library targets "
-                            f"{owners}; exactly one is required")
+            problems.append(
+                f"{module} is in the srcs of {len(owners)} py_library targets "
+                f"{owners}; exactly one is required"
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -235,12 +238,18 @@ def test_every_test_file_has_a_py_test(targets):
     tests = _of_kind(targets, "py_test")
     test_files = _glob(["tests/*_test.py"])
     assert "tests/build_file_test.py" in test_files
-    by_src = {src: name for name, t in tests.items() for src in t.get("srcs", [])
-              if src.startswith("tests/")}
+    by_src = {
+        src: name
+        for name, t in tests.items()
+        for src in t.get("srcs", [])
+        if src.startswith("tests/")
+    }
     missing = [f for f in test_files if f not in by_src]
-    assert not missing, (f"test files without a py_test in BUILD: {missing}; add e.g. "
-                         f"py_test(name=\"<module>_test\", srcs=[\"{(missing or [''])[0]}\", "
-                         f"\"{PYTEST_MAIN}\"], main=\"{PYTEST_MAIN}\", ...)")
+    assert not missing, (
+        f"test files without a py_test in BUILD: {missing}; add e.g. "
+        f'py_test(name="<module>_test", srcs=["{(missing or [""])[0]}", '
+        f'"{PYTEST_MAIN}"], main="{PYTEST_MAIN}", ...)'
+    )
 
 
 def test_py_tests_run_their_file_through_pytest(targets):
@@ -256,14 +265,13 @@ def test_py_tests_run_their_file_through_pytest(targets):
             problems.append(f"{name}: args must be {test_srcs}, got {test.get('args')}")
         if test.get("size") not in ("small", "medium", "large", "enormous"):
             problems.append(f"{name}: size must be set, got {test.get('size')!r}")
-        if name != os.path.basename(test_srcs[0])[:-len(".py")]:
+        if name != os.path.basename(test_srcs[0])[: -len(".py")]:
             problems.append(f"{name}: should be named after its file {test_srcs[0]}")
     assert not problems, "\n".join(problems)
 
 
 def test_run_py_has_a_py_binary(targets):
-    binaries = [t for t in _of_kind(targets, "py_binary").values()
-                if "run.py" in t.get("srcs", [])]
+    binaries = [t for t in _of_kind(targets, "py_binary").values() if "run.py" in t.get("srcs", [])]
     if not os.path.isfile(os.path.join(REPO_ROOT, "run.py")):
         pytest.skip("run.py does not exist yet")
     assert len(binaries) == 1, f"run.py needs exactly one py_binary, found {len(binaries)}"
@@ -309,8 +317,9 @@ def test_first_party_imports_are_direct_deps(targets):
             for imported in first_party_imports(src):
                 if imported not in provided:
                     suggestion = [f":{o}" for o in owners.get(imported, [])] or "a new py_library"
-                    problems.append(f"{name}: {src} imports {imported}; add {suggestion} to "
-                                    "its deps")
+                    problems.append(
+                        f"{name}: {src} imports {imported}; add {suggestion} to its deps"
+                    )
     assert not problems, "\n".join(problems)
 
 
@@ -322,9 +331,11 @@ def test_dependency_graph_has_no_cycles(targets):
         if state.get(name) == "done" or name not in targets:
             return
         if state.get(name) == "visiting":
-            cycle = path[path.index(name):] + [name]
-            pytest.fail("dependency cycle: " + " -> ".join(cycle) + " (break the import cycle "
-                        "between these modules; Bazel cannot build it)")
+            cycle = path[path.index(name) :] + [name]
+            pytest.fail(
+                "dependency cycle: " + " -> ".join(cycle) + " (break the import cycle "
+                "between these modules; Bazel cannot build it)"
+            )
         state[name] = "visiting"
         for dep in targets[name].get("deps", []):
             visit(_label_to_name(dep), path + [name])
@@ -347,7 +358,9 @@ def module_import_graph():
     here, and every module of a package imports them implicitly).
     """
     modules = [m for m in _glob(list(_APPLICATION_SOURCES)) if not m.endswith("__init__.py")]
-    return {m: [i for i in first_party_imports(m) if not i.endswith("__init__.py")] for m in modules}
+    return {
+        m: [i for i in first_party_imports(m) if not i.endswith("__init__.py")] for m in modules
+    }
 
 
 def find_import_cycle(graph):
@@ -358,7 +371,7 @@ def find_import_cycle(graph):
         if state.get(module) == "done":
             return None
         if state.get(module) == "visiting":
-            return path[path.index(module):] + [module]
+            return path[path.index(module) :] + [module]
         state[module] = "visiting"
         for imported in graph.get(module, []):
             cycle = visit(imported, path + [module])
@@ -386,47 +399,89 @@ def test_modules_have_no_import_cycles():
 # The import layers of the README's Architecture section, lowest first: a module imports modules of
 # its own layer or of lower ones, never of a higher one.  A new module must be placed here.
 IMPORT_LAYERS = (
-    ("foundations", ("configs/*.py", "tf_iddpm/fileio.py", "tf_iddpm/console.py", "tf_iddpm/schedules.py",
-                     "tf_iddpm/losses.py", "tf_iddpm/config_utils.py", "tf_iddpm/image_utils.py",
-                     "tf_iddpm/checkpoints.py", "tf_iddpm/distribute.py")),
-    ("data, network, diffusion", ("tf_iddpm/data.py", "tf_iddpm/digits_dataset.py",
-                                  "tf_iddpm/unet.py", "tf_iddpm/torch_checkpoint.py",
-                                  "tf_iddpm/diffusion.py", "tf_iddpm/timestep_sampler.py",
-                                  "tf_iddpm/optimizers.py", "tf_iddpm/metrics.py")),
+    (
+        "foundations",
+        (
+            "configs/*.py",
+            "tf_iddpm/fileio.py",
+            "tf_iddpm/console.py",
+            "tf_iddpm/schedules.py",
+            "tf_iddpm/losses.py",
+            "tf_iddpm/config_utils.py",
+            "tf_iddpm/image_utils.py",
+            "tf_iddpm/checkpoints.py",
+            "tf_iddpm/distribute.py",
+        ),
+    ),
+    (
+        "data, network, diffusion",
+        (
+            "tf_iddpm/data.py",
+            "tf_iddpm/digits_dataset.py",
+            "tf_iddpm/unet.py",
+            "tf_iddpm/torch_checkpoint.py",
+            "tf_iddpm/diffusion.py",
+            "tf_iddpm/timestep_sampler.py",
+            "tf_iddpm/optimizers.py",
+            "tf_iddpm/metrics.py",
+        ),
+    ),
     ("assembly", ("tf_iddpm/sampling.py", "tf_iddpm/factory.py", "tf_iddpm/convert.py")),
-    ("modes", ("tf_iddpm/train_lib.py", "tf_iddpm/eval_lib.py", "tf_iddpm/sample_lib.py",
-               "tf_iddpm/quality_lib.py")),
+    (
+        "modes",
+        (
+            "tf_iddpm/train_lib.py",
+            "tf_iddpm/eval_lib.py",
+            "tf_iddpm/sample_lib.py",
+            "tf_iddpm/quality_lib.py",
+        ),
+    ),
     ("entry points", ("export/*.py", "run.py", "tf_iddpm/benchmark*.py", "tf_iddpm/ablation.py")),
 )
 # What export/ must not reach, even indirectly: training and the run modes (a SavedModel export
 # and the serving helpers need only the network, the diffusion and the checkpoint readers).
-EXPORT_MUST_NOT_REACH = ("tf_iddpm/train_lib.py", "tf_iddpm/eval_lib.py", "tf_iddpm/sample_lib.py",
-                         "tf_iddpm/quality_lib.py", "tf_iddpm/optimizers.py",
-                         "tf_iddpm/timestep_sampler.py", "tf_iddpm/data.py",
-                         "tf_iddpm/distribute.py")
+EXPORT_MUST_NOT_REACH = (
+    "tf_iddpm/train_lib.py",
+    "tf_iddpm/eval_lib.py",
+    "tf_iddpm/sample_lib.py",
+    "tf_iddpm/quality_lib.py",
+    "tf_iddpm/optimizers.py",
+    "tf_iddpm/timestep_sampler.py",
+    "tf_iddpm/data.py",
+    "tf_iddpm/distribute.py",
+)
 
 
 def _layer_of(module):
-    layers = [i for i, (_, patterns) in enumerate(IMPORT_LAYERS)
-              if any(fnmatch.fnmatch(module, p) for p in patterns)]
+    layers = [
+        i
+        for i, (_, patterns) in enumerate(IMPORT_LAYERS)
+        if any(fnmatch.fnmatch(module, p) for p in patterns)
+    ]
     return layers[0] if len(layers) == 1 else None
 
 
 def test_imports_go_down_the_layers():
     graph = module_import_graph()
     unplaced = [m for m in graph if _layer_of(m) is None]
-    assert not unplaced, (f"modules in no layer (or several) of IMPORT_LAYERS: {unplaced}; place "
-                          "each in the layer of the README's Architecture section it belongs to")
+    assert not unplaced, (
+        f"modules in no layer (or several) of IMPORT_LAYERS: {unplaced}; place "
+        "each in the layer of the README's Architecture section it belongs to"
+    )
     problems = []
     for module, imported in graph.items():
         for target in imported:
             if _layer_of(target) > _layer_of(module):
-                problems.append(f"{module} ({IMPORT_LAYERS[_layer_of(module)][0]}) imports "
-                                f"{target} ({IMPORT_LAYERS[_layer_of(target)][0]}), a higher layer")
-            if module.startswith("tf_iddpm/") and (target == "run.py" or
-                                                   target.startswith("export/")):
-                problems.append(f"{module} imports {target}: the library never imports export/ "
-                                "or run.py")
+                problems.append(
+                    f"{module} ({IMPORT_LAYERS[_layer_of(module)][0]}) imports "
+                    f"{target} ({IMPORT_LAYERS[_layer_of(target)][0]}), a higher layer"
+                )
+            if module.startswith("tf_iddpm/") and (
+                target == "run.py" or target.startswith("export/")
+            ):
+                problems.append(
+                    f"{module} imports {target}: the library never imports export/ or run.py"
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -459,8 +514,11 @@ def test_package_init_files_reach_every_module(targets):
         for src in closure:
             package = os.path.dirname(src)
             init = os.path.join(package, "__init__.py")
-            if (package in FIRST_PARTY_PACKAGES and os.path.isfile(os.path.join(REPO_ROOT, init))
-                    and init not in closure):
+            if (
+                package in FIRST_PARTY_PACKAGES
+                and os.path.isfile(os.path.join(REPO_ROOT, init))
+                and init not in closure
+            ):
                 problems.append(f"{name}: brings {src} but not {init}")
     assert not problems, "\n".join(sorted(set(problems)))
 
@@ -481,11 +539,11 @@ def test_files_read_by_path_are_in_the_runfiles(targets):
             with open(os.path.join(REPO_ROOT, src)) as f:
                 text = f.read()
             if "testdata" in text and not any(r.startswith("tests/testdata/") for r in runfiles):
-                problems.append(f"{name}: {src} mentions testdata; add \":testdata\" to its data")
+                problems.append(f'{name}: {src} mentions testdata; add ":testdata" to its data')
             if "configs" in text and not any(r.startswith("configs/") for r in runfiles):
-                problems.append(f"{name}: {src} mentions configs; add \":configs\" to its data")
+                problems.append(f'{name}: {src} mentions configs; add ":configs" to its data')
             if "run.py" in text and src != "run.py" and "run.py" not in runfiles:
-                problems.append(f"{name}: {src} mentions run.py; add \":run\" to its data")
+                problems.append(f'{name}: {src} mentions run.py; add ":run" to its data')
     assert not problems, "\n".join(problems)
 
 
@@ -495,11 +553,19 @@ def test_import_resolution_on_known_cases(tmp_path, monkeypatch):
     the package's __init__.py."""
     (tmp_path / "tf_iddpm").mkdir()
     (tmp_path / "export").mkdir()
-    for rel in ("tf_iddpm/__init__.py", "tf_iddpm/a.py", "tf_iddpm/b.py", "tf_iddpm/c.py",
-                "tf_iddpm/loaded_by_name.py", "tf_iddpm/in_subprocess.py", "export/__init__.py",
-                "export/lib.py"):
+    for rel in (
+        "tf_iddpm/__init__.py",
+        "tf_iddpm/a.py",
+        "tf_iddpm/b.py",
+        "tf_iddpm/c.py",
+        "tf_iddpm/loaded_by_name.py",
+        "tf_iddpm/in_subprocess.py",
+        "export/__init__.py",
+        "export/lib.py",
+    ):
         (tmp_path / rel).write_text("")
-    (tmp_path / "tf_iddpm" / "d.py").write_text(textwrap.dedent('''\
+    (tmp_path / "tf_iddpm" / "d.py").write_text(
+        textwrap.dedent('''\
         import os
         import numpy as np
         import tf_iddpm.a
@@ -512,11 +578,18 @@ def test_import_resolution_on_known_cases(tmp_path, monkeypatch):
         def f():
             from export.lib import thing
             return importlib.import_module("tf_iddpm.loaded_by_name"), "tf_iddpm.nothing"
-        '''))
+        ''')
+    )
     monkeypatch.setitem(globals(), "REPO_ROOT", str(tmp_path))
     assert first_party_imports("tf_iddpm/d.py") == [
-        "export/lib.py", "tf_iddpm/__init__.py", "tf_iddpm/a.py", "tf_iddpm/b.py",
-        "tf_iddpm/c.py", "tf_iddpm/in_subprocess.py", "tf_iddpm/loaded_by_name.py"]
+        "export/lib.py",
+        "tf_iddpm/__init__.py",
+        "tf_iddpm/a.py",
+        "tf_iddpm/b.py",
+        "tf_iddpm/c.py",
+        "tf_iddpm/in_subprocess.py",
+        "tf_iddpm/loaded_by_name.py",
+    ]
     (tmp_path / "run.py").write_text("")
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "run_test.py").write_text("import run\n")

@@ -37,10 +37,11 @@ def truncate(path):
 
 
 DAMAGES = {
-    "truncated data": (lambda d: truncate(data_file(d, 30)), "ckpt-30.data-00000-of-00001 is "
-                       "truncated or corrupt"),
-    "missing data": (lambda d: data_file(d, 30).unlink(),
-                     "ckpt-30.data-00000-of-00001 is missing"),
+    "truncated data": (
+        lambda d: truncate(data_file(d, 30)),
+        "ckpt-30.data-00000-of-00001 is truncated or corrupt",
+    ),
+    "missing data": (lambda d: data_file(d, 30).unlink(), "ckpt-30.data-00000-of-00001 is missing"),
     "truncated index": (lambda d: truncate(d / "ckpt-30.index"), "ckpt-30.index cannot be read"),
     "missing index": (lambda d: (d / "ckpt-30.index").unlink(), "ckpt-30.index is missing"),
 }
@@ -69,17 +70,21 @@ def test_resume_skips_damaged_checkpoints_and_keeps_them_aside(tmp_path, damage,
     with caplog.at_level("WARNING"):
         newest = checkpoints.newest_readable_checkpoint(str(tmp_path))
     assert newest == str(tmp_path / "ckpt-20")
-    assert any(DAMAGES[damage][1] in r.getMessage() and "resuming from the older" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        DAMAGES[damage][1] in r.getMessage() and "resuming from the older" in r.getMessage()
+        for r in caplog.records
+    )
     # Kept, byte for byte, out of the manager's way; the state file no longer lists them.
     kept = tmp_path / checkpoints.DAMAGED_SUBDIR
     assert sorted(os.listdir(kept)) == damaged_files
     assert {name: (kept / name).read_bytes() for name in damaged_files} == contents
     state = tf.train.get_checkpoint_state(str(tmp_path))
     assert state.model_checkpoint_path == str(tmp_path / "ckpt-20")
-    assert list(state.all_model_checkpoint_paths) == [str(tmp_path / "ckpt-10"),
-                                                      str(tmp_path / "ckpt-20")]
-    assert str(tmp_path) not in (tmp_path / "checkpoint").read_text()   # relative, as TF writes
+    assert list(state.all_model_checkpoint_paths) == [
+        str(tmp_path / "ckpt-10"),
+        str(tmp_path / "ckpt-20"),
+    ]
+    assert str(tmp_path) not in (tmp_path / "checkpoint").read_text()  # relative, as TF writes
 
     # A manager created now saves step 30 again and cleans up old ones without touching them.
     manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=2)
@@ -89,7 +94,7 @@ def test_resume_skips_damaged_checkpoints_and_keeps_them_aside(tmp_path, damage,
         manager.save(checkpoint_number=n)
     assert {name: (kept / name).read_bytes() for name in damaged_files} == contents
     checkpoints.check_readable(str(tmp_path / "ckpt-30"))
-    assert not os.path.exists(tmp_path / "ckpt-20.index")          # max_to_keep worked
+    assert not os.path.exists(tmp_path / "ckpt-20.index")  # max_to_keep worked
 
 
 def test_same_step_damaged_twice_gets_a_second_name(tmp_path):
@@ -97,14 +102,21 @@ def test_same_step_damaged_twice_gets_a_second_name(tmp_path):
     truncate(data_file(tmp_path, 30))
     checkpoints.newest_readable_checkpoint(str(tmp_path))
     manager = tf.train.CheckpointManager(
-        tf.train.Checkpoint(weights=tf.Variable(np.ones([64, 64], np.float32)),
-                            step=tf.Variable(30, dtype=tf.int64)), str(tmp_path), max_to_keep=3)
+        tf.train.Checkpoint(
+            weights=tf.Variable(np.ones([64, 64], np.float32)), step=tf.Variable(30, dtype=tf.int64)
+        ),
+        str(tmp_path),
+        max_to_keep=3,
+    )
     manager.save(checkpoint_number=30)
     truncate(data_file(tmp_path, 30))
     assert checkpoints.newest_readable_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-20")
     assert sorted(os.listdir(tmp_path / "damaged")) == [
-        "ckpt-30.1.data-00000-of-00001", "ckpt-30.1.index",
-        "ckpt-30.data-00000-of-00001", "ckpt-30.index"]
+        "ckpt-30.1.data-00000-of-00001",
+        "ckpt-30.1.index",
+        "ckpt-30.data-00000-of-00001",
+        "ckpt-30.index",
+    ]
 
 
 def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
@@ -113,9 +125,11 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
     data_file(tmp_path, 20).unlink()
     before = sorted(os.listdir(tmp_path))
     state_before = (tmp_path / "checkpoint").read_text()
-    with pytest.raises(checkpoints.DamagedCheckpointError,
-                       match=r"no readable checkpoint in .*ckpt-20.data-00000-of-00001 is missing; "
-                             r".*ckpt-10.data-00000-of-00001 is truncated"):
+    with pytest.raises(
+        checkpoints.DamagedCheckpointError,
+        match=r"no readable checkpoint in .*ckpt-20.data-00000-of-00001 is missing; "
+        r".*ckpt-10.data-00000-of-00001 is truncated",
+    ):
         checkpoints.newest_readable_checkpoint(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == before
     assert (tmp_path / "checkpoint").read_text() == state_before
@@ -140,4 +154,4 @@ def test_inference_refuses_a_damaged_checkpoint_and_names_an_older_one(tmp_path)
     assert f"{directory / 'ckpt-30.data-00000-of-00001'} is missing" in message
     assert f"--checkpoint={directory / 'ckpt-20'}" in message
     assert "\n" not in message
-    assert sorted(os.listdir(directory)).count("ckpt-30.index") == 1     # inference moves nothing
+    assert sorted(os.listdir(directory)).count("ckpt-30.index") == 1  # inference moves nothing

@@ -21,22 +21,41 @@ from tf_iddpm import unet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MAIN_ARGS = dict(in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-                 attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2,
-                 use_scale_shift_norm=True)
-VARIANT_ARGS = dict(in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-                    attention_resolutions=(1,), channel_mult=(1,), num_classes=10, num_heads=1,
-                    use_scale_shift_norm=False)
+MAIN_ARGS = dict(
+    in_channels=3,
+    model_channels=32,
+    out_channels=6,
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    channel_mult=(1, 2),
+    num_heads=2,
+    use_scale_shift_norm=True,
+)
+VARIANT_ARGS = dict(
+    in_channels=3,
+    model_channels=32,
+    out_channels=3,
+    num_res_blocks=1,
+    attention_resolutions=(1,),
+    channel_mult=(1,),
+    num_classes=10,
+    num_heads=1,
+    use_scale_shift_norm=False,
+)
 
 # The main fixture model as --config overrides of configs/base.py.
 MAIN_CONFIG_FLAGS = [
-    "--config.data.image_size=8", "--config.model.num_channels=32",
-    "--config.model.num_res_blocks=1", "--config.model.channel_mult=1,2",
-    "--config.model.attention_resolutions=4", "--config.model.num_heads=2",
+    "--config.data.image_size=8",
+    "--config.model.num_channels=32",
+    "--config.model.num_res_blocks=1",
+    "--config.model.channel_mult=1,2",
+    "--config.model.attention_resolutions=4",
+    "--config.model.num_heads=2",
 ]
 
 
 # --- torch_checkpoint -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["unet_weights", "unet_variant_weights"])
 def test_torch_file_equals_npz_twin(name, monkeypatch):
@@ -110,9 +129,9 @@ class _Tensor:
 def test_reader_handles_dtypes_strides_offsets_and_shared_storage(tmp_path, fake_torch):
     floats = np.arange(12, dtype=np.float32)
     halves = np.array([0.5, -2.0, 65504.0], np.float16)
-    bf16_values = np.array([1.0, -3.5, 2.0 ** -10], np.float32)
+    bf16_values = np.array([1.0, -3.5, 2.0**-10], np.float32)
     bf16_bits = (bf16_values.view(np.uint32) >> 16).astype(np.uint16)
-    longs = np.array([7, -1, 2 ** 40], np.int64)
+    longs = np.array([7, -1, 2**40], np.int64)
     f_storage = _FakeStorage(fake_torch.FloatStorage, "0", 12)
     state = {
         "matrix": _Tensor(f_storage, 0, [3, 4], [4, 1]),
@@ -124,8 +143,16 @@ def test_reader_handles_dtypes_strides_offsets_and_shared_storage(tmp_path, fake
         "long": _Tensor(_FakeStorage(fake_torch.LongStorage, "3", 3), 0, [3], [1]),
     }
     path = tmp_path / "synthetic.pt"
-    _write_torch_zip(path, state, {"0": floats.tobytes(), "1": halves.tobytes(),
-                                   "2": bf16_bits.tobytes(), "3": longs.tobytes()})
+    _write_torch_zip(
+        path,
+        state,
+        {
+            "0": floats.tobytes(),
+            "1": halves.tobytes(),
+            "2": bf16_bits.tobytes(),
+            "3": longs.tobytes(),
+        },
+    )
     loaded = torch_checkpoint.load_state_dict(str(path))
     np.testing.assert_array_equal(loaded["matrix"], floats.reshape(3, 4))
     np.testing.assert_array_equal(loaded["transposed"], floats.reshape(3, 4).T)
@@ -163,6 +190,7 @@ def test_reader_rejects_non_zip_and_non_state_dict(tmp_path):
 
 # --- assign_state_dict ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("suffix", [".pt", ".npz"])
 def test_converted_checkpoint_reproduces_reference_output(suffix):
     model = unet.UNetModel(**MAIN_ARGS)
@@ -178,8 +206,9 @@ def test_weight_layouts():
     state = convert.load_state_dict(golden.path("unet_weights.npz"))
     convert.assign_state_dict(model, state)
     conv = state["input_blocks.3.0.in_layers.2.weight"]  # OIHW [64, 32, 3, 3]
-    np.testing.assert_array_equal(model.input_blocks_3_0.in_conv.kernel.numpy()[1, 2, 5, 7],
-                                  conv[7, 5, 1, 2])
+    np.testing.assert_array_equal(
+        model.input_blocks_3_0.in_conv.kernel.numpy()[1, 2, 5, 7], conv[7, 5, 1, 2]
+    )
     linear = state["time_embed.0.weight"]  # [out, in]
     np.testing.assert_array_equal(model.time_embed_0.kernel.numpy(), linear.T)
     qkv = state["input_blocks.3.1.qkv.weight"]  # Conv1d [192, 64, 1]
@@ -220,22 +249,37 @@ def test_assign_is_strict_and_lists_every_problem():
 
 def test_variant_checkpoint_does_not_fit_main_model():
     with pytest.raises(ValueError, match="unexpected keys: label_emb.weight"):
-        convert.assign_state_dict(unet.UNetModel(**MAIN_ARGS),
-                                  convert.load_state_dict(golden.path("unet_variant_weights.pt")))
+        convert.assign_state_dict(
+            unet.UNetModel(**MAIN_ARGS),
+            convert.load_state_dict(golden.path("unet_variant_weights.pt")),
+        )
 
 
 # --- convert_checkpoint and the command line ------------------------------------------------------
 
+
 def _run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "tf_iddpm.convert", *args], cwd=REPO_ROOT, capture_output=True,
-        text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+        [sys.executable, "-m", "tf_iddpm.convert", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        timeout=300,
+    )
 
 
 def test_command_line_writes_a_workdir(tmp_path):
     out = tmp_path / "imported"
-    args = ["--checkpoint", golden.path("unet_weights.pt"), "--config", "configs/base.py",
-            *MAIN_CONFIG_FLAGS, "--out", str(out)]
+    args = [
+        "--checkpoint",
+        golden.path("unet_weights.pt"),
+        "--config",
+        "configs/base.py",
+        *MAIN_CONFIG_FLAGS,
+        "--out",
+        str(out),
+    ]
     result = _run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["imported"]  # no temporary directory left behind

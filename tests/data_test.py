@@ -158,12 +158,12 @@ def test_distribute_datasets_from_function_gives_per_replica_batches(digits_dir)
 
 ORDER_NUM_EXAMPLES = 40  # Every order source has 40 training examples.
 ORDER_SOURCES = [
-    "digits",                   # memory: decoded once, indexed by the permutation
-    "digits_tfrecord_stream",   # TFRecord stream (over the memory limit); two file instructions
-    "tfds_array_record",        # TFDS prepared as ArrayRecord: random access
-    "tfds_mock",                # a named TFDS dataset under tfds.testing.mock_data: memory
-    "folder",                   # memory
-    "folder_random_access",     # decode the file at the permuted index
+    "digits",  # memory: decoded once, indexed by the permutation
+    "digits_tfrecord_stream",  # TFRecord stream (over the memory limit); two file instructions
+    "tfds_array_record",  # TFDS prepared as ArrayRecord: random access
+    "tfds_mock",  # a named TFDS dataset under tfds.testing.mock_data: memory
+    "folder",  # memory
+    "folder_random_access",  # decode the file at the permuted index
 ]
 
 
@@ -188,8 +188,9 @@ def order_folder(tmp_path_factory):
 
 
 @pytest.fixture(params=ORDER_SOURCES)
-def order_source(request, digits_dir, array_record_dir, order_folder, tmp_path, monkeypatch,
-                 caplog):
+def order_source(
+    request, digits_dir, array_record_dir, order_folder, tmp_path, monkeypatch, caplog
+):
     """``(config, mechanism)``; the test must log that it read the order by ``mechanism``."""
     kind = request.param
     small = {"image_size": 8, "random_flip": True}
@@ -206,8 +207,10 @@ def order_source(request, digits_dir, array_record_dir, order_folder, tmp_path, 
             mechanism = "stream"
         elif kind == "tfds_array_record":
             config = _config(
-                name=digits_dataset.DIGITS_BUILDER_NAME, data_dir=array_record_dir,
-                train_split="train[:40]", **small,
+                name=digits_dataset.DIGITS_BUILDER_NAME,
+                data_dir=array_record_dir,
+                train_split="train[:40]",
+                **small,
             )
             mechanism = "random_access"
         elif kind == "tfds_mock":
@@ -259,8 +262,7 @@ def test_train_order_is_a_permutation_per_epoch(order_source):
 
 
 @pytest.mark.parametrize("num_pipelines,num_replicas", [(2, 2), (1, 2), (2, 4)])
-def test_input_pipelines_together_read_the_global_batch(order_source, num_pipelines,
-                                                        num_replicas):
+def test_input_pipelines_together_read_the_global_batch(order_source, num_pipelines, num_replicas):
     config, _ = order_source
     batch_size, steps, start_step = 3, 3, 4
     global_batches = _train_images(
@@ -271,8 +273,12 @@ def test_input_pipelines_together_read_the_global_batch(order_source, num_pipeli
     for pipeline_id in range(num_pipelines):
         context = tf.distribute.InputContext(num_pipelines, pipeline_id, num_replicas)
         images = _train_images(
-            config, batch_size=batch_size, steps=steps * local_replicas, seed=5,
-            start_step=start_step, input_context=context,
+            config,
+            batch_size=batch_size,
+            steps=steps * local_replicas,
+            seed=5,
+            start_step=start_step,
+            input_context=context,
         )
         # Consecutive batches of a pipeline go to its local replicas in turn.
         per_pipeline.append(images.reshape(steps, local_replicas * batch_size, *images.shape[2:]))
@@ -323,11 +329,16 @@ _MIRRORED_ORDER_SCRIPT = textwrap.dedent("""
 def test_mirrored_replicas_see_slices_of_the_global_batch(digits_dir, tmp_path):
     out_path = str(tmp_path / "order.npz")
     env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
-    env.update(PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]),
-               TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(
+        PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]), TF_CPP_MIN_LOG_LEVEL="2"
+    )
     result = subprocess.run(
         [sys.executable, "-c", _MIRRORED_ORDER_SCRIPT, json.dumps([digits_dir, out_path])],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-5000:]
     results = np.load(out_path)
@@ -452,7 +463,10 @@ def test_folder_source_labels_from_prefixes_and_skips_bad_files(image_folder, ca
     assert "1 of 6 files" in warnings[0] and "cat_broken.png" in warnings[0]
     # Sorted paths; labels are sorted prefixes: bird 0, cat 1, dog 2.
     order = [
-        "bird_x.jpg", "cat_1.png", "nested/bird_y.JPEG", "nested/deeper/cat_3.png",
+        "bird_x.jpg",
+        "cat_1.png",
+        "nested/bird_y.JPEG",
+        "nested/deeper/cat_3.png",
         "nested/dog_2.png",
     ]
     npt.assert_array_equal(seen["mask"], [True] * 5 + [False] * 3)
@@ -477,7 +491,11 @@ def test_folder_source_strict_refuses_bad_files(image_folder):
 def test_folder_training_batches(image_folder):
     root, _ = image_folder
     config = _config(
-        name="folder", folder=str(root), image_size=16, class_cond=True, num_classes=3,
+        name="folder",
+        folder=str(root),
+        image_size=16,
+        class_cond=True,
+        num_classes=3,
         low_res_size=8,
     )
     batch = next(iter(data.make_train_dataset(config, batch_size=3)))
@@ -506,7 +524,10 @@ def test_folder_train_and_test_subfolders_are_splits(tmp_path):
 @pytest.mark.parametrize("image_size", [32, 16])
 def test_named_tfds_dataset_cifar10(tmp_path, image_size):
     config = _config(
-        name="cifar10", data_dir=str(tmp_path), image_size=image_size, class_cond=True,
+        name="cifar10",
+        data_dir=str(tmp_path),
+        image_size=image_size,
+        class_cond=True,
         num_classes=10,
     )
     with tfds.testing.mock_data(num_examples=10):
@@ -559,14 +580,17 @@ def test_folder_of_only_unreadable_files(tmp_path):
         data.make_eval_dataset(_config(name="folder", folder=str(tmp_path)), batch_size=2)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("image_size", 12, "multiple of 8"),
-    ("image_size", 0, "multiple of 8"),
-    ("num_channels", 2, "num_channels=2 must be one of"),
-    ("low_res_size", 16, r"low_res_size=16 must be 0"),
-    ("shuffle_buffer", 0, "shuffle_buffer=0 must be a positive int"),
-    ("name", "", "data.name='' must be"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("image_size", 12, "multiple of 8"),
+        ("image_size", 0, "multiple of 8"),
+        ("num_channels", 2, "num_channels=2 must be one of"),
+        ("low_res_size", 16, r"low_res_size=16 must be 0"),
+        ("shuffle_buffer", 0, "shuffle_buffer=0 must be a positive int"),
+        ("name", "", "data.name='' must be"),
+    ],
+)
 def test_bad_config_fields(tmp_path, field, value, message):
     config = _config(data_dir=str(tmp_path), image_size=16)
     config[field] = value
@@ -603,14 +627,19 @@ def test_unknown_split_lists_available(digits_dir):
         data.make_eval_dataset(_digits_config(digits_dir), batch_size=2, split="validation")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"batch_size": 0}, "batch_size must be a positive int"),
-    ({"batch_size": 2, "seed": -1}, "seed must be a non-negative int"),
-    ({"batch_size": 2, "start_step": -1}, "start_step must be a non-negative int"),
-    ({"batch_size": 2, "start_step": 1.0}, "start_step must be a non-negative int"),
-    ({"batch_size": 2, "input_context": tf.distribute.InputContext(2, 0, 3)},
-     "num_replicas_in_sync=3 is not a multiple of num_input_pipelines=2"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"batch_size": 0}, "batch_size must be a positive int"),
+        ({"batch_size": 2, "seed": -1}, "seed must be a non-negative int"),
+        ({"batch_size": 2, "start_step": -1}, "start_step must be a non-negative int"),
+        ({"batch_size": 2, "start_step": 1.0}, "start_step must be a non-negative int"),
+        (
+            {"batch_size": 2, "input_context": tf.distribute.InputContext(2, 0, 3)},
+            "num_replicas_in_sync=3 is not a multiple of num_input_pipelines=2",
+        ),
+    ],
+)
 def test_bad_train_arguments(digits_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
         data.make_train_dataset(_digits_config(digits_dir), **kwargs)

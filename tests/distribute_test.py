@@ -19,8 +19,15 @@ def run_python(script, env_update=None, timeout=120):
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env.update(env_update or {})
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()[-1]
 
@@ -40,6 +47,7 @@ def test_default_strategy_has_one_replica(monkeypatch):
 
 def test_auto_without_tpu_gpus_or_cluster_is_the_default_strategy(monkeypatch):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     monkeypatch.delenv("TF_CONFIG", raising=False)
     if len(tf.config.list_physical_devices("GPU")) > 1:
         pytest.skip("this machine has several GPUs: auto picks mirrored")
@@ -49,8 +57,10 @@ def test_auto_without_tpu_gpus_or_cluster_is_the_default_strategy(monkeypatch):
 
 
 def test_unknown_strategy_is_rejected():
-    with pytest.raises(ValueError, match="unknown strategy 'mirror'; allowed: auto, default, "
-                                         "mirrored, multi_worker, tpu"):
+    with pytest.raises(
+        ValueError,
+        match="unknown strategy 'mirror'; allowed: auto, default, mirrored, multi_worker, tpu",
+    ):
         distribute.get_strategy("mirror")
 
 
@@ -65,8 +75,9 @@ def test_multi_worker_without_tf_config_explains_what_to_set(monkeypatch):
         distribute.get_strategy("multi_worker")
 
 
-@pytest.mark.skipif(os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio"),
-                    reason="this machine has a TPU")
+@pytest.mark.skipif(
+    os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio"), reason="this machine has a TPU"
+)
 def test_tpu_without_an_address_on_a_machine_without_tpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TPU_NAME", raising=False)
     with pytest.raises(RuntimeError, match="--strategy=tpu could not reach a TPU"):
@@ -78,35 +89,57 @@ def test_mirrored_uses_the_logical_cpus_when_there_is_no_gpu():
         "from tf_iddpm import distribute\n"
         "distribute.split_cpu(2)\n"
         "s = distribute.get_strategy('mirrored')\n"
-        "print(type(s).__name__, distribute.num_replicas(s), sorted(s.extended.worker_devices))\n")
-    assert out == ("MirroredStrategy 2 ['/job:localhost/replica:0/task:0/device:CPU:0', "
-                   "'/job:localhost/replica:0/task:0/device:CPU:1']")
+        "print(type(s).__name__, distribute.num_replicas(s), sorted(s.extended.worker_devices))\n"
+    )
+    assert out == (
+        "MirroredStrategy 2 ['/job:localhost/replica:0/task:0/device:CPU:0', "
+        "'/job:localhost/replica:0/task:0/device:CPU:1']"
+    )
 
 
 def test_single_worker_tf_config_runs_multi_worker_strategy_as_chief():
-    tf_config = {"cluster": {"worker": [f"127.0.0.1:{free_port()}"]},
-                 "task": {"type": "worker", "index": 0}}
+    tf_config = {
+        "cluster": {"worker": [f"127.0.0.1:{free_port()}"]},
+        "task": {"type": "worker", "index": 0},
+    }
     out = run_python(
         "from tf_iddpm import distribute\n"
         "s = distribute.get_strategy('multi_worker')\n"
         "import tensorflow as tf\n"
         "print(isinstance(s, tf.distribute.MultiWorkerMirroredStrategy), "
         "distribute.num_replicas(s), distribute.is_chief(s))\n",
-        env_update={"TF_CONFIG": json.dumps(tf_config)})
+        env_update={"TF_CONFIG": json.dumps(tf_config)},
+    )
     assert out == "True 1 True"
 
 
-@pytest.mark.parametrize("tf_config, want", [
-    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}},
-     distribute.ClusterTask("worker", 0, 2, True)),
-    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}},
-     distribute.ClusterTask("worker", 1, 2, False)),
-    ({"cluster": {"chief": ["c:1"], "worker": ["a:1", "b:1"]},
-      "task": {"type": "worker", "index": 0}},
-     distribute.ClusterTask("worker", 0, 3, False)),
-    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
-     distribute.ClusterTask("chief", 0, 2, True)),
-])
+@pytest.mark.parametrize(
+    "tf_config, want",
+    [
+        (
+            {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}},
+            distribute.ClusterTask("worker", 0, 2, True),
+        ),
+        (
+            {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}},
+            distribute.ClusterTask("worker", 1, 2, False),
+        ),
+        (
+            {
+                "cluster": {"chief": ["c:1"], "worker": ["a:1", "b:1"]},
+                "task": {"type": "worker", "index": 0},
+            },
+            distribute.ClusterTask("worker", 0, 3, False),
+        ),
+        (
+            {
+                "cluster": {"chief": ["c:1"], "worker": ["a:1"]},
+                "task": {"type": "chief", "index": 0},
+            },
+            distribute.ClusterTask("chief", 0, 2, True),
+        ),
+    ],
+)
 def test_read_tf_config(tf_config, want):
     assert distribute.read_tf_config({"TF_CONFIG": json.dumps(tf_config)}) == want
 
@@ -116,18 +149,27 @@ def test_read_tf_config_unset_or_empty_is_none():
     assert distribute.read_tf_config({"TF_CONFIG": "  "}) is None
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{cluster", "TF_CONFIG is not valid JSON"),
-    ("[1]", "TF_CONFIG must be a JSON object"),
-    ('{"task": {"type": "worker", "index": 0}}', "TF_CONFIG has no 'cluster'"),
-    ('{"cluster": {"worker": ["a:1"]}}', "TF_CONFIG needs 'task'"),
-    ('{"cluster": {"worker": "a:1"}, "task": {"type": "worker", "index": 0}}',
-     "cluster['worker'] must be a list of 'host:port' strings"),
-    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}}',
-     "task type 'ps' is not in the cluster (worker)"),
-    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}',
-     "task index 1 is out of range for the 1 'worker' task(s)"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{cluster", "TF_CONFIG is not valid JSON"),
+        ("[1]", "TF_CONFIG must be a JSON object"),
+        ('{"task": {"type": "worker", "index": 0}}', "TF_CONFIG has no 'cluster'"),
+        ('{"cluster": {"worker": ["a:1"]}}', "TF_CONFIG needs 'task'"),
+        (
+            '{"cluster": {"worker": "a:1"}, "task": {"type": "worker", "index": 0}}',
+            "cluster['worker'] must be a list of 'host:port' strings",
+        ),
+        (
+            '{"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}}',
+            "task type 'ps' is not in the cluster (worker)",
+        ),
+        (
+            '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}',
+            "task index 1 is out of range for the 1 'worker' task(s)",
+        ),
+    ],
+)
 def test_read_tf_config_rejects_malformed(text, message):
     with pytest.raises(ValueError) as error:
         distribute.read_tf_config({"TF_CONFIG": text})

@@ -55,8 +55,11 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def Predict(self, request, context):  # pylint: disable=invalid-name (gRPC method name)
         try:
-            outputs = self.models.run(request.model_spec.name, serving.request_inputs(request),
-                                      request.model_spec.signature_name)
+            outputs = self.models.run(
+                request.model_spec.name,
+                serving.request_inputs(request),
+                request.model_spec.signature_name,
+            )
         except KeyError as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except tf.errors.InvalidArgumentError as e:
@@ -92,7 +95,9 @@ def _rest_handler(models):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             name, signature_name = match.group(1), body.get("signature_name", "serving_default")
             if name not in models.sessions:
-                return self._reply(404, {"error": f"Servable not found for request: Latest({name})"})
+                return self._reply(
+                    404, {"error": f"Servable not found for request: Latest({name})"}
+                )
             try:
                 dtypes = models.sessions[name].input_dtypes(signature_name)
                 if "instances" in body:
@@ -105,9 +110,16 @@ def _rest_handler(models):
                 return self._reply(400, {"error": getattr(e, "message", str(e))})
             if "instances" in body:
                 count = next(iter(outputs.values())).shape[0]
-                return self._reply(200, {"predictions": [
-                    {k: v[i].tolist() for k, v in outputs.items()} for i in range(count)]})
+                return self._reply(
+                    200,
+                    {
+                        "predictions": [
+                            {k: v[i].tolist() for k, v in outputs.items()} for i in range(count)
+                        ]
+                    },
+                )
             return self._reply(200, {"outputs": {k: v.tolist() for k, v in outputs.items()}})
+
     return Handler
 
 
@@ -128,20 +140,28 @@ def served(tmp_path_factory):
     tf.train.Checkpoint(model=net).save(str(workdir / "checkpoints" / "ckpt"))
     result = export_lib.export_from_workdir(None, str(workdir), str(root / "models"))
 
-    sessions = {result.sampler_name: serving.LocalSession(result.sampler_dir),
-                result.nll_name: serving.LocalSession(result.nll_dir)}
+    sessions = {
+        result.sampler_name: serving.LocalSession(result.sampler_dir),
+        result.nll_name: serving.LocalSession(result.nll_dir),
+    }
     models = _Models(sessions)
     grpc_server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        _PredictionService(models), grpc_server)
+        _PredictionService(models), grpc_server
+    )
     grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
     grpc_server.start()
     rest_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _rest_handler(models))
     threading.Thread(target=rest_server.serve_forever, daemon=True).start()
     yield types.SimpleNamespace(
-        result=result, models=models, root=root, grpc=f"127.0.0.1:{grpc_port}",
+        result=result,
+        models=models,
+        root=root,
+        grpc=f"127.0.0.1:{grpc_port}",
         rest=f"127.0.0.1:{rest_server.server_address[1]}",
-        sampler=result.sampler_name, nll=result.nll_name)
+        sampler=result.sampler_name,
+        nll=result.nll_name,
+    )
     rest_server.shutdown()
     grpc_server.stop(None)
     for session in sessions.values():
@@ -155,8 +175,12 @@ def _direct(served, name, inputs, signature_name="serving_default"):
 def test_request_inputs_are_batch_major_with_signature_dtypes():
     inputs = client.sampler_inputs([5, 6, 7], 20, eta=0.5, use_ddim=True, class_labels=4)
     assert {k: (v.dtype, v.shape) for k, v in inputs.items()} == {
-        "seed": (np.int64, (3,)), "num_steps": (np.int32, (3,)), "eta": (np.float32, (3,)),
-        "use_ddim": (np.bool_, (3,)), "class_labels": (np.int32, (3,))}
+        "seed": (np.int64, (3,)),
+        "num_steps": (np.int32, (3,)),
+        "eta": (np.float32, (3,)),
+        "use_ddim": (np.bool_, (3,)),
+        "class_labels": (np.int32, (3,)),
+    }
     assert inputs["num_steps"].tolist() == [20] * 3 and inputs["class_labels"].tolist() == [4] * 3
     images = np.zeros([2, 8, 8, 3], np.uint8)
     inputs = client.nll_inputs(images, 7)
@@ -171,9 +195,12 @@ def test_request_inputs_are_batch_major_with_signature_dtypes():
 
 @pytest.mark.parametrize("row_format", [False, True], ids=["columnar", "row"])
 def test_rest_sample_matches_the_model_and_writes_pngs(served, tmp_path, row_format):
-    outputs = client.sample(served.rest, served.sampler, [0, 1, 2], 3, class_labels=[1, 2, 3],
-                            row_format=row_format)
-    expected = _direct(served, served.sampler, client.sampler_inputs([0, 1, 2], 3, class_labels=[1, 2, 3]))
+    outputs = client.sample(
+        served.rest, served.sampler, [0, 1, 2], 3, class_labels=[1, 2, 3], row_format=row_format
+    )
+    expected = _direct(
+        served, served.sampler, client.sampler_inputs([0, 1, 2], 3, class_labels=[1, 2, 3])
+    )
     assert outputs["images"].dtype == np.uint8 and outputs["images"].shape == (3, 8, 8, 3)
     np.testing.assert_array_equal(outputs["images"], expected["images"])
     np.testing.assert_array_equal(outputs["images_float"], expected["images_float"])
@@ -183,25 +210,39 @@ def test_rest_sample_matches_the_model_and_writes_pngs(served, tmp_path, row_for
 
 
 def test_grpc_sample_and_nll_match_the_model(served):
-    outputs = client.sample(served.grpc, served.sampler, [4, 9], 4, protocol="grpc", use_ddim=True,
-                            eta=0.5, class_labels=[0, 9])
-    expected = _direct(served, served.sampler,
-                       client.sampler_inputs([4, 9], 4, use_ddim=True, eta=0.5, class_labels=[0, 9]))
+    outputs = client.sample(
+        served.grpc,
+        served.sampler,
+        [4, 9],
+        4,
+        protocol="grpc",
+        use_ddim=True,
+        eta=0.5,
+        class_labels=[0, 9],
+    )
+    expected = _direct(
+        served,
+        served.sampler,
+        client.sampler_inputs([4, 9], 4, use_ddim=True, eta=0.5, class_labels=[0, 9]),
+    )
     np.testing.assert_array_equal(outputs["images"], expected["images"])
     np.testing.assert_array_equal(outputs["images_float"], expected["images_float"])
 
     images = np.random.default_rng(0).integers(0, 256, [2, 8, 8, 3]).astype(np.uint8)
     for protocol, server in (("grpc", served.grpc), ("rest", served.rest)):
-        outputs = client.nll(server, served.nll, images, 6, protocol=protocol, seeds=[3, 4],
-                             class_labels=[5, 6])
-        expected = _direct(served, served.nll, client.nll_inputs(images, 6, seeds=[3, 4],
-                                                                 class_labels=[5, 6]))
+        outputs = client.nll(
+            server, served.nll, images, 6, protocol=protocol, seeds=[3, 4], class_labels=[5, 6]
+        )
+        expected = _direct(
+            served, served.nll, client.nll_inputs(images, 6, seeds=[3, 4], class_labels=[5, 6])
+        )
         assert set(outputs) == set(expected)
         for key, value in expected.items():
             assert outputs[key].dtype == value.dtype, key
             np.testing.assert_array_equal(outputs[key], value, err_msg=f"{protocol} {key}")
-        np.testing.assert_allclose(outputs["total_bpd"],
-                                   outputs["prior_bpd"] + outputs["vb_terms"].sum(1), rtol=1e-6)
+        np.testing.assert_allclose(
+            outputs["total_bpd"], outputs["prior_bpd"] + outputs["vb_terms"].sum(1), rtol=1e-6
+        )
 
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
@@ -212,12 +253,22 @@ def test_server_errors_reach_the_caller_with_their_message(served, protocol):
         client.sample(server, served.sampler, [1, 2], 3, class_labels=[3, 10], protocol=protocol)
     assert error.value.code == code
     with pytest.raises(client.PredictError, match=r"num_steps must lie in \[1, 100\]") as error:
-        client.nll(server, served.nll, np.zeros([1, 8, 8, 3], np.uint8), 0, class_labels=[1],
-                   protocol=protocol)
+        client.nll(
+            server,
+            served.nll,
+            np.zeros([1, 8, 8, 3], np.uint8),
+            0,
+            class_labels=[1],
+            protocol=protocol,
+        )
     assert error.value.code == code
     with pytest.raises(client.PredictError, match="class_labels must be a vector"):
-        client.predict(server, served.sampler, dict(client.sampler_inputs([1, 2], 3), class_labels=[1]),
-                       protocol=protocol)
+        client.predict(
+            server,
+            served.sampler,
+            dict(client.sampler_inputs([1, 2], 3), class_labels=[1]),
+            protocol=protocol,
+        )
     with pytest.raises(client.PredictError, match="not found"):
         client.sample(server, "no_such_model", [1], 3, protocol=protocol)
 
@@ -225,9 +276,22 @@ def test_server_errors_reach_the_caller_with_their_message(served, protocol):
 def test_command_line_writes_pngs_and_prints_bpd(served, tmp_path):
     out_dir = tmp_path / "pngs"
     sample = subprocess.run(
-        [sys.executable, "-m", "export.client", f"--server={served.rest}", f"--model={served.sampler}",
-         "sample", "--seeds=4,5", "--num_steps=2", "--class_labels=7", f"--out_dir={out_dir}"],
-        cwd=REPO_ROOT, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "export.client",
+            f"--server={served.rest}",
+            f"--model={served.sampler}",
+            "sample",
+            "--seeds=4,5",
+            "--num_steps=2",
+            "--class_labels=7",
+            f"--out_dir={out_dir}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert sample.returncode == 0, sample.stderr[-2000:]
     expected = _direct(served, served.sampler, client.sampler_inputs([4, 5], 2, class_labels=7))
     for seed, image in zip((4, 5), expected["images"]):
@@ -238,10 +302,23 @@ def test_command_line_writes_pngs_and_prints_bpd(served, tmp_path):
     images = np.random.default_rng(1).integers(0, 256, [2, 8, 8, 3]).astype(np.uint8)
     np.savez(tmp_path / "images.npz", images)
     bpd = subprocess.run(
-        [sys.executable, "-m", "export.client", f"--server={served.grpc}", "--protocol=grpc",
-         f"--model={served.nll}", "nll", f"--images={tmp_path / 'images.npz'}", "--num_steps=3",
-         "--class_labels=2", f"--output={tmp_path / 'bpd.npz'}"],
-        cwd=REPO_ROOT, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "export.client",
+            f"--server={served.grpc}",
+            "--protocol=grpc",
+            f"--model={served.nll}",
+            "nll",
+            f"--images={tmp_path / 'images.npz'}",
+            "--num_steps=3",
+            "--class_labels=2",
+            f"--output={tmp_path / 'bpd.npz'}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert bpd.returncode == 0, bpd.stderr[-2000:]
     expected = _direct(served, served.nll, client.nll_inputs(images, 3, class_labels=2))
     assert f"mean total_bpd {np.mean(expected['total_bpd']):.6f} over 2 images" in bpd.stdout
@@ -249,15 +326,30 @@ def test_command_line_writes_pngs_and_prints_bpd(served, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "bpd.npz")["vb_terms"], expected["vb_terms"])
 
     failed = subprocess.run(
-        [sys.executable, "-m", "export.client", f"--server={served.rest}", f"--model={served.sampler}",
-         "sample", "--seeds=1", "--num_steps=101", "--class_labels=0", f"--out_dir={out_dir}"],
-        cwd=REPO_ROOT, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "export.client",
+            f"--server={served.rest}",
+            f"--model={served.sampler}",
+            "sample",
+            "--seeds=1",
+            "--num_steps=101",
+            "--class_labels=0",
+            f"--out_dir={out_dir}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert failed.returncode == 1 and "num_steps must lie in [1, 100]" in failed.stderr
 
 
 def test_rest_client_imports_no_tensorflow():
-    code = ("import sys, export.client\n"
-            "assert 'tensorflow' not in sys.modules and 'tf_iddpm' not in sys.modules\n")
+    code = (
+        "import sys, export.client\n"
+        "assert 'tensorflow' not in sys.modules and 'tf_iddpm' not in sys.modules\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 

@@ -35,7 +35,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 SITE_PACKAGES = next(p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p))
 IMAGE_SHAPE = [8, 8, 3]
-NUM_TIMESTEPS = 100   # configs/tiny.py
+NUM_TIMESTEPS = 100  # configs/tiny.py
 
 
 def perturbed_net(config, seed):
@@ -68,15 +68,24 @@ def exported(tmp_path_factory):
     write_workdir(workdir, config, {"model": raw_net, "ema_0p99": ema_net})
     export_dir = str(root / "models")
     result = export_lib.export_from_workdir(None, workdir, export_dir)
-    return types.SimpleNamespace(config=config, raw_net=raw_net, ema_net=ema_net, workdir=workdir,
-                                 export_dir=export_dir, result=result, root=root)
+    return types.SimpleNamespace(
+        config=config,
+        raw_net=raw_net,
+        ema_net=ema_net,
+        workdir=workdir,
+        export_dir=export_dir,
+        result=result,
+        root=root,
+    )
 
 
 @pytest.fixture(scope="module")
 def sessions(exported):
     """The exported models loaded as TF-Serving loads them (TF1 session, SignatureDef names)."""
-    opened = {"sampler": serving.LocalSession(exported.result.sampler_dir),
-              "nll": serving.LocalSession(exported.result.nll_dir)}
+    opened = {
+        "sampler": serving.LocalSession(exported.result.sampler_dir),
+        "nll": serving.LocalSession(exported.result.nll_dir),
+    }
     yield opened
     for session in opened.values():
         session.close()
@@ -88,15 +97,21 @@ def reference_samples(config, net, seeds, num_steps, *, use_ddim=False, eta=0.0)
     seeds = tf.constant(seeds, tf.int64)
     shape = [len(seeds)] + IMAGE_SHAPE
     if use_ddim:
-        return sampling.ddim_sample_loop(process, model_fn(net), shape, eta=eta, seeds=seeds).numpy()
+        return sampling.ddim_sample_loop(
+            process, model_fn(net), shape, eta=eta, seeds=seeds
+        ).numpy()
     return sampling.p_sample_loop(process, model_fn(net), shape, seeds=seeds).numpy()
 
 
 def reference_bpd(config, net, images, num_steps, seeds):
     """The in-process evaluator: calc_bpd_loop on the "K"-respaced process, eager normalisation."""
     process = factory.create_diffusion_from_config(config, timestep_respacing=str(num_steps))
-    out = sampling.calc_bpd_loop(process, model_fn(net), image_utils.normalize_images(images),
-                                 seeds=tf.constant(seeds, tf.int64))
+    out = sampling.calc_bpd_loop(
+        process,
+        model_fn(net),
+        image_utils.normalize_images(images),
+        seeds=tf.constant(seeds, tf.int64),
+    )
     return {key: value.numpy() for key, value in out.items()}
 
 
@@ -106,8 +121,12 @@ def test_export_layout_and_server_files(exported):
     assert result.sampler_dir == os.path.join(exported.export_dir, "tiny_sampler", "1")
     assert result.nll_dir == os.path.join(exported.export_dir, "tiny_nll", "1")
     for directory in (result.sampler_dir, result.nll_dir):
-        for name in ("saved_model.pb", "variables/variables.index",
-                     "assets.extra/tf_serving_warmup_requests", "assets.extra/iddpm_export.json"):
+        for name in (
+            "saved_model.pb",
+            "variables/variables.index",
+            "assets.extra/tf_serving_warmup_requests",
+            "assets.extra/iddpm_export.json",
+        ):
             assert os.path.exists(os.path.join(directory, name)), name
         with open(os.path.join(directory, "assets.extra", "iddpm_export.json")) as file:
             metadata = json.load(file)
@@ -116,7 +135,11 @@ def test_export_layout_and_server_files(exported):
         assert metadata["config"]["diffusion"]["steps"] == NUM_TIMESTEPS
     # Nothing but the two models and the two server files; no temporary directory left behind.
     assert sorted(os.listdir(exported.export_dir)) == [
-        "batching_parameters.txt", "models.config", "tiny_nll", "tiny_sampler"]
+        "batching_parameters.txt",
+        "models.config",
+        "tiny_nll",
+        "tiny_sampler",
+    ]
 
     server_config = serving.read_model_server_config(result.models_config)
     entries = {c.name: c for c in server_config.model_config_list.config}
@@ -131,24 +154,42 @@ def _batching_parameters_class():
     pool = descriptor_pool.DescriptorPool()
     wrappers = descriptor_pb2.FileDescriptorProto()
     from google.protobuf import wrappers_pb2  # pylint: disable=g-import-not-at-top
+
     wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
     pool.Add(wrappers)
     proto = descriptor_pb2.FileDescriptorProto(
-        name="session_bundle_config_subset.proto", package="tensorflow.serving",
-        dependency=["google/protobuf/wrappers.proto"], syntax="proto3")
+        name="session_bundle_config_subset.proto",
+        package="tensorflow.serving",
+        dependency=["google/protobuf/wrappers.proto"],
+        syntax="proto3",
+    )
     message = proto.message_type.add(name="BatchingParameters")
     int64 = descriptor_pb2.FieldDescriptorProto
-    for number, name in enumerate(["max_batch_size", "batch_timeout_micros",
-                                   "max_enqueued_batches", "num_batch_threads"], start=1):
-        message.field.add(name=name, number=number, type=int64.TYPE_MESSAGE,
-                          label=int64.LABEL_OPTIONAL, type_name=".google.protobuf.Int64Value")
-    message.field.add(name="thread_pool_name", number=5, type=int64.TYPE_MESSAGE,
-                      label=int64.LABEL_OPTIONAL, type_name=".google.protobuf.StringValue")
-    message.field.add(name="allowed_batch_sizes", number=6, type=int64.TYPE_INT64,
-                      label=int64.LABEL_REPEATED)
+    for number, name in enumerate(
+        ["max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"],
+        start=1,
+    ):
+        message.field.add(
+            name=name,
+            number=number,
+            type=int64.TYPE_MESSAGE,
+            label=int64.LABEL_OPTIONAL,
+            type_name=".google.protobuf.Int64Value",
+        )
+    message.field.add(
+        name="thread_pool_name",
+        number=5,
+        type=int64.TYPE_MESSAGE,
+        label=int64.LABEL_OPTIONAL,
+        type_name=".google.protobuf.StringValue",
+    )
+    message.field.add(
+        name="allowed_batch_sizes", number=6, type=int64.TYPE_INT64, label=int64.LABEL_REPEATED
+    )
     pool.Add(proto)
     return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
+    )
 
 
 def test_batching_parameters_parse(exported):
@@ -163,8 +204,10 @@ def test_batching_parameters_parse(exported):
 
 def _run_in_parallel(commands):
     """Runs commands concurrently (each loads TensorFlow for seconds); returns their stdouts."""
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for command in commands]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
     outputs = [process.communicate() for process in processes]
     for command, process, (_, stderr) in zip(commands, processes, outputs):
         assert process.returncode == 0, (command, stderr[-3000:])
@@ -178,7 +221,8 @@ def _parse_show(text):
         name = block.split("'", 1)[0]
         entry = {"inputs": {}, "outputs": {}}
         for kind, key, dtype, shape in re.findall(
-                r"(inputs|outputs)\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+shape: ([^\n]+)", block):
+            r"(inputs|outputs)\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+shape: ([^\n]+)", block
+        ):
             entry[kind][key] = (dtype, shape.strip())
         signatures[name] = entry
     return signatures
@@ -190,43 +234,77 @@ def test_saved_model_cli_show_and_run(exported, tmp_path):
     np.save(tmp_path / "images.npy", images)
     sampler_out, nll_out = tmp_path / "sampler", tmp_path / "nll"
     run = [SAVED_MODEL_CLI, "run", "--tag_set", "serve", "--signature_def", "serving_default"]
-    show_sampler, show_nll, _, _ = _run_in_parallel([
-        [SAVED_MODEL_CLI, "show", "--dir", exported.result.sampler_dir, "--all"],
-        [SAVED_MODEL_CLI, "show", "--dir", exported.result.nll_dir, "--all"],
-        run + ["--dir", exported.result.sampler_dir, "--outdir", str(sampler_out),
-               "--input_exprs", "seed=[1,2];num_steps=3;eta=0.0;use_ddim=False"],
-        run + ["--dir", exported.result.nll_dir, "--outdir", str(nll_out),
-               "--inputs", f"images={tmp_path / 'images.npy'}",
-               "--input_exprs", "num_steps=4;seed=[1,2]"]])
+    show_sampler, show_nll, _, _ = _run_in_parallel(
+        [
+            [SAVED_MODEL_CLI, "show", "--dir", exported.result.sampler_dir, "--all"],
+            [SAVED_MODEL_CLI, "show", "--dir", exported.result.nll_dir, "--all"],
+            run
+            + [
+                "--dir",
+                exported.result.sampler_dir,
+                "--outdir",
+                str(sampler_out),
+                "--input_exprs",
+                "seed=[1,2];num_steps=3;eta=0.0;use_ddim=False",
+            ],
+            run
+            + [
+                "--dir",
+                exported.result.nll_dir,
+                "--outdir",
+                str(nll_out),
+                "--inputs",
+                f"images={tmp_path / 'images.npy'}",
+                "--input_exprs",
+                "num_steps=4;seed=[1,2]",
+            ],
+        ]
+    )
 
     image_spec, unknown = "(-1, 8, 8, 3)", "unknown_rank"
     assert _parse_show(show_sampler)["serving_default"] == {
-        "inputs": {"seed": ("DT_INT64", "(-1)"), "num_steps": ("DT_INT32", unknown),
-                   "eta": ("DT_FLOAT", unknown), "use_ddim": ("DT_BOOL", unknown)},
-        "outputs": {"images": ("DT_UINT8", image_spec), "images_float": ("DT_FLOAT", image_spec)}}
+        "inputs": {
+            "seed": ("DT_INT64", "(-1)"),
+            "num_steps": ("DT_INT32", unknown),
+            "eta": ("DT_FLOAT", unknown),
+            "use_ddim": ("DT_BOOL", unknown),
+        },
+        "outputs": {"images": ("DT_UINT8", image_spec), "images_float": ("DT_FLOAT", image_spec)},
+    }
     nll = _parse_show(show_nll)
-    outputs = {"total_bpd": ("DT_FLOAT", "(-1)"), "prior_bpd": ("DT_FLOAT", "(-1)"),
-               "vb_terms": ("DT_FLOAT", "(-1, -1)"), "xstart_mse": ("DT_FLOAT", "(-1, -1)"),
-               "mse": ("DT_FLOAT", "(-1, -1)"), "vb_timesteps": ("DT_INT32", "(-1, -1)")}
+    outputs = {
+        "total_bpd": ("DT_FLOAT", "(-1)"),
+        "prior_bpd": ("DT_FLOAT", "(-1)"),
+        "vb_terms": ("DT_FLOAT", "(-1, -1)"),
+        "xstart_mse": ("DT_FLOAT", "(-1, -1)"),
+        "mse": ("DT_FLOAT", "(-1, -1)"),
+        "vb_timesteps": ("DT_INT32", "(-1, -1)"),
+    }
     assert nll["serving_default"] == {
-        "inputs": {"images": ("DT_UINT8", image_spec), "num_steps": ("DT_INT32", unknown),
-                   "seed": ("DT_INT64", "(-1)")},
-        "outputs": outputs}
+        "inputs": {
+            "images": ("DT_UINT8", image_spec),
+            "num_steps": ("DT_INT32", unknown),
+            "seed": ("DT_INT64", "(-1)"),
+        },
+        "outputs": outputs,
+    }
     assert nll["nll_replay"] == {
         "inputs": {"images": ("DT_UINT8", image_spec), "noise": ("DT_FLOAT", "(-1, -1, 8, 8, 3)")},
-        "outputs": outputs}
+        "outputs": outputs,
+    }
 
     expected = reference_samples(exported.config, exported.ema_net, [1, 2], 3)
     np.testing.assert_array_equal(np.load(sampler_out / "images_float.npy"), expected)
-    np.testing.assert_array_equal(np.load(sampler_out / "images.npy"),
-                                  image_utils.denormalize_images(expected).numpy())
+    np.testing.assert_array_equal(
+        np.load(sampler_out / "images.npy"), image_utils.denormalize_images(expected).numpy()
+    )
     expected = reference_bpd(exported.config, exported.ema_net, images, 4, [1, 2])
     np.testing.assert_array_equal(np.load(nll_out / "vb_terms.npy"), expected["vb"])
     np.testing.assert_allclose(np.load(nll_out / "total_bpd.npy"), expected["total_bpd"], rtol=2e-7)
 
 
 # The program a fresh interpreter runs: no project on the path, then both SavedModels.
-FRESH_PROCESS = r'''
+FRESH_PROCESS = r"""
 import importlib.util, os, sys
 site_packages, repo_root, sampler_dir, nll_dir, images_path, out_path = sys.argv[1:]
 sys.path.append(site_packages)   # -S: no .pth files, hence no editable install of the project
@@ -260,7 +338,7 @@ def project_file(module):   # a file of the repository, not of its virtualenv (w
 leaked = sorted(name for name, module in sys.modules.items() if project_file(module))
 assert not leaked, leaked
 np.savez(out_path, **results)
-'''
+"""
 
 
 def test_fresh_process_without_project_reproduces_in_process_results(exported, tmp_path):
@@ -270,13 +348,27 @@ def test_fresh_process_without_project_reproduces_in_process_results(exported, t
     np.save(tmp_path / "images.npy", images)
     out_path = tmp_path / "out.npz"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    process = subprocess.Popen([sys.executable, "-I", "-S", str(script), SITE_PACKAGES, REPO_ROOT,
-                                exported.result.sampler_dir, exported.result.nll_dir,
-                                str(tmp_path / "images.npy"), str(out_path)],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            str(script),
+            SITE_PACKAGES,
+            REPO_ROOT,
+            exported.result.sampler_dir,
+            exported.result.nll_dir,
+            str(tmp_path / "images.npy"),
+            str(out_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     config, net = exported.config, exported.ema_net
-    ancestral = reference_samples(config, net, [3, 7, 9], 4)   # meanwhile, in this process
+    ancestral = reference_samples(config, net, [3, 7, 9], 4)  # meanwhile, in this process
     ddim = reference_samples(config, net, [3, 7], 3, use_ddim=True, eta=0.5)
     full = reference_bpd(config, net, images, NUM_TIMESTEPS, [1, 2, 3])
     # The comparison below needs a deterministic reference.  calc_bpd_loop's iterations are
@@ -285,22 +377,26 @@ def test_fresh_process_without_project_reproduces_in_process_results(exported, t
     again = reference_bpd(config, net, images, NUM_TIMESTEPS, [1, 2, 3])
     assert np.array_equal(full["vb"], again["vb"]), (
         "tf_iddpm.sampling.calc_bpd_loop gave different vb on two identical runs (columns "
-        f"{np.where((full['vb'] != again['vb']).any(0))[0]}): parallel while_loop iterations race")
+        f"{np.where((full['vb'] != again['vb']).any(0))[0]}): parallel while_loop iterations race"
+    )
     _, stderr = process.communicate()
     assert process.returncode == 0, stderr[-3000:]
     got = np.load(out_path)
 
     # Same seeds, same batch => bit-identical to the in-process sampler and evaluator.
     np.testing.assert_array_equal(got["ancestral/images_float"], ancestral)
-    np.testing.assert_array_equal(got["ancestral/images"], image_utils.denormalize_images(ancestral))
+    np.testing.assert_array_equal(
+        got["ancestral/images"], image_utils.denormalize_images(ancestral)
+    )
     np.testing.assert_array_equal(got["ddim/images_float"], ddim)
     # A request mixing settings runs one chain per setting, bit-identical to running each group
     # as its own request.  Across batch sizes an image is the same only up to rounding: the
     # convolutions round differently per batch size (~1e-6 in the network output, with or without
     # oneDNN), and 1 / sqrt(alpha_bar_t) amplifies that in pred_xstart at large t (seen: 3e-4).
     np.testing.assert_array_equal(got["mixed/images_float"][1], got["alone/images_float"][0])
-    np.testing.assert_array_equal(got["mixed/images_float"][[0, 2]],
-                                  reference_samples(config, net, [3, 9], 4))
+    np.testing.assert_array_equal(
+        got["mixed/images_float"][[0, 2]], reference_samples(config, net, [3, 9], 4)
+    )
     np.testing.assert_allclose(got["mixed/images_float"][[0, 2]], ancestral[[0, 2]], atol=2e-3)
     np.testing.assert_allclose(got["mixed/images_float"][1], ddim[1], atol=2e-3)
     assert np.abs(got["ancestral/images_float"][0] - got["ancestral/images_float"][1]).max() > 0.1
@@ -311,12 +407,19 @@ def test_fresh_process_without_project_reproduces_in_process_results(exported, t
     for key, ours in (("vb", "vb_terms"), ("xstart_mse", "xstart_mse"), ("mse", "mse")):
         np.testing.assert_array_equal(got[f"nll_full/{ours}"], full[key], err_msg=key)
     for key in ("prior_bpd", "total_bpd"):
-        np.testing.assert_allclose(got[f"nll_full/{key}"], full[key], rtol=2e-7, atol=0, err_msg=key)
-    np.testing.assert_array_equal(got["nll_full/vb_timesteps"], np.tile(np.arange(99, -1, -1), [3, 1]))
+        np.testing.assert_allclose(
+            got[f"nll_full/{key}"], full[key], rtol=2e-7, atol=0, err_msg=key
+        )
+    np.testing.assert_array_equal(
+        got["nll_full/vb_timesteps"], np.tile(np.arange(99, -1, -1), [3, 1])
+    )
     # K = T is the full chain of the trained process (no respacing): same numbers up to rounding.
-    unrespaced = sampling.calc_bpd_loop(factory.create_diffusion_from_config(config), model_fn(net),
-                                        image_utils.normalize_images(images),
-                                        seeds=tf.constant([1, 2, 3], tf.int64))
+    unrespaced = sampling.calc_bpd_loop(
+        factory.create_diffusion_from_config(config),
+        model_fn(net),
+        image_utils.normalize_images(images),
+        seeds=tf.constant([1, 2, 3], tf.int64),
+    )
     np.testing.assert_allclose(got["nll_full/total_bpd"], unrespaced["total_bpd"], rtol=1e-6)
 
     # Mixed step counts: short rows padded with 0 / -1; the bound still adds up.
@@ -324,18 +427,30 @@ def test_fresh_process_without_project_reproduces_in_process_results(exported, t
     np.testing.assert_allclose(got["nll_mixed/vb_terms"][1, :5], short["vb"][0], rtol=1e-6)
     np.testing.assert_array_equal(got["nll_mixed/vb_terms"][1, 5:], 0.0)
     np.testing.assert_array_equal(got["nll_mixed/vb_timesteps"][1, :6], [99, 74, 50, 25, 0, -1])
-    np.testing.assert_allclose(got["nll_mixed/total_bpd"],
-                               got["nll_mixed/prior_bpd"] + got["nll_mixed/vb_terms"].sum(1), rtol=1e-6)
-    np.testing.assert_allclose(got["nll_mixed/total_bpd"][[0, 2]], full["total_bpd"][[0, 2]], rtol=1e-6)
+    np.testing.assert_allclose(
+        got["nll_mixed/total_bpd"],
+        got["nll_mixed/prior_bpd"] + got["nll_mixed/vb_terms"].sum(1),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        got["nll_mixed/total_bpd"][[0, 2]], full["total_bpd"][[0, 2]], rtol=1e-6
+    )
 
 
 def test_warmup_records_parse_and_replay(exported, sessions):
-    expected = {"sampler": ("tiny_sampler", {"serving_default"}),
-                "nll": ("tiny_nll", {"serving_default", "nll_replay"})}
-    for key, directory in (("sampler", exported.result.sampler_dir), ("nll", exported.result.nll_dir)):
+    expected = {
+        "sampler": ("tiny_sampler", {"serving_default"}),
+        "nll": ("tiny_nll", {"serving_default", "nll_replay"}),
+    }
+    for key, directory in (
+        ("sampler", exported.result.sampler_dir),
+        ("nll", exported.result.nll_dir),
+    ):
         logs = serving.read_warmup_requests(directory)
         model_name, signature_names = expected[key]
-        assert {log.predict_log.request.model_spec.signature_name for log in logs} == signature_names
+        assert {
+            log.predict_log.request.model_spec.signature_name for log in logs
+        } == signature_names
         for log in logs:
             request = log.predict_log.request
             assert request.model_spec.name == model_name
@@ -344,62 +459,149 @@ def test_warmup_records_parse_and_replay(exported, sessions):
             assert all(value.ndim >= 1 for value in inputs.values())
             session = sessions[key]
             dtypes = session.input_dtypes(request.model_spec.signature_name)
-            assert {k: v.dtype for k, v in inputs.items()} == {k: np.dtype(v) for k, v in dtypes.items()}
+            assert {k: v.dtype for k, v in inputs.items()} == {
+                k: np.dtype(v) for k, v in dtypes.items()
+            }
             outputs = session.run(inputs, request.model_spec.signature_name)
             for name, value in outputs.items():
                 assert value.shape[0] == 1 and np.all(np.isfinite(value)), name
 
 
-GOOD_SAMPLE = dict(seed=np.array([1, 2], np.int64), num_steps=np.array(2, np.int32),
-                   eta=np.array(0.0, np.float32), use_ddim=np.array(False))
-GOOD_NLL = dict(images=np.zeros([2] + IMAGE_SHAPE, np.uint8), num_steps=np.array(2, np.int32),
-                seed=np.array([1, 2], np.int64))
-GOOD_REPLAY = dict(images=np.zeros([2] + IMAGE_SHAPE, np.uint8),
-                   noise=np.zeros([2, 3] + IMAGE_SHAPE, np.float32))
+GOOD_SAMPLE = dict(
+    seed=np.array([1, 2], np.int64),
+    num_steps=np.array(2, np.int32),
+    eta=np.array(0.0, np.float32),
+    use_ddim=np.array(False),
+)
+GOOD_NLL = dict(
+    images=np.zeros([2] + IMAGE_SHAPE, np.uint8),
+    num_steps=np.array(2, np.int32),
+    seed=np.array([1, 2], np.int64),
+)
+GOOD_REPLAY = dict(
+    images=np.zeros([2] + IMAGE_SHAPE, np.uint8), noise=np.zeros([2, 3] + IMAGE_SHAPE, np.float32)
+)
 STEPS_RANGE = r"num_steps must lie in \[1, 100\]"
 MALFORMED = [
     ("sampler", "serving_default", dict(GOOD_SAMPLE, num_steps=np.array(0, np.int32)), STEPS_RANGE),
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, num_steps=np.array(101, np.int32)), STEPS_RANGE),
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, num_steps=np.array([2, 2, 2], np.int32)),
-     r"num_steps must be a scalar or a vector \[N\] with one value per image"),
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, num_steps=np.array([[2, 2]], np.int32)),
-     r"num_steps must be a scalar or a vector \[N\]"),
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, seed=np.zeros([0], np.int64)), "seed is empty"),
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, seed=np.array([[1, 2]], np.int64)),
-     r"seed must be a vector \[N\]"),
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, seed=np.array([1.0, 2.0], np.float32)),
-     "expect int64"),
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, eta=np.array(-0.5, np.float32), use_ddim=np.array(True)),
-     r"eta must lie in \[0, 1\]"),
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, eta=np.array(np.nan, np.float32), use_ddim=np.array(True)),
-     r"eta must lie in \[0, 1\]"),
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, eta=np.array(0.5, np.float32)),
-     "eta only applies to DDIM"),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, num_steps=np.array(101, np.int32)),
+        STEPS_RANGE,
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, num_steps=np.array([2, 2, 2], np.int32)),
+        r"num_steps must be a scalar or a vector \[N\] with one value per image",
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, num_steps=np.array([[2, 2]], np.int32)),
+        r"num_steps must be a scalar or a vector \[N\]",
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, seed=np.zeros([0], np.int64)),
+        "seed is empty",
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, seed=np.array([[1, 2]], np.int64)),
+        r"seed must be a vector \[N\]",
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, seed=np.array([1.0, 2.0], np.float32)),
+        "expect int64",
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, eta=np.array(-0.5, np.float32), use_ddim=np.array(True)),
+        r"eta must lie in \[0, 1\]",
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, eta=np.array(np.nan, np.float32), use_ddim=np.array(True)),
+        r"eta must lie in \[0, 1\]",
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, eta=np.array(0.5, np.float32)),
+        "eta only applies to DDIM",
+    ),
     ("nll", "serving_default", dict(GOOD_NLL, num_steps=np.array([0, 2], np.int32)), STEPS_RANGE),
     ("nll", "serving_default", dict(GOOD_NLL, num_steps=np.array(101, np.int32)), STEPS_RANGE),
-    ("nll", "serving_default", dict(GOOD_NLL, images=np.zeros([2, 16, 16, 3], np.uint8)),
-     r"images must be uint8 \[N, 8, 8, 3\]"),
-    ("nll", "serving_default", dict(GOOD_NLL, images=np.zeros([2, 8, 8, 1], np.uint8)),
-     r"images must be uint8 \[N, 8, 8, 3\]"),
-    ("nll", "serving_default", dict(GOOD_NLL, images=np.zeros(IMAGE_SHAPE, np.uint8)),
-     r"images must be uint8 \[N, 8, 8, 3\]"),
-    ("nll", "serving_default", dict(GOOD_NLL, images=np.zeros([2] + IMAGE_SHAPE, np.float32)),
-     "expect uint8"),
-    ("nll", "serving_default", dict(GOOD_NLL, seed=np.array([1], np.int64)),
-     r"seed must be a vector \[N\] holding exactly one value per image"),
-    ("nll", "serving_default", dict(GOOD_NLL, images=np.zeros([0] + IMAGE_SHAPE, np.uint8),
-                                    seed=np.zeros([0], np.int64)), "images is empty"),
-    ("nll", "nll_replay", dict(GOOD_REPLAY, noise=np.zeros([1, 3] + IMAGE_SHAPE, np.float32)),
-     r"noise must be float32 \[N, K, 8, 8, 3\]"),
-    ("nll", "nll_replay", dict(GOOD_REPLAY, noise=np.zeros([2, 3, 8, 8], np.float32)),
-     r"noise must be float32 \[N, K, 8, 8, 3\]"),
-    ("nll", "nll_replay", dict(GOOD_REPLAY, noise=np.zeros([2, 0] + IMAGE_SHAPE, np.float32)),
-     r"noise draws per image, K = noise.shape\[1\], must lie in \[1, 100\]"),
+    (
+        "nll",
+        "serving_default",
+        dict(GOOD_NLL, images=np.zeros([2, 16, 16, 3], np.uint8)),
+        r"images must be uint8 \[N, 8, 8, 3\]",
+    ),
+    (
+        "nll",
+        "serving_default",
+        dict(GOOD_NLL, images=np.zeros([2, 8, 8, 1], np.uint8)),
+        r"images must be uint8 \[N, 8, 8, 3\]",
+    ),
+    (
+        "nll",
+        "serving_default",
+        dict(GOOD_NLL, images=np.zeros(IMAGE_SHAPE, np.uint8)),
+        r"images must be uint8 \[N, 8, 8, 3\]",
+    ),
+    (
+        "nll",
+        "serving_default",
+        dict(GOOD_NLL, images=np.zeros([2] + IMAGE_SHAPE, np.float32)),
+        "expect uint8",
+    ),
+    (
+        "nll",
+        "serving_default",
+        dict(GOOD_NLL, seed=np.array([1], np.int64)),
+        r"seed must be a vector \[N\] holding exactly one value per image",
+    ),
+    (
+        "nll",
+        "serving_default",
+        dict(GOOD_NLL, images=np.zeros([0] + IMAGE_SHAPE, np.uint8), seed=np.zeros([0], np.int64)),
+        "images is empty",
+    ),
+    (
+        "nll",
+        "nll_replay",
+        dict(GOOD_REPLAY, noise=np.zeros([1, 3] + IMAGE_SHAPE, np.float32)),
+        r"noise must be float32 \[N, K, 8, 8, 3\]",
+    ),
+    (
+        "nll",
+        "nll_replay",
+        dict(GOOD_REPLAY, noise=np.zeros([2, 3, 8, 8], np.float32)),
+        r"noise must be float32 \[N, K, 8, 8, 3\]",
+    ),
+    (
+        "nll",
+        "nll_replay",
+        dict(GOOD_REPLAY, noise=np.zeros([2, 0] + IMAGE_SHAPE, np.float32)),
+        r"noise draws per image, K = noise.shape\[1\], must lie in \[1, 100\]",
+    ),
 ]
 
 
-@pytest.mark.parametrize("model,signature,inputs,message", MALFORMED,
-                         ids=[f"{m}-{s}-{i}" for i, (m, s, _, _) in enumerate(MALFORMED)])
+@pytest.mark.parametrize(
+    "model,signature,inputs,message",
+    MALFORMED,
+    ids=[f"{m}-{s}-{i}" for i, (m, s, _, _) in enumerate(MALFORMED)],
+)
 def test_malformed_request_is_invalid_argument(sessions, model, signature, inputs, message):
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         sessions[model].run(inputs, signature)
@@ -408,39 +610,56 @@ def test_malformed_request_is_invalid_argument(sessions, model, signature, input
 def test_well_formed_requests_pass_the_checks(sessions):
     assert sessions["sampler"].run(GOOD_SAMPLE)["images"].shape == (2, 8, 8, 3)
     assert sessions["nll"].run(GOOD_NLL)["vb_terms"].shape == (2, 2)
-    assert sessions["nll"].run(GOOD_REPLAY, "nll_replay")["vb_timesteps"].tolist() == [[99, 50, 0]] * 2
+    assert (
+        sessions["nll"].run(GOOD_REPLAY, "nll_replay")["vb_timesteps"].tolist() == [[99, 50, 0]] * 2
+    )
 
 
 def test_malformed_request_through_the_tf2_loader(exported):
     """tf.saved_model.load callers get the same InvalidArgumentError and message."""
     signature = tf.saved_model.load(exported.result.sampler_dir).signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match=STEPS_RANGE):
-        signature(**{k: tf.constant(v) for k, v in dict(GOOD_SAMPLE, num_steps=np.array(101, np.int32)).items()})
+        signature(
+            **{
+                k: tf.constant(v)
+                for k, v in dict(GOOD_SAMPLE, num_steps=np.array(101, np.int32)).items()
+            }
+        )
     with pytest.raises(tf.errors.InvalidArgumentError, match="eta only applies to DDIM"):
-        signature(**{k: tf.constant(v) for k, v in dict(GOOD_SAMPLE, eta=np.array(0.5, np.float32)).items()})
+        signature(
+            **{
+                k: tf.constant(v)
+                for k, v in dict(GOOD_SAMPLE, eta=np.array(0.5, np.float32)).items()
+            }
+        )
 
 
 def test_reexport_adds_a_version_and_a_failed_export_leaves_nothing(exported, monkeypatch):
-    before = {d: open(os.path.join(d, "saved_model.pb"), "rb").read()
-              for d in (exported.result.sampler_dir, exported.result.nll_dir)}
+    before = {
+        d: open(os.path.join(d, "saved_model.pb"), "rb").read()
+        for d in (exported.result.sampler_dir, exported.result.nll_dir)
+    }
     # `python -m export`, in a process that then checks that no training code was imported.
-    program = ("import runpy, sys\n"
-               f"sys.argv = ['export', '--workdir={exported.workdir}', "
-               f"'--export_dir={exported.export_dir}']\n"
-               "try:\n"
-               "    runpy.run_module('export', run_name='__main__', alter_sys=True)\n"
-               "except SystemExit as e:\n"
-               "    assert not e.code, e.code\n"
-               "bad = [m for m in ('tf_iddpm.train_lib', 'tf_iddpm.data', 'tensorflow_datasets')"
-               " if m in sys.modules]\n"
-               "assert not bad, f'export imported training code: {bad}'\n")
-    completed = subprocess.run([sys.executable, "-c", program], cwd=REPO_ROOT, capture_output=True,
-                               text=True)
+    program = (
+        "import runpy, sys\n"
+        f"sys.argv = ['export', '--workdir={exported.workdir}', "
+        f"'--export_dir={exported.export_dir}']\n"
+        "try:\n"
+        "    runpy.run_module('export', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "bad = [m for m in ('tf_iddpm.train_lib', 'tf_iddpm.data', 'tensorflow_datasets')"
+        " if m in sys.modules]\n"
+        "assert not bad, f'export imported training code: {bad}'\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", program], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "tensorflow_model_server --port=8500 --rest_api_port=8501" in completed.stdout
     for model in ("tiny_sampler", "tiny_nll"):
         assert serving.numeric_versions(os.path.join(exported.export_dir, model)) == [1, 2]
-    for directory, content in before.items():   # version 1 untouched
+    for directory, content in before.items():  # version 1 untouched
         with open(os.path.join(directory, "saved_model.pb"), "rb") as file:
             assert file.read() == content
 
@@ -460,7 +679,7 @@ def test_reexport_adds_a_version_and_a_failed_export_leaves_nothing(exported, mo
 
     def failing_rename(source, target):
         renames.append(target)
-        if len(renames) == 2:   # the sampler's version is already in place
+        if len(renames) == 2:  # the sampler's version is already in place
             raise OSError("rename failed")
         real_rename(source, target)
 
@@ -487,7 +706,7 @@ def test_weights_choice_ema_raw_and_converted_fallback(exported, tmp_path, caplo
     assert name == "model"
     np.testing.assert_array_equal(net.variables[-1].numpy(), exported.raw_net.variables[-1].numpy())
 
-    workdir = str(tmp_path / "converted")   # a converted checkpoint: `model` only
+    workdir = str(tmp_path / "converted")  # a converted checkpoint: `model` only
     write_workdir(workdir, config, {"model": exported.raw_net})
     with caplog.at_level("WARNING"):
         _, _, name = export_lib.load_network(config, workdir, use_ema=True)
@@ -509,15 +728,18 @@ def _reference_config(schedule, steps):
     config = golden.fixture_model_config()
     config.diffusion.steps = steps
     config.diffusion.noise_schedule = schedule
-    config.diffusion.cdf = "approx"   # the reference's tanh CDF
+    config.diffusion.cdf = "approx"  # the reference's tanh CDF
     config.export.model_name = "reference"
     return config
 
 
-@pytest.mark.parametrize("case,schedule,steps,num_steps", [
-    ("plain_cosine_T50", "cosine", 50, 50),
-    ("spaced_linear_T1000_r25", "linear", 1000, 25)])
-def test_converted_reference_weights_reproduce_reference_bpd(tmp_path, case, schedule, steps, num_steps):
+@pytest.mark.parametrize(
+    "case,schedule,steps,num_steps",
+    [("plain_cosine_T50", "cosine", 50, 50), ("spaced_linear_T1000_r25", "linear", 1000, 25)],
+)
+def test_converted_reference_weights_reproduce_reference_bpd(
+    tmp_path, case, schedule, steps, num_steps
+):
     config = _reference_config(schedule, steps)
     workdir = str(tmp_path / "converted")
     convert.convert_checkpoint(golden.path("unet_weights.npz"), config, workdir)
@@ -531,20 +753,31 @@ def test_converted_reference_weights_reproduce_reference_bpd(tmp_path, case, sch
     x_start = golden.nhwc(NLL["x_start"])
     images = np.round((x_start + 1.0) * 127.5).astype(np.uint8)
     np.testing.assert_array_equal(image_utils.normalize_images(images).numpy(), x_start)
-    noise = golden.nhwc(NLL[f"{case}_noise"]).transpose(1, 0, 2, 3, 4)   # [N, K, H, W, C]
+    noise = golden.nhwc(NLL[f"{case}_noise"]).transpose(1, 0, 2, 3, 4)  # [N, K, H, W, C]
     out = session.run({"images": images, "noise": noise}, "nll_replay")
-    for key, ours in (("total_bpd", "total_bpd"), ("prior_bpd", "prior_bpd"), ("vb", "vb_terms"),
-                      ("xstart_mse", "xstart_mse"), ("mse", "mse")):
+    for key, ours in (
+        ("total_bpd", "total_bpd"),
+        ("prior_bpd", "prior_bpd"),
+        ("vb", "vb_terms"),
+        ("xstart_mse", "xstart_mse"),
+        ("mse", "mse"),
+    ):
         error = golden.max_rel_error(out[ours], NLL[f"{case}_{key}"])
         assert error <= 1e-4, (key, error)
     assert out["vb_terms"].shape == (2, num_steps)
     # The seeded signature runs the same chain with its own noise: the prior term (no noise) is
     # the same, and the bound adds up.
-    seeded = session.run({"images": images, "num_steps": np.array(num_steps, np.int32),
-                          "seed": np.array([0, 1], np.int64)})
+    seeded = session.run(
+        {
+            "images": images,
+            "num_steps": np.array(num_steps, np.int32),
+            "seed": np.array([0, 1], np.int64),
+        }
+    )
     np.testing.assert_array_equal(seeded["prior_bpd"], out["prior_bpd"])
-    np.testing.assert_allclose(seeded["total_bpd"], seeded["prior_bpd"] + seeded["vb_terms"].sum(1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        seeded["total_bpd"], seeded["prior_bpd"] + seeded["vb_terms"].sum(1), rtol=1e-6
+    )
     assert not np.array_equal(seeded["vb_terms"], out["vb_terms"])
     session.close()
 
@@ -557,23 +790,43 @@ def test_super_resolution_model_takes_low_res_input():
     low_res = np.random.default_rng(1).integers(0, 256, [2, 4, 4, 3]).astype(np.uint8)
     sampler = export_lib.SamplerModule(config, net)
     assert list(sampler.input_specs) == ["seed", "num_steps", "eta", "use_ddim", "low_res"]
-    out = sampler.sample(tf.constant([1, 2], tf.int64), tf.constant(3), tf.constant(0.0),
-                         tf.constant(False), tf.constant(low_res))
+    out = sampler.sample(
+        tf.constant([1, 2], tf.int64),
+        tf.constant(3),
+        tf.constant(0.0),
+        tf.constant(False),
+        tf.constant(low_res),
+    )
     process = factory.create_diffusion_from_config(config, timestep_respacing="3")
-    expected = sampling.p_sample_loop(process, model_fn(net), [2] + IMAGE_SHAPE,
-                                      model_kwargs={"low_res": image_utils.normalize_images(low_res)},
-                                      seeds=tf.constant([1, 2], tf.int64))
+    expected = sampling.p_sample_loop(
+        process,
+        model_fn(net),
+        [2] + IMAGE_SHAPE,
+        model_kwargs={"low_res": image_utils.normalize_images(low_res)},
+        seeds=tf.constant([1, 2], tf.int64),
+    )
     np.testing.assert_allclose(out["images_float"].numpy(), expected.numpy(), atol=1e-6)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"low_res must be uint8 \[N, 4, 4, 3\]"):
-        sampler.sample(tf.constant([1, 2, 3], tf.int64), tf.constant(3), tf.constant(0.0),
-                       tf.constant(False), tf.constant(low_res))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"low_res must be uint8 \[N, 4, 4, 3\]"
+    ):
+        sampler.sample(
+            tf.constant([1, 2, 3], tf.int64),
+            tf.constant(3),
+            tf.constant(0.0),
+            tf.constant(False),
+            tf.constant(low_res),
+        )
 
     images = np.random.default_rng(2).integers(0, 256, [2] + IMAGE_SHAPE).astype(np.uint8)
-    out = export_lib.NllModule(config, net).nll(tf.constant(images), tf.constant(4),
-                                                tf.constant([5, 6], tf.int64))
+    out = export_lib.NllModule(config, net).nll(
+        tf.constant(images), tf.constant(4), tf.constant([5, 6], tf.int64)
+    )
     x_start = image_utils.normalize_images(images)
     expected = sampling.calc_bpd_loop(
-        factory.create_diffusion_from_config(config, timestep_respacing="4"), model_fn(net), x_start,
+        factory.create_diffusion_from_config(config, timestep_respacing="4"),
+        model_fn(net),
+        x_start,
         model_kwargs={"low_res": image_utils.area_resize(x_start, 4)},
-        seeds=tf.constant([5, 6], tf.int64))
+        seeds=tf.constant([5, 6], tf.int64),
+    )
     np.testing.assert_allclose(out["vb_terms"].numpy(), expected["vb"].numpy(), rtol=1e-5)

@@ -46,7 +46,7 @@ def test_new_and_replaced_files_get_the_mode_open_gives(tmp_path, mask, expected
     with umask(mask):
         assert fileio.atomic_write_text(path, "one") == str(path)
         assert mode(path) == expected == plain_open_mode(tmp_path)
-        os.chmod(path, 0o600)       # what the old mkstemp-based writers left
+        os.chmod(path, 0o600)  # what the old mkstemp-based writers left
         fileio.atomic_write_text(path, "two")
     assert path.read_text() == "two"
     assert mode(path) == expected
@@ -68,15 +68,18 @@ def _fail_in_the_middle(file):
 
 @pytest.mark.parametrize("existing", [None, b"old content"])
 @pytest.mark.parametrize("failure", ["writer", "fsync", "replace"])
-def test_a_failure_in_the_middle_leaves_no_partial_or_temp_file(tmp_path, monkeypatch, existing,
-                                                               failure):
+def test_a_failure_in_the_middle_leaves_no_partial_or_temp_file(
+    tmp_path, monkeypatch, existing, failure
+):
     path = tmp_path / "target.json"
     if existing is not None:
         path.write_bytes(existing)
     write = _fail_in_the_middle
     if failure != "writer":
+
         def broken(*args):
             raise OSError(f"{failure} failed")
+
         monkeypatch.setattr(fileio.os, failure, broken)
         write = lambda file: file.write(b"new content")  # noqa: E731
     with pytest.raises((RuntimeError, OSError), match=f"{failure} failed"):
@@ -100,6 +103,7 @@ def test_savez_through_the_writer_callback(tmp_path):
 
 def test_remote_paths_go_through_gfile(tmp_path):
     import tensorflow as tf
+
     # TensorFlow's in-memory filesystem stands in for gs://.
     path = "ram://fileio_test/dir/x.txt"
     fileio.atomic_write_text(path, "remote")
@@ -117,20 +121,29 @@ def test_remote_paths_go_through_gfile(tmp_path):
 def test_config_json_png_and_serving_files_have_the_mode_open_gives(tmp_path, mask, expected):
     from export import serving
     from tf_iddpm import image_utils
+
     workdir = tmp_path / "work"
     export_dir = tmp_path / "models"
     with umask(mask):
         config_utils.persist_config(tiny.get_config(), str(workdir))
         image_utils.save_image_grid(np.zeros([2, 4, 4, 3], np.uint8), workdir / "grid.png")
-        serving.write_model_server_config(str(export_dir / serving.MODELS_CONFIG_FILENAME),
-                                          {"tiny_sampler": str(export_dir / "tiny_sampler")})
+        serving.write_model_server_config(
+            str(export_dir / serving.MODELS_CONFIG_FILENAME),
+            {"tiny_sampler": str(export_dir / "tiny_sampler")},
+        )
         serving.write_batching_parameters(
-            str(export_dir / serving.BATCHING_PARAMETERS_FILENAME), max_batch_size=4)
+            str(export_dir / serving.BATCHING_PARAMETERS_FILENAME), max_batch_size=4
+        )
         warmup = serving.write_warmup_requests(
-            str(export_dir / "v"), [serving.predict_request("m", {"seed": np.array([1])})])
-    for path in (workdir / "config.json", workdir / "grid.png",
-                 export_dir / serving.MODELS_CONFIG_FILENAME,
-                 export_dir / serving.BATCHING_PARAMETERS_FILENAME, warmup):
+            str(export_dir / "v"), [serving.predict_request("m", {"seed": np.array([1])})]
+        )
+    for path in (
+        workdir / "config.json",
+        workdir / "grid.png",
+        export_dir / serving.MODELS_CONFIG_FILENAME,
+        export_dir / serving.BATCHING_PARAMETERS_FILENAME,
+        warmup,
+    ):
         assert mode(path) == expected, path
     assert sorted(os.listdir(workdir)) == ["config.json", "grid.png"]
     assert len(serving.read_warmup_requests(str(export_dir / "v"))) == 1

@@ -23,6 +23,7 @@ def fixture_model_config():
     8x8x3 images, 32 channels, one res block per level, channel_mult 1,2, attention at 4x4, 2 heads.
     """
     from configs import base  # pylint: disable=g-import-not-at-top
+
     config = base.get_config()
     config.data.image_size = 8
     config.model.num_channels = 32

@@ -26,9 +26,9 @@ def _adaptive_average_pool_1d(values, out_size):
 def _numpy_area(images, out_h, out_w):
     """[N, H, W, C] -> [N, out_h, out_w, C] by pooling H then W."""
     pooled_h = np.stack([_adaptive_average_pool_1d(image, out_h) for image in images])
-    return np.stack([
-        np.stack([_adaptive_average_pool_1d(row, out_w) for row in image]) for image in pooled_h
-    ])
+    return np.stack(
+        [np.stack([_adaptive_average_pool_1d(row, out_w) for row in image]) for image in pooled_h]
+    )
 
 
 def test_normalize_images_is_x_over_127_5_minus_1():
@@ -80,9 +80,15 @@ def test_area_resize_known_values():
     npt.assert_allclose(image_utils.area_resize(image, (2, 1)).numpy().ravel(), [1.0, 3.0])
 
 
-@pytest.mark.parametrize("in_size,out_size", [
-    ((16, 16), (8, 8)), ((32, 32), (8, 8)), ((10, 7), (4, 3)), ((9, 12), (5, 12)),
-])
+@pytest.mark.parametrize(
+    "in_size,out_size",
+    [
+        ((16, 16), (8, 8)),
+        ((32, 32), (8, 8)),
+        ((10, 7), (4, 3)),
+        ((9, 12), (5, 12)),
+    ],
+)
 def test_area_resize_matches_adaptive_average_pooling(in_size, out_size):
     rng = np.random.default_rng(1)
     images = rng.uniform(-1, 1, [3, *in_size, 2]).astype(np.float32)
@@ -159,7 +165,7 @@ def test_save_image_grid_layout_and_atomic_write(tmp_path):
     assert grid.shape == (8, 15, 3)  # ceil(sqrt(5)) = 3 columns, 2 rows.
     for i in range(5):
         row, column = divmod(i, 3)
-        cell = grid[row * 4:(row + 1) * 4, column * 5:(column + 1) * 5]
+        cell = grid[row * 4 : (row + 1) * 4, column * 5 : (column + 1) * 5]
         npt.assert_array_equal(cell, 10 * (i + 1))
     npt.assert_array_equal(grid[4:, 10:], 0)  # Empty sixth cell.
     assert os.listdir(path.parent) == ["samples.png"]  # No temporary file left behind.
@@ -186,6 +192,7 @@ def test_save_image_grid_rejects_floats(tmp_path):
 
 def test_normalization_is_bit_identical_in_graphs_and_to_numpy():
     import tensorflow as tf
+
     levels = np.arange(256, dtype=np.uint8)
     expected = levels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     np.testing.assert_array_equal(image_utils.normalize_images(levels).numpy(), expected)

@@ -33,24 +33,36 @@ def make_graph_def(seed: int = 0, pool_dim: int = POOL_DIM):
         resized = tf.image.resize(images, [16, 16])
         scaled = (resized - 128.0) / 128.0
         conv0 = tf.nn.conv2d(
-            scaled, tf.constant(rng.normal(0, 0.5, [3, 3, 3, 16]).astype(np.float32)), 1, "SAME")
-        moments = [tf.constant(value.astype(np.float32), name=f"conv0/{name}") for name, value in (
-            ("mean", rng.normal(0, 0.2, 16)), ("variance", rng.uniform(0.5, 2.0, 16)),
-            ("beta", rng.normal(0, 0.1, 16)), ("gamma", rng.uniform(0.5, 1.5, 16)))]
+            scaled, tf.constant(rng.normal(0, 0.5, [3, 3, 3, 16]).astype(np.float32)), 1, "SAME"
+        )
+        moments = [
+            tf.constant(value.astype(np.float32), name=f"conv0/{name}")
+            for name, value in (
+                ("mean", rng.normal(0, 0.2, 16)),
+                ("variance", rng.uniform(0.5, 2.0, 16)),
+                ("beta", rng.normal(0, 0.1, 16)),
+                ("gamma", rng.uniform(0.5, 1.5, 16)),
+            )
+        ]
         # A placeholder op, turned into BatchNormWithGlobalNormalization in the GraphDef below.
         normalized = tf.identity(conv0, name="conv0/batchnorm")
         conv1 = tf.nn.relu(normalized)
         spatial = tf.nn.conv2d(
-            conv1, tf.constant(rng.normal(0, 0.3, [3, 3, 16, 8]).astype(np.float32)), 2, "SAME",
-            name="mixed_6/conv")
+            conv1,
+            tf.constant(rng.normal(0, 0.3, [3, 3, 16, 8]).astype(np.float32)),
+            2,
+            "SAME",
+            name="mixed_6/conv",
+        )
         hidden = tf.nn.relu(spatial)
         pooled = tf.reduce_mean(hidden, axis=[1, 2], keepdims=True)
         features = tf.concat([pooled, tf.reduce_max(hidden, axis=[1, 2], keepdims=True)], -1)
         projection = tf.constant(rng.normal(0, 1.0, [1, 1, 16, pool_dim]).astype(np.float32))
         pool = tf.nn.relu(tf.nn.conv2d(features, projection, 1, "VALID") + 0.1, name="pool_3")
         flat = tf.reshape(pool, [-1, pool_dim], name="pool_3/_reshape")
-        weights = tf.constant(rng.normal(0, 0.05, [pool_dim, NUM_CLASSES]).astype(np.float32),
-                              name="softmax/weights")
+        weights = tf.constant(
+            rng.normal(0, 0.05, [pool_dim, NUM_CLASSES]).astype(np.float32), name="softmax/weights"
+        )
         logits = tf.matmul(flat, weights, name="softmax/logits/MatMul")
         tf.nn.softmax(logits + 0.01, name="softmax")
     graph_def = graph.as_graph_def()
@@ -61,7 +73,7 @@ def make_graph_def(seed: int = 0, pool_dim: int = POOL_DIM):
             node.input.extend([conv0.op.name] + [m.op.name for m in moments])
             node.attr["variance_epsilon"].f = 1e-3
             node.attr["scale_after_normalization"].b = True
-    graph_def.versions.producer = 5     # the 2015 graph's era: before the op was removed (9)
+    graph_def.versions.producer = 5  # the 2015 graph's era: before the op was removed (9)
     return graph_def
 
 
@@ -83,8 +95,8 @@ def reference_features(graph_def, images):
     with tf.compat.v1.Session(graph=graph) as session:
         for image in np.asarray(images, np.float32):
             pool, spatial, logits = session.run(
-                ["pool_3:0", "mixed_6/conv:0", "softmax/logits/MatMul:0"],
-                {"DecodeJpeg:0": image})
+                ["pool_3:0", "mixed_6/conv:0", "softmax/logits/MatMul:0"], {"DecodeJpeg:0": image}
+            )
             pools.append(pool.reshape(-1))
             spatials.append(spatial[..., :7].reshape(-1))
             shifted = logits - logits.max(axis=1, keepdims=True)

@@ -20,7 +20,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Keras' own saving code converts variables with np.array(..., copy=False), which numpy 2 warns
 # about; the warning is Keras', not ours.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
 
 
 def _random_orthogonal(rng, dim):
@@ -42,8 +43,12 @@ def _general_closed_form(mu1, sigma1, mu2, sigma2):
     eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
     sqrt_sigma1 = eigenvectors @ np.diag(np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
     middle = np.linalg.eigvalsh(sqrt_sigma1 @ sigma2 @ sqrt_sigma1)
-    return (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
-            - 2.0 * np.sum(np.sqrt(np.clip(middle, 0, None))))
+    return (
+        np.sum((mu1 - mu2) ** 2)
+        + np.trace(sigma1)
+        + np.trace(sigma2)
+        - 2.0 * np.sum(np.sqrt(np.clip(middle, 0, None)))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,8 +116,9 @@ def test_frechet_distance_without_scipy_matches_scipy(monkeypatch):
     # sigma2 has 20 zero eigenvalues; square roots of their round-off (~1e-8 each) bound the
     # agreement, hence rtol 1e-8 rather than 1e-9.
     np.testing.assert_allclose(without_scipy, with_scipy, rtol=1e-8)
-    np.testing.assert_allclose(without_scipy, _general_closed_form(mu1, sigma1, mu2, sigma2),
-                               rtol=1e-8)
+    np.testing.assert_allclose(
+        without_scipy, _general_closed_form(mu1, sigma1, mu2, sigma2), rtol=1e-8
+    )
 
 
 class _FakeScipyLinalg:
@@ -142,8 +148,9 @@ def test_frechet_distance_retries_with_eps_offset_when_sqrtm_fails(monkeypatch):
     assert len(fake.calls) == 2
     np.testing.assert_allclose(fake.calls[1], np.diag((var1 + eps) * (var2 + eps)), rtol=1e-15)
     # The offset enters only through the square-root term.
-    expected = (_diagonal_closed_form(mu1, var1, mu2, var2)
-                + 2.0 * np.sum(np.sqrt(var1 * var2) - np.sqrt((var1 + eps) * (var2 + eps))))
+    expected = _diagonal_closed_form(mu1, var1, mu2, var2) + 2.0 * np.sum(
+        np.sqrt(var1 * var2) - np.sqrt((var1 + eps) * (var2 + eps))
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
@@ -170,16 +177,21 @@ def test_frechet_distance_drops_round_off_imaginary_parts_and_rejects_large_ones
             return real_sqrtm(matrix) + 0.1j * np.eye(2)
 
     monkeypatch.setattr(metrics, "_scipy_linalg", LargeImaginary)
-    with pytest.warns(RuntimeWarning), pytest.raises(ValueError,
-                                                     match="imaginary component of 0.1"):
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(ValueError, match="imaginary component of 0.1"),
+    ):
         metrics.frechet_distance(np.zeros(2), sigma1, np.zeros(2), sigma2)
 
 
-@pytest.mark.parametrize("args,message", [
-    ((np.zeros(3), np.eye(2), np.zeros(3), np.eye(3)), r"sigma1 must be a \[D, D\] = \(3, 3\)"),
-    ((np.zeros(3), np.eye(3), np.zeros(2), np.eye(2)), r"mu1 has shape \(3,\), mu2 has shape"),
-    ((np.zeros((2, 2)), np.eye(2), np.zeros(2), np.eye(2)), r"mu1 must be a vector \[D\]"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((np.zeros(3), np.eye(2), np.zeros(3), np.eye(3)), r"sigma1 must be a \[D, D\] = \(3, 3\)"),
+        ((np.zeros(3), np.eye(3), np.zeros(2), np.eye(2)), r"mu1 has shape \(3,\), mu2 has shape"),
+        ((np.zeros((2, 2)), np.eye(2), np.zeros(2), np.eye(2)), r"mu1 must be a vector \[D\]"),
+    ],
+)
 def test_frechet_distance_bad_shapes_raise(args, message):
     with pytest.raises(ValueError, match=message):
         metrics.frechet_distance(*args)
@@ -231,13 +243,19 @@ def _stand_in_network(pool=True):
     """Any network from 299x299x3 images to features: a strided conv and a dense layer."""
     inputs = keras.Input((299, 299, 3))
     hidden = keras.layers.Conv2D(
-        4, 5, strides=16, activation="tanh",
-        kernel_initializer=keras.initializers.RandomNormal(stddev=0.3, seed=1))(inputs)
+        4,
+        5,
+        strides=16,
+        activation="tanh",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=0.3, seed=1),
+    )(inputs)
     if pool:
         hidden = keras.layers.GlobalAveragePooling2D()(hidden)
     outputs = keras.layers.Dense(
-        6, kernel_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=2),
-        bias_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=3))(hidden)
+        6,
+        kernel_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=2),
+        bias_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=3),
+    )(hidden)
     return keras.Model(inputs, outputs)
 
 
@@ -251,8 +269,7 @@ def stand_in(tmp_path_factory):
 
 
 def _random_images(seed, count, size=24):
-    return np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3),
-                                                dtype=np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("path", [None, "", os.path.join("no", "such", "inception.keras")])
@@ -264,8 +281,10 @@ def test_missing_inception_network_error_explains_how_to_get_one(path):
     assert "nothing can be downloaded here" in message
     for accepted in ("SavedModel directory", "'.keras'", "'.h5'", "'.weights.h5'"):
         assert accepted in message
-    assert ("keras.applications.InceptionV3(weights='imagenet', include_top=False, "
-            "pooling='avg').save('inception.keras')") in message
+    assert (
+        "keras.applications.InceptionV3(weights='imagenet', include_top=False, "
+        "pooling='avg').save('inception.keras')"
+    ) in message
     if path:
         assert repr(path) in message
 
@@ -284,15 +303,19 @@ def test_unsupported_file_type_is_rejected(tmp_path):
 
 def test_preprocess_resizes_to_299_and_scales_to_unit_interval():
     native = _random_images(11, 2, size=299)
-    np.testing.assert_allclose(metrics.InceptionFeatureExtractor.preprocess(native).numpy(),
-                               native / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_allclose(
+        metrics.InceptionFeatureExtractor.preprocess(native).numpy(),
+        native / 127.5 - 1.0,
+        atol=1e-6,
+    )
     constant = np.full((3, 17, 40, 3), 51, np.uint8)
     resized = metrics.InceptionFeatureExtractor.preprocess(constant).numpy()
     assert resized.shape == (3, 299, 299, 3)
     np.testing.assert_allclose(resized, 51 / 127.5 - 1.0, atol=1e-6)
     # A vertical two-level image keeps its levels at the far ends after bilinear upsampling.
-    halves = np.concatenate([np.zeros((1, 8, 16, 3)), np.full((1, 8, 16, 3), 255)],
-                            axis=1).astype(np.uint8)
+    halves = np.concatenate([np.zeros((1, 8, 16, 3)), np.full((1, 8, 16, 3), 255)], axis=1).astype(
+        np.uint8
+    )
     resized = metrics.InceptionFeatureExtractor.preprocess(halves).numpy()
     np.testing.assert_allclose(resized[0, 0], -1.0, atol=1e-6)
     np.testing.assert_allclose(resized[0, -1], 1.0, atol=1e-6)
@@ -349,18 +372,22 @@ def test_extractor_loads_inception_v3_weights_files(tmp_path):
     assert features.shape == (2, 2048)
     np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-7)
 
-    keras_inception = keras.applications.InceptionV3(weights=str(tmp_path / "inception_notop.h5"),
-                                                     include_top=False, pooling="avg")
+    keras_inception = keras.applications.InceptionV3(
+        weights=str(tmp_path / "inception_notop.h5"), include_top=False, pooling="avg"
+    )
     keras_inception.save_weights(str(tmp_path / "inception.weights.h5"))
     from_weights_h5 = metrics.InceptionFeatureExtractor(tmp_path / "inception.weights.h5")
     np.testing.assert_allclose(from_weights_h5(images), features, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("images", [
-    np.zeros((2, 8, 8, 3), np.float32),
-    np.zeros((2, 8, 8, 1), np.uint8),
-    np.zeros((8, 8, 3), np.uint8),
-])
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.zeros((2, 8, 8, 3), np.float32),
+        np.zeros((2, 8, 8, 1), np.uint8),
+        np.zeros((8, 8, 3), np.uint8),
+    ],
+)
 def test_extractor_rejects_bad_images(stand_in, images):
     extractor = metrics.InceptionFeatureExtractor(stand_in[1])
     with pytest.raises(ValueError, match=r"images must be a uint8 array \[N, H, W, 3\]"):
@@ -375,12 +402,15 @@ def test_compute_fid_from_images_arrays_and_npz_files(stand_in, tmp_path):
     extractor = metrics.InceptionFeatureExtractor(stand_in[1], batch_size=4)
     samples, reference = _random_images(17, 10), _random_images(18, 12)
     samples[:, :12] = 255  # make the two sets differ
-    expected = metrics.frechet_distance(*metrics.feature_statistics(extractor(samples)),
-                                        *metrics.feature_statistics(extractor(reference)))
+    expected = metrics.frechet_distance(
+        *metrics.feature_statistics(extractor(samples)),
+        *metrics.feature_statistics(extractor(reference)),
+    )
     assert expected > 0.1
 
-    np.testing.assert_allclose(metrics.compute_fid(samples, reference, extractor), expected,
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        metrics.compute_fid(samples, reference, extractor), expected, rtol=1e-10
+    )
     assert abs(metrics.compute_fid(samples, samples, extractor)) < 1e-8
 
     # Samples as run.py --mode=sample writes them; reference as images, statistics or a tuple.
@@ -388,8 +418,11 @@ def test_compute_fid_from_images_arrays_and_npz_files(stand_in, tmp_path):
     np.savez(tmp_path / "reference_images.npz", arr_0=reference)
     reference_stats = metrics.compute_statistics(reference, extractor)
     metrics.save_statistics(tmp_path / "reference_stats.npz", *reference_stats)
-    for reference_source in (str(tmp_path / "reference_images.npz"),
-                             tmp_path / "reference_stats.npz", reference_stats):
+    for reference_source in (
+        str(tmp_path / "reference_images.npz"),
+        tmp_path / "reference_stats.npz",
+        reference_stats,
+    ):
         got = metrics.compute_fid(str(tmp_path / "samples.npz"), reference_source, extractor)
         np.testing.assert_allclose(got, expected, rtol=1e-10)
 
@@ -400,10 +433,17 @@ def test_compute_fid_uses_mu_sigma_of_a_virtual_reference_batch(stand_in, tmp_pa
     extractor = metrics.InceptionFeatureExtractor(stand_in[1])
     samples = _random_images(19, 6)
     stored_mu, stored_sigma = np.full(6, 3.0), 2.0 * np.eye(6)
-    np.savez(tmp_path / "VIRTUAL_test.npz", arr_0=_random_images(20, 6), mu=stored_mu,
-             sigma=stored_sigma, mu_s=np.zeros(7), sigma_s=np.eye(7))
-    expected = metrics.frechet_distance(*metrics.feature_statistics(extractor(samples)),
-                                        stored_mu, stored_sigma)
+    np.savez(
+        tmp_path / "VIRTUAL_test.npz",
+        arr_0=_random_images(20, 6),
+        mu=stored_mu,
+        sigma=stored_sigma,
+        mu_s=np.zeros(7),
+        sigma_s=np.eye(7),
+    )
+    expected = metrics.frechet_distance(
+        *metrics.feature_statistics(extractor(samples)), stored_mu, stored_sigma
+    )
     got = metrics.compute_fid(samples, tmp_path / "VIRTUAL_test.npz", extractor)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
@@ -435,8 +475,9 @@ def test_fid_matches_the_evaluator(evaluator_golden, name):
     a, b = evaluator_golden[f"fid_{name}_a"], evaluator_golden[f"fid_{name}_b"]
     mu_a, sigma_a = metrics.feature_statistics(a)
     np.testing.assert_allclose(mu_a, evaluator_golden[f"fid_{name}_mu_a"], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(sigma_a, evaluator_golden[f"fid_{name}_sigma_a"], rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        sigma_a, evaluator_golden[f"fid_{name}_sigma_a"], rtol=1e-10, atol=1e-12
+    )
     fid = metrics.frechet_distance(mu_a, sigma_a, *metrics.feature_statistics(b))
     np.testing.assert_allclose(fid, evaluator_golden[f"fid_{name}_value"], rtol=1e-4)
 
@@ -451,8 +492,11 @@ def test_inception_score_matches_the_evaluator(evaluator_golden):
 def test_precision_recall_match_the_evaluator(evaluator_golden, name, block_size):
     ref, sample = evaluator_golden[f"pr_{name}_ref"], evaluator_golden[f"pr_{name}_sample"]
     for features, key in ((ref, "ref"), (sample, "sample")):
-        np.testing.assert_allclose(metrics.manifold_radii(features, block_size=block_size),
-                                   evaluator_golden[f"pr_{name}_radii_{key}"][:, 0], rtol=1e-3)
+        np.testing.assert_allclose(
+            metrics.manifold_radii(features, block_size=block_size),
+            evaluator_golden[f"pr_{name}_radii_{key}"][:, 0],
+            rtol=1e-3,
+        )
     precision, recall = metrics.precision_recall(ref, sample, block_size=block_size)
     assert abs(precision - evaluator_golden[f"pr_{name}_precision"]) <= 1 / len(sample)
     assert abs(recall - evaluator_golden[f"pr_{name}_recall"]) <= 1 / len(ref)
@@ -460,9 +504,9 @@ def test_precision_recall_match_the_evaluator(evaluator_golden, name, block_size
 
 def test_identical_sets_give_zero_fid_and_full_precision_recall():
     features = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
-    assert metrics.frechet_distance(*metrics.feature_statistics(features),
-                                    *metrics.feature_statistics(features)) == pytest.approx(
-                                        0.0, abs=1e-8)
+    assert metrics.frechet_distance(
+        *metrics.feature_statistics(features), *metrics.feature_statistics(features)
+    ) == pytest.approx(0.0, abs=1e-8)
     assert metrics.precision_recall(features, features, block_size=64) == (1.0, 1.0)
     assert abs(metrics.kernel_inception_distance(features, features)) < 0.05
 
@@ -471,8 +515,9 @@ def test_manifold_radius_is_the_kth_neighbour_distance_on_a_line():
     # Points 0, 1, 3, 6, 10 on a line: squared distances to the 1st/2nd neighbours by hand.
     features = np.array([[0.0], [1.0], [3.0], [6.0], [10.0]], np.float32)
     np.testing.assert_array_equal(metrics.manifold_radii(features, k=1), [1, 1, 4, 9, 16])
-    np.testing.assert_array_equal(metrics.manifold_radii(features, k=2, block_size=2),
-                                  [9, 4, 9, 16, 49])
+    np.testing.assert_array_equal(
+        metrics.manifold_radii(features, k=2, block_size=2), [9, 4, 9, 16, 49]
+    )
 
 
 def test_precision_recall_of_disjoint_sets_is_zero():
@@ -492,10 +537,13 @@ def test_inception_score_closed_forms():
     assert metrics.inception_score(halves) == pytest.approx(8.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("probs,message", [
-    (np.random.default_rng(0).normal(size=(5, 4)), "probabilities"),
-    (np.ones((3,)), r"\[N, D\]"),
-])
+@pytest.mark.parametrize(
+    "probs,message",
+    [
+        (np.random.default_rng(0).normal(size=(5, 4)), "probabilities"),
+        (np.ones((3,)), r"\[N, D\]"),
+    ],
+)
 def test_inception_score_rejects_non_probabilities(probs, message):
     with pytest.raises(ValueError, match=message):
         metrics.inception_score(probs)
@@ -513,8 +561,9 @@ def test_kid_equals_the_unbiased_mmd_with_the_cubic_kernel():
     ab = sum(k(a[i], b[j]) for i in range(7) for j in range(9)) / (7 * 9)
     expected = aa + bb - 2 * ab
     np.testing.assert_allclose(metrics.kernel_inception_distance(a, b), expected, rtol=1e-12)
-    np.testing.assert_allclose(metrics.kernel_inception_distance(a, b, block_size=2), expected,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        metrics.kernel_inception_distance(a, b, block_size=2), expected, rtol=1e-12
+    )
 
 
 def test_kid_is_unbiased_at_small_sample_counts_where_fid_is_not():
@@ -524,12 +573,14 @@ def test_kid_is_unbiased_at_small_sample_counts_where_fid_is_not():
     for _ in range(200):
         a, b = rng.normal(size=(20, 8)), rng.normal(size=(20, 8))
         kids.append(metrics.kernel_inception_distance(a, b))
-        fids.append(metrics.frechet_distance(*metrics.feature_statistics(a),
-                                             *metrics.feature_statistics(b)))
+        fids.append(
+            metrics.frechet_distance(*metrics.feature_statistics(a), *metrics.feature_statistics(b))
+        )
     assert abs(np.mean(kids)) < 3 * np.std(kids) / np.sqrt(len(kids))
     assert np.mean(fids) > 1.0
-    shifted = metrics.kernel_inception_distance(rng.normal(size=(20, 8)),
-                                                rng.normal(1.0, 1.0, size=(20, 8)))
+    shifted = metrics.kernel_inception_distance(
+        rng.normal(size=(20, 8)), rng.normal(1.0, 1.0, size=(20, 8))
+    )
     assert shifted > 10 * np.std(kids)
 
 
@@ -589,6 +640,7 @@ def test_inception_graph_missing_or_wrong_file_errors(tmp_path, stand_in_graph):
     with pytest.raises(ValueError, match="not a TensorFlow GraphDef"):
         metrics.InceptionGraph(garbage)
     import tensorflow as tf
+
     other = tf.Graph()
     with other.as_default():
         tf.identity(tf.compat.v1.placeholder(tf.float32, [None, 3], name="x"), name="pool_3")
@@ -600,15 +652,18 @@ def test_inception_graph_missing_or_wrong_file_errors(tmp_path, stand_in_graph):
         metrics.InceptionGraph(stand_in_graph, batch_size=0)
 
 
-@pytest.mark.parametrize("images,message", [
-    (np.zeros((2, 8, 8, 1), np.uint8), "3 \\(RGB\\) channels, got 1"),
-    (np.zeros((2, 8, 8, 4), np.uint8), "3 \\(RGB\\) channels, got 4"),
-    (np.zeros((8, 8, 3), np.uint8), r"\[N, H, W, 3\]"),
-    (np.zeros((2, 8, 8, 3), np.int32), "dtype int32"),
-    (np.full((2, 8, 8, 3), -0.5, np.float32), r"\[0, 255\]"),
-    (np.full((2, 8, 8, 3), 300.0, np.float32), r"\[0, 255\]"),
-    (np.full((2, 8, 8, 3), 0.5, np.float32), r"\[0, 1\] images"),
-])
+@pytest.mark.parametrize(
+    "images,message",
+    [
+        (np.zeros((2, 8, 8, 1), np.uint8), "3 \\(RGB\\) channels, got 1"),
+        (np.zeros((2, 8, 8, 4), np.uint8), "3 \\(RGB\\) channels, got 4"),
+        (np.zeros((8, 8, 3), np.uint8), r"\[N, H, W, 3\]"),
+        (np.zeros((2, 8, 8, 3), np.int32), "dtype int32"),
+        (np.full((2, 8, 8, 3), -0.5, np.float32), r"\[0, 255\]"),
+        (np.full((2, 8, 8, 3), 300.0, np.float32), r"\[0, 255\]"),
+        (np.full((2, 8, 8, 3), 0.5, np.float32), r"\[0, 1\] images"),
+    ],
+)
 def test_inception_graph_rejects_bad_images(stand_in_graph, images, message):
     graph = metrics.InceptionGraph(stand_in_graph, progress=False)
     with pytest.raises(ValueError, match=message):
@@ -625,7 +680,7 @@ def test_batch_npz_round_trip_both_ways(tmp_path):
     pool, spatial = rng.normal(size=(30, 5)), rng.normal(size=(30, 3))
     path = tmp_path / "ref.npz"
     metrics.write_batch(path, images, pool_features=pool, spatial_features=spatial)
-    with np.load(path) as data:   # what the evaluator reads: arr_0, mu, sigma, mu_s, sigma_s
+    with np.load(path) as data:  # what the evaluator reads: arr_0, mu, sigma, mu_s, sigma_s
         assert sorted(data.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
         np.testing.assert_array_equal(data["arr_0"], images)
         np.testing.assert_allclose(data["sigma"], np.cov(pool, rowvar=False))
@@ -655,7 +710,8 @@ def test_bad_batches_are_rejected(tmp_path):
 
 
 def test_evaluation_uses_stored_reference_statistics_and_warns_when_n_is_small(
-        small_stand_in_graph):
+    small_stand_in_graph,
+):
     graph = metrics.InceptionGraph(small_stand_in_graph, progress=False)
     ref, sample = graph(_rgb_images(40, seed=5)), graph(_rgb_images(30, seed=6))
     with pytest.warns(RuntimeWarning, match="unreliable"):
@@ -675,8 +731,14 @@ def test_evaluation_uses_stored_reference_statistics_and_warns_when_n_is_small(
 
 def _run_metrics_cli(args):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "tf_iddpm.metrics"] + [str(a) for a in args],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tf_iddpm.metrics"] + [str(a) for a in args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_metrics_command_line_end_to_end(small_stand_in_graph, tmp_path):
@@ -684,8 +746,14 @@ def test_metrics_command_line_end_to_end(small_stand_in_graph, tmp_path):
     images = _rgb_images(24, size=10, seed=7)
     np.savez(tmp_path / "ref.npz", images)
     np.savez(tmp_path / "samples_24x10x10x3.npz", images, np.zeros(24, np.int32))
-    result = _run_metrics_cli([tmp_path / "ref.npz", tmp_path / "samples_24x10x10x3.npz",
-                               f"--inception={stand_in_graph}", "--batch_size=10"])
+    result = _run_metrics_cli(
+        [
+            tmp_path / "ref.npz",
+            tmp_path / "samples_24x10x10x3.npz",
+            f"--inception={stand_in_graph}",
+            "--batch_size=10",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     for name in ("Inception Score", "FID", "sFID", "Precision", "Recall", "KID"):
@@ -702,16 +770,19 @@ def test_metrics_command_line_end_to_end(small_stand_in_graph, tmp_path):
     assert written["precision"] == written["recall"] == 1.0
     assert float(lines["FID"]) == written["fid"]
     assert written["inception_sha256"] == metrics.file_sha256(stand_in_graph)
-    np.testing.assert_allclose(written["inception_score"],
-                               metrics.inception_score(features["probs"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        written["inception_score"], metrics.inception_score(features["probs"]), rtol=1e-6
+    )
 
 
 def test_metrics_command_line_errors(tmp_path, stand_in_graph):
     np.savez(tmp_path / "ref.npz", _rgb_images(4))
-    result = _run_metrics_cli([tmp_path / "ref.npz", tmp_path / "ref.npz",
-                               f"--inception={tmp_path / 'missing.pb'}"])
+    result = _run_metrics_cli(
+        [tmp_path / "ref.npz", tmp_path / "ref.npz", f"--inception={tmp_path / 'missing.pb'}"]
+    )
     assert result.returncode == 1 and "does not exist" in result.stderr
     assert "inception-2015-12-05.tgz" in result.stderr
-    result = _run_metrics_cli([tmp_path / "ref.npz", tmp_path / "nothing.npz",
-                               f"--inception={stand_in_graph}"])
+    result = _run_metrics_cli(
+        [tmp_path / "ref.npz", tmp_path / "nothing.npz", f"--inception={stand_in_graph}"]
+    )
     assert result.returncode == 1 and "nothing.npz' does not exist" in result.stderr

@@ -45,7 +45,9 @@ def test_create_adam_is_torch_adamw(weight_decay):
         step = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables)))
         for i in range(10):
             grad_rng = np.random.default_rng(100 + i)
-            step([tf.constant(grad_rng.standard_normal(s).astype(np.float32) * 1e-8) for s in SHAPES])
+            step(
+                [tf.constant(grad_rng.standard_normal(s).astype(np.float32) * 1e-8) for s in SHAPES]
+            )
         return [v.numpy() for v in variables]
 
     def expected():
@@ -77,19 +79,25 @@ def test_create_adam_is_torch_adamw(weight_decay):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_fused_adam_with_keras_epsilon_follows_keras_adam(weight_decay):
-    keras_optimizer = (keras.optimizers.AdamW(1e-3, weight_decay=weight_decay) if weight_decay
-                       else keras.optimizers.Adam(1e-3))
-    fused_weights, fused_slots = _run(optimizers.FusedAdam(
-        1e-3, weight_decay=weight_decay or None))
+    keras_optimizer = (
+        keras.optimizers.AdamW(1e-3, weight_decay=weight_decay)
+        if weight_decay
+        else keras.optimizers.Adam(1e-3)
+    )
+    fused_weights, fused_slots = _run(optimizers.FusedAdam(1e-3, weight_decay=weight_decay or None))
     keras_weights, keras_slots = _run(keras_optimizer)
     for fused, reference in zip(fused_weights, keras_weights):
         # 1-2 ulp: Keras rounds (1 - beta) from float64, the kernel subtracts in float32.
-        np.testing.assert_allclose(fused, reference, rtol=0, atol=4 * np.spacing(np.abs(reference).max()))
+        np.testing.assert_allclose(
+            fused, reference, rtol=0, atol=4 * np.spacing(np.abs(reference).max())
+        )
     assert len(fused_slots) == len(keras_slots)
     for fused, reference in zip(fused_slots, keras_slots):
         # The second moment carries float32(1 - 0.999f) = 0.000999987 vs 0.001: 1.3e-5 relative;
         # the first moment a few ulp of its largest entry.
-        np.testing.assert_allclose(fused, reference, rtol=3e-5, atol=4 * np.spacing(np.abs(reference).max()))
+        np.testing.assert_allclose(
+            fused, reference, rtol=3e-5, atol=4 * np.spacing(np.abs(reference).max())
+        )
     # The weights really moved (20 steps of lr 1e-3 with unit-scale gradients).
     initial = np.random.default_rng(0).standard_normal(SHAPES[0]).astype(np.float32)
     assert np.abs(fused_weights[0] - initial).max() > 5e-3
@@ -99,8 +107,11 @@ def test_one_fused_kernel_per_variable_and_shared_bias_correction():
     optimizer = optimizers.create_adam(1e-4)
     variables = [tf.Variable(tf.zeros(s)) for s in SHAPES]
     optimizer.build(variables)
-    graph = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables))).get_concrete_function(
-        [tf.TensorSpec(s, tf.float32) for s in SHAPES]).graph
+    graph = (
+        tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables)))
+        .get_concrete_function([tf.TensorSpec(s, tf.float32) for s in SHAPES])
+        .graph
+    )
     op_types = [op.type for op in graph.get_operations()]
     assert op_types.count("ResourceApplyAdam") == len(SHAPES)
     assert op_types.count("Pow") == 2  # beta_1^t and beta_2^t once per step, not per variable
@@ -126,7 +137,9 @@ def test_unfused_path_runs_the_same_arithmetic():
 
 
 def test_amsgrad_with_the_torch_epsilon_is_refused():
-    with pytest.raises(ValueError, match="amsgrad=True is only supported with corrected_epsilon=False"):
+    with pytest.raises(
+        ValueError, match="amsgrad=True is only supported with corrected_epsilon=False"
+    ):
         optimizers.FusedAdam(1e-3, amsgrad=True, corrected_epsilon=True)
 
 
@@ -202,14 +215,18 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 
 def test_fused_under_mirrored_strategy_equals_default(tmp_path):
     out = tmp_path / "out.json"
-    subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT, str(out)], check=True, cwd=REPO_ROOT,
-                   env={"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT),
-                        "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [sys.executable, "-c", _MIRRORED_SCRIPT, str(out)],
+        check=True,
+        cwd=REPO_ROOT,
+        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+    )
     results = json.loads(out.read_text())
     assert results["default"]["fused_ops"] == 2
     assert results["mirrored"]["fused_ops"] == 4  # 2 variables x 2 devices
-    for default_var, mirrored_var in zip(results["default"]["components"],
-                                         results["mirrored"]["components"]):
+    for default_var, mirrored_var in zip(
+        results["default"]["components"], results["mirrored"]["components"]
+    ):
         (default_value,) = default_var
         first, second = mirrored_var
         np.testing.assert_array_equal(first, second)

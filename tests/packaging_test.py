@@ -28,15 +28,33 @@ def wheel_files(tmp_path_factory):
     for name in SOURCES:
         path = REPO_ROOT / name
         if path.is_dir():
-            shutil.copytree(path, source / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "bazel-*"))
+            shutil.copytree(
+                path,
+                source / name,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "bazel-*"),
+            )
         else:
             shutil.copy2(path, source / name)
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", str(root / "dist"), str(source)],
-        env=env, capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(root / "dist"),
+            str(source),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (wheel,) = (root / "dist").glob("tf_iddpm-*.whl")
     with zipfile.ZipFile(wheel) as archive:

@@ -26,8 +26,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _run(args, module=None):
     command = [sys.executable] + (["-m", module] if module else [str(REPO_ROOT / "run.py")])
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(command + [str(a) for a in args], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command + [str(a) for a in args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return result.returncode, result.stdout + result.stderr
 
 
@@ -48,16 +54,31 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
     graph_path = inception_stand_in.write(root / "stand_in.pb", pool_dim=64)
     ref_path = root / "ref.npz"
-    code, output = _run([f"--config={REPO_ROOT / 'configs' / 'tiny.py'}", f"--out={ref_path}",
-                         "--num_images=40", f"--inception={graph_path}"],
-                        module="tf_iddpm.quality_lib")
+    code, output = _run(
+        [
+            f"--config={REPO_ROOT / 'configs' / 'tiny.py'}",
+            f"--out={ref_path}",
+            "--num_images=40",
+            f"--inception={graph_path}",
+        ],
+        module="tf_iddpm.quality_lib",
+    )
     assert code == 0, output
     workdir = root / "work"
-    code, output = _run(["--config=configs/tiny.py", f"--workdir={workdir}", "--mode=train",
-                         "--config.train.num_steps=4", "--config.train.checkpoint_every=4",
-                         "--config.train.log_every=4", "--config.train.fid_every=2",
-                         "--config.train.fid_num_samples=6", f"--config.fid.ref_batch={ref_path}",
-                         f"--config.fid.inception={graph_path}"])
+    code, output = _run(
+        [
+            "--config=configs/tiny.py",
+            f"--workdir={workdir}",
+            "--mode=train",
+            "--config.train.num_steps=4",
+            "--config.train.checkpoint_every=4",
+            "--config.train.log_every=4",
+            "--config.train.fid_every=2",
+            "--config.train.fid_num_samples=6",
+            f"--config.fid.ref_batch={ref_path}",
+            f"--config.fid.inception={graph_path}",
+        ]
+    )
     assert code == 0, output
     return {"graph": graph_path, "ref": str(ref_path), "workdir": str(workdir)}
 
@@ -66,18 +87,20 @@ def test_reference_batch_from_a_project_dataset(setup):
     batch = metrics.read_batch(setup["ref"])
     images = batch["images"]
     assert images.shape == (40, 8, 8, 3) and images.dtype == np.uint8
-    assert images.std() > 10      # digits, not a blank batch
+    assert images.std() > 10  # digits, not a blank batch
     graph = metrics.InceptionGraph(setup["graph"], progress=False)
     features = graph(images)
     mu, sigma = metrics.feature_statistics(features["pool"])
     np.testing.assert_allclose(batch["mu"], mu, rtol=1e-6)
     np.testing.assert_allclose(batch["sigma"], sigma, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(batch["mu_s"], metrics.feature_statistics(features["spatial"])[0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        batch["mu_s"], metrics.feature_statistics(features["spatial"])[0], rtol=1e-6
+    )
     # Without a graph: images only, and the same images (the eval pipeline is deterministic).
     config = tiny.get_config()
     again = quality_lib.make_reference_batch(
-        config.data, os.path.join(os.path.dirname(setup["ref"]), "plain.npz"), num_images=40)
+        config.data, os.path.join(os.path.dirname(setup["ref"]), "plain.npz"), num_images=40
+    )
     np.testing.assert_array_equal(again, images)
 
 
@@ -95,6 +118,7 @@ def test_training_hook_logs_what_it_returns(setup, tmp_path):
     config.train.fid_num_samples = 5
     config.sample.timestep_respacing = "3"
     from tf_iddpm import factory
+
     net = factory.create_model_from_config(config)
     writer = tf.summary.create_file_writer(str(tmp_path))
     logged = quality_lib.log_training_fid(net, config, 7, writer)
@@ -105,9 +129,17 @@ def test_training_hook_logs_what_it_returns(setup, tmp_path):
 
 def test_fid_mode_evaluates_the_configured_sampler_like_the_metrics_command(setup):
     workdir = setup["workdir"]
-    code, output = _run([f"--workdir={workdir}", "--mode=fid", f"--ref_batch={setup['ref']}",
-                         f"--inception={setup['graph']}", "--num_samples=12", "--batch_size=6",
-                         "--steps=5"])
+    code, output = _run(
+        [
+            f"--workdir={workdir}",
+            "--mode=fid",
+            f"--ref_batch={setup['ref']}",
+            f"--inception={setup['graph']}",
+            "--num_samples=12",
+            "--batch_size=6",
+            "--steps=5",
+        ]
+    )
     assert code == 0, output
     for name in ("Inception Score:", "FID:", "sFID:", "Precision:", "Recall:", "| sampler |"):
         assert name in output, output[-3000:]
@@ -118,12 +150,14 @@ def test_fid_mode_evaluates_the_configured_sampler_like_the_metrics_command(setu
     assert row["fid"] > 0 and row["inception_score"] >= 1.0
     # The samples are run.py --mode=sample's (same sampler, same seeds) ...
     samples_path = os.path.join(workdir, "fid", "samples_12x8x8x3.npz")
-    code, output = _run([f"--workdir={workdir}", "--mode=sample", "--num_samples=12",
-                         "--batch_size=4", "--steps=5"])
+    code, output = _run(
+        [f"--workdir={workdir}", "--mode=sample", "--num_samples=12", "--batch_size=4", "--steps=5"]
+    )
     assert code == 0, output
     np.testing.assert_array_equal(
         metrics.read_batch(samples_path)["images"],
-        np.load(os.path.join(workdir, "samples", "samples_12x8x8x3.npz"))["arr_0"])
+        np.load(os.path.join(workdir, "samples", "samples_12x8x8x3.npz"))["arr_0"],
+    )
     # ... and python -m tf_iddpm.metrics on them gives the same numbers.
     graph = metrics.InceptionGraph(setup["graph"], progress=False)
     with pytest.warns(RuntimeWarning, match="unreliable"):
@@ -134,14 +168,26 @@ def test_fid_mode_evaluates_the_configured_sampler_like_the_metrics_command(setu
 
 def test_fid_sweep_writes_a_table_and_a_plot(setup):
     workdir = setup["workdir"]
-    code, output = _run([f"--workdir={workdir}", "--mode=fid", f"--ref_batch={setup['ref']}",
-                         f"--inception={setup['graph']}", "--num_samples=6", "--batch_size=6",
-                         "--sweep=2,4"])
+    code, output = _run(
+        [
+            f"--workdir={workdir}",
+            "--mode=fid",
+            f"--ref_batch={setup['ref']}",
+            f"--inception={setup['graph']}",
+            "--num_samples=6",
+            "--batch_size=6",
+            "--sweep=2,4",
+        ]
+    )
     assert code == 0, output
     with open(os.path.join(workdir, "fid", "results.json")) as f:
         rows = json.load(f)["rows"]
     assert [(r["sampler"], r["steps"]) for r in rows] == [
-        ("ancestral", 2), ("ancestral", 4), ("ddim", 2), ("ddim", 4)]
+        ("ancestral", 2),
+        ("ancestral", 4),
+        ("ddim", 2),
+        ("ddim", 4),
+    ]
     with open(os.path.join(workdir, "fid", "results.md")) as f:
         table = f.read()
     assert table.count("\n| ddim |") == 2 and "| FID |" in table
@@ -150,22 +196,35 @@ def test_fid_sweep_writes_a_table_and_a_plot(setup):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "fid.ref_batch is empty: run.py --ref_batch"),
-    (["--ref_batch=r.npz"], "fid.inception is empty: run.py --inception"),
-    (["--ref_batch=r.npz", "--inception=i.pb", "--sweep=25,fast"], "'fast' is not a step count"),
-    (["--ref_batch=r.npz", "--inception=i.pb", "--sweep=500"], "500 steps is not in [1, "),
-    (["--ref_batch=r.npz", "--inception=i.pb", "--num_samples=1"], "must be >= 2"),
-    (["--ref_batch=r.npz", "--inception=i.pb", "--sweep=5", "--eta=0.5"], "only applies to DDIM"),
-    (["--ref_batch=r.npz", "--inception=/nonexistent/i.pb"],
-     "fid.inception='/nonexistent/i.pb' does not exist; it must be the local path of "
-     "classify_image_graph_def.pb"),
-    (["--ref_batch=/nonexistent/r.npz"], "fid.ref_batch='/nonexistent/r.npz' does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "fid.ref_batch is empty: run.py --ref_batch"),
+        (["--ref_batch=r.npz"], "fid.inception is empty: run.py --inception"),
+        (
+            ["--ref_batch=r.npz", "--inception=i.pb", "--sweep=25,fast"],
+            "'fast' is not a step count",
+        ),
+        (["--ref_batch=r.npz", "--inception=i.pb", "--sweep=500"], "500 steps is not in [1, "),
+        (["--ref_batch=r.npz", "--inception=i.pb", "--num_samples=1"], "must be >= 2"),
+        (
+            ["--ref_batch=r.npz", "--inception=i.pb", "--sweep=5", "--eta=0.5"],
+            "only applies to DDIM",
+        ),
+        (
+            ["--ref_batch=r.npz", "--inception=/nonexistent/i.pb"],
+            "fid.inception='/nonexistent/i.pb' does not exist; it must be the local path of "
+            "classify_image_graph_def.pb",
+        ),
+        (["--ref_batch=/nonexistent/r.npz"], "fid.ref_batch='/nonexistent/r.npz' does not exist"),
+    ],
+)
 def test_fid_mode_bad_requests_fail_clearly(tmp_path, args, message):
     # A new workdir: the trained one stores fid.ref_batch / fid.inception from its training run.
-    code, output = _run(["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", "--mode=fid",
-                         "--num_samples=4"] + args)
+    code, output = _run(
+        ["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", "--mode=fid", "--num_samples=4"]
+        + args
+    )
     assert code != 0
     assert message in output, output[-2000:]
 
@@ -179,6 +238,7 @@ def test_to_rgb_repeats_grayscale_and_rejects_other_channel_counts():
 
 def test_training_with_fid_every_needs_a_reference_and_a_graph():
     from tf_iddpm import config_utils
+
     config = tiny.get_config()
     config.train.fid_every = 5
     with pytest.raises(ValueError, match=r"train.fid_ref_batch \(or fid.ref_batch\) is empty"):

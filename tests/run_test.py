@@ -54,20 +54,32 @@ _DRIVER = textwrap.dedent("""
 """)
 
 
-def run_py(args, tmp_path, *, stand_ins=tuple(MODE_MODULES), missing_function=(), poisoned=(),
-           cwd=None):
+def run_py(
+    args, tmp_path, *, stand_ins=tuple(MODE_MODULES), missing_function=(), poisoned=(), cwd=None
+):
     """Runs run.py with ``args``; returns (exit code, stderr, what the mode entry received)."""
     record = tmp_path / "record.json"
     if record.exists():
         record.unlink()
-    spec = [str(REPO_ROOT), str(record), [MODE_MODULES[m] for m in stand_ins],
-            [MODE_MODULES[m][0] for m in missing_function], [MODE_MODULES[m][0] for m in poisoned],
-            list(args)]
+    spec = [
+        str(REPO_ROOT),
+        str(record),
+        [MODE_MODULES[m] for m in stand_ins],
+        [MODE_MODULES[m][0] for m in missing_function],
+        [MODE_MODULES[m][0] for m in poisoned],
+        list(args),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "PYTHONPATH")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    result = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(spec)],
-                            cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=180, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps(spec)],
+        cwd=cwd or REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     received = json.loads(record.read_text()) if record.exists() else None
     return result.returncode, result.stderr, received
 
@@ -79,6 +91,7 @@ def stored_config(workdir):
 def persist_as_training_does(workdir, config_dict):
     """What train_lib.train() does once training starts: store the config it was given."""
     import ml_collections
+
     config_utils.persist_config(ml_collections.ConfigDict(config_dict), str(workdir))
 
 
@@ -92,25 +105,46 @@ def start_workdir(workdir, lr=None):
 
 
 def test_help_lists_the_flags_and_importing_run_loads_no_tensorflow():
-    script = ("import sys; sys.path.insert(0, %r); import run; "
-              "print(any(m.split('.')[0] in ('tensorflow', 'keras') for m in sys.modules))"
-              % str(REPO_ROOT))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60, check=True)
+    script = (
+        "import sys; sys.path.insert(0, %r); import run; "
+        "print(any(m.split('.')[0] in ('tensorflow', 'keras') for m in sys.modules))"
+        % str(REPO_ROOT)
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
     assert result.stdout.strip() == "False"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "run.py"), "--help"],
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.stderr == ""       # (absl exits with 1 after --help)
-    for flag in ("--config", "--workdir", "--mode", "--strategy", "--tpu", "--num_samples",
-                 "--batch_size", "--steps", "--[no]ddim", "--eta", "--class_label", "--[no]use_ema",
-                 "--export_dir"):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.stderr == ""  # (absl exits with 1 after --help)
+    for flag in (
+        "--config",
+        "--workdir",
+        "--mode",
+        "--strategy",
+        "--tpu",
+        "--num_samples",
+        "--batch_size",
+        "--steps",
+        "--[no]ddim",
+        "--eta",
+        "--class_label",
+        "--[no]use_ema",
+        "--export_dir",
+    ):
         assert flag in result.stdout, flag
 
 
 def test_config_typo_fails_before_anything_runs(tmp_path):
     workdir = tmp_path / "w"
     code, stderr, received = run_py(
-        [f"--config={TINY}", "--config.train.batchsize=3", f"--workdir={workdir}"], tmp_path)
+        [f"--config={TINY}", "--config.train.batchsize=3", f"--workdir={workdir}"], tmp_path
+    )
     assert code == 1
     assert "--config.train.batchsize=3" in stderr
     assert 'Did you mean "batch_size" instead of "batchsize"?' in stderr
@@ -123,14 +157,23 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     assert "--config could not be loaded" in stderr and "configs/nope.py" in stderr
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--mode=serve", "flag --mode=serve: value should be one of <train|sample|eval|fid|export>"),
-    ("--strategy=mirror",
-     "flag --strategy=mirror: value should be one of <auto|default|mirrored|multi_worker|tpu>"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (
+            "--mode=serve",
+            "flag --mode=serve: value should be one of <train|sample|eval|fid|export>",
+        ),
+        (
+            "--strategy=mirror",
+            "flag --strategy=mirror: value should be one of <auto|default|mirrored|multi_worker|tpu>",
+        ),
+    ],
+)
 def test_unknown_mode_or_strategy_is_rejected(tmp_path, flag, message):
-    code, stderr, received = run_py([f"--config={TINY}", f"--workdir={tmp_path / 'w'}", flag],
-                                    tmp_path)
+    code, stderr, received = run_py(
+        [f"--config={TINY}", f"--workdir={tmp_path / 'w'}", flag], tmp_path
+    )
     assert code == 1
     assert message in stderr
     assert received is None
@@ -145,21 +188,31 @@ def test_workdir_is_required(tmp_path):
 @pytest.mark.parametrize("mode", ["sample", "export"])
 def test_unavailable_mode_exits_2_before_touching_the_workdir(tmp_path, mode):
     workdir = tmp_path / "w"
-    code, stderr, received = run_py([f"--config={TINY}", f"--workdir={workdir}", f"--mode={mode}"],
-                                    tmp_path, stand_ins=(), poisoned=(mode,))
+    code, stderr, received = run_py(
+        [f"--config={TINY}", f"--workdir={workdir}", f"--mode={mode}"],
+        tmp_path,
+        stand_ins=(),
+        poisoned=(mode,),
+    )
     assert code == 2
     module = MODE_MODULES[mode][0]
-    assert (f"run.py: error: mode '{mode}' is not available in this build: module {module} "
-            "not found") in stderr
+    assert (
+        f"run.py: error: mode '{mode}' is not available in this build: module {module} not found"
+    ) in stderr
     assert received is None and not workdir.exists()
 
 
 def test_mode_module_without_its_entry_function_exits_2(tmp_path):
-    code, stderr, _ = run_py([f"--config={TINY}", f"--workdir={tmp_path / 'w'}", "--mode=export"],
-                             tmp_path, missing_function=("export",))
+    code, stderr, _ = run_py(
+        [f"--config={TINY}", f"--workdir={tmp_path / 'w'}", "--mode=export"],
+        tmp_path,
+        missing_function=("export",),
+    )
     assert code == 2
-    assert "mode 'export' is not available in this build: export.export_lib has no " \
+    assert (
+        "mode 'export' is not available in this build: export.export_lib has no "
         "export_from_workdir()" in stderr
+    )
 
 
 def test_train_stores_config_then_resumes_and_refuses_a_conflict(tmp_path):
@@ -167,14 +220,24 @@ def test_train_stores_config_then_resumes_and_refuses_a_conflict(tmp_path):
     # First start, from another directory: the resolved config (with the override) is stored
     # and passed to train().
     code, stderr, received = run_py(
-        [f"--config={TINY}", "--config.train.lr=0.001", f"--workdir={workdir}", "--mode=train",
-         "--strategy=default", "-v", "1"], tmp_path, cwd=tmp_path)  # not from the repository root
+        [
+            f"--config={TINY}",
+            "--config.train.lr=0.001",
+            f"--workdir={workdir}",
+            "--mode=train",
+            "--strategy=default",
+            "-v",
+            "1",
+        ],
+        tmp_path,
+        cwd=tmp_path,
+    )  # not from the repository root
     assert code == 0, stderr
     assert received["module"] == "tf_iddpm.train_lib"
     assert received["workdir"] == str(workdir)
     assert received["third"] == ["_DefaultDistributionStrategy", 1]
     assert received["config"]["train"]["lr"] == 0.001
-    assert "Mode train in" in stderr and "lr: 0.001" in stderr        # the config, in full at -v 1
+    assert "Mode train in" in stderr and "lr: 0.001" in stderr  # the config, in full at -v 1
     # run.py itself writes nothing: train() stores the config once training really starts
     # (tested with the real train() in tests/workdir_lifecycle_test.py).
     assert not workdir.exists()
@@ -188,7 +251,8 @@ def test_train_stores_config_then_resumes_and_refuses_a_conflict(tmp_path):
 
     # A conflicting config is refused, listing the fields; nothing runs, nothing is rewritten.
     code, stderr, refused = run_py(
-        [f"--config={TINY}", f"--workdir={workdir}", "--config.model.num_res_blocks=2"], tmp_path)
+        [f"--config={TINY}", f"--workdir={workdir}", "--config.model.num_res_blocks=2"], tmp_path
+    )
     assert code == 1
     assert "  model.num_res_blocks: 1 -> 2\n  train.lr: 0.001 -> 0.0005\n" in stderr
     assert "drop --config" in stderr and "new --workdir" in stderr
@@ -197,17 +261,24 @@ def test_train_stores_config_then_resumes_and_refuses_a_conflict(tmp_path):
 
     # A longer run is allowed, and recorded for later runs without --config.
     code, stderr, longer = run_py(
-        [f"--config={TINY}", "--config.train.lr=0.001", "--config.train.num_steps=50",
-         f"--workdir={workdir}"], tmp_path)
+        [
+            f"--config={TINY}",
+            "--config.train.lr=0.001",
+            "--config.train.num_steps=50",
+            f"--workdir={workdir}",
+        ],
+        tmp_path,
+    )
     assert code == 0, stderr
     assert longer["config"]["train"]["num_steps"] == 50
-    assert stored_config(workdir)["train"]["num_steps"] == 20      # until training starts
+    assert stored_config(workdir)["train"]["num_steps"] == 20  # until training starts
     persist_as_training_does(workdir, longer["config"])
     assert stored_config(workdir)["train"]["num_steps"] == 50
 
     # Extending the run needs no --config: overrides apply to the stored config.
-    code, stderr, extended = run_py([f"--workdir={workdir}", "--config.train.num_steps=80"],
-                                    tmp_path)
+    code, stderr, extended = run_py(
+        [f"--workdir={workdir}", "--config.train.num_steps=80"], tmp_path
+    )
     assert code == 0, stderr
     assert extended["config"]["train"]["num_steps"] == 80
     assert extended["config"]["train"]["lr"] == 0.001
@@ -222,17 +293,32 @@ def test_sample_flags_override_the_stored_config_for_one_run(tmp_path):
     workdir = tmp_path / "w"
     before = start_workdir(workdir)
     code, stderr, received = run_py(
-        [f"--workdir={workdir}", "--mode=sample", "--num_samples=3", "--batch_size=2",
-         "--steps=ddim10", "--ddim", "--eta=0.5", "--nouse_ema"], tmp_path)
+        [
+            f"--workdir={workdir}",
+            "--mode=sample",
+            "--num_samples=3",
+            "--batch_size=2",
+            "--steps=ddim10",
+            "--ddim",
+            "--eta=0.5",
+            "--nouse_ema",
+        ],
+        tmp_path,
+    )
     assert code == 0, stderr
     assert received["module"] == "tf_iddpm.sample_lib"
     sample = received["config"]["sample"]
-    assert (sample["num_samples"], sample["batch_size"], sample["timestep_respacing"],
-            sample["use_ddim"], sample["eta"], sample["use_ema"]) == (
-                3, 2, "ddim10", True, 0.5, False)
-    assert sample["class_label"] == before["sample"]["class_label"]     # not given: unchanged
+    assert (
+        sample["num_samples"],
+        sample["batch_size"],
+        sample["timestep_respacing"],
+        sample["use_ddim"],
+        sample["eta"],
+        sample["use_ema"],
+    ) == (3, 2, "ddim10", True, 0.5, False)
+    assert sample["class_label"] == before["sample"]["class_label"]  # not given: unchanged
     assert received["config"]["eval"] == before["eval"]
-    assert stored_config(workdir) == before                          # one run only
+    assert stored_config(workdir) == before  # one run only
 
 
 def test_eval_and_export_flags(tmp_path):
@@ -240,22 +326,28 @@ def test_eval_and_export_flags(tmp_path):
     start_workdir(workdir)
     code, stderr, received = run_py(
         [f"--workdir={workdir}", "--mode=eval", "--num_samples=0", "--steps=", "--batch_size=4"],
-        tmp_path)
+        tmp_path,
+    )
     assert code == 0, stderr
     assert received["module"] == "tf_iddpm.eval_lib"
     evaluation = received["config"]["eval"]
-    assert (evaluation["num_samples"], evaluation["timestep_respacing"],
-            evaluation["batch_size"]) == (0, "", 4)
+    assert (
+        evaluation["num_samples"],
+        evaluation["timestep_respacing"],
+        evaluation["batch_size"],
+    ) == (0, "", 4)
 
-    code, stderr, received = run_py([f"--workdir={workdir}", "--mode=export", "--nouse_ema"],
-                                    tmp_path)
+    code, stderr, received = run_py(
+        [f"--workdir={workdir}", "--mode=export", "--nouse_ema"], tmp_path
+    )
     assert code == 0, stderr
     assert received["module"] == "export.export_lib"
     assert received["third"] == str(workdir / "export")
     assert received["config"]["export"]["use_ema"] is False
 
     code, stderr, received = run_py(
-        [f"--workdir={workdir}", "--mode=export", f"--export_dir={tmp_path / 'models'}"], tmp_path)
+        [f"--workdir={workdir}", "--mode=export", f"--export_dir={tmp_path / 'models'}"], tmp_path
+    )
     assert code == 0, stderr
     assert received["third"] == str(tmp_path / "models")
 
@@ -267,34 +359,72 @@ def test_fid_flags_override_the_sample_and_fid_fields_for_one_run(tmp_path):
     ref.write_bytes(b"")
     graph.write_bytes(b"")
     code, stderr, received = run_py(
-        [f"--workdir={workdir}", "--mode=fid", "--num_samples=30", "--batch_size=6",
-         "--steps=ddim10", "--ddim", "--eta=0.5", f"--ref_batch={ref}", f"--inception={graph}",
-         "--sweep=5,full"], tmp_path)
+        [
+            f"--workdir={workdir}",
+            "--mode=fid",
+            "--num_samples=30",
+            "--batch_size=6",
+            "--steps=ddim10",
+            "--ddim",
+            "--eta=0.5",
+            f"--ref_batch={ref}",
+            f"--inception={graph}",
+            "--sweep=5,full",
+        ],
+        tmp_path,
+    )
     assert code == 0, stderr
     assert received["module"] == "tf_iddpm.quality_lib"
     sample, fid = received["config"]["sample"], received["config"]["fid"]
-    assert (sample["batch_size"], sample["timestep_respacing"], sample["use_ddim"],
-            sample["eta"]) == (6, "ddim10", True, 0.5)
+    assert (
+        sample["batch_size"],
+        sample["timestep_respacing"],
+        sample["use_ddim"],
+        sample["eta"],
+    ) == (6, "ddim10", True, 0.5)
     assert sample["num_samples"] == before["sample"]["num_samples"]  # --num_samples: fid's
     assert (fid["num_samples"], fid["ref_batch"], fid["inception"], fid["sweep"]) == (
-        30, str(ref), str(graph), "5,full")
-    assert stored_config(workdir) == before                          # one run only
-    code, stderr, _ = run_py([f"--workdir={workdir}", "--mode=sample", f"--ref_batch={ref}"],
-                             tmp_path)
+        30,
+        str(ref),
+        str(graph),
+        "5,full",
+    )
+    assert stored_config(workdir) == before  # one run only
+    code, stderr, _ = run_py(
+        [f"--workdir={workdir}", "--mode=sample", f"--ref_batch={ref}"], tmp_path
+    )
     assert code == 1 and "--ref_batch applies to --mode=fid, not --mode=sample" in stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mode=train", "--ddim"], "--ddim applies to --mode=sample or --mode=fid, not --mode=train"),
-    (["--mode=eval", "--eta=0.5"], "--eta applies to --mode=sample or --mode=fid, not --mode=eval"),
-    (["--mode=sample", "--export_dir=/x"],
-     "--export_dir applies to --mode=export, not --mode=sample"),
-    (["--mode=sample", "--steps=500"], "sample.timestep_respacing='500' is not a valid respacing"),
-    (["--mode=sample", "--class_label=3"], "sample.class_label=3 given for an unconditional model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--mode=train", "--ddim"],
+            "--ddim applies to --mode=sample or --mode=fid, not --mode=train",
+        ),
+        (
+            ["--mode=eval", "--eta=0.5"],
+            "--eta applies to --mode=sample or --mode=fid, not --mode=eval",
+        ),
+        (
+            ["--mode=sample", "--export_dir=/x"],
+            "--export_dir applies to --mode=export, not --mode=sample",
+        ),
+        (
+            ["--mode=sample", "--steps=500"],
+            "sample.timestep_respacing='500' is not a valid respacing",
+        ),
+        (
+            ["--mode=sample", "--class_label=3"],
+            "sample.class_label=3 given for an unconditional model",
+        ),
+    ],
+)
 def test_run_flags_are_checked(tmp_path, args, message):
-    code, stderr, received = run_py([f"--config={TINY}", f"--workdir={tmp_path / 'w'}", *args],
-                                    tmp_path)
+    code, stderr, received = run_py(
+        [f"--config={TINY}", f"--workdir={tmp_path / 'w'}", *args], tmp_path
+    )
     assert code == 1
     assert message in stderr
     assert received is None
@@ -302,8 +432,15 @@ def test_run_flags_are_checked(tmp_path, args, message):
 
 def test_batch_not_divisible_by_replicas_fails_before_training(tmp_path):
     code, stderr, received = run_py(
-        [f"--config={TINY}", "--config.train.batch_size=15", f"--workdir={tmp_path / 'w'}",
-         "--strategy=mirrored", "--cpu_devices=2"], tmp_path)
+        [
+            f"--config={TINY}",
+            "--config.train.batch_size=15",
+            f"--workdir={tmp_path / 'w'}",
+            "--strategy=mirrored",
+            "--cpu_devices=2",
+        ],
+        tmp_path,
+    )
     assert code == 1
     assert "train.batch_size=15 is not divisible by the 2 replicas" in stderr
     assert received is None
@@ -313,12 +450,18 @@ def test_config_from_workdir_allows_field_overrides_on_the_stored_config(tmp_pat
     workdir = tmp_path / "w"
     start_workdir(workdir, lr=0.001)
     code, stderr, received = run_py(
-        [f"--config=configs/from_workdir.py:{workdir}", "--config.data.eval_split=train",
-         f"--workdir={workdir}", "--mode=eval"], tmp_path)
+        [
+            f"--config=configs/from_workdir.py:{workdir}",
+            "--config.data.eval_split=train",
+            f"--workdir={workdir}",
+            "--mode=eval",
+        ],
+        tmp_path,
+    )
     assert code == 0, stderr
     assert received["config"]["data"]["eval_split"] == "train"
     assert received["config"]["train"]["lr"] == 0.001
-    assert stored_config(workdir)["data"]["eval_split"] == "test"     # not a training run
+    assert stored_config(workdir)["data"]["eval_split"] == "test"  # not a training run
 
 
 def test_no_config_and_empty_workdir_is_a_clear_error(tmp_path):
@@ -329,11 +472,14 @@ def test_no_config_and_empty_workdir_is_a_clear_error(tmp_path):
 
 def test_overrides_without_config_need_a_stored_config(tmp_path):
     workdir = tmp_path / "w"
-    code, stderr, received = run_py([f"--workdir={workdir}", "--config.train.num_steps=5"],
-                                    tmp_path)
+    code, stderr, received = run_py(
+        [f"--workdir={workdir}", "--config.train.num_steps=5"], tmp_path
+    )
     assert code == 1 and received is None
-    assert ("run.py: error: --config.* overrides without --config apply to the config stored in "
-            "the workdir, and there is none") in stderr
+    assert (
+        "run.py: error: --config.* overrides without --config apply to the config stored in "
+        "the workdir, and there is none"
+    ) in stderr
     assert str(workdir / "config.json") in stderr
     assert not workdir.exists()
 
@@ -344,13 +490,17 @@ def test_checkpoint_flag_must_name_an_existing_checkpoint(tmp_path):
     (workdir / "checkpoints").mkdir()
     (workdir / "checkpoints" / "ckpt-3.index").write_bytes(b"")
     missing = workdir / "checkpoints" / "ckpt-4"
-    code, stderr, received = run_py([f"--workdir={workdir}", "--mode=sample",
-                                     f"--checkpoint={missing}"], tmp_path)
+    code, stderr, received = run_py(
+        [f"--workdir={workdir}", "--mode=sample", f"--checkpoint={missing}"], tmp_path
+    )
     assert code == 1 and received is None
-    assert (f"--checkpoint={missing}: no such checkpoint ({missing}.index does not exist)"
-            in stderr)
+    assert f"--checkpoint={missing}: no such checkpoint ({missing}.index does not exist)" in stderr
     assert "ckpt-3" in stderr
-    code, stderr, received = run_py([f"--workdir={workdir}", "--mode=train",
-                                     f"--checkpoint={missing}"], tmp_path)
+    code, stderr, received = run_py(
+        [f"--workdir={workdir}", "--mode=train", f"--checkpoint={missing}"], tmp_path
+    )
     assert code == 1 and received is None
-    assert "--checkpoint applies to --mode=sample or --mode=eval or --mode=fid or --mode=export" in stderr
+    assert (
+        "--checkpoint applies to --mode=sample or --mode=eval or --mode=fid or --mode=export"
+        in stderr
+    )

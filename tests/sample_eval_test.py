@@ -13,8 +13,13 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(args, cwd=REPO_ROOT):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "run.py")] + args, cwd=cwd,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py")] + args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return result.returncode, result.stdout + result.stderr
 
 
@@ -22,31 +27,59 @@ def _run(args, cwd=REPO_ROOT):
 def trained_workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample_eval")
     workdir = str(root / "work")
-    code, output = _run(["--config=configs/tiny.py", f"--workdir={workdir}", "--mode=train",
-                         f"--config.data.data_dir={root / 'tfds'}", "--config.train.num_steps=4",
-                         "--config.train.checkpoint_every=4"])
+    code, output = _run(
+        [
+            "--config=configs/tiny.py",
+            f"--workdir={workdir}",
+            "--mode=train",
+            f"--config.data.data_dir={root / 'tfds'}",
+            "--config.train.num_steps=4",
+            "--config.train.checkpoint_every=4",
+        ]
+    )
     assert code == 0, output
     return workdir
 
 
 def test_sample_writes_reference_style_npz_and_png(trained_workdir):
-    code, output = _run([f"--workdir={trained_workdir}", "--mode=sample", "--num_samples=5", "--batch_size=2",
-                         "--steps=5"])
+    code, output = _run(
+        [
+            f"--workdir={trained_workdir}",
+            "--mode=sample",
+            "--num_samples=5",
+            "--batch_size=2",
+            "--steps=5",
+        ]
+    )
     assert code == 0, output
     npz = os.path.join(trained_workdir, "samples", "samples_5x8x8x3.npz")
     assert os.path.exists(npz) and os.path.exists(npz[:-4] + ".png")
     images = np.load(npz)["arr_0"]
     assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 3)
     # Per-image seeds: the same images whatever the batch size.
-    code, output = _run([f"--workdir={trained_workdir}", "--mode=sample", "--num_samples=5", "--batch_size=5",
-                         "--steps=5"])
+    code, output = _run(
+        [
+            f"--workdir={trained_workdir}",
+            "--mode=sample",
+            "--num_samples=5",
+            "--batch_size=5",
+            "--steps=5",
+        ]
+    )
     assert code == 0, output
     np.testing.assert_array_equal(np.load(npz)["arr_0"], images)
 
 
 def test_eval_reports_bpd_and_terms(trained_workdir):
-    code, output = _run([f"--workdir={trained_workdir}", "--mode=eval", "--num_samples=10", "--batch_size=4",
-                         "--steps=10"])
+    code, output = _run(
+        [
+            f"--workdir={trained_workdir}",
+            "--mode=eval",
+            "--num_samples=10",
+            "--batch_size=4",
+            "--steps=10",
+        ]
+    )
     assert code == 0, output
     with open(os.path.join(trained_workdir, "eval", "summary.json")) as f:
         summary = json.load(f)
@@ -57,13 +90,16 @@ def test_eval_reports_bpd_and_terms(trained_workdir):
     assert summary["bpd"] == pytest.approx(summary["prior_bpd"] + vb.sum(), rel=1e-5)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--mode=sample", "--steps=101"], "not a valid respacing"),
-    (["--mode=sample", "--steps=fast"], "not a valid respacing"),
-    (["--mode=sample", "--num_samples=0"], "num_samples"),
-    (["--mode=eval", "--steps=ddim45"], "not a valid respacing"),
-    (["--mode=sample", "--class_label=3"], "class"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--mode=sample", "--steps=101"], "not a valid respacing"),
+        (["--mode=sample", "--steps=fast"], "not a valid respacing"),
+        (["--mode=sample", "--num_samples=0"], "num_samples"),
+        (["--mode=eval", "--steps=ddim45"], "not a valid respacing"),
+        (["--mode=sample", "--class_label=3"], "class"),
+    ],
+)
 def test_bad_sampling_requests_fail_clearly(trained_workdir, args, message):
     code, output = _run([f"--workdir={trained_workdir}"] + args)
     assert code != 0
@@ -73,6 +109,7 @@ def test_bad_sampling_requests_fail_clearly(trained_workdir, args, message):
 def test_class_labels_for_conditional_models():
     from configs import tiny
     from tf_iddpm import sample_lib
+
     config = tiny.get_config()
     config.data.class_cond, config.data.num_classes = True, 10
     config.sample.class_label = 10
@@ -83,23 +120,38 @@ def test_class_labels_for_conditional_models():
     config.sample.class_label = -1
     labels = sample_lib.sample_labels(config, np.arange(200))
     assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) == 10
-    np.testing.assert_array_equal(sample_lib.sample_labels(config, np.arange(200))[5:8],
-                                  sample_lib.sample_labels(config, np.arange(5, 8)))
-
+    np.testing.assert_array_equal(
+        sample_lib.sample_labels(config, np.arange(200))[5:8],
+        sample_lib.sample_labels(config, np.arange(5, 8)),
+    )
 
 
 def test_benchmark_bpd_precision_check_on_a_trained_workdir(trained_workdir):
     # The benchmark's --bpd_check_workdir measurement: float32 and mixed_bfloat16 bpd of the same
     # test images on the same per-image seeds.
-    proc = subprocess.run([sys.executable, "-m", "tf_iddpm.benchmark", "--child=bpd_check",
-                           f"--bpd_check_workdir={trained_workdir}", "--bpd_check_images=6"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tf_iddpm.benchmark",
+            "--child=bpd_check",
+            f"--bpd_check_workdir={trained_workdir}",
+            "--bpd_check_images=6",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [out for out in proc.stdout.splitlines() if out.startswith("BENCH_JSON ")][-1]
-    result = json.loads(line[len("BENCH_JSON "):])
+    result = json.loads(line[len("BENCH_JSON ") :])
     assert result["images"] == 6
     assert result["fp32_bpd"] > 0 and result["bf16_bpd"] > 0
-    assert result["policies"] == ["float32", "mixed_bfloat16"]  # each pass built its net in that policy
+    assert result["policies"] == [
+        "float32",
+        "mixed_bfloat16",
+    ]  # each pass built its net in that policy
     assert result["bf16_bpd_delta_max_abs"] < 0.05 * result["fp32_bpd"]
     assert abs(result["bf16_bpd_delta"]) <= result["bf16_bpd_delta_max_abs"]
 
@@ -111,10 +163,17 @@ def test_one_channel_model_trains_samples_evaluates_and_exports(tmp_path):
     from PIL import Image
 
     workdir = str(tmp_path / "work")
-    code, output = _run(["--config=configs/tiny.py", "--config.data.num_channels=1",
-                         f"--workdir={workdir}", "--mode=train",
-                         f"--config.data.data_dir={tmp_path / 'tfds'}",
-                         "--config.train.num_steps=2", "--config.train.checkpoint_every=2"])
+    code, output = _run(
+        [
+            "--config=configs/tiny.py",
+            "--config.data.num_channels=1",
+            f"--workdir={workdir}",
+            "--mode=train",
+            f"--config.data.data_dir={tmp_path / 'tfds'}",
+            "--config.train.num_steps=2",
+            "--config.train.checkpoint_every=2",
+        ]
+    )
     assert code == 0, output
     code, output = _run([f"--workdir={workdir}", "--mode=sample", "--num_samples=3", "--steps=3"])
     assert code == 0, output
@@ -122,8 +181,9 @@ def test_one_channel_model_trains_samples_evaluates_and_exports(tmp_path):
     assert np.load(npz)["arr_0"].shape == (3, 8, 8, 1)
     with Image.open(npz[:-4] + ".png") as grid:
         assert grid.mode == "L"
-    code, output = _run([f"--workdir={workdir}", "--mode=eval", "--num_samples=4", "--batch_size=4",
-                         "--steps=3"])
+    code, output = _run(
+        [f"--workdir={workdir}", "--mode=eval", "--num_samples=4", "--batch_size=4", "--steps=3"]
+    )
     assert code == 0, output
     with open(os.path.join(workdir, "eval", "summary.json")) as f:
         summary = json.load(f)
@@ -133,10 +193,14 @@ def test_one_channel_model_trains_samples_evaluates_and_exports(tmp_path):
     export_dir = os.path.join(workdir, "export")
     sampler = tf.saved_model.load(os.path.join(export_dir, "tiny_sampler", "1"))
     images = sampler.signatures["serving_default"](
-        seed=tf.constant([1, 2], tf.int64), num_steps=tf.constant(2), eta=tf.constant(0.0),
-        use_ddim=tf.constant(False))["images"]
+        seed=tf.constant([1, 2], tf.int64),
+        num_steps=tf.constant(2),
+        eta=tf.constant(0.0),
+        use_ddim=tf.constant(False),
+    )["images"]
     assert images.shape == (2, 8, 8, 1) and images.dtype == tf.uint8
     nll = tf.saved_model.load(os.path.join(export_dir, "tiny_nll", "1"))
     result = nll.signatures["serving_default"](
-        images=tf.constant(images), num_steps=tf.constant(2), seed=tf.constant([1, 2], tf.int64))
+        images=tf.constant(images), num_steps=tf.constant(2), seed=tf.constant([1, 2], tf.int64)
+    )
     assert result["total_bpd"].shape == (2,)

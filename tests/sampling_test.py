@@ -31,45 +31,67 @@ def _numpy_vlb_of_zero_model(process, x_start, noise):
     for k in range(num_steps):
         t = num_steps - 1 - k
         eps = noise[k].astype(np.float64)
-        x_t = np.sqrt(process.alphas_cumprod[t]) * x_start + np.sqrt(1 - process.alphas_cumprod[t]) * eps
+        x_t = (
+            np.sqrt(process.alphas_cumprod[t]) * x_start
+            + np.sqrt(1 - process.alphas_cumprod[t]) * eps
+        )
         c1, c2 = process.posterior_mean_coef1[t], process.posterior_mean_coef2[t]
         mu_q, logvar_q = c1 * x_start + c2 * x_t, process.posterior_log_variance_clipped[t]
         mu_p = c1 * x_t / np.sqrt(process.alphas_cumprod[t]) + c2 * x_t
         logvar_p = 0.5 * (process.log_betas[t] + process.posterior_log_variance_clipped[t])
         if t > 0:
-            kl = 0.5 * (-1 + logvar_p - logvar_q + np.exp(logvar_q - logvar_p) + (mu_q - mu_p) ** 2 * np.exp(-logvar_p))
+            kl = 0.5 * (
+                -1
+                + logvar_p
+                - logvar_q
+                + np.exp(logvar_q - logvar_p)
+                + (mu_q - mu_p) ** 2 * np.exp(-logvar_p)
+            )
             vb[:, k] = kl.reshape(len(x_start), -1).mean(1) / math.log(2)
         else:
             scale = np.exp(0.5 * logvar_p)
             upper = np.where(x_start > 0.999, np.inf, x_start + 1 / 255)
             lower = np.where(x_start < -0.999, -np.inf, x_start - 1 / 255)
             probs = stats.norm.cdf(upper, mu_p, scale) - stats.norm.cdf(lower, mu_p, scale)
-            vb[:, k] = -np.log(np.maximum(probs, 1e-12)).reshape(len(x_start), -1).mean(1) / math.log(2)
+            vb[:, k] = -np.log(np.maximum(probs, 1e-12)).reshape(len(x_start), -1).mean(
+                1
+            ) / math.log(2)
     abar_last = process.alphas_cumprod[-1]
     mean, logvar = np.sqrt(abar_last) * x_start, np.log(1 - abar_last)
-    prior = (0.5 * (-1 - logvar + np.exp(logvar) + mean ** 2)).reshape(len(x_start), -1).mean(1) / math.log(2)
+    prior = (0.5 * (-1 - logvar + np.exp(logvar) + mean**2)).reshape(len(x_start), -1).mean(
+        1
+    ) / math.log(2)
     return vb, prior
 
 
 @pytest.mark.parametrize("respacing", ["", "7"])
 def test_bpd_of_a_zero_output_model_equals_its_closed_form(respacing):
-    process = diffusion.create_gaussian_diffusion(steps=20, learn_sigma=True, noise_schedule="cosine",
-                                                  rescale_timesteps=True, timestep_respacing=respacing)
+    process = diffusion.create_gaussian_diffusion(
+        steps=20,
+        learn_sigma=True,
+        noise_schedule="cosine",
+        rescale_timesteps=True,
+        timestep_respacing=respacing,
+    )
     rng = np.random.RandomState(0)
     x_start = (rng.randint(0, 256, [3, 4, 4, 3]) / 127.5 - 1).astype(np.float32)
     noise = rng.randn(process.num_timesteps, 3, 4, 4, 3).astype(np.float32)
-    out = sampling.calc_bpd_loop(process, _zero_model, x_start, clip_denoised=False, step_noise=noise)
+    out = sampling.calc_bpd_loop(
+        process, _zero_model, x_start, clip_denoised=False, step_noise=noise
+    )
     vb, prior = _numpy_vlb_of_zero_model(process, x_start, noise)
     np.testing.assert_allclose(out["vb"].numpy(), vb, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(out["prior_bpd"].numpy(), prior, rtol=1e-4)
     np.testing.assert_allclose(out["total_bpd"].numpy(), prior + vb.sum(1), rtol=2e-4)
-    np.testing.assert_allclose(out["total_bpd"].numpy(), out["prior_bpd"].numpy() + out["vb"].numpy().sum(1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        out["total_bpd"].numpy(), out["prior_bpd"].numpy() + out["vb"].numpy().sum(1), rtol=1e-6
+    )
 
 
 def test_in_graph_uniform_respacing_equals_space_timesteps():
-    base = diffusion.create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="cosine",
-                                               rescale_timesteps=True)
+    base = diffusion.create_gaussian_diffusion(
+        steps=1000, learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True
+    )
 
     @tf.function
     def tables(num_steps):
@@ -82,15 +104,19 @@ def test_in_graph_uniform_respacing_equals_space_timesteps():
         np.testing.assert_array_equal(timestep_map.numpy(), expected.timestep_map)
         np.testing.assert_allclose(betas.numpy(), expected.betas, rtol=1e-13)
         if num_steps > 1:
-            np.testing.assert_allclose(log_var.numpy(), expected.posterior_log_variance_clipped, rtol=1e-12)
+            np.testing.assert_allclose(
+                log_var.numpy(), expected.posterior_log_variance_clipped, rtol=1e-12
+            )
     assert tables.experimental_get_tracing_count() == 1
 
 
 def test_sampler_compiles_once_per_shape_and_step_count():
-    process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True, timestep_respacing="5")
+    process = diffusion.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, timestep_respacing="5"
+    )
     sampler = sample_lib.Sampler(_zero_model, process, image_shape=[4, 4, 3])
     first = sampler(np.arange(4))
-    sampler(np.arange(3))     # a smaller last batch
+    sampler(np.arange(3))  # a smaller last batch
     sampler(np.arange(4) + 10)
     assert sampler.sample_batch.experimental_get_tracing_count() == 1
     np.testing.assert_array_equal(sampler(np.arange(4)).numpy(), first.numpy())
@@ -98,17 +124,25 @@ def test_sampler_compiles_once_per_shape_and_step_count():
 
 
 def test_ddim_eta0_is_deterministic_given_x_T_and_ignores_step_noise():
-    process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True, timestep_respacing="ddim10")
+    process = diffusion.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, timestep_respacing="ddim10"
+    )
     x_T = np.random.RandomState(1).randn(2, 4, 4, 3).astype(np.float32)
-    a = sampling.ddim_sample_loop(process, _zero_model, x_T.shape, noise=x_T, seeds=tf.constant([1, 2], tf.int64))
-    b = sampling.ddim_sample_loop(process, _zero_model, x_T.shape, noise=x_T, seeds=tf.constant([3, 4], tf.int64))
+    a = sampling.ddim_sample_loop(
+        process, _zero_model, x_T.shape, noise=x_T, seeds=tf.constant([1, 2], tf.int64)
+    )
+    b = sampling.ddim_sample_loop(
+        process, _zero_model, x_T.shape, noise=x_T, seeds=tf.constant([3, 4], tf.int64)
+    )
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
 
 def test_step_noise_length_must_match_the_chain():
     process = diffusion.create_gaussian_diffusion(steps=100, timestep_respacing="10")
     with pytest.raises(ValueError, match="step_noise holds 9 draws but the chain has 10 steps"):
-        sampling.p_sample_loop(process, _zero_model, [1, 4, 4, 3], step_noise=np.zeros([9, 1, 4, 4, 3], np.float32))
+        sampling.p_sample_loop(
+            process, _zero_model, [1, 4, 4, 3], step_noise=np.zeros([9, 1, 4, 4, 3], np.float32)
+        )
 
 
 def test_respace_uniform_rejects_out_of_range_step_counts():
@@ -120,7 +154,9 @@ def test_respace_uniform_rejects_out_of_range_step_counts():
 
 def _wavy_model(x, t, **kwargs):
     """A cheap network whose output depends on x, t and the labels, so chunking errors show."""
-    scale = 1.0 + tf.cast(tf.reshape(kwargs.get("y", tf.zeros_like(t, tf.int32)), [-1, 1, 1, 1]), tf.float32)
+    scale = 1.0 + tf.cast(
+        tf.reshape(kwargs.get("y", tf.zeros_like(t, tf.int32)), [-1, 1, 1, 1]), tf.float32
+    )
     phase = tf.reshape(tf.cast(t, tf.float32), [-1, 1, 1, 1]) * 0.01
     return tf.concat([tf.tanh(0.7 * x + phase) / scale, 0.3 * tf.sin(x - phase)], -1)
 
@@ -129,13 +165,16 @@ def test_chunk_bounds_cover_the_chain_in_about_32_calls():
     assert sampling.chunk_bounds(10) == [(k, k + 1) for k in range(10)]
     bounds = sampling.chunk_bounds(1000)
     assert len(bounds) == 32 and bounds[0] == (0, 32) and bounds[-1] == (992, 1000)
-    assert sampling.chunk_bounds(50, num_chunks=20) == [(k, min(k + 3, 50)) for k in range(0, 50, 3)]
+    assert sampling.chunk_bounds(50, num_chunks=20) == [
+        (k, min(k + 3, 50)) for k in range(0, 50, 3)
+    ]
 
 
 @pytest.mark.parametrize("loop", ["p_sample", "ddim"])
 def test_chunked_sampling_is_bit_identical_to_the_one_call_loop(loop):
-    process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True, noise_schedule="cosine",
-                                                  timestep_respacing="25")
+    process = diffusion.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, noise_schedule="cosine", timestep_respacing="25"
+    )
     seeds = tf.constant([3, 14, 15], tf.int64)
     kwargs = dict(seeds=seeds, model_kwargs={"y": tf.constant([0, 1, 2], tf.int32)})
     if loop == "ddim":
@@ -143,8 +182,11 @@ def test_chunked_sampling_is_bit_identical_to_the_one_call_loop(loop):
     run = sampling.ddim_sample_loop if loop == "ddim" else sampling.p_sample_loop
     shape = [3, 4, 4, 3]
     whole = run(process, _wavy_model, shape, **kwargs)
-    steps_fn = tf.function(lambda x, begin, end: run(process, _wavy_model, shape, noise=x,
-                                                     steps=(begin, end), **kwargs))
+    steps_fn = tf.function(
+        lambda x, begin, end: run(
+            process, _wavy_model, shape, noise=x, steps=(begin, end), **kwargs
+        )
+    )
     x = sampling.seeded_normal(seeds, 0, shape[1:])
     bounds = sampling.chunk_bounds(process.num_timesteps, num_chunks=7)
     assert len(bounds) == 7
@@ -155,14 +197,20 @@ def test_chunked_sampling_is_bit_identical_to_the_one_call_loop(loop):
 
 
 def test_chunked_bpd_is_bit_identical_to_the_one_call_loop():
-    process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True, noise_schedule="linear",
-                                                  timestep_respacing="20")
+    process = diffusion.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, noise_schedule="linear", timestep_respacing="20"
+    )
     x_start = np.random.default_rng(5).uniform(-1, 1, [2, 4, 4, 3]).astype(np.float32)
     seeds = tf.constant([7, 8], tf.int64)
     whole = sampling.calc_bpd_loop(process, _wavy_model, x_start, seeds=seeds)
-    chunk_fn = tf.function(lambda begin, end: sampling.calc_bpd_loop(
-        process, _wavy_model, x_start, seeds=seeds, steps=(begin, end)))
-    chunks = [chunk_fn(tf.constant(b), tf.constant(e)) for b, e in sampling.chunk_bounds(20, num_chunks=6)]
+    chunk_fn = tf.function(
+        lambda begin, end: sampling.calc_bpd_loop(
+            process, _wavy_model, x_start, seeds=seeds, steps=(begin, end)
+        )
+    )
+    chunks = [
+        chunk_fn(tf.constant(b), tf.constant(e)) for b, e in sampling.chunk_bounds(20, num_chunks=6)
+    ]
     assert [c["vb"].shape[1] for c in chunks] == [4, 4, 4, 4, 4]
     joined = sampling.bpd_from_chunks(process, x_start, chunks)
     assert sorted(joined) == sorted(whole)
@@ -171,30 +219,43 @@ def test_chunked_bpd_is_bit_identical_to_the_one_call_loop():
 
 
 def test_sampler_in_chunks_equals_the_one_call_sampler():
-    process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True, timestep_respacing="40")
+    process = diffusion.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, timestep_respacing="40"
+    )
     sampler = sample_lib.Sampler(_wavy_model, process, image_shape=[4, 4, 3], class_cond=True)
     ticks = []
     chunked = sampler.sample_in_chunks(np.arange(3), np.array([2, 0, 1]), on_chunk=ticks.append)
     assert sum(ticks) == 40 and len(ticks) == 20
-    np.testing.assert_array_equal(chunked.numpy(), sampler(np.arange(3), np.array([2, 0, 1])).numpy())
+    np.testing.assert_array_equal(
+        chunked.numpy(), sampler(np.arange(3), np.array([2, 0, 1])).numpy()
+    )
     sampler.sample_in_chunks(np.arange(2))
     assert sampler.sample_steps.experimental_get_tracing_count() == 1
 
 
 def test_chunked_loops_need_seeds_or_recorded_noise():
-    process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True, timestep_respacing="10")
+    process = diffusion.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, timestep_respacing="10"
+    )
     with pytest.raises(ValueError, match="needs seeds or step_noise"):
         sampling.p_sample_loop(process, _zero_model, [1, 4, 4, 3], steps=(0, 5))
 
 
 def test_evaluator_chunked_sums_equal_the_one_call_sums():
-    process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True, timestep_respacing="12")
+    process = diffusion.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, timestep_respacing="12"
+    )
     evaluator = eval_lib.BpdEvaluator(lambda x, t, training: _wavy_model(x, t), process, seed=3)
-    batch = {"image": tf.constant(np.random.default_rng(1).uniform(-1, 1, [3, 4, 4, 3]), tf.float32),
-             "index": tf.constant([0, 1, -1]), "mask": tf.constant([True, True, False])}
+    batch = {
+        "image": tf.constant(np.random.default_rng(1).uniform(-1, 1, [3, 4, 4, 3]), tf.float32),
+        "index": tf.constant([0, 1, -1]),
+        "mask": tf.constant([True, True, False]),
+    }
     bounds = [(tf.constant(b), tf.constant(e)) for b, e in sampling.chunk_bounds(12, num_chunks=5)]
     whole = tf.function(evaluator.replica_sums)(batch)
     chunk = tf.function(evaluator.replica_chunk)
-    chunked = tf.function(evaluator.replica_chunk_sums)(batch, [chunk(batch, b, e) for b, e in bounds])
+    chunked = tf.function(evaluator.replica_chunk_sums)(
+        batch, [chunk(batch, b, e) for b, e in bounds]
+    )
     for key in whole:
         np.testing.assert_array_equal(chunked[key].numpy(), whole[key].numpy(), err_msg=key)

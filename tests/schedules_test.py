@@ -12,7 +12,9 @@ from tf_iddpm import schedules
 SCHEDULES = golden.load("schedules")
 RESPACING = golden.load("respacing")
 
-DIFFUSION_ATTRS = sorted({k.split("T1000_", 1)[1] for k in SCHEDULES.files if k.startswith("diff_")})
+DIFFUSION_ATTRS = sorted(
+    {k.split("T1000_", 1)[1] for k in SCHEDULES.files if k.startswith("diff_")}
+)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -29,6 +31,7 @@ def test_cosine_schedule_closed_form():
     # only touches the last beta at T = 1000.
     num_timesteps = 1000
     betas = schedules.get_named_beta_schedule("cosine", num_timesteps)
+
     def f(t):
         return np.cos((t / num_timesteps + 0.008) / 1.008 * np.pi / 2) ** 2
 
@@ -43,8 +46,12 @@ def test_cosine_schedule_closed_form():
 @pytest.mark.parametrize("attr", DIFFUSION_ATTRS)
 def test_diffusion_constants_match_reference(name, attr):
     process = diffusion.GaussianDiffusion(
-        betas=schedules.get_named_beta_schedule(name, 1000), model_mean_type="epsilon",
-        model_var_type="learned_range", loss_type="rescaled_mse", rescale_timesteps=True)
+        betas=schedules.get_named_beta_schedule(name, 1000),
+        model_mean_type="epsilon",
+        model_var_type="learned_range",
+        loss_type="rescaled_mse",
+        rescale_timesteps=True,
+    )
     value = getattr(process, attr)
     assert value.dtype == np.float64
     assert golden.max_rel_error(value, SCHEDULES[f"diff_{name}_T1000_{attr}"]) <= 1e-12
@@ -75,21 +82,28 @@ def test_space_timesteps_docstring_examples():
     assert sorted(schedules.space_timesteps(1000, "ddim50")) == list(range(0, 1000, 20))
 
 
-SPACED = sorted({k.rsplit("_timestep_map", 1)[0] for k in RESPACING.files if k.endswith("_timestep_map")})
+SPACED = sorted(
+    {k.rsplit("_timestep_map", 1)[0] for k in RESPACING.files if k.endswith("_timestep_map")}
+)
 
 
 @pytest.mark.parametrize("prefix", SPACED)
 def test_respaced_diffusion_matches_reference(prefix):
     _, name, steps, respacing = prefix.split("_", 3)
     process = diffusion.create_gaussian_diffusion(
-        steps=int(steps[1:]), learn_sigma=True, noise_schedule=name, rescale_timesteps=True,
-        timestep_respacing=respacing.replace("-", ","))
+        steps=int(steps[1:]),
+        learn_sigma=True,
+        noise_schedule=name,
+        rescale_timesteps=True,
+        timestep_respacing=respacing.replace("-", ","),
+    )
     np.testing.assert_array_equal(process.timestep_map, RESPACING[f"{prefix}_timestep_map"])
     assert process.original_num_steps == int(RESPACING[f"{prefix}_original_num_steps"])
     for key in RESPACING.files:
-        if key.startswith(prefix + "_") and key.endswith(("betas", "cumprod", "cumprod_prev", "variance",
-                                                          "clipped", "coef1", "coef2")):
-            attr = key[len(prefix) + 1:]
+        if key.startswith(prefix + "_") and key.endswith(
+            ("betas", "cumprod", "cumprod_prev", "variance", "clipped", "coef1", "coef2")
+        ):
+            attr = key[len(prefix) + 1 :]
             assert golden.max_rel_error(getattr(process, attr), RESPACING[key]) <= 1e-12, attr
 
 

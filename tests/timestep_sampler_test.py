@@ -35,7 +35,7 @@ class NumpyLossHistory:
     def weights(self):
         if not np.all(self.counts == self.history_per_term):
             return np.ones(len(self.counts))
-        weights = np.sqrt(np.mean(self.history ** 2, axis=-1))
+        weights = np.sqrt(np.mean(self.history**2, axis=-1))
         weights = weights / weights.sum()
         return weights * (1 - self.uniform_prob) + self.uniform_prob / len(weights)
 
@@ -82,7 +82,8 @@ def test_weights_uniform_before_warm_up():
 def test_weights_after_warm_up_are_root_mean_square_of_history():
     num_timesteps, history_len, uniform_prob = 5, 4, 0.001
     sampler = timestep_sampler.LossSecondMomentResampler(
-        num_timesteps, history_per_term=history_len, uniform_prob=uniform_prob)
+        num_timesteps, history_per_term=history_len, uniform_prob=uniform_prob
+    )
     # Row t holds the losses (t + 1) * [1, 2, 3, 4]: E[L^2] = (t + 1)^2 * 30 / 4.
     ts = np.tile(np.arange(num_timesteps), history_len)
     losses = np.concatenate([(np.arange(num_timesteps) + 1.0) * k for k in range(1, 5)])
@@ -166,7 +167,9 @@ def test_importance_weights_are_exactly_one_over_t_p():
     sampler = _warmed_up_sampler()
     probs = sampler.probabilities().numpy()
     t, weights = sampler.sample(5000, tf.constant([7, 11], tf.int64))
-    np.testing.assert_array_equal(weights.numpy(), (1.0 / (10 * probs[t.numpy()])).astype(np.float32))
+    np.testing.assert_array_equal(
+        weights.numpy(), (1.0 / (10 * probs[t.numpy()])).astype(np.float32)
+    )
     # The expectation of w(t) L[t] under p, summed exactly, is the uniform mean of L.
     loss_table = np.random.default_rng(3).gamma(1.5, 2.0, size=10)
     exact = np.sum(probs * (1.0 / (10 * probs)) * loss_table)
@@ -190,8 +193,9 @@ def test_importance_weighted_estimator_is_unbiased():
     assert abs(estimates.mean() - loss_table.mean()) < 5 * std_error
     # The draws follow p: every frequency within 5 binomial standard deviations.
     frequencies = np.bincount(t, minlength=10) / num_samples
-    np.testing.assert_array_less(np.abs(frequencies - probs),
-                                 5 * np.sqrt(probs * (1 - probs) / num_samples))
+    np.testing.assert_array_less(
+        np.abs(frequencies - probs), 5 * np.sqrt(probs * (1 - probs) / num_samples)
+    )
 
 
 def test_same_seed_same_timesteps_and_different_seed_different_timesteps():
@@ -234,10 +238,13 @@ def test_variables_are_non_trainable_and_only_first_replica():
         assert variable.aggregation == tf.VariableAggregation.ONLY_FIRST_REPLICA
 
 
-@pytest.mark.parametrize("name,cls", [
-    ("uniform", timestep_sampler.UniformSampler),
-    ("loss-second-moment", timestep_sampler.LossSecondMomentResampler),
-])
+@pytest.mark.parametrize(
+    "name,cls",
+    [
+        ("uniform", timestep_sampler.UniformSampler),
+        ("loss-second-moment", timestep_sampler.LossSecondMomentResampler),
+    ],
+)
 def test_create_named_schedule_sampler(name, cls):
     sampler = timestep_sampler.create_named_schedule_sampler(name, 12)
     assert type(sampler) is cls and sampler.num_timesteps == 12
@@ -255,18 +262,27 @@ def test_create_named_schedule_sampler_accepts_object_with_num_timesteps():
 
 @pytest.mark.parametrize("name", ["Uniform", "loss_second_moment", "", "importance"])
 def test_unknown_sampler_name_raises(name):
-    with pytest.raises(ValueError, match=r"unknown schedule sampler .*allowed: 'uniform', "
-                                         r"'loss-second-moment'") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"unknown schedule sampler .*allowed: 'uniform', "
+        r"'loss-second-moment'",
+    ) as error:
         timestep_sampler.create_named_schedule_sampler(name, 10)
     assert repr(name) in str(error.value)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(num_timesteps=0), "num_timesteps must be a positive int, got 0"),
-    (dict(num_timesteps=2.5), "num_timesteps must be a positive int, got 2.5"),
-    (dict(num_timesteps=4, history_per_term=0), "history_per_term must be a positive int"),
-    (dict(num_timesteps=4, uniform_prob=1.5), r"uniform_prob must be a float in \[0, 1\], got 1.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_timesteps=0), "num_timesteps must be a positive int, got 0"),
+        (dict(num_timesteps=2.5), "num_timesteps must be a positive int, got 2.5"),
+        (dict(num_timesteps=4, history_per_term=0), "history_per_term must be a positive int"),
+        (
+            dict(num_timesteps=4, uniform_prob=1.5),
+            r"uniform_prob must be a float in \[0, 1\], got 1.5",
+        ),
+    ],
+)
 def test_bad_constructor_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         timestep_sampler.LossSecondMomentResampler(**kwargs)
@@ -344,8 +360,13 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 
 def test_update_under_mirrored_strategy_keeps_replicas_identical():
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT, "6"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_SCRIPT, "6"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["num_replicas"] == 2

@@ -165,9 +165,15 @@ def digits_dir(tmp_path_factory):
 
 def run_script(script, args, timeout=900):
     """Runs `script` in a fresh interpreter; returns the JSON its last stdout line holds."""
-    result = subprocess.run([sys.executable, "-c", script, json.dumps(args)], cwd=REPO_ROOT,
-                            env=_env(), capture_output=True, text=True, timeout=timeout,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(args)],
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     lines = result.stdout.strip().splitlines()
     return json.loads(lines[-1]) if lines else None
@@ -183,34 +189,42 @@ def test_mirrored_strategy_follows_the_default_strategy(digits_dir, tmp_path):
     run_script(_MIRRORED_SCRIPT, [digits_dir, str(out_path), NUM_STEPS, VARIANTS])
     results = dict(np.load(out_path))
     for variant in VARIANTS:
-        single = {k.split("/")[2]: v for k, v in results.items()
-                  if k.startswith(f"{variant}/default/")}
-        mirrored = {k.split("/")[2]: v for k, v in results.items()
-                    if k.startswith(f"{variant}/mirrored/")}
+        single = {
+            k.split("/")[2]: v for k, v in results.items() if k.startswith(f"{variant}/default/")
+        }
+        mirrored = {
+            k.split("/")[2]: v for k, v in results.items() if k.startswith(f"{variant}/mirrored/")
+        }
         assert single["step"] == mirrored["step"] == NUM_STEPS
         # The trajectory is a real one: the loss changes from step to step.
         assert np.ptp(single["metrics"][:, 0]) > 0.05, variant
         for name in sorted(set(single) - {"step"}):
             difference = np.abs(single[name] - mirrored[name])
             print(f"{variant} {name}: max |difference| {difference.max():.3g}")
-        np.testing.assert_allclose(mirrored["metrics"], single["metrics"], rtol=1e-5,
-                                   err_msg=variant)
+        np.testing.assert_allclose(
+            mirrored["metrics"], single["metrics"], rtol=1e-5, err_msg=variant
+        )
         for name in ("net", "ema", "optimizer"):
-            np.testing.assert_allclose(mirrored[name], single[name], rtol=1e-5, atol=1e-5,
-                                       err_msg=f"{variant} {name}")
+            np.testing.assert_allclose(
+                mirrored[name], single[name], rtol=1e-5, atol=1e-5, err_msg=f"{variant} {name}"
+            )
         if "loss_history" in single:
-            np.testing.assert_allclose(mirrored["loss_history"], single["loss_history"],
-                                       rtol=1e-5, err_msg=variant)
+            np.testing.assert_allclose(
+                mirrored["loss_history"], single["loss_history"], rtol=1e-5, err_msg=variant
+            )
     assert "second_moment_clipped/mirrored/loss_history" in results
 
 
 def test_batch_not_divisible_by_the_replicas_fails_before_training(digits_dir, tmp_path):
     workdir = tmp_path / "run"
     report = run_script(_INDIVISIBLE_BATCH_SCRIPT, [digits_dir, str(workdir)], timeout=180)
-    assert ("train.batch_size=15 is not divisible by the 2 replicas of the distribution strategy; "
-            "use a multiple of 2") in report["errors"]["train"]
+    assert (
+        "train.batch_size=15 is not divisible by the 2 replicas of the distribution strategy; "
+        "use a multiple of 2"
+    ) in report["errors"]["train"]
     assert report["errors"]["Trainer"] == (
-        "train.batch_size=15 is not divisible by the 2 replicas of the strategy")
+        "train.batch_size=15 is not divisible by the 2 replicas of the strategy"
+    )
     assert not report["workdir_exists"] and not workdir.exists()
 
 
@@ -228,10 +242,16 @@ def test_multi_worker_mirrored_workers_finish_with_identical_weights(digits_dir,
             tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
             log = open(tmp_path / f"worker_{index}.log", "w+")
             logs.append(log)
-            workers.append(subprocess.Popen(
-                [sys.executable, "-c", _WORKER_SCRIPT, args], cwd=REPO_ROOT,
-                env=_env(TF_CONFIG=json.dumps(tf_config)), stdout=log, stderr=subprocess.STDOUT,
-                text=True))
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _WORKER_SCRIPT, args],
+                    cwd=REPO_ROOT,
+                    env=_env(TF_CONFIG=json.dumps(tf_config)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         for worker in workers:
             worker.wait(timeout=240)
     finally:
@@ -256,18 +276,23 @@ def test_multi_worker_mirrored_workers_finish_with_identical_weights(digits_dir,
     chief = tf.train.load_checkpoint(checkpoints.checkpoint_dir(str(workdir)))
     other = tf.train.load_checkpoint(checkpoints.checkpoint_dir(str(workdir / "worker_1_scratch")))
     keys = {k for k in chief.get_variable_to_shape_map() if not k.startswith("_CHECKPOINTABLE")}
-    assert keys == {k for k in other.get_variable_to_shape_map()
-                    if not k.startswith("_CHECKPOINTABLE")}
+    assert keys == {
+        k for k in other.get_variable_to_shape_map() if not k.startswith("_CHECKPOINTABLE")
+    }
     assert chief.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == num_steps
     assert any(k.startswith("ema_0p99/") for k in keys)
     counts = chief.get_tensor("schedule_sampler/loss_counts/.ATTRIBUTES/VARIABLE_VALUE")
-    assert counts.sum() == num_steps * 16       # every example of both workers was recorded
+    assert counts.sum() == num_steps * 16  # every example of both workers was recorded
     for key in sorted(keys):
         np.testing.assert_array_equal(chief.get_tensor(key), other.get_tensor(key), err_msg=key)
     # Training moved the weights between the two checkpoints (so the equality is not vacuous).
     halfway = tf.train.load_checkpoint(
-        os.path.join(checkpoints.checkpoint_dir(str(workdir)), f"ckpt-{num_steps // 2}"))
-    assert any(not np.array_equal(halfway.get_tensor(k), chief.get_tensor(k))
-               for k in keys if k.startswith("model/"))
+        os.path.join(checkpoints.checkpoint_dir(str(workdir)), f"ckpt-{num_steps // 2}")
+    )
+    assert any(
+        not np.array_equal(halfway.get_tensor(k), chief.get_tensor(k))
+        for k in keys
+        if k.startswith("model/")
+    )
     # Only the chief writes TensorBoard summaries.
     assert len(os.listdir(workdir / "tensorboard")) == 1

@@ -46,7 +46,8 @@ def read_scalars(logdir):
             event = tf.compat.v1.Event.FromString(record.numpy())
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append(
-                    (event.step, float(tf.make_ndarray(value.tensor))))
+                    (event.step, float(tf.make_ndarray(value.tensor)))
+                )
     return {tag: sorted(points) for tag, points in scalars.items()}
 
 
@@ -71,8 +72,10 @@ def test_training_on_digits_lowers_the_hybrid_loss_and_the_vb_term(digits_dir, t
     loss_first, loss_last = first_and_last(scalars, "loss")
     vb_first, vb_last = first_and_last(scalars, "vb")
     mse_first, mse_last = first_and_last(scalars, "mse")
-    print(f"loss {loss_first:.4f} -> {loss_last:.4f}, vb {vb_first:.4f} -> {vb_last:.4f}, "
-          f"mse {mse_first:.4f} -> {mse_last:.4f}")
+    print(
+        f"loss {loss_first:.4f} -> {loss_last:.4f}, vb {vb_first:.4f} -> {vb_last:.4f}, "
+        f"mse {mse_first:.4f} -> {mse_last:.4f}"
+    )
     assert loss_last < 0.4 * loss_first
     assert vb_last < 0.4 * vb_first
     assert mse_last < 0.4 * mse_first
@@ -97,8 +100,14 @@ def test_loss_second_moment_sampler_trains_and_fills_its_history(digits_dir, tmp
     # importance weights (as the reference logs them); unweighted, the logged loss jumped from
     # 0.26 to 0.70 when the sampler warmed up (it then draws high-loss timesteps more often)
     # and ended at 0.53, which fails the 0.4x check below.
-    config = tiny_config(digits_dir, num_steps=200, lr=1e-3, log_every=25, checkpoint_every=200,
-                         schedule_sampler="loss-second-moment")
+    config = tiny_config(
+        digits_dir,
+        num_steps=200,
+        lr=1e-3,
+        log_every=25,
+        checkpoint_every=200,
+        schedule_sampler="loss-second-moment",
+    )
     workdir = str(tmp_path / "run")
     train_lib.train(config, workdir)
 
@@ -117,7 +126,7 @@ def test_loss_second_moment_sampler_trains_and_fills_its_history(digits_dir, tmp
     np.testing.assert_array_equal(counts, 10)
     assert np.all(np.isfinite(history)) and np.all(history > 0)
     # Importance sampling is active: the weights sqrt(E[L_t^2]) differ across t.
-    second_moment = np.sqrt(np.mean(history ** 2, axis=1))
+    second_moment = np.sqrt(np.mean(history**2, axis=1))
     assert second_moment.max() > 2 * second_moment.min()
 
 
@@ -125,19 +134,32 @@ def _no_trainer(*args, **kwargs):
     raise AssertionError("a Trainer was built although the input is invalid")
 
 
-@pytest.mark.parametrize("data_overrides, model_overrides, message", [
-    ({"name": "cifar1O"}, {},
-     "Unknown dataset config.data.name='cifar1O': not 'digits', not 'folder' and not a TFDS "
-     "dataset. Close TFDS names: ['cifar10'"),
-    ({"image_size": 12}, {"attention_resolutions": ""},
-     "data.image_size=12 must be a multiple of 8 and at least 8 "
-     "(8, 16, 32, 64, 128, 256, ...)"),
-    ({"image_size": 48}, {"channel_mult": "", "attention_resolutions": ""},
-     "data.image_size=48 has no default UNet channel_mult (defaults exist for 32, 64, 128, "
-     "256); set model.channel_mult"),
-])
+@pytest.mark.parametrize(
+    "data_overrides, model_overrides, message",
+    [
+        (
+            {"name": "cifar1O"},
+            {},
+            "Unknown dataset config.data.name='cifar1O': not 'digits', not 'folder' and not a TFDS "
+            "dataset. Close TFDS names: ['cifar10'",
+        ),
+        (
+            {"image_size": 12},
+            {"attention_resolutions": ""},
+            "data.image_size=12 must be a multiple of 8 and at least 8 "
+            "(8, 16, 32, 64, 128, 256, ...)",
+        ),
+        (
+            {"image_size": 48},
+            {"channel_mult": "", "attention_resolutions": ""},
+            "data.image_size=48 has no default UNet channel_mult (defaults exist for 32, 64, 128, "
+            "256); set model.channel_mult",
+        ),
+    ],
+)
 def test_bad_data_or_image_size_fails_before_anything_is_built(
-        digits_dir, tmp_path, monkeypatch, data_overrides, model_overrides, message):
+    digits_dir, tmp_path, monkeypatch, data_overrides, model_overrides, message
+):
     monkeypatch.setattr(train_lib, "Trainer", _no_trainer)
     config = tiny_config(digits_dir)
     for name, value in data_overrides.items():
@@ -162,8 +184,10 @@ def test_empty_image_folder_fails_before_anything_is_built(tmp_path, monkeypatch
     workdir = tmp_path / "run"
     with pytest.raises(ValueError) as error:
         train_lib.train(config, str(workdir))
-    assert str(error.value) == (f"config.data.folder={str(folder)!r} holds no image files "
-                                "(searched recursively for .png, .jpg, .jpeg).")
+    assert str(error.value) == (
+        f"config.data.folder={str(folder)!r} holds no image files "
+        "(searched recursively for .png, .jpg, .jpeg)."
+    )
     assert not workdir.exists()
 
 
@@ -172,10 +196,22 @@ def test_config_typo_on_the_command_line_fails_before_training(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "PYTHONPATH")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run.py"), "--config=configs/tiny.py",
-         "--config.train.batchsize=3", f"--config.data.data_dir={tmp_path / 'tfds'}",
-         f"--workdir={workdir}", "--mode=train"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+        [
+            sys.executable,
+            str(REPO_ROOT / "run.py"),
+            "--config=configs/tiny.py",
+            "--config.train.batchsize=3",
+            f"--config.data.data_dir={tmp_path / 'tfds'}",
+            f"--workdir={workdir}",
+            "--mode=train",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "a --config override names a field that does not exist" in result.stderr
     assert "--config.train.batchsize=3" in result.stderr

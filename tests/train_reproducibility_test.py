@@ -43,15 +43,26 @@ def digits_dir(tmp_path_factory):
 
 
 def _train_args(workdir, data_dir, strategy="default", seed=0):
-    args = [sys.executable, str(REPO_ROOT / "run.py"), "--config=configs/tiny.py",
-            f"--workdir={workdir}", "--mode=train", f"--strategy={strategy}",
-            f"--config.seed={seed}", f"--config.data.data_dir={data_dir}",
-            f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every=8",
-            "--config.train.log_every=4", "--config.train.keep_checkpoints=5",
-            "--config.train.schedule_sampler=loss-second-moment", "--config.train.ema_rate=0.99,0.9",
-            "--config.model.dropout=0.2",
-            # One resolution level: quicker to trace, the same kinds of state.
-            "--config.model.channel_mult=1", "--config.model.attention_resolutions=8"]
+    args = [
+        sys.executable,
+        str(REPO_ROOT / "run.py"),
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--mode=train",
+        f"--strategy={strategy}",
+        f"--config.seed={seed}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.train.num_steps={NUM_STEPS}",
+        "--config.train.checkpoint_every=8",
+        "--config.train.log_every=4",
+        "--config.train.keep_checkpoints=5",
+        "--config.train.schedule_sampler=loss-second-moment",
+        "--config.train.ema_rate=0.99,0.9",
+        "--config.model.dropout=0.2",
+        # One resolution level: quicker to trace, the same kinds of state.
+        "--config.model.channel_mult=1",
+        "--config.model.attention_resolutions=8",
+    ]
     if strategy == "mirrored":
         args.append("--cpu_devices=2")
     return args
@@ -65,8 +76,15 @@ def _env():
 
 def _run_to_end(args, log_path):
     with open(log_path, "a") as log:
-        result = subprocess.run(args, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                timeout=TIMEOUT_S, check=False)
+        result = subprocess.run(
+            args,
+            cwd=REPO_ROOT,
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
     assert result.returncode == 0, pathlib.Path(log_path).read_text()[-5000:]
 
 
@@ -78,7 +96,9 @@ def _latest_step(workdir):
 def _interrupt_after_first_checkpoint(args, workdir, log_path, sig):
     """Starts training, sends `sig` once the first checkpoint exists; returns the stopped step."""
     with open(log_path, "w") as log:
-        process = subprocess.Popen(args, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            args, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.time() + TIMEOUT_S
         while _latest_step(workdir) < 8:
@@ -91,8 +111,9 @@ def _interrupt_after_first_checkpoint(args, workdir, log_path, sig):
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 0), \
-        pathlib.Path(log_path).read_text()[-5000:]
+    assert returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 0), pathlib.Path(
+        log_path
+    ).read_text()[-5000:]
     return _latest_step(workdir)
 
 
@@ -100,8 +121,11 @@ def _final_state(workdir):
     """Every variable of the newest checkpoint, less the object graph and tf.train.Checkpoint's
     save_counter (how many saves the run made: an interrupted run saved once more)."""
     reader = tf.train.load_checkpoint(checkpoints.checkpoint_dir(str(workdir)))
-    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
-            if key != "_CHECKPOINTABLE_OBJECT_GRAPH" and not key.startswith("save_counter/")}
+    return {
+        key: reader.get_tensor(key)
+        for key in reader.get_variable_to_shape_map()
+        if key != "_CHECKPOINTABLE_OBJECT_GRAPH" and not key.startswith("save_counter/")
+    }
 
 
 def _assert_same_state(actual, expected):
@@ -109,8 +133,14 @@ def _assert_same_state(actual, expected):
     groups = {key.split("/")[0] for key in expected}
     assert {"model", "ema_0p99", "ema_0p9", "optimizer", "schedule_sampler", "step"} <= groups
     assert expected["step/.ATTRIBUTES/VARIABLE_VALUE"] == NUM_STEPS
-    worst = max(float(np.max(np.abs(np.asarray(actual[k], np.float64) - np.asarray(expected[k], np.float64))))
-                if np.size(expected[k]) else 0.0 for k in expected)
+    worst = max(
+        float(
+            np.max(np.abs(np.asarray(actual[k], np.float64) - np.asarray(expected[k], np.float64)))
+        )
+        if np.size(expected[k])
+        else 0.0
+        for k in expected
+    )
     print(f"max |difference| over {len(expected)} checkpoint variables: {worst:.3g}")
     for key in sorted(expected):
         np.testing.assert_allclose(actual[key], expected[key], rtol=0, atol=TOLERANCE, err_msg=key)
@@ -118,8 +148,12 @@ def _assert_same_state(actual, expected):
 
 def _losses_by_step(workdir, newest_file_only=False):
     """{step: loss} logged to TensorBoard (the newest events file only: the resumed process)."""
-    paths = sorted(tf.io.gfile.glob(os.path.join(str(workdir), train_lib.TENSORBOARD_SUBDIR,
-                                                 "events.out.tfevents.*")), key=os.path.getmtime)
+    paths = sorted(
+        tf.io.gfile.glob(
+            os.path.join(str(workdir), train_lib.TENSORBOARD_SUBDIR, "events.out.tfevents.*")
+        ),
+        key=os.path.getmtime,
+    )
     losses = {}
     for path in paths[-1:] if newest_file_only else paths:
         for record in tf.data.TFRecordDataset(path):
@@ -141,6 +175,7 @@ def uninterrupted(digits_dir, tmp_path_factory):
             _run_to_end(_train_args(workdir, digits_dir, strategy), workdir.parent / "train.log")
             runs[strategy] = workdir
         return runs[strategy]
+
     return get
 
 
@@ -163,14 +198,19 @@ def test_the_seed_determines_the_initial_weights(digits_dir):
     for a, b in zip(weights["a"], weights["b"]):
         np.testing.assert_array_equal(a, b)
     differing = sum(not np.array_equal(a, c) for a, c in zip(weights["a"], weights["c"]))
-    random_init = sum(np.unique(a).size > 2 for a in weights["a"])  # not the zeros / ones / zero-init
+    random_init = sum(
+        np.unique(a).size > 2 for a in weights["a"]
+    )  # not the zeros / ones / zero-init
     assert differing == random_init > 0
 
 
-@pytest.mark.parametrize("strategy,sig", [("default", signal.SIGKILL), ("default", signal.SIGTERM),
-                                          ("mirrored", signal.SIGKILL)])
-def test_an_interrupted_run_resumes_into_the_uninterrupted_one(digits_dir, uninterrupted, tmp_path,
-                                                               strategy, sig):
+@pytest.mark.parametrize(
+    "strategy,sig",
+    [("default", signal.SIGKILL), ("default", signal.SIGTERM), ("mirrored", signal.SIGKILL)],
+)
+def test_an_interrupted_run_resumes_into_the_uninterrupted_one(
+    digits_dir, uninterrupted, tmp_path, strategy, sig
+):
     workdir = tmp_path / "run"
     args = _train_args(workdir, digits_dir, strategy)
     stopped_at = _interrupt_after_first_checkpoint(args, workdir, tmp_path / "first.log", sig)

@@ -35,17 +35,24 @@ def digits_dir(tmp_path_factory):
 
 def start_training(workdir, data_dir, log_path, **train_overrides):
     """Starts ``run.py --mode=train`` on the tiny config; its output goes to ``log_path``."""
-    args = [sys.executable, str(REPO_ROOT / "run.py"), "--config=configs/tiny.py",
-            f"--workdir={workdir}", "--mode=train", "--strategy=default",
-            f"--config.data.data_dir={data_dir}", "--config.train.num_steps=1000",
-            # One resolution level: the same checkpoint contents, quicker to trace.
-            "--config.model.channel_mult=1", "--config.model.attention_resolutions=8"]
+    args = [
+        sys.executable,
+        str(REPO_ROOT / "run.py"),
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--mode=train",
+        "--strategy=default",
+        f"--config.data.data_dir={data_dir}",
+        "--config.train.num_steps=1000",
+        # One resolution level: the same checkpoint contents, quicker to trace.
+        "--config.model.channel_mult=1",
+        "--config.model.attention_resolutions=8",
+    ]
     args += [f"--config.train.{name}={value}" for name, value in train_overrides.items()]
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "PYTHONPATH")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     with open(log_path, "w") as log:
-        return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_until(condition, process, log_path, what):
@@ -53,13 +60,16 @@ def wait_until(condition, process, log_path, what):
     deadline = time.time() + TIMEOUT_S
     while not condition():
         if process.poll() is not None:
-            pytest.fail(f"training exited with {process.returncode} before {what}:\n"
-                        f"{pathlib.Path(log_path).read_text()[-5000:]}")
+            pytest.fail(
+                f"training exited with {process.returncode} before {what}:\n"
+                f"{pathlib.Path(log_path).read_text()[-5000:]}"
+            )
         if time.time() > deadline:
             process.kill()
             process.wait()
-            pytest.fail(f"no {what} after {TIMEOUT_S} s:\n"
-                        f"{pathlib.Path(log_path).read_text()[-5000:]}")
+            pytest.fail(
+                f"no {what} after {TIMEOUT_S} s:\n{pathlib.Path(log_path).read_text()[-5000:]}"
+            )
         time.sleep(0.2)
 
 
@@ -80,25 +90,34 @@ def assert_complete(prefix):
     assert shards == [f"{prefix}.data-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
     reader = tf.train.load_checkpoint(prefix)
     for key in reader.get_variable_to_shape_map():
-        value = reader.get_tensor(key)      # reads every value from the data shards
+        value = reader.get_tensor(key)  # reads every value from the data shards
         if key != "_CHECKPOINTABLE_OBJECT_GRAPH":
             assert np.all(np.isfinite(value)), key
     return reader
 
 
-def test_sigkill_after_a_checkpoint_then_resume_restores_everything(digits_dir, tmp_path,
-                                                                    monkeypatch):
+def test_sigkill_after_a_checkpoint_then_resume_restores_everything(
+    digits_dir, tmp_path, monkeypatch
+):
     workdir = tmp_path / "run"
     checkpoint_dir = checkpoints.checkpoint_dir(str(workdir))
     log_path = tmp_path / "train.log"
-    process = start_training(workdir, digits_dir, log_path, checkpoint_every=4, log_every=4,
-                             keep_checkpoints=2, schedule_sampler="loss-second-moment",
-                             ema_rate="0.99,0.9")
+    process = start_training(
+        workdir,
+        digits_dir,
+        log_path,
+        checkpoint_every=4,
+        log_every=4,
+        keep_checkpoints=2,
+        schedule_sampler="loss-second-moment",
+        ema_rate="0.99,0.9",
+    )
     try:
-        wait_until(lambda: latest_step(checkpoint_dir) >= 8, process, log_path,
-                   "a checkpoint at step >= 8")
+        wait_until(
+            lambda: latest_step(checkpoint_dir) >= 8, process, log_path, "a checkpoint at step >= 8"
+        )
     finally:
-        process.kill()      # SIGKILL: no handler runs, no final save
+        process.kill()  # SIGKILL: no handler runs, no final save
         process.wait()
     assert process.returncode == -signal.SIGKILL
 
@@ -141,8 +160,7 @@ def test_sigkill_after_a_checkpoint_then_resume_restores_everything(digits_dir, 
     keys = {k for k in saved.get_variable_to_shape_map() if k != "_CHECKPOINTABLE_OBJECT_GRAPH"}
     assert keys <= set(restored.get_variable_to_shape_map())
     for key in sorted(keys):
-        np.testing.assert_array_equal(restored.get_tensor(key), saved.get_tensor(key),
-                                      err_msg=key)
+        np.testing.assert_array_equal(restored.get_tensor(key), saved.get_tensor(key), err_msg=key)
     # Named checks of what the comparison covers, and that the state is not trivial (fresh
     # Adam slots are zeros, a fresh sampler has no history, EMAs start as copies of the weights).
     groups = {key.split("/")[0] for key in keys}
@@ -150,11 +168,12 @@ def test_sigkill_after_a_checkpoint_then_resume_restores_everything(digits_dir, 
     assert saved.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == killed_at
     for name in ("loss_history", "loss_counts"):
         np.testing.assert_array_equal(
-            captured[name], saved.get_tensor(f"schedule_sampler/{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+            captured[name], saved.get_tensor(f"schedule_sampler/{name}/.ATTRIBUTES/VARIABLE_VALUE")
+        )
     assert captured["loss_counts"].sum() > 0
     num_weights = len(captured["net"])
     nonzero_slots = [v for v in captured["optimizer"] if v.size > 1 and np.any(v != 0)]
-    assert len(nonzero_slots) == 2 * num_weights                # Adam m and v of each weight
+    assert len(nonzero_slots) == 2 * num_weights  # Adam m and v of each weight
     ema_99, ema_9 = captured["ema"][0.99], captured["ema"][0.9]
     assert len(ema_99) == len(ema_9) == num_weights
     for ema in (ema_99, ema_9):
@@ -176,8 +195,12 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_0(digits_dir, 
     # No periodic checkpoint before step 1000: the only one can come from the signal.
     process = start_training(workdir, digits_dir, log_path, checkpoint_every=1000, log_every=4)
     try:
-        wait_until(lambda: "step 8/1000" in log_path.read_text(), process, log_path,
-                   "a log line for step 8")
+        wait_until(
+            lambda: "step 8/1000" in log_path.read_text(),
+            process,
+            log_path,
+            "a log line for step 8",
+        )
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=TIMEOUT_S)
     finally:
@@ -189,9 +212,10 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_0(digits_dir, 
     assert "received signal 15: saving a checkpoint and stopping" in log
 
     stopped_at = latest_step(checkpoint_dir)
-    assert 8 <= stopped_at < 1000 and stopped_at % 4 == 0   # stops between 4-step chunks
+    assert 8 <= stopped_at < 1000 and stopped_at % 4 == 0  # stops between 4-step chunks
     assert [p.name for p in sorted(pathlib.Path(checkpoint_dir).glob("*.index"))] == [
-        f"ckpt-{stopped_at}.index"]
+        f"ckpt-{stopped_at}.index"
+    ]
     saved = assert_complete(tf.train.latest_checkpoint(checkpoint_dir))
     assert saved.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == stopped_at
     assert f"trained {stopped_at} steps" in log

@@ -48,7 +48,8 @@ def _config_from_meta(meta):
     config.model.num_res_blocks = unet_kwargs["num_res_blocks"]
     config.model.channel_mult = ",".join(str(m) for m in unet_kwargs["channel_mult"])
     config.model.attention_resolutions = ",".join(
-        str(meta["image_size"] // ds) for ds in unet_kwargs["attention_resolutions"])
+        str(meta["image_size"] // ds) for ds in unet_kwargs["attention_resolutions"]
+    )
     config.model.num_heads = unet_kwargs["num_heads"]
     config.model.num_heads_upsample = unet_kwargs["num_heads_upsample"]
     config.model.use_scale_shift_norm = unet_kwargs["use_scale_shift_norm"]
@@ -66,7 +67,9 @@ def _config_from_meta(meta):
 
 
 def _state(trajectory, prefix):
-    return {key[len(prefix):]: trajectory[key] for key in trajectory.files if key.startswith(prefix)}
+    return {
+        key[len(prefix) :]: trajectory[key] for key in trajectory.files if key.startswith(prefix)
+    }
 
 
 def _update_error(ours, reference, init, keys):
@@ -85,7 +88,9 @@ def _replay(trajectory, strategy):
     convert.assign_state_dict(trainer.net, init)
     (ema_net,) = trainer.ema_nets.values()
     convert.assign_state_dict(ema_net, init)
-    terms = trainer.replay_steps(trajectory["images_nhwc"], trajectory["t"], trajectory["noise_nhwc"])
+    terms = trainer.replay_steps(
+        trajectory["images_nhwc"], trajectory["t"], trajectory["noise_nhwc"]
+    )
     return trainer, init, terms
 
 
@@ -93,8 +98,11 @@ def _replay_errors(trajectory, strategy):
     """Replays the trajectory under `strategy`; returns every compared error (see module doc)."""
     trainer, init, terms = _replay(trajectory, strategy)
     num_steps = trajectory["t"].shape[0]
-    errors = {"step": int(trainer.step.numpy()), "iterations": int(trainer.optimizer.iterations.numpy()),
-              "shapes_ok": all(terms[n].shape == trajectory[n].shape for n in train_lib.REPLAY_TERMS)}
+    errors = {
+        "step": int(trainer.step.numpy()),
+        "iterations": int(trainer.optimizer.iterations.numpy()),
+        "shapes_ok": all(terms[n].shape == trajectory[n].shape for n in train_lib.REPLAY_TERMS),
+    }
     errors["steps_ok"] = errors["step"] == errors["iterations"] == num_steps
     for name in train_lib.REPLAY_TERMS:
         errors[name] = golden.max_rel_error(terms[name], trajectory[name])
@@ -113,7 +121,9 @@ def _check(errors):
     for name in train_lib.REPLAY_TERMS:  # measured: 1.6e-7 (loss), 1.7e-7 (mse), 4e-8 (vb)
         assert errors[name] <= 1e-4, f"{name}: max rel error {errors[name]:.2e}"
     # measured: 1.6e-4 (weights), 1.3e-4 (EMA); Keras' epsilon placement gives ~0.6
-    assert errors["weights"] <= 2e-3, f"weights: |Δ_ours - Δ_ref| / |Δ_ref| = {errors['weights']:.2e}"
+    assert errors["weights"] <= 2e-3, (
+        f"weights: |Δ_ours - Δ_ref| / |Δ_ref| = {errors['weights']:.2e}"
+    )
     assert errors["ema"] <= 2e-3, f"EMA: |Δ_ours - Δ_ref| / |Δ_ref| = {errors['ema']:.2e}"
 
 
@@ -123,8 +133,14 @@ def test_replayed_reference_steps_match_terms_weights_and_ema(trajectory):
 
 def test_replay_under_mirrored_strategy_matches_the_reference_too():
     # A fresh process: the CPU must be split into logical devices before TensorFlow starts.
-    result = subprocess.run([sys.executable, "-m", "tests.train_trajectory_test", "--mirrored"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.train_trajectory_test", "--mirrored"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _check(json.loads(result.stdout.strip().splitlines()[-1]))
 
@@ -132,6 +148,7 @@ def test_replay_under_mirrored_strategy_matches_the_reference_too():
 def test_keras_epsilon_placement_would_fail_the_comparison(trajectory, monkeypatch):
     """The check can fail: Keras' epsilon on the uncorrected sqrt(v) moves the weights differently."""
     from tf_iddpm import optimizers
+
     original = optimizers.create_adam
 
     def keras_style_adam(learning_rate, weight_decay=0.0):
@@ -166,6 +183,7 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--mirrored"]:
         sys.exit("usage: python -m tests.train_trajectory_test --mirrored")
     from tf_iddpm import distribute  # pylint: disable=g-import-not-at-top
+
     distribute.split_cpu(2)
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     print(json.dumps(_replay_errors(golden.load("train_trajectory"), mirrored)))

@@ -20,13 +20,32 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The fixture models (tests/testdata/REFERENCE_README.md, "unet_weights.npz" and
 # "unet_variant_weights.npz"), with the reference's constructor arguments.
-MAIN_ARGS = dict(in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-                 attention_resolutions=(2,), dropout=0.0, channel_mult=(1, 2),
-                 num_classes=None, num_heads=2, num_heads_upsample=-1,
-                 use_scale_shift_norm=True)
-VARIANT_ARGS = dict(in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-                    attention_resolutions=(1,), dropout=0.0, channel_mult=(1,), num_classes=10,
-                    num_heads=1, num_heads_upsample=-1, use_scale_shift_norm=False)
+MAIN_ARGS = dict(
+    in_channels=3,
+    model_channels=32,
+    out_channels=6,
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    dropout=0.0,
+    channel_mult=(1, 2),
+    num_classes=None,
+    num_heads=2,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=True,
+)
+VARIANT_ARGS = dict(
+    in_channels=3,
+    model_channels=32,
+    out_channels=3,
+    num_res_blocks=1,
+    attention_resolutions=(1,),
+    dropout=0.0,
+    channel_mult=(1,),
+    num_classes=10,
+    num_heads=1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+)
 
 
 def _main_model(**overrides):
@@ -38,7 +57,8 @@ def _main_model(**overrides):
 def _variant_model():
     model = unet.UNetModel(**VARIANT_ARGS)
     convert.assign_state_dict(
-        model, convert.load_state_dict(golden.path("unet_variant_weights.npz")))
+        model, convert.load_state_dict(golden.path("unet_variant_weights.npz"))
+    )
     return model
 
 
@@ -54,11 +74,15 @@ def _randomize(model, seed):
 
 # --- timestep embedding ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("timesteps_key, dim, expected_key", [
-    ("temb_timesteps", 32, "temb_dim32"),
-    ("temb_timesteps", 7, "temb_dim7"),
-    ("temb_int_timesteps", 16, "temb_int_timesteps_dim16"),
-])
+
+@pytest.mark.parametrize(
+    "timesteps_key, dim, expected_key",
+    [
+        ("temb_timesteps", 32, "temb_dim32"),
+        ("temb_timesteps", 7, "temb_dim7"),
+        ("temb_int_timesteps", 16, "temb_int_timesteps_dim16"),
+    ],
+)
 def test_timestep_embedding_matches_reference(timesteps_key, dim, expected_key):
     terms = golden.load("terms")
     embedding = unet.timestep_embedding(tf.constant(terms[timesteps_key]), dim).numpy()
@@ -72,6 +96,7 @@ def test_timestep_embedding_matches_reference(timesteps_key, dim, expected_key):
 
 
 # --- golden forward passes ------------------------------------------------------------------------
+
 
 def test_forward_matches_reference_with_features():
     data = golden.load("unet_forward")
@@ -114,6 +139,7 @@ def test_integer_and_float_timesteps_agree():
 
 # --- architecture ---------------------------------------------------------------------------------
 
+
 def test_layer_names_mirror_reference_state_dict():
     model = unet.UNetModel(**MAIN_ARGS)
     reference_keys = list(golden.load("unet_weights").files)
@@ -124,8 +150,7 @@ def test_layer_names_mirror_reference_state_dict():
     assert "unet/out.2/kernel" in paths
 
 
-@pytest.mark.parametrize("name", sorted(json.load(
-    open(golden.path("unet_param_counts.json")))))
+@pytest.mark.parametrize("name", sorted(json.load(open(golden.path("unet_param_counts.json")))))
 def test_parameter_count_matches_reference(name):
     entry = json.load(open(golden.path("unet_param_counts.json")))[name]
     args = dict(entry["args"])
@@ -136,18 +161,35 @@ def test_parameter_count_matches_reference(name):
 
 def test_attention_at_requested_resolutions():
     # 32x32 with channel_mult (1, 2, 2): feature resolutions 32, 16, 8; attention only at 16.
-    model = unet.create_model(32, 32, 1, learn_sigma=False, class_cond=False,
-                              attention_resolutions="16", num_heads=2, num_heads_upsample=-1,
-                              use_scale_shift_norm=True, dropout=0.0, channel_mult="1,2,2")
+    model = unet.create_model(
+        32,
+        32,
+        1,
+        learn_sigma=False,
+        class_cond=False,
+        attention_resolutions="16",
+        num_heads=2,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        dropout=0.0,
+        channel_mult="1,2,2",
+    )
     assert model.attention_resolutions == (2,)
     assert model.attention_prefixes() == [
-        "input_blocks.3.1", "middle_block.1", "output_blocks.2.1", "output_blocks.3.1"]
+        "input_blocks.3.1",
+        "middle_block.1",
+        "output_blocks.2.1",
+        "output_blocks.3.1",
+    ]
     features = model.feature_vectors(np.zeros([1, 32, 32, 3], np.float32), np.zeros([1]))
     assert features["down"][3].shape[1:3] == (16, 16)  # input_blocks.3 = ResBlock + attention
     assert features["up"][2].shape[1:3] == (16, 16)
     # Head counts: num_heads in the encoder and middle, num_heads_upsample (-1 = same) above.
-    heads = {p: getattr(model, p.replace(".", "_")).num_heads
-             for p in model.attention_prefixes() if not p.startswith("middle")}
+    heads = {
+        p: getattr(model, p.replace(".", "_")).num_heads
+        for p in model.attention_prefixes()
+        if not p.startswith("middle")
+    }
     assert set(heads.values()) == {2}
 
 
@@ -247,8 +289,9 @@ def test_xla_forward_equals_eager():
     x, timesteps, labels = golden.nhwc(data["fwd_x"]), data["fwd_timesteps"], data["y"]
     compiled = tf.function(lambda x, t, y: model(x, t, y=y), jit_compile=True)
     eager = model(x, timesteps, y=labels)
-    np.testing.assert_allclose(compiled(x, timesteps, labels), eager, rtol=0,
-                               atol=1e-5 * np.abs(eager).max())
+    np.testing.assert_allclose(
+        compiled(x, timesteps, labels), eager, rtol=0, atol=1e-5 * np.abs(eager).max()
+    )
 
 
 def test_mixed_bfloat16_policy():
@@ -270,7 +313,9 @@ def test_mixed_bfloat16_policy():
     np.testing.assert_array_equal(features, fp32_model.input_blocks_0_0(x))
     assert model.input_blocks_1_0(features, emb).dtype == tf.float32  # residual stream
     attention_input = tf.ones([1, 4, 4, 64], tf.bfloat16)
-    assert model.middle_block_1(attention_input).dtype == tf.float32  # attention adds in float32 too
+    assert (
+        model.middle_block_1(attention_input).dtype == tf.float32
+    )  # attention adds in float32 too
     output = model(golden.nhwc(data["x"]), data["timesteps"])
     assert output.dtype == tf.float32
     error = golden.max_rel_error(output, golden.nhwc(data["output"]))
@@ -298,7 +343,9 @@ def _group_norm_float64(x, gamma, beta, groups, epsilon=unet.NORM_EPSILON):
     return normalized * gamma + beta
 
 
-@pytest.mark.parametrize("shape, groups", [((3, 4, 5, 64), 32), ((2, 6, 96), 32), ((2, 3, 3, 32), 8)])
+@pytest.mark.parametrize(
+    "shape, groups", [((3, 4, 5, 64), 32), ((2, 6, 96), 32), ((2, 3, 3, 32), 8)]
+)
 def test_group_norm_value_and_analytic_gradient_match_the_definition(shape, groups):
     rng = np.random.default_rng(0)
     # An offset mean and a non-unit scale, as activations have.
@@ -328,16 +375,20 @@ def test_group_norm_value_and_analytic_gradient_match_the_definition(shape, grou
 
 # --- bad input ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("x_shape, t, y, message", [
-    ([2, 7, 8, 3], [1.0, 2.0], None, "height 7 must be a positive multiple of 2"),
-    ([2, 8, 6, 3], [1.0, 2.0], None, None),  # 6 is a multiple of 2: accepted
-    ([2, 8, 8, 4], [1.0, 2.0], None, "x has 4 channels, the model expects 3"),
-    ([8, 8, 3], [1.0], None, "x must be \\[N, H, W, C\\]"),
-    ([2, 8, 8, 3], [[1.0, 2.0]], None, "timesteps must be a 1-D"),
-    ([2, 8, 8, 3], 1.0, None, "timesteps must be a 1-D"),
-    ([2, 8, 8, 3], [1.0, 2.0, 3.0], None, "3 timesteps for a batch of 2"),
-    ([2, 8, 8, 3], [1.0, 2.0], [1, 2], "labels y were given to an unconditional model"),
-])
+
+@pytest.mark.parametrize(
+    "x_shape, t, y, message",
+    [
+        ([2, 7, 8, 3], [1.0, 2.0], None, "height 7 must be a positive multiple of 2"),
+        ([2, 8, 6, 3], [1.0, 2.0], None, None),  # 6 is a multiple of 2: accepted
+        ([2, 8, 8, 4], [1.0, 2.0], None, "x has 4 channels, the model expects 3"),
+        ([8, 8, 3], [1.0], None, "x must be \\[N, H, W, C\\]"),
+        ([2, 8, 8, 3], [[1.0, 2.0]], None, "timesteps must be a 1-D"),
+        ([2, 8, 8, 3], 1.0, None, "timesteps must be a 1-D"),
+        ([2, 8, 8, 3], [1.0, 2.0, 3.0], None, "3 timesteps for a batch of 2"),
+        ([2, 8, 8, 3], [1.0, 2.0], [1, 2], "labels y were given to an unconditional model"),
+    ],
+)
 def test_bad_input_unconditional(x_shape, t, y, message):
     model = unet.UNetModel(**MAIN_ARGS)
     x = np.zeros(x_shape, np.float32)
@@ -348,11 +399,14 @@ def test_bad_input_unconditional(x_shape, t, y, message):
         model(x, np.array(t, np.float32), y=None if y is None else np.array(y))
 
 
-@pytest.mark.parametrize("y, message", [
-    (None, "needs labels y of shape \\[N\\]"),
-    (np.array([1, 2, 3]), "labels y must be \\[N\\] with N = 2"),
-    (np.array([1.0, 2.0], np.float32), "labels y must be integers"),
-])
+@pytest.mark.parametrize(
+    "y, message",
+    [
+        (None, "needs labels y of shape \\[N\\]"),
+        (np.array([1, 2, 3]), "labels y must be \\[N\\] with N = 2"),
+        (np.array([1.0, 2.0], np.float32), "labels y must be integers"),
+    ],
+)
 def test_bad_labels_class_conditional(y, message):
     model = unet.UNetModel(**VARIANT_ARGS)
     with pytest.raises(ValueError, match=message):
@@ -370,38 +424,62 @@ def test_bad_constructor_arguments():
 
 # --- create_model and the config factory ----------------------------------------------------------
 
+
 def _small_create_model(image_size, **overrides):
-    args = dict(num_channels=32, num_res_blocks=1, learn_sigma=True, class_cond=False,
-                attention_resolutions=str(image_size // 2), num_heads=1, num_heads_upsample=-1,
-                use_scale_shift_norm=True, dropout=0.0)
+    args = dict(
+        num_channels=32,
+        num_res_blocks=1,
+        learn_sigma=True,
+        class_cond=False,
+        attention_resolutions=str(image_size // 2),
+        num_heads=1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        dropout=0.0,
+    )
     args.update(overrides)
     return unet.create_model(image_size, **args)
 
 
-@pytest.mark.parametrize("image_size, channel_mult", [
-    (32, (1, 2, 2, 2)), (64, (1, 2, 3, 4)), (128, (1, 1, 2, 3, 4)), (256, (1, 1, 2, 2, 4, 4)),
-])
+@pytest.mark.parametrize(
+    "image_size, channel_mult",
+    [
+        (32, (1, 2, 2, 2)),
+        (64, (1, 2, 3, 4)),
+        (128, (1, 1, 2, 3, 4)),
+        (256, (1, 1, 2, 2, 4, 4)),
+    ],
+)
 def test_create_model_default_channel_mult(image_size, channel_mult):
     assert _small_create_model(image_size).channel_mult == channel_mult
 
 
 def test_create_model_arguments():
-    model = _small_create_model(16, channel_mult="1,2", attention_resolutions="8,16",
-                                class_cond=True, num_classes=7, in_channels=1)
+    model = _small_create_model(
+        16,
+        channel_mult="1,2",
+        attention_resolutions="8,16",
+        class_cond=True,
+        num_classes=7,
+        in_channels=1,
+    )
     assert model.channel_mult == (1, 2)
     assert model.attention_resolutions == (2, 1)
     assert (model.in_channels, model.out_channels, model.num_classes) == (1, 2, 7)
     assert _small_create_model(16, channel_mult=(1, 1), learn_sigma=False).out_channels == 3
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(image_size=48), "unsupported image size 48: .*pass channel_mult explicitly"),
-    (dict(image_size=20, channel_mult="1,2,2,2"), "image_size 20 is not divisible by 8"),
-    (dict(image_size=32, channel_mult="1,x"), "channel_mult must be a comma-separated"),
-    (dict(image_size=32, attention_resolutions="2"), "attention resolution 2 does not occur"),
-    (dict(image_size=32, attention_resolutions="12"), "attention resolution 12 does not occur"),
-    (dict(image_size=32, class_cond=True, num_classes=0), "num_classes >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_size=48), "unsupported image size 48: .*pass channel_mult explicitly"),
+        (dict(image_size=20, channel_mult="1,2,2,2"), "image_size 20 is not divisible by 8"),
+        (dict(image_size=32, channel_mult="1,x"), "channel_mult must be a comma-separated"),
+        (dict(image_size=32, attention_resolutions="2"), "attention resolution 2 does not occur"),
+        (dict(image_size=32, attention_resolutions="12"), "attention resolution 12 does not occur"),
+        (dict(image_size=32, class_cond=True, num_classes=0), "num_classes >= 1"),
+    ],
+)
 def test_create_model_errors(kwargs, message):
     kwargs = dict(kwargs)
     image_size = kwargs.pop("image_size")
@@ -439,20 +517,23 @@ def test_create_model_from_config():
 
 # --- super-resolution -----------------------------------------------------------------------------
 
+
 def _torch_bilinear_numpy(images, out_h, out_w):
     """PyTorch's bilinear interpolation (align_corners=False) in numpy, from its definition.
 
     Source coordinate ``(dst + 0.5) * in / out - 0.5`` clamped at 0; neighbours
     ``i0 = floor(src)`` and ``min(i0 + 1, in - 1)``, weighted linearly.
     """
+
     def axis_weights(in_size, out_size):
         src = np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0.0)
         i0 = np.floor(src).astype(int)
         i1 = np.minimum(i0 + 1, in_size - 1)
         return i0, i1, src - i0
+
     h0, h1, hw = axis_weights(images.shape[1], out_h)
     w0, w1, ww = axis_weights(images.shape[2], out_w)
-    rows = (images[:, h0] * (1 - hw)[None, :, None, None] + images[:, h1] * hw[None, :, None, None])
+    rows = images[:, h0] * (1 - hw)[None, :, None, None] + images[:, h1] * hw[None, :, None, None]
     return rows[:, :, w0] * (1 - ww)[None, None, :, None] + rows[:, :, w1] * ww[None, None, :, None]
 
 
@@ -491,6 +572,7 @@ def test_super_res_model_concatenates_upsampled_low_res():
 
 # --- checkpointing, export and distribution -------------------------------------------------------
 
+
 def test_clone_model_keeps_architecture_and_policy():
     """keras.models.clone_model (e.g. for an EMA copy) rebuilds the same network."""
     model = unet.UNetModel(**{**MAIN_ARGS, "num_classes": 3}, dtype="mixed_bfloat16")
@@ -524,15 +606,19 @@ def test_export_archive_round_trip(tmp_path):
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
-        "serving_default", lambda x, t, y: model(x, t, y=y),
-        input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32),
-                         tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.int64)])
+        "serving_default",
+        lambda x, t, y: model(x, t, y=y),
+        input_signature=[
+            tf.TensorSpec([None, 8, 8, 3], tf.float32),
+            tf.TensorSpec([None], tf.float32),
+            tf.TensorSpec([None], tf.int64),
+        ],
+    )
     archive.write_out(str(tmp_path / "export"), verbose=False)
 
     loaded = tf.saved_model.load(str(tmp_path / "export"))
     args = (golden.nhwc(data["fwd_x"]), data["fwd_timesteps"], data["y"])
-    assert golden.max_rel_error(loaded.serving_default(*args),
-                                model(*args[:2], y=args[2])) <= 1e-5
+    assert golden.max_rel_error(loaded.serving_default(*args), model(*args[:2], y=args[2])) <= 1e-5
 
 
 def test_plain_saved_model_of_a_module_tracking_the_model(tmp_path):
@@ -544,8 +630,12 @@ def test_plain_saved_model_of_a_module_tracking_the_model(tmp_path):
     module.net = model
     module.predict = tf.function(
         lambda x, t, y: model(x, t, y=y),
-        input_signature=[tf.TensorSpec([None, 8, 8, 3]), tf.TensorSpec([None]),
-                         tf.TensorSpec([None], tf.int64)])
+        input_signature=[
+            tf.TensorSpec([None, 8, 8, 3]),
+            tf.TensorSpec([None]),
+            tf.TensorSpec([None], tf.int64),
+        ],
+    )
     tf.saved_model.save(module, str(tmp_path / "module"))
     loaded = tf.saved_model.load(str(tmp_path / "module"))
     data = golden.load("variant")
@@ -592,8 +682,13 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 
 def test_mirrored_strategy_forward():
     result = subprocess.run(
-        [sys.executable, "-c", _MIRRORED_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+        [sys.executable, "-c", _MIRRORED_SCRIPT],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert max(report["eval_err"]) <= 1e-4

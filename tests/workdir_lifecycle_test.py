@@ -28,9 +28,16 @@ TIMEOUT_S = 600
 def run_py(args, *, umask=0o022):
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "PYTHONPATH")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "run.py")] + list(args),
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=TIMEOUT_S, check=False, umask=umask)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run.py")] + list(args),
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+        umask=umask,
+    )
     return result.returncode, result.stdout + result.stderr
 
 
@@ -44,8 +51,12 @@ def snapshot(root):
             digest = None
             if stat.S_ISREG(info.st_mode):
                 digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
-            state[os.path.relpath(path, root)] = (info.st_mode, info.st_size, info.st_mtime_ns,
-                                                  digest)
+            state[os.path.relpath(path, root)] = (
+                info.st_mode,
+                info.st_size,
+                info.st_mtime_ns,
+                digest,
+            )
     return state
 
 
@@ -63,6 +74,7 @@ def step_of(prefix):
 
 def listed_checkpoints(workdir):
     import tensorflow as tf
+
     state = tf.train.get_checkpoint_state(os.path.join(workdir, "checkpoints"))
     return [os.path.basename(p) for p in state.all_model_checkpoint_paths]
 
@@ -73,27 +85,36 @@ def started(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
     data_dir = root / "tfds"
     workdir = root / "work"
-    start = ["--config=configs/tiny.py", f"--workdir={workdir}", "--mode=train",
-             "--strategy=default", f"--config.data.data_dir={data_dir}",
-             "--config.train.num_steps=4", "--config.train.checkpoint_every=2"]
+    start = [
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--mode=train",
+        "--strategy=default",
+        f"--config.data.data_dir={data_dir}",
+        "--config.train.num_steps=4",
+        "--config.train.checkpoint_every=2",
+    ]
     refusals = {}
     # The workdir does not exist yet: a refused start must not create it.
-    code, output = run_py(start + ["--config.data.name=folder",
-                                   f"--config.data.folder={root / 'no_such_folder'}"])
-    refusals["missing_folder"] = (code, output, not workdir.exists())     # unchanged: absent
+    code, output = run_py(
+        start + ["--config.data.name=folder", f"--config.data.folder={root / 'no_such_folder'}"]
+    )
+    refusals["missing_folder"] = (code, output, not workdir.exists())  # unchanged: absent
     # The workdir exists with unrelated content: it is left byte for byte as it was.
     workdir.mkdir()
     (workdir / "notes.txt").write_text("mine\n")
     before = snapshot(workdir)
-    code, output = run_py(start + ["--config.data.name=folder",
-                                   f"--config.data.folder={root / 'no_such_folder'}"])
+    code, output = run_py(
+        start + ["--config.data.name=folder", f"--config.data.folder={root / 'no_such_folder'}"]
+    )
     refusals["missing_folder_existing_workdir"] = (code, output, snapshot(workdir) == before)
     code, output = run_py(start + ["--config.train.lr=-1"])
     refusals["bad_value"] = (code, output, snapshot(workdir) == before)
     # A folder without images: refused inside train(), before it stores anything.
     (root / "empty_folder").mkdir()
-    code, output = run_py(start + ["--config.data.name=folder",
-                                   f"--config.data.folder={root / 'empty_folder'}"])
+    code, output = run_py(
+        start + ["--config.data.name=folder", f"--config.data.folder={root / 'empty_folder'}"]
+    )
     refusals["empty_folder"] = (code, output, snapshot(workdir) == before)
 
     code, output = run_py(start)
@@ -102,20 +123,31 @@ def started(tmp_path_factory):
     config_mode = mode(workdir / "config.json")
 
     # Extending the run: only the workdir and the new length.
-    code, extend_output = run_py([f"--workdir={workdir}", "--mode=train", "--strategy=default",
-                                  "--config.train.num_steps=6"])
+    code, extend_output = run_py(
+        [f"--workdir={workdir}", "--mode=train", "--strategy=default", "--config.train.num_steps=6"]
+    )
     assert code == 0, extend_output[-5000:]
-    return dict(root=root, workdir=workdir, refusals=refusals, first_config=first_config,
-                config_mode=config_mode, extend_output=extend_output)
+    return dict(
+        root=root,
+        workdir=workdir,
+        refusals=refusals,
+        first_config=first_config,
+        config_mode=config_mode,
+        extend_output=extend_output,
+    )
 
 
-@pytest.mark.parametrize("case", ["missing_folder", "missing_folder_existing_workdir", "bad_value",
-                                  "empty_folder"])
+@pytest.mark.parametrize(
+    "case", ["missing_folder", "missing_folder_existing_workdir", "bad_value", "empty_folder"]
+)
 def test_a_refused_start_changes_nothing_in_the_workdir(started, case):
     code, output, unchanged = started["refusals"][case]
     assert code != 0
-    assert unchanged, ("the refused start created the workdir" if case == "missing_folder" else
-                       "the refused start changed the workdir")
+    assert unchanged, (
+        "the refused start created the workdir"
+        if case == "missing_folder"
+        else "the refused start changed the workdir"
+    )
     if case == "bad_value":
         assert "train.lr" in output and "run.py: error: invalid config" in output
     elif case == "empty_folder":
@@ -160,23 +192,33 @@ def test_damaged_newest_checkpoint(started, damage):
         expected = f"{data_file} is missing"
 
     # Sampling refuses in one line naming the damaged file and how to pick another.
-    code, output = run_py([f"--workdir={workdir}", "--mode=sample", "--num_samples=2",
-                           "--batch_size=2", "--steps=2"])
+    code, output = run_py(
+        [f"--workdir={workdir}", "--mode=sample", "--num_samples=2", "--batch_size=2", "--steps=2"]
+    )
     assert code == 3, output[-3000:]
     assert "Traceback" not in output
     [line] = error_lines(output)
     assert expected in line and f"--checkpoint={older}" in line
     # ... and so does the export.
-    code, output = run_py([f"--workdir={workdir}", "--mode=export",
-                           f"--export_dir={workdir / 'models'}"])
+    code, output = run_py(
+        [f"--workdir={workdir}", "--mode=export", f"--export_dir={workdir / 'models'}"]
+    )
     assert code == 3 and "Traceback" not in output, output[-3000:]
     [line] = error_lines(output)
     assert expected in line
     assert not (workdir / "models").exists()
 
     # --checkpoint= with the older one works.
-    code, output = run_py([f"--workdir={workdir}", "--mode=sample", "--num_samples=2",
-                           "--batch_size=2", "--steps=2", f"--checkpoint={older}"])
+    code, output = run_py(
+        [
+            f"--workdir={workdir}",
+            "--mode=sample",
+            "--num_samples=2",
+            "--batch_size=2",
+            "--steps=2",
+            f"--checkpoint={older}",
+        ]
+    )
     assert code == 0, output[-3000:]
     assert (workdir / "samples" / "samples_2x8x8x3.npz").exists()
 
@@ -185,8 +227,9 @@ def test_damaged_newest_checkpoint(started, damage):
     # Training resumes from the previous checkpoint, keeps the damaged files aside, and saves
     # step 6 again without touching them.
     damaged_bytes = data_file.read_bytes()
-    code, output = run_py([f"--workdir={workdir}", "--mode=train", "--strategy=default",
-                           "--config.train.num_steps=8"])
+    code, output = run_py(
+        [f"--workdir={workdir}", "--mode=train", "--strategy=default", "--config.train.num_steps=8"]
+    )
     assert code == 0, output[-5000:]
     assert expected in output and "resuming from the older" in output
     assert f"resumed from {older} at step 4" in output
@@ -195,24 +238,35 @@ def test_damaged_newest_checkpoint(started, damage):
     assert sorted(os.listdir(kept)) == ["ckpt-6.data-00000-of-00001", "ckpt-6.index"]
     assert (kept / "ckpt-6.data-00000-of-00001").read_bytes() == damaged_bytes
     from tf_iddpm import checkpoints
-    checkpoints.check_readable(str(workdir / "checkpoints" / "ckpt-6"))   # the new step 6
+
+    checkpoints.check_readable(str(workdir / "checkpoints" / "ckpt-6"))  # the new step 6
 
 
 def test_files_of_sample_eval_and_export_have_the_mode_open_gives(started):
     workdir = _copy(started, "modes")
     umask = 0o027
-    code, output = run_py([f"--workdir={workdir}", "--mode=sample", "--num_samples=2",
-                           "--batch_size=2", "--steps=2"], umask=umask)
+    code, output = run_py(
+        [f"--workdir={workdir}", "--mode=sample", "--num_samples=2", "--batch_size=2", "--steps=2"],
+        umask=umask,
+    )
     assert code == 0, output[-3000:]
-    code, output = run_py([f"--workdir={workdir}", "--mode=eval", "--num_samples=4",
-                           "--batch_size=4", "--steps=2"], umask=umask)
+    code, output = run_py(
+        [f"--workdir={workdir}", "--mode=eval", "--num_samples=4", "--batch_size=4", "--steps=2"],
+        umask=umask,
+    )
     assert code == 0, output[-3000:]
-    code, output = run_py([f"--workdir={workdir}", "--mode=export",
-                           f"--export_dir={workdir / 'models'}"], umask=umask)
+    code, output = run_py(
+        [f"--workdir={workdir}", "--mode=export", f"--export_dir={workdir / 'models'}"], umask=umask
+    )
     assert code == 0, output[-3000:]
-    written = [workdir / "samples" / "samples_2x8x8x3.npz", workdir / "samples" / "samples_2x8x8x3.png",
-               workdir / "eval" / "summary.json", workdir / "eval" / "vb_terms.npz",
-               workdir / "models" / "models.config", workdir / "models" / "batching_parameters.txt"]
+    written = [
+        workdir / "samples" / "samples_2x8x8x3.npz",
+        workdir / "samples" / "samples_2x8x8x3.png",
+        workdir / "eval" / "summary.json",
+        workdir / "eval" / "vb_terms.npz",
+        workdir / "models" / "models.config",
+        workdir / "models" / "batching_parameters.txt",
+    ]
     for model in ("tiny_sampler", "tiny_nll"):
         extra = workdir / "models" / model / "1" / "assets.extra"
         written += sorted(extra.iterdir())

@@ -43,19 +43,29 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("what", "all", ["train", "sample", "nll", "all"], "What to measure.")
 flags.DEFINE_integer("batch", 16, "Batch size.")
 flags.DEFINE_integer("threads", 2, "Intra-op threads (TF) / torch.set_num_threads (reference).")
-flags.DEFINE_integer("inter_op_threads", 1, "TF inter-op threads (the reference uses 1 interop thread).")
+flags.DEFINE_integer(
+    "inter_op_threads", 1, "TF inter-op threads (the reference uses 1 interop thread)."
+)
 flags.DEFINE_integer("warmup", 2, "Warm-up iterations per measurement.")
 flags.DEFINE_integer("iters", 5, "Timed iterations per measurement (train: x4 steps).")
 flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"], "Our compute precision.")
 flags.DEFINE_string("reference", "", "Path to an openai/improved-diffusion checkout (optional).")
 flags.DEFINE_string("reference_python", "", "Python with torch for the reference run.")
 flags.DEFINE_string("json_out", "", "Also write the JSON result here.")
-flags.DEFINE_string("bpd_check_workdir", "", "A trained workdir: also measure how far mixed_bfloat16 moves its "
-                    "bpd from float32 (EMA weights, 100-step chain, --bpd_check_images test images).")
+flags.DEFINE_string(
+    "bpd_check_workdir",
+    "",
+    "A trained workdir: also measure how far mixed_bfloat16 moves its "
+    "bpd from float32 (EMA weights, 100-step chain, --bpd_check_images test images).",
+)
 flags.DEFINE_integer("bpd_check_images", 64, "Test images for --bpd_check_workdir.")
 flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
 
-MEASUREMENTS = {"train": "train_img_per_s", "sample": "sample50_img_per_s", "nll": "nll100_img_per_s"}
+MEASUREMENTS = {
+    "train": "train_img_per_s",
+    "sample": "sample50_img_per_s",
+    "nll": "nll100_img_per_s",
+}
 # UNet forward passes per image of each measurement (backward ~ 2 forwards; one per chain step).
 FORWARDS_PER_IMAGE = {"train": 3, "sample": 50, "nll": 100}
 
@@ -63,6 +73,7 @@ FORWARDS_PER_IMAGE = {"train": 3, "sample": 50, "nll": 100}
 def bench_config(batch_size: int, precision: str = "float32"):
     """The benchmark's ConfigDict (configs/base.py schema)."""
     from configs import base  # pylint: disable=g-import-not-at-top
+
     config = base.get_config()
     config.data.image_size, config.data.num_channels = 32, 3
     config.model.num_channels, config.model.num_res_blocks = 64, 2
@@ -83,8 +94,11 @@ def _forward_gflop(net, image_size, channels):
     """
     import numpy as np  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     fn = tf.function(lambda x, t: net(x, t, training=False)).get_concrete_function(
-        tf.TensorSpec([1, image_size, image_size, channels], tf.float32), tf.TensorSpec([1], tf.float32))
+        tf.TensorSpec([1, image_size, image_size, channels], tf.float32),
+        tf.TensorSpec([1], tf.float32),
+    )
     flops = 0
     for op in fn.graph.get_operations():
         if op.type in ("Conv2D", "_FusedConv2D"):
@@ -112,6 +126,7 @@ def _forward_gflop(net, image_size, channels):
 def _matmul_peak_gflop_per_s(dtype_name: str) -> float:
     """Best GFLOP/s of large square matmuls (2048^3 x 2) in this process's thread setting."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     n = 2048
     a = tf.random.normal([n, n], dtype=tf.float32)
     a, b = tf.cast(a, dtype_name), tf.cast(tf.transpose(a), dtype_name)
@@ -122,7 +137,7 @@ def _matmul_peak_gflop_per_s(dtype_name: str) -> float:
         start = time.perf_counter()
         product(a, b).numpy()
         best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def _bpd_precision_check(workdir: str, num_images: int):
@@ -135,6 +150,7 @@ def _bpd_precision_check(workdir: str, num_images: int):
     from tf_iddpm import data as data_lib  # pylint: disable=g-import-not-at-top
     from tf_iddpm import factory  # pylint: disable=g-import-not-at-top
     from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top
+
     config = config_utils.load_stored_config(workdir)
     batch = next(iter(data_lib.make_eval_dataset(config.data, batch_size=num_images)))
     seeds = tf.cast(batch["index"], tf.int64)
@@ -142,11 +158,18 @@ def _bpd_precision_check(workdir: str, num_images: int):
     for policy in ("float32", "mixed_bfloat16"):
         keras.mixed_precision.set_global_policy(policy)
         net = factory.create_model_from_config(config)
-        checkpoints.restore_inference_weights(net, workdir, use_ema=True, ema_rates=config_utils.ema_rates(config))
+        checkpoints.restore_inference_weights(
+            net, workdir, use_ema=True, ema_rates=config_utils.ema_rates(config)
+        )
         diffusion = factory.create_diffusion_from_config(config, timestep_respacing="100")
-        nll = tf.function(lambda x, s, net=net, diffusion=diffusion: sampling.calc_bpd_loop(
-            diffusion, lambda a, t: net(a, t, training=False), x, seeds=s)["total_bpd"])
-        bpd[net.dtype_policy.name] = nll(batch["image"], seeds).numpy()[np.asarray(batch["mask"], bool)]
+        nll = tf.function(
+            lambda x, s, net=net, diffusion=diffusion: sampling.calc_bpd_loop(
+                diffusion, lambda a, t: net(a, t, training=False), x, seeds=s
+            )["total_bpd"]
+        )
+        bpd[net.dtype_policy.name] = nll(batch["image"], seeds).numpy()[
+            np.asarray(batch["mask"], bool)
+        ]
     keras.mixed_precision.set_global_policy("float32")
     return bpd
 
@@ -155,6 +178,7 @@ def _child(what: str):
     """One measurement in this process; prints one JSON line."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     if what == "matmul_peak":
@@ -166,15 +190,27 @@ def _child(what: str):
     if what == "bpd_check":
         bpd = _bpd_precision_check(FLAGS.bpd_check_workdir, FLAGS.bpd_check_images)
         fp32, bf16 = bpd["float32"], bpd["mixed_bfloat16"]
-        print("BENCH_JSON " + json.dumps({
-            "what": what, "images": int(fp32.size), "policies": sorted(bpd), "fp32_bpd": float(fp32.mean()), "bf16_bpd": float(bf16.mean()),
-            "bf16_bpd_delta": float((bf16 - fp32).mean()), "bf16_bpd_delta_max_abs": float(np.abs(bf16 - fp32).max())}))
+        print(
+            "BENCH_JSON "
+            + json.dumps(
+                {
+                    "what": what,
+                    "images": int(fp32.size),
+                    "policies": sorted(bpd),
+                    "fp32_bpd": float(fp32.mean()),
+                    "bf16_bpd": float(bf16.mean()),
+                    "bf16_bpd_delta": float((bf16 - fp32).mean()),
+                    "bf16_bpd_delta_max_abs": float(np.abs(bf16 - fp32).max()),
+                }
+            )
+        )
         return
     import keras  # pylint: disable=g-import-not-at-top
     from tf_iddpm import factory  # pylint: disable=g-import-not-at-top
     from tf_iddpm import sample_lib  # pylint: disable=g-import-not-at-top
     from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top
     from tf_iddpm import train_lib  # pylint: disable=g-import-not-at-top
+
     runtime_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports only
 
     config = bench_config(FLAGS.batch, FLAGS.precision)
@@ -182,8 +218,13 @@ def _child(what: str):
     batch, size = FLAGS.batch, config.data.image_size
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, [batch, size, size, 3]).astype(np.float32)
-    result = {"what": what, "threads": FLAGS.threads, "inter_op_threads": FLAGS.inter_op_threads,
-              "precision": FLAGS.precision, "tf_version": tf.__version__}
+    result = {
+        "what": what,
+        "threads": FLAGS.threads,
+        "inter_op_threads": FLAGS.inter_op_threads,
+        "precision": FLAGS.precision,
+        "tf_version": tf.__version__,
+    }
     times = []
     if what == "train":
         trainer = train_lib.Trainer(config, tf.distribute.get_strategy())
@@ -200,16 +241,25 @@ def _child(what: str):
     else:
         net = factory.create_model_from_config(config)
         if what == "sample":
-            sampler = sample_lib.Sampler(net, factory.create_diffusion_from_config(config, timestep_respacing="50"),
-                                         image_shape=[size, size, 3])
+            sampler = sample_lib.Sampler(
+                net,
+                factory.create_diffusion_from_config(config, timestep_respacing="50"),
+                image_shape=[size, size, 3],
+            )
+
             def run(i):
                 return sampler(np.arange(batch) + i * batch).numpy()
         else:
             diffusion = factory.create_diffusion_from_config(config, timestep_respacing="100")
-            nll = tf.function(lambda x, seeds: sampling.calc_bpd_loop(
-                diffusion, lambda a, t: net(a, t, training=False), x, seeds=seeds)["total_bpd"])
+            nll = tf.function(
+                lambda x, seeds: sampling.calc_bpd_loop(
+                    diffusion, lambda a, t: net(a, t, training=False), x, seeds=seeds
+                )["total_bpd"]
+            )
+
             def run(i):
                 return nll(images, tf.range(batch, dtype=tf.int64) + i * batch).numpy()
+
         for i in range(FLAGS.warmup):
             run(i)
         for i in range(FLAGS.iters):
@@ -229,37 +279,68 @@ def _run_json(command):
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])
+            return json.loads(line[len("BENCH_JSON ") :])
     if proc.returncode == 0:  # the reference script writes plain JSON on its last line
         try:
             return json.loads(proc.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
             pass
-    raise RuntimeError(f"benchmark child failed ({' '.join(command)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    raise RuntimeError(
+        f"benchmark child failed ({' '.join(command)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
 
 
 def _ours(what):
-    return _run_json([sys.executable, "-m", "tf_iddpm.benchmark", f"--child={what}", f"--batch={FLAGS.batch}",
-                      f"--threads={FLAGS.threads}", f"--inter_op_threads={FLAGS.inter_op_threads}",
-                      f"--warmup={FLAGS.warmup}", f"--iters={FLAGS.iters}", f"--precision={FLAGS.precision}",
-                      f"--bpd_check_workdir={FLAGS.bpd_check_workdir}", f"--bpd_check_images={FLAGS.bpd_check_images}"])
+    return _run_json(
+        [
+            sys.executable,
+            "-m",
+            "tf_iddpm.benchmark",
+            f"--child={what}",
+            f"--batch={FLAGS.batch}",
+            f"--threads={FLAGS.threads}",
+            f"--inter_op_threads={FLAGS.inter_op_threads}",
+            f"--warmup={FLAGS.warmup}",
+            f"--iters={FLAGS.iters}",
+            f"--precision={FLAGS.precision}",
+            f"--bpd_check_workdir={FLAGS.bpd_check_workdir}",
+            f"--bpd_check_images={FLAGS.bpd_check_images}",
+        ]
+    )
 
 
 # The PyTorch-side benchmark: a script of the checkout, run by path under --reference_python.
-REFERENCE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                                "benchmark_reference.py")
+REFERENCE_SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "benchmark_reference.py"
+)
 
 
 def _reference(what, json_path):
     script = REFERENCE_SCRIPT
     if not os.path.isfile(script):
-        raise FileNotFoundError(f"{script} not found: --reference needs a checkout of this project "
-                                "(tools/ is not installed with the package)")
-    command = [FLAGS.reference_python, script, "--reference", FLAGS.reference, "--threads", str(FLAGS.threads),
-               "--batch", str(FLAGS.batch), "--what", what, "--json-out", json_path]
+        raise FileNotFoundError(
+            f"{script} not found: --reference needs a checkout of this project "
+            "(tools/ is not installed with the package)"
+        )
+    command = [
+        FLAGS.reference_python,
+        script,
+        "--reference",
+        FLAGS.reference,
+        "--threads",
+        str(FLAGS.threads),
+        "--batch",
+        str(FLAGS.batch),
+        "--what",
+        what,
+        "--json-out",
+        json_path,
+    ]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"reference benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"reference benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     with open(json_path) as f:
         return json.load(f)
 
@@ -295,11 +376,17 @@ def main(argv):
         check = _ours("bpd_check")
         check.pop("what")
         summary.update(check)
-    summary.update(threads=FLAGS.threads, inter_op_threads=FLAGS.inter_op_threads, batch=FLAGS.batch,
-                   precision=FLAGS.precision)
+    summary.update(
+        threads=FLAGS.threads,
+        inter_op_threads=FLAGS.inter_op_threads,
+        batch=FLAGS.batch,
+        precision=FLAGS.precision,
+    )
     if FLAGS.reference:
         reference["ref_peak_rss_mb"] = max(ref_rss)
-        reference["ref_rss_above_runtime_mb"] = max(r - base for r, base in zip(ref_rss, ref_runtime))
+        reference["ref_rss_above_runtime_mb"] = max(
+            r - base for r, base in zip(ref_rss, ref_runtime)
+        )
         summary.update(reference)
     # Achieved GFLOP/s: forwards per second x GFLOP per forward (a training step = 3 forwards).
     for what in whats:
@@ -307,20 +394,33 @@ def main(argv):
         for prefix in ("", "ref_") if FLAGS.reference else ("",):
             if summary.get(prefix + key):
                 summary[prefix + key.replace("img_per_s", "gflop_per_s")] = (
-                    summary[prefix + key] * FORWARDS_PER_IMAGE[what] * summary["gflop_per_forward"])
+                    summary[prefix + key] * FORWARDS_PER_IMAGE[what] * summary["gflop_per_forward"]
+                )
 
-    print(f"\nbench config, batch {FLAGS.batch}, {FLAGS.threads} intra-op threads, {FLAGS.precision}")
-    header = f"{'measurement':<24}{'tf_iddpm':>12}" + (f"{'reference':>12}{'ratio':>9}" if FLAGS.reference else "")
+    print(
+        f"\nbench config, batch {FLAGS.batch}, {FLAGS.threads} intra-op threads, {FLAGS.precision}"
+    )
+    header = f"{'measurement':<24}{'tf_iddpm':>12}" + (
+        f"{'reference':>12}{'ratio':>9}" if FLAGS.reference else ""
+    )
     print(header + "\n" + "-" * len(header))
-    keys = [MEASUREMENTS[w] for w in whats] + [MEASUREMENTS[w].replace("img_per_s", "gflop_per_s") for w in whats]
+    keys = [MEASUREMENTS[w] for w in whats] + [
+        MEASUREMENTS[w].replace("img_per_s", "gflop_per_s") for w in whats
+    ]
     for key in keys + ["peak_rss_mb", "rss_above_runtime_mb", "gflop_per_forward"]:
         line = f"{key:<24}{summary[key]:>12.2f}"
         if FLAGS.reference and ("ref_" + key) in summary and summary["ref_" + key]:
             line += f"{summary['ref_' + key]:>12.2f}{summary[key] / summary['ref_' + key]:>8.2f}x"
         print(line)
     peak = summary["fp32_matmul_gflop_per_s"]
-    print(f"\nfloat32 matmul peak on these threads: {peak:.1f} GFLOP/s"
-          + (f"; bfloat16: {summary['bf16_matmul_gflop_per_s']:.1f}" if "bf16_matmul_gflop_per_s" in summary else ""))
+    print(
+        f"\nfloat32 matmul peak on these threads: {peak:.1f} GFLOP/s"
+        + (
+            f"; bfloat16: {summary['bf16_matmul_gflop_per_s']:.1f}"
+            if "bf16_matmul_gflop_per_s" in summary
+            else ""
+        )
+    )
     for what in whats:
         ceiling = peak / (FORWARDS_PER_IMAGE[what] * summary["gflop_per_forward"])
         line = f"  {MEASUREMENTS[what]:<22} float32 ceiling at that peak {ceiling:8.2f} img/s"
@@ -328,9 +428,11 @@ def main(argv):
             line += f" = {ceiling / summary['ref_' + MEASUREMENTS[what]]:.2f}x the reference"
         print(line)
     if FLAGS.bpd_check_workdir:
-        print(f"\nbpd of {FLAGS.bpd_check_workdir} over {summary['images']} test images: float32 "
-              f"{summary['fp32_bpd']:.4f}, mixed_bfloat16 {summary['bf16_bpd']:.4f} (difference "
-              f"{summary['bf16_bpd_delta']:+.4f}, max per image {summary['bf16_bpd_delta_max_abs']:.4f})")
+        print(
+            f"\nbpd of {FLAGS.bpd_check_workdir} over {summary['images']} test images: float32 "
+            f"{summary['fp32_bpd']:.4f}, mixed_bfloat16 {summary['bf16_bpd']:.4f} (difference "
+            f"{summary['bf16_bpd_delta']:+.4f}, max per image {summary['bf16_bpd_delta_max_abs']:.4f})"
+        )
     line = json.dumps(summary)
     print(line)
     if FLAGS.json_out:

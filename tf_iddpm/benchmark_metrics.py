@@ -47,14 +47,14 @@ def inception_v3_stand_in_graph_def(seed: int = 0):
         spatial = tf.identity(mixed, name="mixed_6/conv")
         pool = tf.identity(tf.reduce_mean(last, axis=[1, 2], keepdims=True), name="pool_3")
         logits = tf.matmul(tf.reshape(pool, [-1, 2048]), weights, name="softmax/logits/MatMul")
-        return spatial, pool, logits     # outputs, so that freezing keeps the named nodes
+        return spatial, pool, logits  # outputs, so that freezing keeps the named nodes
 
     frozen = convert_to_constants.convert_variables_to_constants_v2(forward.get_concrete_function())
     return frozen.graph.as_graph_def()
 
 
 def _load_evaluator(path: str):
-    if not hasattr(np, "bool"):     # removed in numpy 1.24; the evaluator still uses np.bool
+    if not hasattr(np, "bool"):  # removed in numpy 1.24; the evaluator still uses np.bool
         np.bool = bool
     spec = importlib.util.spec_from_file_location("guided_diffusion_evaluator", path)
     module = importlib.util.module_from_spec(spec)
@@ -65,18 +65,19 @@ def _load_evaluator(path: str):
 def _evaluator_features(path: str, inception: str, images: np.ndarray, batch: int) -> float:
     """Seconds the evaluator's own compute_activations takes on the same graph and images."""
     module = _load_evaluator(path)
-    module.INCEPTION_V3_PATH = inception       # its download step is skipped for an existing file
+    module.INCEPTION_V3_PATH = inception  # its download step is skipped for an existing file
     session = tf.compat.v1.Session(graph=tf.Graph())
     evaluator = module.Evaluator(session, batch_size=batch)
-    evaluator.compute_activations([images[:batch]])              # warm-up
-    batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+    evaluator.compute_activations([images[:batch]])  # warm-up
+    batches = [images[i : i + batch] for i in range(0, len(images), batch)]
     start = time.perf_counter()
     evaluator.compute_activations(batches)
     return time.perf_counter() - start
 
 
-def bench_features(inception: str, num_images: int, batch: int, tmp_dir: str,
-                   evaluator: str = "") -> dict:
+def bench_features(
+    inception: str, num_images: int, batch: int, tmp_dir: str, evaluator: str = ""
+) -> dict:
     built = not inception
     if built:
         inception = f"{tmp_dir}/inception_v3_stand_in.pb"
@@ -84,16 +85,20 @@ def bench_features(inception: str, num_images: int, batch: int, tmp_dir: str,
             f.write(inception_v3_stand_in_graph_def().SerializeToString())
     graph = metrics.InceptionGraph(inception, batch_size=batch, progress=False)
     images = np.random.default_rng(0).integers(0, 256, [num_images, 64, 64, 3]).astype(np.uint8)
-    graph(images[:batch])                                   # warm-up: tracing, first batch
+    graph(images[:batch])  # warm-up: tracing, first batch
     start = time.perf_counter()
     graph(images)
     seconds = time.perf_counter() - start
-    result = {"features_img_per_s": num_images / seconds, "features_seconds": seconds,
-              "features_images": num_images,
-              "features_graph": "InceptionV3 stand-in" if built else "given"}
+    result = {
+        "features_img_per_s": num_images / seconds,
+        "features_seconds": seconds,
+        "features_images": num_images,
+        "features_graph": "InceptionV3 stand-in" if built else "given",
+    }
     if evaluator:
         result["ref_features_img_per_s"] = num_images / _evaluator_features(
-            evaluator, inception, images, batch)
+            evaluator, inception, images, batch
+        )
     return result
 
 
@@ -113,56 +118,88 @@ def bench_pr(size: int, dim: int, evaluator: str) -> dict:
     rng = np.random.default_rng(1)
     ref = np.abs(rng.normal(0, 1, [size, dim])).astype(np.float32)
     sample = np.abs(rng.normal(0.1, 1, [size, dim])).astype(np.float32)
-    metrics.precision_recall(ref[:64], sample[:64])          # warm-up: tracing
+    metrics.precision_recall(ref[:64], sample[:64])  # warm-up: tracing
     start = time.perf_counter()
     precision, recall = metrics.precision_recall(ref, sample)
-    result = {"pr_size": size, "pr_dim": dim, "pr_seconds": time.perf_counter() - start,
-              "pr_precision": precision, "pr_recall": recall}
+    result = {
+        "pr_size": size,
+        "pr_dim": dim,
+        "pr_seconds": time.perf_counter() - start,
+        "pr_precision": precision,
+        "pr_recall": recall,
+    }
     if evaluator:
         ref_precision, ref_recall, seconds = _evaluator_pr(evaluator, ref, sample)
-        result.update(ref_pr_seconds=seconds, ref_pr_precision=ref_precision,
-                      ref_pr_recall=ref_recall)
+        result.update(
+            ref_pr_seconds=seconds, ref_pr_precision=ref_precision, ref_pr_recall=ref_recall
+        )
     return result
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tf_iddpm.benchmark_metrics",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tf_iddpm.benchmark_metrics", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--what", choices=["features", "pr", "all"], default="all")
-    parser.add_argument("--inception", default="", help="classify_image_graph_def.pb (default: "
-                        "an InceptionV3 stand-in of the same cost)")
+    parser.add_argument(
+        "--inception",
+        default="",
+        help="classify_image_graph_def.pb (default: an InceptionV3 stand-in of the same cost)",
+    )
     parser.add_argument("--images", type=int, default=256, help="images for the feature pass")
     parser.add_argument("--batch", type=int, default=64, help="images per forward pass")
     parser.add_argument("--pr_size", type=int, default=10_000, help="N for N x N precision/recall")
     parser.add_argument("--pr_dim", type=int, default=2048)
-    parser.add_argument("--evaluator", default="", help="path of guided-diffusion's "
-                        "evaluations/evaluator.py, to time its precision/recall too")
-    parser.add_argument("--threads", type=int, default=0, help="TF intra/inter-op threads (0: TF "
-                        "default)")
+    parser.add_argument(
+        "--evaluator",
+        default="",
+        help="path of guided-diffusion's "
+        "evaluations/evaluator.py, to time its precision/recall too",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="TF intra/inter-op threads (0: TF default)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import tempfile  # pylint: disable=g-import-not-at-top
+
     result = {"device": tf.config.list_physical_devices("GPU") and "GPU" or "CPU"}
     with tempfile.TemporaryDirectory() as tmp_dir:
         if args.what in ("features", "all"):
-            result.update(bench_features(args.inception, args.images, args.batch, tmp_dir,
-                                         args.evaluator))
+            result.update(
+                bench_features(args.inception, args.images, args.batch, tmp_dir, args.evaluator)
+            )
         if args.what in ("pr", "all"):
             result.update(bench_pr(args.pr_size, args.pr_dim, args.evaluator))
     rows = []
     if "features_img_per_s" in result:
-        rows.append((f"Inception features ({result['features_graph']}, {args.images} imgs, "
-                     f"batch {args.batch})", f"{result['features_img_per_s']:.1f} img/s",
-                     f"{result['ref_features_img_per_s']:.1f} img/s"
-                     if "ref_features_img_per_s" in result else "-"))
+        rows.append(
+            (
+                f"Inception features ({result['features_graph']}, {args.images} imgs, "
+                f"batch {args.batch})",
+                f"{result['features_img_per_s']:.1f} img/s",
+                f"{result['ref_features_img_per_s']:.1f} img/s"
+                if "ref_features_img_per_s" in result
+                else "-",
+            )
+        )
     if "pr_seconds" in result:
-        evaluator = (f"{result['ref_pr_seconds']:.1f} s (P {result['ref_pr_precision']:.4f}, "
-                     f"R {result['ref_pr_recall']:.4f})" if "ref_pr_seconds" in result else "-")
-        rows.append((f"precision/recall {args.pr_size} x {args.pr_size} x {args.pr_dim}",
-                     f"{result['pr_seconds']:.1f} s (P {result['pr_precision']:.4f}, "
-                     f"R {result['pr_recall']:.4f})", evaluator))
+        evaluator = (
+            f"{result['ref_pr_seconds']:.1f} s (P {result['ref_pr_precision']:.4f}, "
+            f"R {result['ref_pr_recall']:.4f})"
+            if "ref_pr_seconds" in result
+            else "-"
+        )
+        rows.append(
+            (
+                f"precision/recall {args.pr_size} x {args.pr_size} x {args.pr_dim}",
+                f"{result['pr_seconds']:.1f} s (P {result['pr_precision']:.4f}, "
+                f"R {result['pr_recall']:.4f})",
+                evaluator,
+            )
+        )
     print(f"| measurement ({result['device']}) | tf_iddpm | guided-diffusion evaluator |")
     print("|---|---|---|")
     for row in rows:

@@ -70,7 +70,8 @@ def latest_checkpoint(workdir: str) -> str:
     if not listed:
         raise CheckpointNotFoundError(
             f"no checkpoint in {checkpoint_dir(workdir)!r}: train first (run.py --mode=train) or "
-            "convert a reference checkpoint (python -m tf_iddpm.convert ... --out <workdir>)")
+            "convert a reference checkpoint (python -m tf_iddpm.convert ... --out <workdir>)"
+        )
     return listed[-1]
 
 
@@ -116,8 +117,9 @@ def check_readable(prefix: str) -> None:
         reader = tf.train.load_checkpoint(prefix)
         names = sorted(reader.get_variable_to_dtype_map())
     except Exception as e:  # pylint: disable=broad-except
-        raise DamagedCheckpointError(f"checkpoint {prefix} is damaged: {index} cannot be read "
-                                     f"({_one_line(e)})") from e
+        raise DamagedCheckpointError(
+            f"checkpoint {prefix} is damaged: {index} cannot be read ({_one_line(e)})"
+        ) from e
     for name in names:
         try:
             reader.get_tensor(name)
@@ -126,7 +128,8 @@ def check_readable(prefix: str) -> None:
             what = shards[0] if len(shards) == 1 else "one of " + ", ".join(shards)
             raise DamagedCheckpointError(
                 f"checkpoint {prefix} is damaged: {what} is truncated or corrupt (reading "
-                f"{name!r} failed: {_one_line(e)})") from e
+                f"{name!r} failed: {_one_line(e)})"
+            ) from e
 
 
 def _one_line(error: BaseException) -> str:
@@ -153,11 +156,11 @@ def _move_aside(prefix: str, directory: str) -> str:
     tf.io.gfile.makedirs(damaged_dir)
     base = os.path.basename(prefix)
     target, n = os.path.join(damaged_dir, base), 0
-    while tf.io.gfile.glob(target + ".*"):     # an earlier damaged checkpoint of the same step
+    while tf.io.gfile.glob(target + ".*"):  # an earlier damaged checkpoint of the same step
         n += 1
         target = os.path.join(damaged_dir, f"{base}.{n}")
     for path in _checkpoint_files(prefix):
-        tf.io.gfile.rename(path, target + path[len(prefix):])
+        tf.io.gfile.rename(path, target + path[len(prefix) :])
     return target
 
 
@@ -204,13 +207,18 @@ def newest_readable_checkpoint(directory: str) -> Optional[str]:
         details = "; ".join(message for _, message in damaged)
         raise DamagedCheckpointError(
             f"no readable checkpoint in {directory}: {details}. Move the damaged files away to "
-            "train from step 0, or start a new --workdir")
+            "train from step 0, or start a new --workdir"
+        )
     if not damaged:
         return readable
     for prefix, message in damaged:
         moved = _move_aside(prefix, directory)
-        logging.warning("%s; resuming from the older %s instead. The damaged files are kept as "
-                        "%s.*", message, readable, moved)
+        logging.warning(
+            "%s; resuming from the older %s instead. The damaged files are kept as %s.*",
+            message,
+            readable,
+            moved,
+        )
     # The remaining checkpoints, with their timestamps (used by keep_checkpoint_every_n_hours).
     state = tf.train.get_checkpoint_state(directory)
     damaged_prefixes = {prefix for prefix, _ in damaged}
@@ -226,9 +234,12 @@ def newest_readable_checkpoint(directory: str) -> Optional[str]:
     # Relative names, as CheckpointManager writes them, so the workdir can still be moved.
     kept = [_relative_to(directory, path) for path in kept]
     tf.compat.v1.train.update_checkpoint_state(
-        directory, _relative_to(directory, readable), all_model_checkpoint_paths=kept,
+        directory,
+        _relative_to(directory, readable),
+        all_model_checkpoint_paths=kept,
         all_model_checkpoint_timestamps=kept_times or None,
-        last_preserved_timestamp=state.last_preserved_timestamp or None)
+        last_preserved_timestamp=state.last_preserved_timestamp or None,
+    )
     return readable
 
 
@@ -257,6 +268,7 @@ class LoadedWeights:
 
     ``str()`` gives ``"<path>:<attribute>"`` for logs and result files.
     """
+
     path: str
     attribute: str
 
@@ -264,8 +276,9 @@ class LoadedWeights:
         return f"{self.path}:{self.attribute}"
 
 
-def restore_inference_weights(net, workdir: str, *, use_ema: bool, ema_rates=(),
-                              checkpoint_path: Optional[str] = None) -> LoadedWeights:
+def restore_inference_weights(
+    net, workdir: str, *, use_ema: bool, ema_rates=(), checkpoint_path: Optional[str] = None
+) -> LoadedWeights:
     """Loads the weights to sample / evaluate / export with into a built network.
 
     Args:
@@ -291,10 +304,12 @@ def restore_inference_weights(net, workdir: str, *, use_ema: bool, ema_rates=(),
         check_readable(path)
     except DamagedCheckpointError as e:
         alternative = _readable_alternative(workdir, path)
-        hint = (f"pick another checkpoint with --checkpoint=<prefix>, e.g. "
-                f"--checkpoint={alternative}" if alternative else
-                "pick another checkpoint with --checkpoint=<prefix> (this workdir has no readable "
-                "one)")
+        hint = (
+            f"pick another checkpoint with --checkpoint=<prefix>, e.g. --checkpoint={alternative}"
+            if alternative
+            else "pick another checkpoint with --checkpoint=<prefix> (this workdir has no readable "
+            "one)"
+        )
         raise DamagedCheckpointError(f"{e}; {hint}") from None
     name = "model"
     if use_ema and ema_rates:
@@ -302,6 +317,8 @@ def restore_inference_weights(net, workdir: str, *, use_ema: bool, ema_rates=(),
         if _has_object(path, candidate):
             name = candidate
         else:
-            logging.warning("checkpoint %s has no %s weights; using the raw model weights", path, candidate)
+            logging.warning(
+                "checkpoint %s has no %s weights; using the raw model weights", path, candidate
+            )
     tf.train.Checkpoint(**{name: net}).read(path).assert_existing_objects_matched().expect_partial()
     return LoadedWeights(path=path, attribute=name)

@@ -118,7 +118,8 @@ def parse_int_list(text: str, *, field: str) -> Tuple[int, ...]:
         return tuple(int(item) for item in items)
     except ValueError:
         raise ValueError(
-            f"{field}={text!r}: expected comma-separated integers, e.g. '16,8'") from None
+            f"{field}={text!r}: expected comma-separated integers, e.g. '16,8'"
+        ) from None
 
 
 def parse_float_list(text: str, *, field: str) -> Tuple[float, ...]:
@@ -132,7 +133,8 @@ def parse_float_list(text: str, *, field: str) -> Tuple[float, ...]:
         return tuple(float(item) for item in items)
     except ValueError:
         raise ValueError(
-            f"{field}={text!r}: expected comma-separated numbers, e.g. '0.9999'") from None
+            f"{field}={text!r}: expected comma-separated numbers, e.g. '0.9999'"
+        ) from None
 
 
 def ema_rates(config: ml_collections.ConfigDict) -> Tuple[float, ...]:
@@ -142,8 +144,10 @@ def ema_rates(config: ml_collections.ConfigDict) -> Tuple[float, ...]:
         raise ValueError("train.ema_rate is empty; give at least one rate, e.g. '0.9999'")
     for rate in rates:
         if not 0.0 < rate < 1.0:
-            raise ValueError(f"train.ema_rate={config.train.ema_rate!r}: every rate must lie in "
-                             f"(0, 1), got {rate}")
+            raise ValueError(
+                f"train.ema_rate={config.train.ema_rate!r}: every rate must lie in "
+                f"(0, 1), got {rate}"
+            )
     return rates
 
 
@@ -160,12 +164,15 @@ def channel_mult(config: ml_collections.ConfigDict) -> Tuple[int, ...]:
             raise ValueError(
                 f"data.image_size={image_size} has no default UNet channel_mult (defaults exist "
                 f"for {', '.join(map(str, sorted(DEFAULT_CHANNEL_MULT)))}); set "
-                "model.channel_mult, e.g. --config.model.channel_mult=1,2,2")
+                "model.channel_mult, e.g. --config.model.channel_mult=1,2,2"
+            )
         return DEFAULT_CHANNEL_MULT[image_size]
     mult = parse_int_list(config.model.channel_mult, field="model.channel_mult")
     if not mult or any(m < 1 for m in mult):
-        raise ValueError(f"model.channel_mult={config.model.channel_mult!r}: expected positive "
-                         "integers, one per resolution level, e.g. '1,2,2'")
+        raise ValueError(
+            f"model.channel_mult={config.model.channel_mult!r}: expected positive "
+            "integers, one per resolution level, e.g. '1,2,2'"
+        )
     return mult
 
 
@@ -180,16 +187,18 @@ def attention_downsample_rates(config: ml_collections.ConfigDict) -> Tuple[int, 
     """
     image_size = config.data.image_size
     mult = channel_mult(config)
-    level_rates = [2 ** level for level in range(len(mult))]
+    level_rates = [2**level for level in range(len(mult))]
     rates = []
-    for resolution in parse_int_list(config.model.attention_resolutions,
-                                     field="model.attention_resolutions"):
+    for resolution in parse_int_list(
+        config.model.attention_resolutions, field="model.attention_resolutions"
+    ):
         if resolution < 1 or image_size % resolution or image_size // resolution not in level_rates:
             resolutions = [image_size // rate for rate in level_rates]
             raise ValueError(
                 f"model.attention_resolutions={config.model.attention_resolutions!r}: "
                 f"{resolution} is not a resolution of this UNet (data.image_size={image_size}, "
-                f"channel_mult={mult} gives resolutions {resolutions})")
+                f"channel_mult={mult} gives resolutions {resolutions})"
+            )
         rates.append(image_size // resolution)
     return tuple(rates)
 
@@ -214,8 +223,10 @@ def model_name_error(name: Any, *, field: str = "export.model_name") -> Optional
     """Why ``name`` cannot name an exported model (TF-Serving model and directory), or None."""
     if isinstance(name, str) and MODEL_NAME_PATTERN.match(name):
         return None
-    return (f"{field}={name!r} must be letters, digits, '_', '.' or '-' (it names TF-Serving "
-            "models and directories)")
+    return (
+        f"{field}={name!r} must be letters, digits, '_', '.' or '-' (it names TF-Serving "
+        "models and directories)"
+    )
 
 
 def data_field_errors(data) -> List[str]:
@@ -234,24 +245,35 @@ def data_field_errors(data) -> List[str]:
     errors = []
     name = data["name"]
     if not isinstance(name, str) or not name:
-        errors.append(f"data.name={name!r} must be 'digits', 'folder' or a TFDS dataset name such "
-                      "as 'cifar10'")
+        errors.append(
+            f"data.name={name!r} must be 'digits', 'folder' or a TFDS dataset name such "
+            "as 'cifar10'"
+        )
     elif name == "folder" and not data["folder"]:
         errors.append("data.name='folder' needs data.folder, the root directory of the images")
     image_size = data["image_size"]
     if not _is_int(image_size) or image_size < 8 or image_size % 8:
-        errors.append(f"data.image_size={image_size!r} must be a multiple of 8 and at least 8 "
-                      "(8, 16, 32, 64, 128, 256, ...)")
+        errors.append(
+            f"data.image_size={image_size!r} must be a multiple of 8 and at least 8 "
+            "(8, 16, 32, 64, 128, 256, ...)"
+        )
     num_channels = data["num_channels"]
     if not _is_int(num_channels) or num_channels not in SUPPORTED_NUM_CHANNELS:
-        errors.append(f"data.num_channels={num_channels!r} must be one of "
-                      f"{SUPPORTED_NUM_CHANNELS}")
+        errors.append(f"data.num_channels={num_channels!r} must be one of {SUPPORTED_NUM_CHANNELS}")
     low_res_size = data["low_res_size"]
-    if not _is_int(low_res_size) or low_res_size < 0 or (
-            low_res_size and _is_int(image_size) and
-            (low_res_size >= image_size or image_size % low_res_size)):
-        errors.append(f"data.low_res_size={low_res_size!r} must be 0 (no super-resolution) or a "
-                      f"proper divisor of data.image_size={image_size!r}, e.g. 64 for 256")
+    if (
+        not _is_int(low_res_size)
+        or low_res_size < 0
+        or (
+            low_res_size
+            and _is_int(image_size)
+            and (low_res_size >= image_size or image_size % low_res_size)
+        )
+    ):
+        errors.append(
+            f"data.low_res_size={low_res_size!r} must be 0 (no super-resolution) or a "
+            f"proper divisor of data.image_size={image_size!r}, e.g. 64 for 256"
+        )
     num_classes, class_cond = data["num_classes"], data["class_cond"]
     if not _is_int(num_classes) or num_classes < 0:
         errors.append(f"data.num_classes={num_classes!r} must be an int >= 0")
@@ -265,18 +287,25 @@ def data_field_errors(data) -> List[str]:
     return errors
 
 
-def batch_split_error(config: ml_collections.ConfigDict, *, mode: str,
-                      num_replicas: int) -> Optional[str]:
+def batch_split_error(
+    config: ml_collections.ConfigDict, *, mode: str, num_replicas: int
+) -> Optional[str]:
     """Why the batch size ``mode`` uses cannot be split over ``num_replicas`` replicas, or None."""
-    batch_field = {"train": "train.batch_size", "sample": "sample.batch_size",
-                   "eval": "eval.batch_size", "fid": "sample.batch_size"}.get(mode)
+    batch_field = {
+        "train": "train.batch_size",
+        "sample": "sample.batch_size",
+        "eval": "eval.batch_size",
+        "fid": "sample.batch_size",
+    }.get(mode)
     if batch_field is None:
         return None
     group, name = batch_field.split(".")
     batch_size = config[group][name]
     if batch_size > 0 and batch_size % num_replicas:
-        return (f"{batch_field}={batch_size} is not divisible by the {num_replicas} replicas of "
-                f"the distribution strategy; use a multiple of {num_replicas}")
+        return (
+            f"{batch_field}={batch_size} is not divisible by the {num_replicas} replicas of "
+            f"the distribution strategy; use a multiple of {num_replicas}"
+        )
     return None
 
 
@@ -285,8 +314,9 @@ def _check_choice(errors: List[str], field: str, value: Any, allowed: Sequence[s
         errors.append(f"{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
 
 
-def _check_positive(errors: List[str], config: ml_collections.ConfigDict, *fields: str,
-                    allow_zero: bool = False) -> None:
+def _check_positive(
+    errors: List[str], config: ml_collections.ConfigDict, *fields: str, allow_zero: bool = False
+) -> None:
     for field in fields:
         group, name = field.split(".")
         value = config[group][name]
@@ -301,8 +331,10 @@ def _check_respacing(errors: List[str], field: str, respacing: str, num_timestep
     try:
         schedules.space_timesteps(num_timesteps, respacing)
     except ValueError as e:
-        errors.append(f"{field}={respacing!r} is not a valid respacing of diffusion.steps="
-                      f"{num_timesteps}: {e}")
+        errors.append(
+            f"{field}={respacing!r} is not a valid respacing of diffusion.steps="
+            f"{num_timesteps}: {e}"
+        )
 
 
 FID_SAMPLERS = ("ancestral", "ddim")
@@ -319,48 +351,60 @@ def fid_sweep(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
 
 def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) -> None:
     fid, train = config.fid, config.train
-    _check_positive(errors, config, "fid.num_samples", "fid.batch_size",
-                    "train.fid_num_samples")
+    _check_positive(errors, config, "fid.num_samples", "fid.batch_size", "train.fid_num_samples")
     _check_positive(errors, config, "train.fid_every", allow_zero=True)
     for field in ("fid.num_samples", "train.fid_num_samples"):
         group, name = field.split(".")
         if 0 < config[group][name] < 2:
-            errors.append(f"{field}={config[group][name]} must be >= 2 (a covariance needs two "
-                          "samples)")
+            errors.append(
+                f"{field}={config[group][name]} must be >= 2 (a covariance needs two samples)"
+            )
     steps = config.diffusion.steps
     for respacing in fid_sweep(config):
         if not respacing:
-            continue            # "full": every step
+            continue  # "full": every step
         if not respacing.isdigit():
-            errors.append(f"fid.sweep={fid.sweep!r}: {respacing!r} is not a step count; use "
-                          "comma-separated step counts and 'full', e.g. '25,50,100,250,full'")
+            errors.append(
+                f"fid.sweep={fid.sweep!r}: {respacing!r} is not a step count; use "
+                "comma-separated step counts and 'full', e.g. '25,50,100,250,full'"
+            )
         elif not 0 < int(respacing) <= steps:
-            errors.append(f"fid.sweep={fid.sweep!r}: {respacing} steps is not in [1, "
-                          f"diffusion.steps={steps}]")
+            errors.append(
+                f"fid.sweep={fid.sweep!r}: {respacing} steps is not in [1, diffusion.steps={steps}]"
+            )
     samplers = [s.strip() for s in fid.sweep_samplers.split(",") if s.strip()]
     if not samplers or any(s not in FID_SAMPLERS for s in samplers):
-        errors.append(f"fid.sweep_samplers={fid.sweep_samplers!r} must be a comma-separated "
-                      f"subset of {', '.join(FID_SAMPLERS)}")
+        errors.append(
+            f"fid.sweep_samplers={fid.sweep_samplers!r} must be a comma-separated "
+            f"subset of {', '.join(FID_SAMPLERS)}"
+        )
     needs = []
     if mode == "fid":
         needs = [("fid.ref_batch", fid.ref_batch), ("fid.inception", fid.inception)]
     elif mode == "train" and train.fid_every > 0:
-        needs = [("train.fid_ref_batch (or fid.ref_batch)", train.fid_ref_batch or fid.ref_batch),
-                 ("train.fid_inception (or fid.inception)", train.fid_inception or fid.inception)]
+        needs = [
+            ("train.fid_ref_batch (or fid.ref_batch)", train.fid_ref_batch or fid.ref_batch),
+            ("train.fid_inception (or fid.inception)", train.fid_inception or fid.inception),
+        ]
     for field, value in needs:
-        what = ("an evaluator-format reference batch .npz" if "ref_batch" in field
-                else "the local path of classify_image_graph_def.pb (the 2015 Inception graph; "
-                "see the README's 'Sample quality' section)")
+        what = (
+            "an evaluator-format reference batch .npz"
+            if "ref_batch" in field
+            else "the local path of classify_image_graph_def.pb (the 2015 Inception graph; "
+            "see the README's 'Sample quality' section)"
+        )
         if not value:
             flag = "--ref_batch" if "ref_batch" in field else "--inception"
-            errors.append(f"{field} is empty: {'run.py ' + flag if mode == 'fid' else field} "
-                          f"needs {what}")
+            errors.append(
+                f"{field} is empty: {'run.py ' + flag if mode == 'fid' else field} needs {what}"
+            )
         elif not _exists(value):
             errors.append(f"{field}={value!r} does not exist; it must be {what}")
 
 
-def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional[int] = None,
-                    mode: str = "train") -> None:
+def validate_config(
+    config: ml_collections.ConfigDict, *, num_replicas: Optional[int] = None, mode: str = "train"
+) -> None:
     """Checks a config before anything is built from it; reports every problem at once.
 
     Args:
@@ -389,8 +433,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional
         mult = None
     if mult is not None:
         if data.image_size % (2 ** (len(mult) - 1)):
-            errors.append(f"data.image_size={data.image_size} is not divisible by "
-                          f"{2 ** (len(mult) - 1)}, the downsampling of channel_mult={mult}")
+            errors.append(
+                f"data.image_size={data.image_size} is not divisible by "
+                f"{2 ** (len(mult) - 1)}, the downsampling of channel_mult={mult}"
+            )
         try:
             attention_downsample_rates(config)
         except ValueError as e:
@@ -400,18 +446,25 @@ def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional
         for level_mult in sorted(set(mult)):
             channels = model.num_channels * level_mult
             if channels % GROUP_NORM_GROUPS:
-                errors.append(f"model.num_channels={model.num_channels} x channel_mult "
-                              f"{level_mult} = {channels} channels, not divisible by the "
-                              f"{GROUP_NORM_GROUPS} groups of GroupNorm; use a multiple of 32")
+                errors.append(
+                    f"model.num_channels={model.num_channels} x channel_mult "
+                    f"{level_mult} = {channels} channels, not divisible by the "
+                    f"{GROUP_NORM_GROUPS} groups of GroupNorm; use a multiple of 32"
+                )
                 break
-        heads_upsample = (model.num_heads if model.num_heads_upsample == -1
-                          else model.num_heads_upsample)
+        heads_upsample = (
+            model.num_heads if model.num_heads_upsample == -1 else model.num_heads_upsample
+        )
         level_channels = [model.num_channels * m for m in mult]
-        for heads, field in ((model.num_heads, "num_heads"),
-                             (heads_upsample, "num_heads_upsample")):
+        for heads, field in (
+            (model.num_heads, "num_heads"),
+            (heads_upsample, "num_heads_upsample"),
+        ):
             if heads < 1 or any(channels % heads for channels in level_channels):
-                errors.append(f"model.{field}={heads} must be >= 1 and divide every level's "
-                              f"channel count {level_channels}")
+                errors.append(
+                    f"model.{field}={heads} must be >= 1 and divide every level's "
+                    f"channel count {level_channels}"
+                )
     if not 0.0 <= model.dropout < 1.0:
         errors.append(f"model.dropout={model.dropout} must lie in [0, 1)")
 
@@ -420,38 +473,66 @@ def validate_config(config: ml_collections.ConfigDict, *, num_replicas: Optional
     _check_choice(errors, "diffusion.cdf", diffusion.cdf, CDF_MODES)
     _check_positive(errors, config, "diffusion.steps")
     if diffusion.steps > 0:
-        for field, respacing in (("diffusion.timestep_respacing", diffusion.timestep_respacing),
-                                 ("sample.timestep_respacing", config.sample.timestep_respacing),
-                                 ("eval.timestep_respacing", config.eval.timestep_respacing)):
+        for field, respacing in (
+            ("diffusion.timestep_respacing", diffusion.timestep_respacing),
+            ("sample.timestep_respacing", config.sample.timestep_respacing),
+            ("eval.timestep_respacing", config.eval.timestep_respacing),
+        ):
             _check_respacing(errors, field, respacing, diffusion.steps)
 
     # train
     _check_choice(errors, "train.schedule_sampler", train.schedule_sampler, SCHEDULE_SAMPLERS)
     _check_choice(errors, "train.mixed_precision", train.mixed_precision, MIXED_PRECISION_POLICIES)
-    _check_positive(errors, config, "train.batch_size", "train.lr", "train.log_every",
-                    "train.checkpoint_every", "train.keep_checkpoints")
-    _check_positive(errors, config, "train.weight_decay", "train.grad_clip", "train.num_steps",
-                    "train.sample_every", allow_zero=True)
+    _check_positive(
+        errors,
+        config,
+        "train.batch_size",
+        "train.lr",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+    )
+    _check_positive(
+        errors,
+        config,
+        "train.weight_decay",
+        "train.grad_clip",
+        "train.num_steps",
+        "train.sample_every",
+        allow_zero=True,
+    )
     try:
         ema_rates(config)
     except ValueError as e:
         errors.append(str(e))
 
     # eval, sample, export
-    _check_positive(errors, config, "eval.batch_size", "sample.num_samples", "sample.batch_size",
-                    "export.max_batch_size")
+    _check_positive(
+        errors,
+        config,
+        "eval.batch_size",
+        "sample.num_samples",
+        "sample.batch_size",
+        "export.max_batch_size",
+    )
     _check_positive(errors, config, "eval.num_samples", "sample.eta", allow_zero=True)
     if config.sample.eta > 0 and not config.sample.use_ddim:
-        errors.append(f"sample.eta={config.sample.eta} only applies to DDIM sampling; set "
-                      "sample.use_ddim=True (run.py --ddim)")
+        errors.append(
+            f"sample.eta={config.sample.eta} only applies to DDIM sampling; set "
+            "sample.use_ddim=True (run.py --ddim)"
+        )
     label = config.sample.class_label
     if data.class_cond:
         if not -1 <= label < max(data.num_classes, 0):
-            errors.append(f"sample.class_label={label} must be -1 (random labels) or lie in "
-                          f"[0, {data.num_classes})")
+            errors.append(
+                f"sample.class_label={label} must be -1 (random labels) or lie in "
+                f"[0, {data.num_classes})"
+            )
     elif label != -1:
-        errors.append(f"sample.class_label={label} given for an unconditional model "
-                      "(data.class_cond=False); leave it at -1")
+        errors.append(
+            f"sample.class_label={label} given for an unconditional model "
+            "(data.class_cond=False); leave it at -1"
+        )
     _check_fid(errors, config, mode)
     name_error = model_name_error(config.export.model_name)
     if name_error:
@@ -479,6 +560,7 @@ def _is_url(path: str) -> bool:
 def _exists(path: str) -> bool:
     if _is_url(path):
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
         return tf.io.gfile.exists(path)
     return os.path.exists(path)
 
@@ -486,6 +568,7 @@ def _exists(path: str) -> bool:
 def _read_text(path: str) -> str:
     if _is_url(path):
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
         with tf.io.gfile.GFile(path, "r") as f:
             return f.read()
     with open(path, encoding="utf-8") as f:
@@ -518,8 +601,9 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-def load_config_json(path: str, defaults: Optional[ml_collections.ConfigDict] = None
-                     ) -> ml_collections.ConfigDict:
+def load_config_json(
+    path: str, defaults: Optional[ml_collections.ConfigDict] = None
+) -> ml_collections.ConfigDict:
     """Reads a config written by :func:`config_to_json` into a locked ConfigDict.
 
     Args:
@@ -537,7 +621,8 @@ def load_config_json(path: str, defaults: Optional[ml_collections.ConfigDict] = 
         stored = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(
-            f"{path} is not valid JSON ({e}); restore it or start a new workdir") from None
+            f"{path} is not valid JSON ({e}); restore it or start a new workdir"
+        ) from None
     if not isinstance(stored, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(stored).__name__}")
     if defaults is not None:
@@ -561,8 +646,9 @@ def stored_config_exists(workdir: str) -> bool:
     return _exists(stored_config_path(workdir))
 
 
-def load_stored_config(workdir_or_path: str, defaults: Optional[ml_collections.ConfigDict] = None
-                       ) -> ml_collections.ConfigDict:
+def load_stored_config(
+    workdir_or_path: str, defaults: Optional[ml_collections.ConfigDict] = None
+) -> ml_collections.ConfigDict:
     """Loads ``<workdir>/config.json`` (or the JSON file itself when given its path).
 
     Raises:
@@ -572,8 +658,10 @@ def load_stored_config(workdir_or_path: str, defaults: Optional[ml_collections.C
     if not path.endswith(".json"):
         path = stored_config_path(workdir_or_path)
     if not _exists(path):
-        raise FileNotFoundError(f"no stored config at {path}: start the workdir with "
-                                "--config=configs/<experiment>.py first")
+        raise FileNotFoundError(
+            f"no stored config at {path}: start the workdir with "
+            "--config=configs/<experiment>.py first"
+        )
     return load_config_json(path, defaults)
 
 
@@ -585,8 +673,9 @@ def _show(value: Any) -> str:
     return json.dumps(value)
 
 
-def config_differences(stored: ml_collections.ConfigDict, given: ml_collections.ConfigDict
-                       ) -> Tuple[List[Tuple[str, Any, Any]], List[Tuple[str, Any, Any]]]:
+def config_differences(
+    stored: ml_collections.ConfigDict, given: ml_collections.ConfigDict
+) -> Tuple[List[Tuple[str, Any, Any]], List[Tuple[str, Any, Any]]]:
     """Compares two configs field by field, in canonical (JSON) form.
 
     A field present on one side only counts as neither: it comes from a schema change, not from
@@ -614,19 +703,26 @@ def _conflict_error(path: str, conflicts, given_as: str) -> ConfigConflictError:
             f"(field: stored -> given):\n{lines}\n"
             "The checkpoints in this workdir belong to the stored config; only fields that may "
             f"differ between runs can be overridden ({', '.join(MUTABLE_FIELDS)}). To run a "
-            "different experiment, use a new --workdir.")
+            "different experiment, use a new --workdir."
+        )
     return ConfigConflictError(
         f"the given config conflicts with the one stored in {path} "
         f"(field: stored -> given):\n{lines}\n"
         "The checkpoints in this workdir belong to the stored config. To continue this "
         "experiment, drop --config (the stored config is used) or change only fields that may "
         f"differ between runs ({', '.join(MUTABLE_FIELDS)}); to run a different experiment, "
-        "use a new --workdir.")
+        "use a new --workdir."
+    )
 
 
-def resolve_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
-                   config_given: bool, defaults: Optional[ml_collections.ConfigDict] = None,
-                   given_as: str = "config") -> ml_collections.ConfigDict:
+def resolve_config(
+    config: Optional[ml_collections.ConfigDict],
+    workdir: str,
+    *,
+    config_given: bool,
+    defaults: Optional[ml_collections.ConfigDict] = None,
+    given_as: str = "config",
+) -> ml_collections.ConfigDict:
     """Decides which config a run uses.  Writes nothing: see :func:`persist_config`.
 
     * First run in ``workdir`` (no ``config.json``): ``config`` is returned; it is
@@ -665,7 +761,8 @@ def resolve_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
         if not config_given:
             raise FileNotFoundError(
                 f"{workdir} has no stored config ({CONFIG_FILENAME}) and no --config was given; "
-                "start the run with e.g. --config=configs/digits.py")
+                "start the run with e.g. --config=configs/digits.py"
+            )
         return config
 
     if not config_given:
@@ -680,12 +777,18 @@ def resolve_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
         raise _conflict_error(path, conflicts, given_as)
     stored_only = sorted(set(_flatten(stored.to_dict())) - set(_flatten(config.to_dict())))
     if stored_only:
-        logging.warning("%s has fields the given config lacks (ignored): %s", path,
-                        ", ".join(stored_only))
+        logging.warning(
+            "%s has fields the given config lacks (ignored): %s", path, ", ".join(stored_only)
+        )
     for field, old, new in allowed:
         if field in LOCATION_FIELDS:
-            logging.warning("%s moved: %s -> %s (stored in %s once training starts)", field,
-                            _show(old), _show(new), path)
+            logging.warning(
+                "%s moved: %s -> %s (stored in %s once training starts)",
+                field,
+                _show(old),
+                _show(new),
+                path,
+            )
     if allowed:
         changes = ", ".join(f"{field}: {_show(old)} -> {_show(new)}" for field, old, new in allowed)
         logging.info("Config differs from %s in fields allowed to change: %s", path, changes)
@@ -720,10 +823,14 @@ def persist_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
     return True
 
 
-def resolve_and_persist_config(config: Optional[ml_collections.ConfigDict], workdir: str, *,
-                               config_given: bool, update_mutable: bool = True,
-                               defaults: Optional[ml_collections.ConfigDict] = None
-                               ) -> ml_collections.ConfigDict:
+def resolve_and_persist_config(
+    config: Optional[ml_collections.ConfigDict],
+    workdir: str,
+    *,
+    config_given: bool,
+    update_mutable: bool = True,
+    defaults: Optional[ml_collections.ConfigDict] = None,
+) -> ml_collections.ConfigDict:
     """:func:`resolve_config`, then :func:`persist_config` on a first run or with ``update_mutable``.
 
     For callers that set up a workdir without training (tests, tools); the resolved config is

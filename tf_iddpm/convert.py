@@ -129,13 +129,16 @@ def assign_state_dict(model, state_dict):
         if tuple(new_value.shape) != tuple(variable.shape):
             mismatched.append(
                 f"{key}: checkpoint {tuple(value.shape)} -> {tuple(new_value.shape)}, "
-                f"model expects {tuple(variable.shape)} ({variable.path})")
+                f"model expects {tuple(variable.shape)} ({variable.path})"
+            )
         else:
             converted[key] = new_value
     if missing or unexpected or mismatched:
-        lines = [f"state_dict does not match the model {model.name!r} "
-                 f"({len(missing)} missing, {len(unexpected)} unexpected, "
-                 f"{len(mismatched)} mis-shaped keys)"]
+        lines = [
+            f"state_dict does not match the model {model.name!r} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} mis-shaped keys)"
+        ]
         if missing:
             lines.append("missing keys: " + ", ".join(missing))
         if unexpected:
@@ -155,7 +158,7 @@ def model_state_dict(model):
     """
     state = {}
     for key, (layer, suffix, variable) in variable_map(model).items():
-        prefix = key[:-len(suffix) - 1]
+        prefix = key[: -len(suffix) - 1]
         torch_ndim = 3 if _is_attention_1x1(prefix) else 2
         state[key] = _keras_to_torch(layer, suffix, np.asarray(variable.numpy()), torch_ndim)
     return state
@@ -177,8 +180,9 @@ def convert_checkpoint(checkpoint_path, config, out_dir):
     """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ValueError(f"--out {out_dir} exists and is not an empty directory; refusing to "
-                         f"overwrite it")
+        raise ValueError(
+            f"--out {out_dir} exists and is not an empty directory; refusing to overwrite it"
+        )
     model = factory.create_model_from_config(config)
     assign_state_dict(model, load_state_dict(checkpoint_path))
 
@@ -186,11 +190,12 @@ def convert_checkpoint(checkpoint_path, config, out_dir):
     os.makedirs(parent, exist_ok=True)
     tmp_dir = fileio.make_temp_dir(parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
     try:
-        fileio.atomic_write_text(os.path.join(tmp_dir, "config.json"),
-                                 config.to_json_best_effort(indent=2))
+        fileio.atomic_write_text(
+            os.path.join(tmp_dir, "config.json"), config.to_json_best_effort(indent=2)
+        )
         manager = tf.train.CheckpointManager(
-            tf.train.Checkpoint(model=model), os.path.join(tmp_dir, "checkpoints"),
-            max_to_keep=1)
+            tf.train.Checkpoint(model=model), os.path.join(tmp_dir, "checkpoints"), max_to_keep=1
+        )
         saved = manager.save(checkpoint_number=1)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above); rename needs it gone or empty
@@ -206,8 +211,9 @@ def _define_flags():
     # (run.py has its own --config) cannot clash.
     flags.DEFINE_string("checkpoint", None, "improved-diffusion .pt (or .npz) state_dict")
     flags.DEFINE_string("out", None, "output directory (must not exist or be empty)")
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py describing the model",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "configs/<name>.py describing the model", lock_config=True
+    )
     flags.mark_flags_as_required(["checkpoint", "out", "config"])
 
 

@@ -84,8 +84,16 @@ def _is_int(value):
 
 
 # The fields of ``config.data`` whose rules live in config_utils.data_field_errors.
-_CHECKED_FIELDS = ("name", "folder", "image_size", "num_channels", "low_res_size", "num_classes",
-                   "class_cond", "shuffle_buffer")
+_CHECKED_FIELDS = (
+    "name",
+    "folder",
+    "image_size",
+    "num_channels",
+    "low_res_size",
+    "num_classes",
+    "class_cond",
+    "shuffle_buffer",
+)
 
 
 def _check_config_fields(data_config):
@@ -142,7 +150,9 @@ class _Source:
 def _crop_and_resize_tensor(image, size, channels):
     """:func:`image_utils.center_crop_and_resize` on a uint8 tensor [H, W, C] via Pillow."""
     resized = tf.numpy_function(
-        lambda array: image_utils.center_crop_and_resize(array, size), [image], tf.uint8,
+        lambda array: image_utils.center_crop_and_resize(array, size),
+        [image],
+        tf.uint8,
         stateful=False,
     )
     resized.set_shape([size, size, channels])
@@ -222,9 +232,9 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
         return {key: example[key] for key in keys}
 
     def parse(serialized):
-        return select(features.deserialize_example(
-            serialized, decoders={"image": tfds.decode.SkipDecoding()}
-        ))
+        return select(
+            features.deserialize_example(serialized, decoders={"image": tfds.decode.SkipDecoding()})
+        )
 
     # Prepared files (none under tfds.testing.mock_data, whose splits are empty).
     file_format = builder.info.file_format if splits else None
@@ -280,8 +290,15 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
         return example
 
     return _Source(
-        label, num_examples, num_classes, channels, make_records, decode,
-        random_access=random_access, stream_files=stream_files, parse=parse,
+        label,
+        num_examples,
+        num_classes,
+        channels,
+        make_records,
+        decode,
+        random_access=random_access,
+        stream_files=stream_files,
+        parse=parse,
     )
 
 
@@ -335,8 +352,9 @@ def _load_folder_image(path, size, channels):
             image.load()
             array = image_utils.center_crop_and_resize(image, size)
     except Exception as error:
-        raise ValueError(f"Image file {path!r} was readable when the pipeline was built but "
-                         f"now fails: {error}") from error
+        raise ValueError(
+            f"Image file {path!r} was readable when the pipeline was built but now fails: {error}"
+        ) from error
     if array.shape[-1] == 4:
         array = array[..., :3]  # Drop alpha, as the reference's convert("RGB") does.
     if channels == 3 and array.shape[-1] == 1:
@@ -397,19 +415,28 @@ def _resolve_folder(data_config, split):
         return tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels})
 
     def random_access():
-        return lambda indices: {"path": tf.gather(paths, indices),
-                                "label": tf.gather(labels, indices)}
+        return lambda indices: {
+            "path": tf.gather(paths, indices),
+            "label": tf.gather(labels, indices),
+        }
 
     def decode(record):
         image = tf.numpy_function(
             lambda path: _load_folder_image(path, image_size, channels),
-            [record["path"]], tf.uint8, stateful=False,
+            [record["path"]],
+            tf.uint8,
+            stateful=False,
         )
         image.set_shape([image_size, image_size, channels])
         return {"image": image, "label": record["label"]}
 
     return _Source(
-        label, len(good), len(class_ids), channels, make_records, decode,
+        label,
+        len(good),
+        len(class_ids),
+        channels,
+        make_records,
+        decode,
         random_access=random_access,
     )
 
@@ -567,8 +594,10 @@ def _example_indices(positions, num_examples, permutation_key):
         [tf.fill(tf.shape(epochs), permutation_key), epochs, tf.zeros_like(epochs)], axis=-1
     )
     return tf.raw_ops.RandomIndexShuffle(
-        index=positions % num_examples, seed=seeds,
-        max_index=tf.constant(num_examples - 1, tf.int64), rounds=4,
+        index=positions % num_examples,
+        seed=seeds,
+        max_index=tf.constant(num_examples - 1, tf.int64),
+        rounds=4,
     )
 
 
@@ -610,7 +639,8 @@ def _record_stream(source, num_examples, seed, start_position, window):
 
     def epoch_records(epoch, first):
         order = tf.random.experimental.index_shuffle(
-            tf.range(num_files, dtype=tf.int64), seed=tf.stack([file_key, epoch]),
+            tf.range(num_files, dtype=tf.int64),
+            seed=tf.stack([file_key, epoch]),
             max_index=tf.constant(num_files - 1, tf.int64),
         )
         files = tf.data.Dataset.from_tensor_slices(
@@ -619,7 +649,10 @@ def _record_stream(source, num_examples, seed, start_position, window):
         cycle = min(num_files, _STREAM_CYCLE_LENGTH)
         records = files.interleave(
             lambda name, skip, take: tf.data.TFRecordDataset(name).skip(skip).take(take),
-            cycle_length=cycle, block_length=1, num_parallel_calls=cycle, deterministic=True,
+            cycle_length=cycle,
+            block_length=1,
+            num_parallel_calls=cycle,
+            deterministic=True,
         )
         first_window = first // window
         windows = tf.data.Dataset.zip(
@@ -631,9 +664,7 @@ def _record_stream(source, num_examples, seed, start_position, window):
             size = tf.shape(batch, out_type=tf.int64)[0]
             permutation = tf.random.experimental.index_shuffle(
                 tf.range(size),
-                seed=tf.random.experimental.stateless_fold_in(
-                    tf.stack([window_key, epoch]), index
-                ),
+                seed=tf.random.experimental.stateless_fold_in(tf.stack([window_key, epoch]), index),
                 max_index=size - 1,
             )
             return tf.gather(batch, permutation)
@@ -644,7 +675,9 @@ def _record_stream(source, num_examples, seed, start_position, window):
     if first:
         logging.info(
             "%s: resuming inside epoch %d; reading and dropping its first %d records once.",
-            source.description, first_epoch, first,
+            source.description,
+            first_epoch,
+            first,
         )
     stream = epoch_records(tf.constant(first_epoch, tf.int64), tf.constant(first, tf.int64))
     later = tf.data.Dataset.counter(first_epoch + 1).flat_map(
@@ -751,7 +784,10 @@ def make_train_dataset(data_config, *, batch_size, input_context=None, seed=0, s
 
     if mechanism == "stream":
         records = _record_stream(
-            source, num_examples, seed, start_position,
+            source,
+            num_examples,
+            seed,
+            start_position,
             window=min(_field(data_config, "shuffle_buffer"), num_examples),
         )
         if num_pipelines > 1:
@@ -759,8 +795,10 @@ def make_train_dataset(data_config, *, batch_size, input_context=None, seed=0, s
         raw_examples = tf.data.Dataset.zip(positions, records)
     else:
         if mechanism == "memory":
-            arrays = {key: tf.constant(array)
-                      for key, array in _decoded_arrays(source, num_examples).items()}
+            arrays = {
+                key: tf.constant(array)
+                for key, array in _decoded_arrays(source, num_examples).items()
+            }
 
             def read(indices):
                 return {key: tf.gather(array, indices) for key, array in arrays.items()}
@@ -768,12 +806,21 @@ def make_train_dataset(data_config, *, batch_size, input_context=None, seed=0, s
         else:
             read = source.random_access()
         # Looked up in chunks: one small map per example is the pipeline's main cost.
-        raw_examples = positions.batch(_LOOKUP_CHUNK).map(
-            lambda chunk: (chunk, read(_example_indices(chunk, num_examples, permutation_key)))
-        ).unbatch()
+        raw_examples = (
+            positions.batch(_LOOKUP_CHUNK)
+            .map(
+                lambda chunk: (chunk, read(_example_indices(chunk, num_examples, permutation_key)))
+            )
+            .unbatch()
+        )
     logging.info(
         "%s: training order %r, %d examples, from step %d (pipeline %d of %d).",
-        source.description, mechanism, num_examples, start_step, pipeline_id, num_pipelines,
+        source.description,
+        mechanism,
+        num_examples,
+        start_step,
+        pipeline_id,
+        num_pipelines,
     )
 
     def finish(position, raw):

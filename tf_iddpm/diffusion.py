@@ -31,25 +31,28 @@ ModelFn = Callable[..., tf.Tensor]
 
 class ModelMeanType(enum.Enum):
     """What the network's first C output channels predict."""
+
     PREVIOUS_X = "previous_x"  # the posterior mean of x_{t-1}
-    START_X = "start_x"        # x_0
-    EPSILON = "epsilon"        # the noise (Ho et al.; the paper's default)
+    START_X = "start_x"  # x_0
+    EPSILON = "epsilon"  # the noise (Ho et al.; the paper's default)
 
 
 class ModelVarType(enum.Enum):
     """How the reverse-process variance Sigma_theta(x_t, t) is obtained (Section 3.1)."""
-    LEARNED = "learned"              # the net outputs log Sigma directly
-    FIXED_SMALL = "fixed_small"      # Sigma = beta_tilde_t (posterior variance)
-    FIXED_LARGE = "fixed_large"      # Sigma = beta_t
+
+    LEARNED = "learned"  # the net outputs log Sigma directly
+    FIXED_SMALL = "fixed_small"  # Sigma = beta_tilde_t (posterior variance)
+    FIXED_LARGE = "fixed_large"  # Sigma = beta_t
     LEARNED_RANGE = "learned_range"  # Eq. 15: log-space interpolation between the two
 
 
 class LossType(enum.Enum):
     """Training objective (Section 3.1 L_hybrid / L_simple, Section 3.3 L_vlb)."""
-    MSE = "mse"                    # L_simple (+ L_vlb term for learned variances = L_hybrid)
+
+    MSE = "mse"  # L_simple (+ L_vlb term for learned variances = L_hybrid)
     RESCALED_MSE = "rescaled_mse"  # as MSE, with the vb term scaled by T/1000 (lambda = 0.001)
-    KL = "kl"                      # L_vlb
-    RESCALED_KL = "rescaled_kl"    # L_vlb * T, the loss of Ho et al.'s VLB experiments
+    KL = "kl"  # L_vlb
+    RESCALED_KL = "rescaled_kl"  # L_vlb * T, the loss of Ho et al.'s VLB experiments
 
     def is_vb(self):
         return self in (LossType.KL, LossType.RESCALED_KL)
@@ -114,7 +117,9 @@ def diffusion_constants(betas) -> Dict[str, tf.Tensor]:
     # beta_tilde_0 = 0, so its log is clipped to beta_tilde_1.  (For a one-step chain there is no
     # beta_tilde_1; beta_0 stands in: indexing [1] of the extended vector picks it only then.)
     beta_tilde_1 = tf.concat([posterior_variance, betas[:1]], 0)[1:2]
-    posterior_log_variance_clipped = tf.math.log(tf.concat([beta_tilde_1, posterior_variance[1:]], 0))
+    posterior_log_variance_clipped = tf.math.log(
+        tf.concat([beta_tilde_1, posterior_variance[1:]], 0)
+    )
     fixed_large_variance = tf.concat([beta_tilde_1, betas[1:]], 0)
     return dict(
         betas=betas,
@@ -145,9 +150,18 @@ class GaussianDiffusion:
     ``original_num_steps``.
     """
 
-    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type,
-                 rescale_timesteps: bool = False, timestep_map=None,
-                 original_num_steps: Optional[int] = None, cdf: str = "exact"):
+    def __init__(
+        self,
+        *,
+        betas,
+        model_mean_type,
+        model_var_type,
+        loss_type,
+        rescale_timesteps: bool = False,
+        timestep_map=None,
+        original_num_steps: Optional[int] = None,
+        cdf: str = "exact",
+    ):
         """Builds the process.
 
         Args:
@@ -170,7 +184,9 @@ class GaussianDiffusion:
         self.cdf = cdf
         self.rescale_timesteps = bool(rescale_timesteps)
 
-        constant_schedule = not isinstance(betas, (tf.Tensor, tf.Variable)) or hasattr(betas, "numpy")
+        constant_schedule = not isinstance(betas, (tf.Tensor, tf.Variable)) or hasattr(
+            betas, "numpy"
+        )
         if constant_schedule:
             betas_np = np.asarray(betas, dtype=np.float64)
             if betas_np.ndim != 1 or betas_np.size == 0:
@@ -185,14 +201,25 @@ class GaussianDiffusion:
         for name, value in constants.items():
             setattr(self, name, value)
 
-        static_t = tf.get_static_value(tf.shape(constants["betas"])[0]) if not constant_schedule else len(self.betas)
+        static_t = (
+            tf.get_static_value(tf.shape(constants["betas"])[0])
+            if not constant_schedule
+            else len(self.betas)
+        )
         # A python int whenever it is known, so shapes and messages stay static.
-        self.num_timesteps = int(static_t) if static_t is not None else tf.shape(constants["betas"])[0]
+        self.num_timesteps = (
+            int(static_t) if static_t is not None else tf.shape(constants["betas"])[0]
+        )
         if timestep_map is None:
-            timestep_map = (np.arange(self.num_timesteps, dtype=np.int64) if constant_schedule
-                            else tf.range(self.num_timesteps, dtype=tf.int64))
+            timestep_map = (
+                np.arange(self.num_timesteps, dtype=np.int64)
+                if constant_schedule
+                else tf.range(self.num_timesteps, dtype=tf.int64)
+            )
         self.timestep_map = timestep_map
-        self.original_num_steps = original_num_steps if original_num_steps is not None else self.num_timesteps
+        self.original_num_steps = (
+            original_num_steps if original_num_steps is not None else self.num_timesteps
+        )
 
     # ------------------------------------------------------------------ timesteps seen by the net
 
@@ -225,8 +252,10 @@ class GaussianDiffusion:
             value = np.asarray(value)
             bad = value[(value < 0) | (value >= self.num_timesteps)]
             if bad.size:
-                raise ValueError(f"timestep(s) {sorted(set(bad.tolist()))[:8]} out of range; "
-                                 f"allowed: 0..{self.num_timesteps - 1}")
+                raise ValueError(
+                    f"timestep(s) {sorted(set(bad.tolist()))[:8]} out of range; "
+                    f"allowed: 0..{self.num_timesteps - 1}"
+                )
         return t
 
     # ------------------------------------------------------------------ forward process q
@@ -257,7 +286,10 @@ class GaussianDiffusion:
         t = self._check_timesteps(t)
         if noise is None:
             noise = tf.random.normal(tf.shape(x_start))
-        return extract(self.sqrt_alphas_cumprod, t) * x_start + extract(self.sqrt_one_minus_alphas_cumprod, t) * noise
+        return (
+            extract(self.sqrt_alphas_cumprod, t) * x_start
+            + extract(self.sqrt_one_minus_alphas_cumprod, t) * noise
+        )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """The forward-process posterior q(x_{t-1} | x_t, x_0) (Eq. 10-12).
@@ -267,19 +299,30 @@ class GaussianDiffusion:
            posterior_log_variance_clipped [N,1,1,1]).
         """
         t = self._check_timesteps(t)
-        mean = extract(self.posterior_mean_coef1, t) * x_start + extract(self.posterior_mean_coef2, t) * x_t
-        return mean, extract(self.posterior_variance, t), extract(self.posterior_log_variance_clipped, t)
+        mean = (
+            extract(self.posterior_mean_coef1, t) * x_start
+            + extract(self.posterior_mean_coef2, t) * x_t
+        )
+        return (
+            mean,
+            extract(self.posterior_variance, t),
+            extract(self.posterior_log_variance_clipped, t),
+        )
 
     # ------------------------------------------------------------------ prediction conversions
 
     def predict_xstart_from_eps(self, x_t, t, eps):
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (inverting Eq. 9)."""
-        return extract(self.sqrt_recip_alphas_cumprod, t) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t) * eps
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t) * eps
+        )
 
     def predict_eps_from_xstart(self, x_t, t, pred_xstart):
         """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
-        return ((extract(self.sqrt_recip_alphas_cumprod, t) * x_t - pred_xstart)
-                / extract(self.sqrt_recipm1_alphas_cumprod, t))
+        return (extract(self.sqrt_recip_alphas_cumprod, t) * x_t - pred_xstart) / extract(
+            self.sqrt_recipm1_alphas_cumprod, t
+        )
 
     def predict_xstart_from_xprev(self, x_t, t, xprev):
         """Inverts the posterior mean (Eq. 11) for x_0 given the predicted mean of x_{t-1}."""
@@ -296,8 +339,9 @@ class GaussianDiffusion:
             return mean_part, var_part
         return model_output, None
 
-    def p_mean_variance_from_output(self, model_output, x, t, *, clip_denoised=True,
-                                    denoised_fn=None) -> Dict[str, tf.Tensor]:
+    def p_mean_variance_from_output(
+        self, model_output, x, t, *, clip_denoised=True, denoised_fn=None
+    ) -> Dict[str, tf.Tensor]:
         """p(x_{t-1} | x_t) from the network's raw output (Section 3.1).
 
         Args:
@@ -347,18 +391,29 @@ class GaussianDiffusion:
             else:
                 pred_xstart = process_xstart(self.predict_xstart_from_eps(x, t, model_output))
             mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
+        return dict(
+            mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart
+        )
 
-    def p_mean_variance(self, model_fn: ModelFn, x, t, *, clip_denoised=True, denoised_fn=None,
-                        model_kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, tf.Tensor]:
+    def p_mean_variance(
+        self,
+        model_fn: ModelFn,
+        x,
+        t,
+        *,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs: Optional[Mapping[str, Any]] = None,
+    ) -> Dict[str, tf.Tensor]:
         """Runs the network on x_t and returns p(x_{t-1} | x_t) (see p_mean_variance_from_output).
 
         The returned dict also holds the raw ``model_output``.
         """
         t = self._check_timesteps(t)
         model_output = model_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
-        out = self.p_mean_variance_from_output(model_output, x, t, clip_denoised=clip_denoised,
-                                               denoised_fn=denoised_fn)
+        out = self.p_mean_variance_from_output(
+            model_output, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn
+        )
         out["model_output"] = tf.cast(model_output, tf.float32)
         return out
 
@@ -379,9 +434,15 @@ class GaussianDiffusion:
         alpha_bar = extract(self.alphas_cumprod, t)
         alpha_bar_prev = extract(self.alphas_cumprod_prev, t)
         eta = tf.cast(eta, tf.float32)
-        sigma = (eta * tf.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
-                 * tf.sqrt(1.0 - alpha_bar / alpha_bar_prev))
-        mean_pred = out["pred_xstart"] * tf.sqrt(alpha_bar_prev) + tf.sqrt(1.0 - alpha_bar_prev - sigma ** 2) * eps
+        sigma = (
+            eta
+            * tf.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+            * tf.sqrt(1.0 - alpha_bar / alpha_bar_prev)
+        )
+        mean_pred = (
+            out["pred_xstart"] * tf.sqrt(alpha_bar_prev)
+            + tf.sqrt(1.0 - alpha_bar_prev - sigma**2) * eps
+        )
         nonzero_mask = tf.reshape(tf.cast(tf.not_equal(t, 0), tf.float32), [-1, 1, 1, 1])
         return dict(sample=mean_pred + nonzero_mask * sigma * noise, pred_xstart=out["pred_xstart"])
 
@@ -398,17 +459,27 @@ class GaussianDiffusion:
         """
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=clip_denoised)
-        kl = mean_flat(losses.normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        decoder_nll = -mean_flat(losses.discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"], cdf=self.cdf)) / math.log(2.0)
-        return dict(output=tf.where(tf.equal(t, 0), decoder_nll, kl), pred_xstart=out["pred_xstart"])
+        kl = mean_flat(
+            losses.normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
+        ) / math.log(2.0)
+        decoder_nll = -mean_flat(
+            losses.discretized_gaussian_log_likelihood(
+                x_start, means=out["mean"], log_scales=0.5 * out["log_variance"], cdf=self.cdf
+            )
+        ) / math.log(2.0)
+        return dict(
+            output=tf.where(tf.equal(t, 0), decoder_nll, kl), pred_xstart=out["pred_xstart"]
+        )
 
-    def vb_terms_bpd(self, model_fn: ModelFn, x_start, x_t, t, *, clip_denoised=True,
-                     model_kwargs=None):
+    def vb_terms_bpd(
+        self, model_fn: ModelFn, x_start, x_t, t, *, clip_denoised=True, model_kwargs=None
+    ):
         """Runs the network on x_t and returns its VLB term (see vb_terms_bpd_from_output)."""
         t = self._check_timesteps(t)
         model_output = model_fn(x_t, self.model_timesteps(t), **(model_kwargs or {}))
-        return self.vb_terms_bpd_from_output(model_output, x_start, x_t, t, clip_denoised=clip_denoised)
+        return self.vb_terms_bpd_from_output(
+            model_output, x_start, x_t, t, clip_denoised=clip_denoised
+        )
 
     def prior_bpd(self, x_start):
         """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, per example [N] (no parameters)."""
@@ -446,7 +517,9 @@ class GaussianDiffusion:
         model_output = tf.cast(model_fn(x_t, self.model_timesteps(t), **model_kwargs), tf.float32)
         terms = {}
         if self.loss_type.is_vb():
-            terms["loss"] = self.vb_terms_bpd_from_output(model_output, x_start, x_t, t, clip_denoised=False)["output"]
+            terms["loss"] = self.vb_terms_bpd_from_output(
+                model_output, x_start, x_t, t, clip_denoised=False
+            )["output"]
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] = terms["loss"] * tf.cast(self.num_timesteps, tf.float32)
             return terms
@@ -454,7 +527,9 @@ class GaussianDiffusion:
         prediction, var_values = self.split_model_output(model_output)
         if var_values is not None:
             frozen_output = tf.concat([tf.stop_gradient(prediction), var_values], axis=-1)
-            vb = self.vb_terms_bpd_from_output(frozen_output, x_start, x_t, t, clip_denoised=False)["output"]
+            vb = self.vb_terms_bpd_from_output(frozen_output, x_start, x_t, t, clip_denoised=False)[
+                "output"
+            ]
             if self.loss_type == LossType.RESCALED_MSE:
                 # Divide by 1000 for equivalence with the initial implementation; without the
                 # factor the VLB term would hurt the MSE term (Section 3.1, lambda = 0.001).
@@ -486,7 +561,9 @@ def respace(diffusion: GaussianDiffusion, use_timesteps) -> GaussianDiffusion:
       A new GaussianDiffusion with the same mean/variance/loss types.
     """
     betas, index_map = schedules.respace_betas(np.asarray(diffusion.alphas_cumprod), use_timesteps)
-    return _restricted(diffusion, betas=betas, timestep_map=np.asarray(diffusion.timestep_map)[index_map])
+    return _restricted(
+        diffusion, betas=betas, timestep_map=np.asarray(diffusion.timestep_map)[index_map]
+    )
 
 
 def _restricted(diffusion: GaussianDiffusion, *, betas, timestep_map) -> GaussianDiffusion:
@@ -519,10 +596,16 @@ def uniform_respacing_indices(num_timesteps: int, num_steps):
     """
     num_steps = tf.cast(num_steps, tf.int64)
     count = tf.cast(num_steps, tf.float64)
-    frac_stride = tf.where(num_steps > 1, (num_timesteps - 1.0) / tf.maximum(count - 1.0, 1.0),
-                           tf.constant(1.0, tf.float64))
-    offsets = tf.scan(lambda acc, step: acc + step, tf.fill([num_steps - 1], frac_stride),
-                      initializer=tf.constant(0.0, tf.float64))
+    frac_stride = tf.where(
+        num_steps > 1,
+        (num_timesteps - 1.0) / tf.maximum(count - 1.0, 1.0),
+        tf.constant(1.0, tf.float64),
+    )
+    offsets = tf.scan(
+        lambda acc, step: acc + step,
+        tf.fill([num_steps - 1], frac_stride),
+        initializer=tf.constant(0.0, tf.float64),
+    )
     positions = tf.concat([tf.zeros([1], tf.float64), offsets], 0)
     return tf.cast(tf.math.round(positions), tf.int64)
 
@@ -537,19 +620,35 @@ def respace_uniform(diffusion: GaussianDiffusion, num_steps) -> GaussianDiffusio
         raise ValueError("respace_uniform needs a diffusion with a static number of steps")
     if isinstance(num_steps, (int, np.integer)):
         if not 1 <= num_steps <= diffusion.num_timesteps:
-            raise ValueError(f"num_steps {num_steps} out of range; allowed: 1..{diffusion.num_timesteps}")
-        return respace(diffusion, schedules.space_timesteps(diffusion.num_timesteps, str(int(num_steps))))
+            raise ValueError(
+                f"num_steps {num_steps} out of range; allowed: 1..{diffusion.num_timesteps}"
+            )
+        return respace(
+            diffusion, schedules.space_timesteps(diffusion.num_timesteps, str(int(num_steps)))
+        )
     indices = uniform_respacing_indices(diffusion.num_timesteps, num_steps)
     kept = tf.gather(tf.convert_to_tensor(diffusion.alphas_cumprod, tf.float64), indices)
     previous = tf.concat([tf.ones([1], tf.float64), kept[:-1]], 0)
-    return _restricted(diffusion, betas=1.0 - kept / previous,
-                       timestep_map=tf.gather(tf.convert_to_tensor(diffusion.timestep_map, tf.int64), indices))
+    return _restricted(
+        diffusion,
+        betas=1.0 - kept / previous,
+        timestep_map=tf.gather(tf.convert_to_tensor(diffusion.timestep_map, tf.int64), indices),
+    )
 
 
-def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=False,
-                              noise_schedule="linear", use_kl=False, predict_xstart=False,
-                              rescale_timesteps=False, rescale_learned_sigmas=False,
-                              timestep_respacing="", cdf="exact") -> GaussianDiffusion:
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+    cdf="exact",
+) -> GaussianDiffusion:
     """The diffusion for improved-diffusion's flags (same names, same defaults, same meaning).
 
     Args:

@@ -68,10 +68,12 @@ class IddpmDigits(tfds.core.GeneratorBasedBuilder):
                 "1797 8x8 grayscale handwritten digits (UCI optical recognition test set) "
                 "shipped with scikit-learn; intensities 0..16 mapped to round(v * 255 / 16)."
             ),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=DIGITS_IMAGE_SHAPE, dtype=np.uint8),
-                "label": tfds.features.ClassLabel(num_classes=DIGITS_NUM_CLASSES),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=DIGITS_IMAGE_SHAPE, dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=DIGITS_NUM_CLASSES),
+                }
+            ),
             supervised_keys=("image", "label"),
             homepage=(
                 "https://scikit-learn.org/stable/modules/generated/"

@@ -30,14 +30,17 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
 class ClusterTask(NamedTuple):
     """This process's place in a multi-worker cluster, from ``TF_CONFIG``."""
+
     task_type: str
     task_index: int
-    num_workers: int        # tasks of type "chief" and "worker", which all train
-    is_chief: bool          # the task that writes checkpoints and summaries
+    num_workers: int  # tasks of type "chief" and "worker", which all train
+    is_chief: bool  # the task that writes checkpoints and summaries
 
 
-_TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                      '"task": {"type": "worker", "index": 0}}')
+_TF_CONFIG_EXAMPLE = (
+    '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+    '"task": {"type": "worker", "index": 0}}'
+)
 
 
 def read_tf_config(environ: Optional[Dict[str, str]] = None) -> Optional[ClusterTask]:
@@ -65,28 +68,35 @@ def read_tf_config(environ: Optional[Dict[str, str]] = None) -> Optional[Cluster
     try:
         tf_config = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({e}): {text!r}; expected e.g. "
-                         f"{_TF_CONFIG_EXAMPLE}") from None
+        raise ValueError(
+            f"TF_CONFIG is not valid JSON ({e}): {text!r}; expected e.g. {_TF_CONFIG_EXAMPLE}"
+        ) from None
     if not isinstance(tf_config, dict):
         raise ValueError(f"TF_CONFIG must be a JSON object, got {text!r}")
     cluster = tf_config.get("cluster")
     task = tf_config.get("task")
     if not isinstance(cluster, dict) or not cluster:
         raise ValueError(
-            f"TF_CONFIG has no 'cluster' mapping task types to host:port lists: {text!r}")
+            f"TF_CONFIG has no 'cluster' mapping task types to host:port lists: {text!r}"
+        )
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
         raise ValueError(f"TF_CONFIG needs 'task': {{'type': ..., 'index': ...}}, got {task!r}")
     for task_type, addresses in cluster.items():
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-            raise ValueError(f"TF_CONFIG cluster[{task_type!r}] must be a list of 'host:port' "
-                             f"strings, got {addresses!r}")
+            raise ValueError(
+                f"TF_CONFIG cluster[{task_type!r}] must be a list of 'host:port' "
+                f"strings, got {addresses!r}"
+            )
     task_type, task_index = task["type"], task["index"]
     if task_type not in cluster:
-        raise ValueError(f"TF_CONFIG task type {task_type!r} is not in the cluster "
-                         f"({', '.join(cluster)})")
+        raise ValueError(
+            f"TF_CONFIG task type {task_type!r} is not in the cluster ({', '.join(cluster)})"
+        )
     if not isinstance(task_index, int) or not 0 <= task_index < len(cluster[task_type]):
-        raise ValueError(f"TF_CONFIG task index {task_index!r} is out of range for the "
-                         f"{len(cluster[task_type])} {task_type!r} task(s)")
+        raise ValueError(
+            f"TF_CONFIG task index {task_index!r} is out of range for the "
+            f"{len(cluster[task_type])} {task_type!r} task(s)"
+        )
     num_workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
     if "chief" in cluster:
         is_chief = task_type == "chief"
@@ -106,20 +116,24 @@ def split_cpu(num_devices: int) -> None:
       RuntimeError: if TensorFlow's devices are already initialised.
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     if num_devices < 1:
         raise ValueError(f"number of logical CPU devices must be >= 1, got {num_devices}")
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)])
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)]
+    )
 
 
 def _local_gpus() -> Sequence[Any]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     return tf.config.list_physical_devices("GPU")
 
 
 def _tpu_strategy(tpu_address: str):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address or None)
         tf.config.experimental_connect_to_cluster(resolver)
@@ -127,12 +141,14 @@ def _tpu_strategy(tpu_address: str):
     except (ValueError, RuntimeError, OSError, tf.errors.OpError) as e:  # OSError: name lookup
         raise RuntimeError(
             f"--strategy=tpu could not reach a TPU at tpu_address={tpu_address!r}: {e}. Pass --tpu "
-            "with the TPU's name or grpc://host:port, or --tpu=local on a TPU VM.") from e
+            "with the TPU's name or grpc://host:port, or --tpu=local on a TPU VM."
+        ) from e
     return tf.distribute.TPUStrategy(resolver)
 
 
 def _mirrored_strategy(devices: Optional[Sequence[str]]):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     if devices is None and not _local_gpus():
         cpus = tf.config.list_logical_devices("CPU")
         if len(cpus) > 1:
@@ -142,18 +158,27 @@ def _mirrored_strategy(devices: Optional[Sequence[str]]):
 
 def _multi_worker_strategy():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     task = read_tf_config()
     if task is None:
-        raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable to "
-                         f"describe the cluster, e.g. TF_CONFIG='{_TF_CONFIG_EXAMPLE}' on every "
-                         "worker (with its own task index)")
-    logging.info("Multi-worker task %s:%d of %d workers (chief: %s)", task.task_type,
-                 task.task_index, task.num_workers, task.is_chief)
+        raise ValueError(
+            "--strategy=multi_worker needs the TF_CONFIG environment variable to "
+            f"describe the cluster, e.g. TF_CONFIG='{_TF_CONFIG_EXAMPLE}' on every "
+            "worker (with its own task index)"
+        )
+    logging.info(
+        "Multi-worker task %s:%d of %d workers (chief: %s)",
+        task.task_type,
+        task.task_index,
+        task.num_workers,
+        task.is_chief,
+    )
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def get_strategy(name: str = "auto", tpu_address: str = "", *,
-                 devices: Optional[Sequence[str]] = None):
+def get_strategy(
+    name: str = "auto", tpu_address: str = "", *, devices: Optional[Sequence[str]] = None
+):
     """Creates the distribution strategy called ``name`` (see the module docstring).
 
     Args:
@@ -171,11 +196,13 @@ def get_strategy(name: str = "auto", tpu_address: str = "", *,
       RuntimeError: if ``tpu`` cannot reach the TPU.
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(STRATEGIES)}")
     if devices is not None and name != "mirrored":
         raise ValueError(
-            f"devices={list(devices)} only applies to the mirrored strategy, not {name!r}")
+            f"devices={list(devices)} only applies to the mirrored strategy, not {name!r}"
+        )
     if name == "auto":
         task = read_tf_config()
         if tpu_address:
@@ -195,8 +222,11 @@ def get_strategy(name: str = "auto", tpu_address: str = "", *,
         strategy = _multi_worker_strategy()
     else:
         strategy = _tpu_strategy(tpu_address)
-    logging.info("Distribution strategy: %s with %d replica(s)", type(strategy).__name__,
-                 num_replicas(strategy))
+    logging.info(
+        "Distribution strategy: %s with %d replica(s)",
+        type(strategy).__name__,
+        num_replicas(strategy),
+    )
     return strategy
 
 
@@ -211,6 +241,7 @@ def is_chief(strategy) -> bool:
     True except for non-chief tasks of a multi-worker job (their ``TF_CONFIG`` says so).
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         task = read_tf_config()
         return task is None or task.is_chief

@@ -34,7 +34,9 @@ class BpdEvaluator:
     reports, with bit-identical sums.
     """
 
-    def __init__(self, net, diffusion, *, seed=0, clip_denoised=True, class_cond=False, super_res=False):
+    def __init__(
+        self, net, diffusion, *, seed=0, clip_denoised=True, class_cond=False, super_res=False
+    ):
         self.net = net
         self.diffusion = diffusion
         self.seed = int(seed)
@@ -49,9 +51,15 @@ class BpdEvaluator:
         if self.super_res:
             kwargs["low_res"] = batch["low_res"]
         seeds = tf.cast(batch["index"], tf.int64) + self.seed
-        return sampling.calc_bpd_loop(self.diffusion, lambda x, t, **kw: self.net(x, t, training=False, **kw),
-                                      batch["image"], clip_denoised=self.clip_denoised, model_kwargs=kwargs,
-                                      seeds=seeds, steps=steps)
+        return sampling.calc_bpd_loop(
+            self.diffusion,
+            lambda x, t, **kw: self.net(x, t, training=False, **kw),
+            batch["image"],
+            clip_denoised=self.clip_denoised,
+            model_kwargs=kwargs,
+            seeds=seeds,
+            steps=steps,
+        )
 
     def replica_sums(self, batch):
         """Per-replica sums over the real (unmasked) examples of one batch."""
@@ -78,7 +86,9 @@ class BpdEvaluator:
         }
 
 
-def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = None) -> Dict[str, float]:
+def evaluate(
+    config, workdir: str, strategy=None, checkpoint: Optional[str] = None
+) -> Dict[str, float]:
     """Evaluates bits/dim on config.data.eval_split; writes <workdir>/eval/{summary.json,*_terms.npz}.
 
     The files are written atomically (:mod:`tf_iddpm.fileio`).  ``checkpoint``: a checkpoint
@@ -92,19 +102,35 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
     if num_examples < 0:
         raise ValueError(f"eval.num_samples must be >= 0 (0 = the whole split), got {num_examples}")
     data_lib.validate_data_config(config.data)
-    diffusion = factory.create_diffusion_from_config(config, timestep_respacing=config.eval.timestep_respacing)
+    diffusion = factory.create_diffusion_from_config(
+        config, timestep_respacing=config.eval.timestep_respacing
+    )
     with strategy.scope():
         net = factory.create_model_from_config(config)
-    loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.eval.use_ema,
-                                                   ema_rates=config_utils.ema_rates(config),
-                                                   checkpoint_path=checkpoint)
-    evaluator = BpdEvaluator(net, diffusion, seed=config.seed, clip_denoised=config.eval.clip_denoised,
-                             class_cond=config.data.class_cond, super_res=config.data.low_res_size > 0)
+    loaded = checkpoints.restore_inference_weights(
+        net,
+        workdir,
+        use_ema=config.eval.use_ema,
+        ema_rates=config_utils.ema_rates(config),
+        checkpoint_path=checkpoint,
+    )
+    evaluator = BpdEvaluator(
+        net,
+        diffusion,
+        seed=config.seed,
+        clip_denoised=config.eval.clip_denoised,
+        class_cond=config.data.class_cond,
+        super_res=config.data.low_res_size > 0,
+    )
     global_batch = int(config.eval.batch_size)
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: data_lib.make_eval_dataset(
-            config.data, batch_size=ctx.get_per_replica_batch_size(global_batch),
-            num_examples=num_examples, input_context=ctx))
+            config.data,
+            batch_size=ctx.get_per_replica_batch_size(global_batch),
+            num_examples=num_examples,
+            input_context=ctx,
+        )
+    )
 
     # Each batch's chain runs as a few graph calls (chunks of steps), so progress moves along the
     # chain; the sums equal the one-call evaluator.replica_sums bit for bit.
@@ -115,14 +141,26 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
     @tf.function
     def eval_sums(batch, chunks):
         per_replica = strategy.run(evaluator.replica_chunk_sums, args=(batch, chunks))
-        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+        return {
+            k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+            for k, v in per_replica.items()
+        }
 
-    logging.info("evaluating %s on %s/%s with %d steps per image", loaded, config.data.name,
-                 config.data.eval_split, diffusion.num_timesteps)
-    bounds = [(tf.constant(b, tf.int32), tf.constant(e, tf.int32))
-              for b, e in sampling.chunk_bounds(diffusion.num_timesteps)]
+    logging.info(
+        "evaluating %s on %s/%s with %d steps per image",
+        loaded,
+        config.data.name,
+        config.data.eval_split,
+        diffusion.num_timesteps,
+    )
+    bounds = [
+        (tf.constant(b, tf.int32), tf.constant(e, tf.int32))
+        for b, e in sampling.chunk_bounds(diffusion.num_timesteps)
+    ]
     split_size = data_lib.dataset_num_examples(config.data, config.data.eval_split)
-    num_batches = -(-(min(split_size, num_examples) if num_examples else split_size) // global_batch)
+    num_batches = -(
+        -(min(split_size, num_examples) if num_examples else split_size) // global_batch
+    )
     totals = None
     progress = tqdm.tqdm(total=num_batches * diffusion.num_timesteps, desc="bpd", unit="step")
     for batch in dataset:
@@ -132,10 +170,14 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
             progress.update(int(end - begin))
         sums = {k: v.numpy() for k, v in eval_sums(batch, chunks).items()}
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-        progress.set_postfix(bpd=f"{totals['total_bpd'] / max(totals['count'], 1):.4f}", n=int(totals["count"]))
+        progress.set_postfix(
+            bpd=f"{totals['total_bpd'] / max(totals['count'], 1):.4f}", n=int(totals["count"])
+        )
     progress.close()
     if totals is None or totals["count"] == 0:
-        raise ValueError(f"the eval split {config.data.eval_split!r} of {config.data.name!r} is empty")
+        raise ValueError(
+            f"the eval split {config.data.eval_split!r} of {config.data.name!r} is empty"
+        )
 
     count = float(totals["count"])
     summary = {
@@ -154,10 +196,15 @@ def evaluate(config, workdir: str, strategy=None, checkpoint: Optional[str] = No
         # The reference's image_nll.py layout: arr_0 = the per-step term averaged over images,
         # column k belonging to t = K-1-k.
         terms = totals[name] / count
-        fileio.atomic_write(os.path.join(out_dir, f"{name}_terms.npz"),
-                            lambda file, terms=terms: np.savez(file, terms))
-    summary_path = fileio.atomic_write_text(os.path.join(out_dir, "summary.json"),
-                                            json.dumps(summary, indent=2))
-    logging.info("bpd %.4f over %d images; written to %s", summary["bpd"], summary["num_images"], out_dir)
+        fileio.atomic_write(
+            os.path.join(out_dir, f"{name}_terms.npz"),
+            lambda file, terms=terms: np.savez(file, terms),
+        )
+    summary_path = fileio.atomic_write_text(
+        os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2)
+    )
+    logging.info(
+        "bpd %.4f over %d images; written to %s", summary["bpd"], summary["num_images"], out_dir
+    )
     print(f"bits/dim: {summary['bpd']:.4f} over {summary['num_images']} images -> {summary_path}")
     return summary

@@ -49,7 +49,7 @@ def _temp_name(path: str) -> str:
 def _fsync_directory(directory: str) -> None:
     try:
         descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:     # e.g. a platform that cannot open directories
+    except OSError:  # e.g. a platform that cannot open directories
         return
     try:
         os.fsync(descriptor)
@@ -152,7 +152,7 @@ def make_temp_dir(parent: PathLike, prefix: str) -> str:
     while True:
         path = os.path.join(parent, f"{prefix}{secrets.token_hex(4)}")
         try:
-            os.mkdir(path, 0o777)   # 0o777 & ~umask
+            os.mkdir(path, 0o777)  # 0o777 & ~umask
             return path
         except FileExistsError:
             continue

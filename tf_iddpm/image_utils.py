@@ -44,7 +44,9 @@ def normalize_images(images):
     return tf.gather(_PIXEL_LEVELS, tf.cast(images, tf.int32))
 
 
-_PIXEL_LEVELS = (np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
+_PIXEL_LEVELS = (np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(
+    np.float32
+)
 
 
 def denormalize_images(images, *, round_to_nearest=False):
@@ -226,8 +228,10 @@ def make_image_grid(images, *, num_columns=None, padding=0):
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        raise TypeError(f"make_image_grid expects uint8 images, got dtype {images.dtype}; "
-                        "use denormalize_images first.")
+        raise TypeError(
+            f"make_image_grid expects uint8 images, got dtype {images.dtype}; "
+            "use denormalize_images first."
+        )
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
         raise ValueError(
             f"make_image_grid expects [N>0, H, W, C in {{1, 3}}] images, got shape {images.shape}."

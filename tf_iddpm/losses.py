@@ -46,9 +46,15 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     Returns:
       KL divergence, broadcast shape of the inputs, float32 (float64 if the inputs are float64).
     """
-    tensor_args = [a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, (tf.Tensor, tf.Variable, np.ndarray))]
+    tensor_args = [
+        a
+        for a in (mean1, logvar1, mean2, logvar2)
+        if isinstance(a, (tf.Tensor, tf.Variable, np.ndarray))
+    ]
     dtype = _as_float(tensor_args[0]).dtype if tensor_args else tf.float32
-    mean1, logvar1, mean2, logvar2 = (tf.cast(_as_float(a), dtype) for a in (mean1, logvar1, mean2, logvar2))
+    mean1, logvar1, mean2, logvar2 = (
+        tf.cast(_as_float(a), dtype) for a in (mean1, logvar1, mean2, logvar2)
+    )
     q = tfd.Normal(loc=mean1, scale=tf.exp(0.5 * logvar1))
     p = tfd.Normal(loc=mean2, scale=tf.exp(0.5 * logvar2))
     return tfd.kl_divergence(q, p)
@@ -108,10 +114,14 @@ def _exact_bin_log_probs(x, means, log_scales):
     log_cdf_delta = tf.where(
         right_tail,
         _log_sub_exp(log_one_minus_cdf_min, decoder.log_survival_function(upper)),
-        _log_sub_exp(log_cdf_plus, decoder.log_cdf(lower)))
+        _log_sub_exp(log_cdf_plus, decoder.log_cdf(lower)),
+    )
     floor = tf.math.log(tf.constant(_MIN_PROB, log_cdf_plus.dtype))
-    return (tf.maximum(log_cdf_plus, floor), tf.maximum(log_one_minus_cdf_min, floor),
-            tf.maximum(log_cdf_delta, floor))
+    return (
+        tf.maximum(log_cdf_plus, floor),
+        tf.maximum(log_one_minus_cdf_min, floor),
+        tf.maximum(log_cdf_delta, floor),
+    )
 
 
 def discretized_gaussian_log_likelihood(x, *, means, log_scales, cdf="exact"):
@@ -136,8 +146,13 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales, cdf="exact"):
     means = tf.cast(means, x.dtype)
     log_scales = tf.cast(log_scales, x.dtype)
     if cdf == "approx":
-        log_cdf_plus, log_one_minus_cdf_min, log_cdf_delta = _approx_bin_log_probs(x, means, log_scales)
+        log_cdf_plus, log_one_minus_cdf_min, log_cdf_delta = _approx_bin_log_probs(
+            x, means, log_scales
+        )
     else:
-        log_cdf_plus, log_one_minus_cdf_min, log_cdf_delta = _exact_bin_log_probs(x, means, log_scales)
-    return tf.where(x < -_EDGE, log_cdf_plus,
-                    tf.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta))
+        log_cdf_plus, log_one_minus_cdf_min, log_cdf_delta = _exact_bin_log_probs(
+            x, means, log_scales
+        )
+    return tf.where(
+        x < -_EDGE, log_cdf_plus, tf.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta)
+    )

@@ -66,7 +66,8 @@ _HOW_TO_GET_INCEPTION = (
     "machine with internet access, run\n"
     "  python -c \"import keras; keras.applications.InceptionV3(weights='imagenet', "
     "include_top=False, pooling='avg').save('inception.keras')\"\n"
-    "and copy inception.keras here.")
+    "and copy inception.keras here."
+)
 
 StatsOrImages = Union[str, os.PathLike, np.ndarray, Tuple[np.ndarray, np.ndarray]]
 
@@ -77,8 +78,10 @@ def _check_statistics(mu, sigma, which: str) -> Tuple[np.ndarray, np.ndarray]:
     if mu.ndim != 1:
         raise ValueError(f"mu{which} must be a vector [D], got shape {mu.shape}")
     if sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"sigma{which} must be a [D, D] = {(mu.shape[0],) * 2} matrix matching "
-                         f"mu{which}, got shape {sigma.shape}")
+        raise ValueError(
+            f"sigma{which} must be a [D, D] = {(mu.shape[0],) * 2} matrix matching "
+            f"mu{which}, got shape {sigma.shape}"
+        )
     return mu, sigma
 
 
@@ -109,11 +112,15 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> f
         if not np.isfinite(min(residual, offset_residual)):
             raise ValueError(
                 f"sqrt(sigma1 @ sigma2) is not finite, even with an eps={eps} offset; are sigma1 "
-                "and sigma2 finite, symmetric positive semi-definite matrices?")
+                "and sigma2 finite, symmetric positive semi-definite matrices?"
+            )
         warnings.warn(
             f"sqrt(sigma1 @ sigma2) has relative residual {residual:.3g}; retried with {eps} * I "
             f"added to both covariances (residual {offset_residual:.3g}) and kept the more "
-            "accurate root", RuntimeWarning, stacklevel=2)
+            "accurate root",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         if offset_residual < residual:
             root = offset_root
     if np.iscomplexobj(root):
@@ -122,7 +129,8 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> f
             raise ValueError(
                 f"sqrt(sigma1 @ sigma2) has an imaginary component of {largest_imaginary:.3g} "
                 f"(allowed up to {_MAX_IMAGINARY_COMPONENT}); are sigma1 and sigma2 covariance "
-                "matrices?")
+                "matrices?"
+            )
         root = root.real
     return float(np.trace(root))
 
@@ -148,8 +156,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, sigma1 = _check_statistics(mu1, sigma1, "1")
     mu2, sigma2 = _check_statistics(mu2, sigma2, "2")
     if mu1.shape != mu2.shape:
-        raise ValueError(f"the two feature dimensions differ: mu1 has shape {mu1.shape}, mu2 has "
-                         f"shape {mu2.shape}")
+        raise ValueError(
+            f"the two feature dimensions differ: mu1 has shape {mu1.shape}, mu2 has "
+            f"shape {mu2.shape}"
+        )
     diff = mu1 - mu2
     trace_sqrt = _trace_sqrt_product(sigma1, sigma2, eps)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
@@ -166,8 +176,9 @@ def feature_statistics(features) -> Tuple[np.ndarray, np.ndarray]:
     """
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"features must be an [N, D] array with N >= 2, got shape "
-                         f"{features.shape}")
+        raise ValueError(
+            f"features must be an [N, D] array with N >= 2, got shape {features.shape}"
+        )
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -192,8 +203,10 @@ def load_statistics(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, np.ndarr
     with np.load(path) as data:
         missing = {"mu", "sigma"} - set(data.files)
         if missing:
-            raise ValueError(f"{os.fspath(path)!r} has no {sorted(missing)} arrays (keys: "
-                             f"{sorted(data.files)}); reference statistics need 'mu' and 'sigma'")
+            raise ValueError(
+                f"{os.fspath(path)!r} has no {sorted(missing)} arrays (keys: "
+                f"{sorted(data.files)}); reference statistics need 'mu' and 'sigma'"
+            )
         return _check_statistics(data["mu"], data["sigma"], "")
 
 
@@ -204,8 +217,10 @@ def _is_legacy_h5_full_model(path: str) -> Tuple[bool, bool]:
     with h5py.File(path, "r") as h5:
         if "model_config" in h5.attrs:
             return True, False
-        layer_names = [name.decode() if isinstance(name, bytes) else str(name)
-                       for name in h5.attrs.get("layer_names", [])]
+        layer_names = [
+            name.decode() if isinstance(name, bytes) else str(name)
+            for name in h5.attrs.get("layer_names", [])
+        ]
         return False, "predictions" in layer_names
 
 
@@ -214,7 +229,8 @@ def _inception_v3_from_weights(path: str, include_top: bool):
     input_shape = (INCEPTION_IMAGE_SIZE, INCEPTION_IMAGE_SIZE, 3)
     if not include_top:
         return keras.applications.InceptionV3(
-            weights=path, include_top=False, pooling="avg", input_shape=input_shape)
+            weights=path, include_top=False, pooling="avg", input_shape=input_shape
+        )
     classifier = keras.applications.InceptionV3(weights=path, include_top=True)
     return keras.Model(classifier.inputs, classifier.get_layer("avg_pool").output)
 
@@ -222,22 +238,29 @@ def _inception_v3_from_weights(path: str, include_top: bool):
 def _load_feature_network(path: str):
     """Returns a callable float32 [B, 299, 299, 3] in [-1, 1] -> features (any structure)."""
     if os.path.isdir(path):
-        if not any(os.path.exists(os.path.join(path, name))
-                   for name in ("saved_model.pb", "saved_model.pbtxt")):
+        if not any(
+            os.path.exists(os.path.join(path, name))
+            for name in ("saved_model.pb", "saved_model.pbtxt")
+        ):
             raise FileNotFoundError(
                 f"directory {path!r} is not a TensorFlow SavedModel (no saved_model.pb).\n"
-                + _HOW_TO_GET_INCEPTION)
+                + _HOW_TO_GET_INCEPTION
+            )
         loaded = tf.saved_model.load(path)
         signature = loaded.signatures.get("serving_default")
         if signature is None:
             if not callable(loaded):
-                raise ValueError(f"SavedModel {path!r} has neither a 'serving_default' signature "
-                                 "nor a __call__ function")
+                raise ValueError(
+                    f"SavedModel {path!r} has neither a 'serving_default' signature "
+                    "nor a __call__ function"
+                )
             return loaded, loaded
         input_names = list(signature.structured_input_signature[1])
         if len(input_names) != 1:
-            raise ValueError(f"SavedModel {path!r}: the 'serving_default' signature must take one "
-                             f"image input, it takes {input_names}")
+            raise ValueError(
+                f"SavedModel {path!r}: the 'serving_default' signature must take one "
+                f"image input, it takes {input_names}"
+            )
         return (lambda images: signature(**{input_names[0]: images})), loaded
 
     lower = path.lower()
@@ -275,12 +298,14 @@ class InceptionFeatureExtractor:
           ValueError: unsupported file type or SavedModel signature, or bad batch_size.
         """
         if path is None or not os.fspath(path):
-            raise FileNotFoundError("no Inception network path was given.\n"
-                                    + _HOW_TO_GET_INCEPTION)
+            raise FileNotFoundError(
+                "no Inception network path was given.\n" + _HOW_TO_GET_INCEPTION
+            )
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"Inception network {path!r} does not exist.\n"
-                                    + _HOW_TO_GET_INCEPTION)
+            raise FileNotFoundError(
+                f"Inception network {path!r} does not exist.\n" + _HOW_TO_GET_INCEPTION
+            )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.path = path
@@ -291,33 +316,44 @@ class InceptionFeatureExtractor:
         else:
             self._network = network
         self._extract = tf.function(
-            self._extract_batch, reduce_retracing=True,
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+            self._extract_batch,
+            reduce_retracing=True,
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)],
+        )
 
     @staticmethod
     def preprocess(images: tf.Tensor) -> tf.Tensor:
         """uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3] in [-1, 1] (bilinear resize)."""
-        images = tf.image.resize(tf.cast(images, tf.float32),
-                                 [INCEPTION_IMAGE_SIZE, INCEPTION_IMAGE_SIZE], method="bilinear")
+        images = tf.image.resize(
+            tf.cast(images, tf.float32),
+            [INCEPTION_IMAGE_SIZE, INCEPTION_IMAGE_SIZE],
+            method="bilinear",
+        )
         return images / 127.5 - 1.0
 
     def _extract_batch(self, images: tf.Tensor) -> tf.Tensor:
         features = self._network(self.preprocess(images))
         if isinstance(features, dict):
             if len(features) != 1:
-                raise ValueError(f"the Inception network returns several outputs "
-                                 f"{sorted(features)}; it must return the pool features only")
+                raise ValueError(
+                    f"the Inception network returns several outputs "
+                    f"{sorted(features)}; it must return the pool features only"
+                )
             features = next(iter(features.values()))
         if isinstance(features, (list, tuple)):
             if len(features) != 1:
-                raise ValueError(f"the Inception network returns {len(features)} outputs; it "
-                                 "must return the pool features only")
+                raise ValueError(
+                    f"the Inception network returns {len(features)} outputs; it "
+                    "must return the pool features only"
+                )
             features = features[0]
         if features.shape.rank == 4:  # [B, h, w, D]: a network built without pooling
             features = tf.reduce_mean(features, axis=[1, 2])
         if features.shape.rank != 2:
-            raise ValueError(f"the Inception network must return features [B, D] (or [B, h, w, D]),"
-                             f" got shape {features.shape}")
+            raise ValueError(
+                f"the Inception network must return features [B, D] (or [B, h, w, D]),"
+                f" got shape {features.shape}"
+            )
         return tf.cast(features, tf.float32)
 
     def __call__(self, images, batch_size: Optional[int] = None) -> np.ndarray:
@@ -332,13 +368,17 @@ class InceptionFeatureExtractor:
         """
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be a uint8 array [N, H, W, 3] with values 0..255, got "
-                             f"{images.dtype} {images.shape}")
+            raise ValueError(
+                f"images must be a uint8 array [N, H, W, 3] with values 0..255, got "
+                f"{images.dtype} {images.shape}"
+            )
         batch_size = self.batch_size if batch_size is None else batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        features = [self._extract(tf.constant(images[start:start + batch_size])).numpy()
-                    for start in range(0, images.shape[0], batch_size)]
+        features = [
+            self._extract(tf.constant(images[start : start + batch_size])).numpy()
+            for start in range(0, images.shape[0], batch_size)
+        ]
         if not features:
             raise ValueError("images is empty; FID needs at least 2 images per set")
         return np.concatenate(features, axis=0).astype(np.float64)
@@ -347,13 +387,16 @@ class InceptionFeatureExtractor:
 def _load_images_npz(path: str) -> np.ndarray:
     with np.load(path) as data:
         if "arr_0" not in data.files:
-            raise ValueError(f"{path!r} holds neither images ('arr_0') nor statistics ('mu', "
-                             f"'sigma'); keys: {sorted(data.files)}")
+            raise ValueError(
+                f"{path!r} holds neither images ('arr_0') nor statistics ('mu', "
+                f"'sigma'); keys: {sorted(data.files)}"
+            )
         return data["arr_0"]
 
 
-def compute_statistics(images, extractor: InceptionFeatureExtractor,
-                       batch_size: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+def compute_statistics(
+    images, extractor: InceptionFeatureExtractor, batch_size: Optional[int] = None
+) -> Tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the Inception features of uint8 images [N, H, W, 3] (N >= 2)."""
     return feature_statistics(extractor(images, batch_size=batch_size))
 
@@ -366,8 +409,10 @@ def _resolve_statistics(source: StatsOrImages, extractor, batch_size, what: str)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not path.endswith(".npz"):
-            raise ValueError(f"{what} path must be an .npz file (images as 'arr_0', or statistics "
-                             f"as 'mu'/'sigma'), got {path!r}")
+            raise ValueError(
+                f"{what} path must be an .npz file (images as 'arr_0', or statistics "
+                f"as 'mu'/'sigma'), got {path!r}"
+            )
         with np.load(path) as data:
             has_statistics = {"mu", "sigma"} <= set(data.files)
         if has_statistics:
@@ -376,9 +421,12 @@ def _resolve_statistics(source: StatsOrImages, extractor, batch_size, what: str)
     return compute_statistics(source, extractor, batch_size)
 
 
-def compute_fid(sample_images: StatsOrImages, reference: StatsOrImages,
-                extractor: InceptionFeatureExtractor,
-                batch_size: Optional[int] = None) -> float:
+def compute_fid(
+    sample_images: StatsOrImages,
+    reference: StatsOrImages,
+    extractor: InceptionFeatureExtractor,
+    batch_size: Optional[int] = None,
+) -> float:
     """FID between generated samples and reference data.
 
     Args:
@@ -406,8 +454,9 @@ def compute_fid(sample_images: StatsOrImages, reference: StatsOrImages,
 def _check_features(features, name: str, min_rows: int = 1) -> np.ndarray:
     features = np.asarray(features)
     if features.ndim != 2 or features.shape[0] < min_rows or features.shape[1] < 1:
-        raise ValueError(f"{name} must be an [N, D] array with N >= {min_rows}, got shape "
-                         f"{features.shape}")
+        raise ValueError(
+            f"{name} must be an [N, D] array with N >= {min_rows}, got shape {features.shape}"
+        )
     if not np.all(np.isfinite(features)):
         raise ValueError(f"{name} holds non-finite values")
     return features
@@ -419,8 +468,10 @@ def warn_if_too_few(num_features: int, dim: int, what: str = "FID") -> bool:
         warnings.warn(
             f"{what} from {num_features} feature vectors of dimension {dim}: with N <= D the "
             "covariance is singular and FID is unreliable (and biased upwards at any small N); "
-            "published FIDs use 50 000 samples (KID is unbiased at small N)", RuntimeWarning,
-            stacklevel=2)
+            "published FIDs use 50 000 samples (KID is unbiased at small N)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return True
     return False
 
@@ -440,15 +491,20 @@ def inception_score(probs, split_size: int = 5000) -> float:
       The score, a python float in [1, C].
     """
     probs = _check_features(probs, "probs")
-    if isinstance(split_size, bool) or not isinstance(split_size, (int, np.integer)) \
-            or split_size <= 0:
+    if (
+        isinstance(split_size, bool)
+        or not isinstance(split_size, (int, np.integer))
+        or split_size <= 0
+    ):
         raise ValueError(f"split_size must be a positive int, got {split_size!r}")
     if np.any(probs < 0) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
-        raise ValueError("probs must be probabilities: non-negative rows summing to 1 (softmax "
-                         "outputs, not logits or pool features)")
+        raise ValueError(
+            "probs must be probabilities: non-negative rows summing to 1 (softmax "
+            "outputs, not logits or pool features)"
+        )
     scores = []
     for start in range(0, len(probs), split_size):
-        part = probs[start:start + split_size]
+        part = probs[start : start + split_size]
         marginal = np.mean(part, axis=0, keepdims=True)
         kl = part * (np.log(part) - np.log(marginal))
         scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
@@ -466,12 +522,17 @@ def _squared_distances(u: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
 def _distance_block(u, v):
     # The evaluator's DistanceBlock: float16 arithmetic, float32 only if a float16 value overflows.
     half = _squared_distances(tf.cast(u, tf.float16), tf.cast(v, tf.float16))
-    return tf.cond(tf.reduce_all(tf.math.is_finite(half)),
-                   lambda: tf.cast(half, tf.float32), lambda: _squared_distances(u, v))
+    return tf.cond(
+        tf.reduce_all(tf.math.is_finite(half)),
+        lambda: tf.cast(half, tf.float32),
+        lambda: _squared_distances(u, v),
+    )
 
 
-@tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)] * 2
-             + [tf.TensorSpec([], tf.int32)], reduce_retracing=True)
+@tf.function(
+    input_signature=[tf.TensorSpec([None, None], tf.float32)] * 2 + [tf.TensorSpec([], tf.int32)],
+    reduce_retracing=True,
+)
 def _smallest_distances_block(u, v, count):
     """The `count` smallest squared distances from each row of u to the rows of v, ascending."""
     distances = _distance_block(u, v)
@@ -479,8 +540,11 @@ def _smallest_distances_block(u, v, count):
     return -tf.math.top_k(-distances, k=count, sorted=True).values
 
 
-@tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)] * 2
-             + [tf.TensorSpec([None], tf.float32)] * 2, reduce_retracing=True)
+@tf.function(
+    input_signature=[tf.TensorSpec([None, None], tf.float32)] * 2
+    + [tf.TensorSpec([None], tf.float32)] * 2,
+    reduce_retracing=True,
+)
 def _inside_block(u, v, radii_u, radii_v):
     """(u rows inside some v hypersphere [Nu], v rows inside some u hypersphere [Nv])."""
     distances = _distance_block(u, v)
@@ -490,8 +554,11 @@ def _inside_block(u, v, radii_u, radii_v):
 
 
 def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
-            or block_size <= 0:
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, (int, np.integer))
+        or block_size <= 0
+    ):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     return int(block_size)
 
@@ -516,25 +583,28 @@ def manifold_radii(features, k: int = 3, block_size: int = 10_000) -> np.ndarray
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if features.shape[0] <= k:
-        raise ValueError(f"manifold radii with k={k} need more than {k} feature vectors, got "
-                         f"{features.shape[0]}")
+        raise ValueError(
+            f"manifold radii with k={k} need more than {k} feature vectors, got {features.shape[0]}"
+        )
     block_size = _check_block_size(block_size)
     count = tf.constant(k + 1, tf.int32)
     radii = np.empty([features.shape[0]], np.float32)
     for row in range(0, features.shape[0], block_size):
-        rows = tf.constant(features[row:row + block_size])
+        rows = tf.constant(features[row : row + block_size])
         smallest = None
         for col in range(0, features.shape[0], block_size):
-            block = _smallest_distances_block(rows, tf.constant(features[col:col + block_size]),
-                                              count).numpy()
+            block = _smallest_distances_block(
+                rows, tf.constant(features[col : col + block_size]), count
+            ).numpy()
             merged = block if smallest is None else np.concatenate([smallest, block], axis=1)
-            smallest = np.sort(merged, axis=1)[:, :k + 1]
-        radii[row:row + block_size] = smallest[:, k]
+            smallest = np.sort(merged, axis=1)[:, : k + 1]
+        radii[row : row + block_size] = smallest[:, k]
     return radii
 
 
-def precision_recall(ref_features, sample_features, k: int = 3,
-                     block_size: int = 10_000) -> Tuple[float, float]:
+def precision_recall(
+    ref_features, sample_features, k: int = 3, block_size: int = 10_000
+) -> Tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019), as the evaluator computes them.
 
     precision = fraction of samples inside the k-NN hypersphere of some reference feature;
@@ -555,8 +625,9 @@ def precision_recall(ref_features, sample_features, k: int = 3,
     ref = _check_features(ref_features, "ref_features").astype(np.float32)
     sample = _check_features(sample_features, "sample_features").astype(np.float32)
     if ref.shape[1] != sample.shape[1]:
-        raise ValueError(f"ref_features have dimension {ref.shape[1]}, sample_features "
-                         f"{sample.shape[1]}")
+        raise ValueError(
+            f"ref_features have dimension {ref.shape[1]}, sample_features {sample.shape[1]}"
+        )
     block_size = _check_block_size(block_size)
     radii_ref = manifold_radii(ref, k, block_size)
     radii_sample = manifold_radii(sample, k, block_size)
@@ -565,11 +636,13 @@ def precision_recall(ref_features, sample_features, k: int = 3,
     for row in range(0, ref.shape[0], block_size):
         for col in range(0, sample.shape[0], block_size):
             rows_in, cols_in = _inside_block(
-                tf.constant(ref[row:row + block_size]), tf.constant(sample[col:col + block_size]),
-                tf.constant(radii_ref[row:row + block_size]),
-                tf.constant(radii_sample[col:col + block_size]))
-            ref_in[row:row + block_size] |= rows_in.numpy()
-            sample_in[col:col + block_size] |= cols_in.numpy()
+                tf.constant(ref[row : row + block_size]),
+                tf.constant(sample[col : col + block_size]),
+                tf.constant(radii_ref[row : row + block_size]),
+                tf.constant(radii_sample[col : col + block_size]),
+            )
+            ref_in[row : row + block_size] |= rows_in.numpy()
+            sample_in[col : col + block_size] |= cols_in.numpy()
     return float(np.mean(sample_in)), float(np.mean(ref_in))
 
 
@@ -599,7 +672,7 @@ def kernel_inception_distance(features_a, features_b, block_size: int = 4096) ->
     def kernel_sum(x, y, skip_diagonal):
         total = 0.0
         for start in range(0, x.shape[0], block_size):
-            values = (x[start:start + block_size] @ y.T / dim + 1.0) ** 3
+            values = (x[start : start + block_size] @ y.T / dim + 1.0) ** 3
             total += values.sum()
             if skip_diagonal:
                 rows = np.arange(values.shape[0])
@@ -607,27 +680,33 @@ def kernel_inception_distance(features_a, features_b, block_size: int = 4096) ->
         return total
 
     m, n = a.shape[0], b.shape[0]
-    return float(kernel_sum(a, a, True) / (m * (m - 1)) + kernel_sum(b, b, True) / (n * (n - 1))
-                 - 2.0 * kernel_sum(a, b, False) / (m * n))
+    return float(
+        kernel_sum(a, a, True) / (m * (m - 1))
+        + kernel_sum(b, b, True) / (n * (n - 1))
+        - 2.0 * kernel_sum(a, b, False) / (m * n)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The 2015 Inception graph (classify_image_graph_def.pb), as the evaluator runs it.
 # ---------------------------------------------------------------------------------------------
 
-INCEPTION_GRAPH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
-                       "classify_image_graph_def.pb")
+INCEPTION_GRAPH_URL = (
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+    "classify_image_graph_def.pb"
+)
 INPUT_TENSOR = "ExpandDims:0"
 POOL_TENSOR = "pool_3:0"
 SPATIAL_TENSOR = "mixed_6/conv:0"
 SOFTMAX_MATMUL_OP = "softmax/logits/MatMul"
-SPATIAL_CHANNELS = 7   # sFID uses the first 7 channels of mixed_6/conv (17 x 17 x 7 = 2023 values)
+SPATIAL_CHANNELS = 7  # sFID uses the first 7 channels of mixed_6/conv (17 x 17 x 7 = 2023 values)
 
 _HOW_TO_GET_GRAPH = (
     "The Inception graph is the 2015 'classify_image_graph_def.pb' (inside TensorFlow's "
     "inception-2015-12-05.tgz; the guided-diffusion evaluator downloads it from "
     f"{INCEPTION_GRAPH_URL}). Download it on a machine with internet access and pass its local "
-    "path; record its sha256 (printed when it is loaded) to be sure later runs use the same file.")
+    "path; record its sha256 (printed when it is loaded) to be sure later runs use the same file."
+)
 
 
 def file_sha256(path: Union[str, os.PathLike]) -> str:
@@ -650,25 +729,33 @@ def check_images(images, what: str = "images") -> np.ndarray:
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] < 1:
-        raise ValueError(f"{what} must be a batch [N, H, W, 3] with N >= 1, got shape "
-                         f"{images.shape}")
+        raise ValueError(
+            f"{what} must be a batch [N, H, W, 3] with N >= 1, got shape {images.shape}"
+        )
     if images.shape[-1] != 3:
-        raise ValueError(f"{what} must have 3 (RGB) channels, got {images.shape[-1]} (shape "
-                         f"{images.shape}); tile grayscale images to RGB first, e.g. "
-                         "np.repeat(images, 3, axis=-1)")
+        raise ValueError(
+            f"{what} must have 3 (RGB) channels, got {images.shape[-1]} (shape "
+            f"{images.shape}); tile grayscale images to RGB first, e.g. "
+            "np.repeat(images, 3, axis=-1)"
+        )
     if images.dtype == np.uint8:
         return images
     if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"{what} must be uint8 (0..255) or float in [0, 255], got dtype "
-                         f"{images.dtype}")
+        raise ValueError(
+            f"{what} must be uint8 (0..255) or float in [0, 255], got dtype {images.dtype}"
+        )
     low, high = float(np.min(images)), float(np.max(images))
     if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 255.0:
-        raise ValueError(f"{what} must lie in [0, 255] (the evaluator feeds 0..255 pixels), got "
-                         f"values in [{low:.4g}, {high:.4g}]; convert [-1, 1] model outputs with "
-                         "tf_iddpm.image_utils.denormalize_images")
+        raise ValueError(
+            f"{what} must lie in [0, 255] (the evaluator feeds 0..255 pixels), got "
+            f"values in [{low:.4g}, {high:.4g}]; convert [-1, 1] model outputs with "
+            "tf_iddpm.image_utils.denormalize_images"
+        )
     if high <= 1.0:
-        raise ValueError(f"{what} are floats in [{low:.4g}, {high:.4g}]: these look like [0, 1] "
-                         "images; the Inception graph expects 0..255 (multiply by 255)")
+        raise ValueError(
+            f"{what} are floats in [{low:.4g}, {high:.4g}]: these look like [0, 1] "
+            "images; the Inception graph expects 0..255 (multiply by 255)"
+        )
     return images
 
 
@@ -699,18 +786,25 @@ def replace_deprecated_ops(graph_def):
         prefix = node.name + "/_batchnorm"
         epsilon = tf.compat.v1.NodeDef(name=prefix + "/epsilon", op="Const")
         epsilon.attr["dtype"].type = dtype.type
-        epsilon.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(
-            node.attr["variance_epsilon"].f, dtype=tf.dtypes.as_dtype(dtype.type)))
-        nodes = [epsilon,
-                 _node(prefix + "/add", "AddV2", [variance, epsilon.name], dtype),
-                 _node(prefix + "/rsqrt", "Rsqrt", [prefix + "/add"], dtype)]
+        epsilon.attr["value"].tensor.CopyFrom(
+            tf.make_tensor_proto(
+                node.attr["variance_epsilon"].f, dtype=tf.dtypes.as_dtype(dtype.type)
+            )
+        )
+        nodes = [
+            epsilon,
+            _node(prefix + "/add", "AddV2", [variance, epsilon.name], dtype),
+            _node(prefix + "/rsqrt", "Rsqrt", [prefix + "/add"], dtype),
+        ]
         scale = prefix + "/rsqrt"
         if node.attr["scale_after_normalization"].b:
             nodes.append(_node(prefix + "/scale", "Mul", [scale, gamma], dtype))
             scale = prefix + "/scale"
-        nodes += [_node(prefix + "/sub", "Sub", [x, mean], dtype),
-                  _node(prefix + "/mul", "Mul", [prefix + "/sub", scale], dtype),
-                  _node(node.name, "AddV2", [prefix + "/mul", beta], dtype)]
+        nodes += [
+            _node(prefix + "/sub", "Sub", [x, mean], dtype),
+            _node(prefix + "/mul", "Mul", [prefix + "/sub", scale], dtype),
+            _node(node.name, "AddV2", [prefix + "/mul", beta], dtype),
+        ]
         for new in nodes:
             new.device = node.device
         rewritten.node.extend(nodes)
@@ -728,8 +822,9 @@ class InceptionGraph:
     published FID / sFID / IS / precision / recall of the guided-diffusion evaluator.
     """
 
-    def __init__(self, path: Optional[Union[str, os.PathLike]], batch_size: int = 64,
-                 progress: bool = True):
+    def __init__(
+        self, path: Optional[Union[str, os.PathLike]], batch_size: int = 64, progress: bool = True
+    ):
         """Loads the graph.
 
         Args:
@@ -746,8 +841,9 @@ class InceptionGraph:
             raise FileNotFoundError("no Inception graph path was given.\n" + _HOW_TO_GET_GRAPH)
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"Inception graph {path!r} does not exist.\n"
-                                    + _HOW_TO_GET_GRAPH)
+            raise FileNotFoundError(
+                f"Inception graph {path!r} does not exist.\n" + _HOW_TO_GET_GRAPH
+            )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.path, self.batch_size, self.progress = path, batch_size, progress
@@ -757,35 +853,47 @@ class InceptionGraph:
             try:
                 graph_def.ParseFromString(f.read())
             except Exception as e:  # google.protobuf.message.DecodeError
-                raise ValueError(f"{path!r} is not a TensorFlow GraphDef (.pb): {e}.\n"
-                                 + _HOW_TO_GET_GRAPH) from e
+                raise ValueError(
+                    f"{path!r} is not a TensorFlow GraphDef (.pb): {e}.\n" + _HOW_TO_GET_GRAPH
+                ) from e
         names = {node.name for node in graph_def.node}
-        required = [name.split(":")[0] for name in
-                    (INPUT_TENSOR, POOL_TENSOR, SPATIAL_TENSOR, SOFTMAX_MATMUL_OP)]
+        required = [
+            name.split(":")[0]
+            for name in (INPUT_TENSOR, POOL_TENSOR, SPATIAL_TENSOR, SOFTMAX_MATMUL_OP)
+        ]
         missing = [name for name in required if name not in names]
         if missing:
-            raise ValueError(f"{path!r} is not the Inception graph the evaluator uses: it has no "
-                             f"{missing} node(s) ({len(names)} nodes).\n" + _HOW_TO_GET_GRAPH)
+            raise ValueError(
+                f"{path!r} is not the Inception graph the evaluator uses: it has no "
+                f"{missing} node(s) ({len(names)} nodes).\n" + _HOW_TO_GET_GRAPH
+            )
 
         graph_def = replace_deprecated_ops(graph_def)
 
         def import_graph(images):
             pool, spatial, matmul = tf.compat.v1.import_graph_def(
-                graph_def, input_map={INPUT_TENSOR: images},
-                return_elements=[POOL_TENSOR, SPATIAL_TENSOR, SOFTMAX_MATMUL_OP], name="inception")
+                graph_def,
+                input_map={INPUT_TENSOR: images},
+                return_elements=[POOL_TENSOR, SPATIAL_TENSOR, SOFTMAX_MATMUL_OP],
+                name="inception",
+            )
             return pool, spatial, matmul.inputs[1]
 
         wrapped = tf.compat.v1.wrap_function(
-            import_graph, [tf.TensorSpec([None, None, None, 3], tf.float32)])
+            import_graph, [tf.TensorSpec([None, None, None, 3], tf.float32)]
+        )
         pool, spatial, weights = wrapped.outputs
         self._network = wrapped.prune(feeds=wrapped.inputs, fetches=[pool, spatial])
         self.softmax_weights = wrapped.prune(feeds=[], fetches=weights)().numpy()
         if self.softmax_weights.ndim != 2:
-            raise ValueError(f"{path!r}: the weights of {SOFTMAX_MATMUL_OP} have shape "
-                             f"{self.softmax_weights.shape}, expected [2048, classes]")
+            raise ValueError(
+                f"{path!r}: the weights of {SOFTMAX_MATMUL_OP} have shape "
+                f"{self.softmax_weights.shape}, expected [2048, classes]"
+            )
         self._weights = tf.constant(self.softmax_weights)
-        self._extract = tf.function(self._extract_batch, input_signature=[
-            tf.TensorSpec([None, None, None, 3], tf.float32)])
+        self._extract = tf.function(
+            self._extract_batch, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)]
+        )
         logging.info("loaded Inception graph %s (sha256 %s)", path, self.sha256)
 
     def _extract_batch(self, images):
@@ -812,14 +920,17 @@ class InceptionGraph:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(images, np.ndarray) or not hasattr(images, "__iter__"):
             images = check_images(images)
-            batches = (images[start:start + batch_size]
-                       for start in range(0, images.shape[0], batch_size))
+            batches = (
+                images[start : start + batch_size]
+                for start in range(0, images.shape[0], batch_size)
+            )
             total = -(-images.shape[0] // batch_size)
         else:
             batches, total = images, None
         outputs = {"pool": [], "spatial": [], "probs": []}
-        for batch in tqdm.tqdm(batches, total=total, desc="Inception features", unit="batch",
-                               disable=not self.progress):
+        for batch in tqdm.tqdm(
+            batches, total=total, desc="Inception features", unit="batch", disable=not self.progress
+        ):
             batch = check_images(batch)
             pool, spatial, probs = self._extract(tf.constant(batch.astype(np.float32)))
             outputs["pool"].append(pool.numpy())
@@ -856,12 +967,16 @@ def read_batch(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
         raise FileNotFoundError(f"batch {path!r} does not exist")
     with np.load(path) as data:
         if "arr_0" not in data.files:
-            raise ValueError(f"{path!r} has no images 'arr_0' (keys: {sorted(data.files)}); an "
-                             "evaluator batch holds uint8 images [N, H, W, 3] as arr_0")
+            raise ValueError(
+                f"{path!r} has no images 'arr_0' (keys: {sorted(data.files)}); an "
+                "evaluator batch holds uint8 images [N, H, W, 3] as arr_0"
+            )
         stored = [key for key in STATISTICS_KEYS if key in data.files]
-        if len(stored) not in (0, 2, 4) or stored != list(STATISTICS_KEYS[:len(stored)]):
-            raise ValueError(f"{path!r} has statistics {stored}; expected mu and sigma, "
-                             "optionally with mu_s and sigma_s")
+        if len(stored) not in (0, 2, 4) or stored != list(STATISTICS_KEYS[: len(stored)]):
+            raise ValueError(
+                f"{path!r} has statistics {stored}; expected mu and sigma, "
+                "optionally with mu_s and sigma_s"
+            )
         batch = {key: data[key] for key in stored}
         images = data["arr_0"]
     if images.dtype != np.uint8:
@@ -870,8 +985,9 @@ def read_batch(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
     return batch
 
 
-def write_batch(path: Union[str, os.PathLike], images, *, pool_features=None,
-                spatial_features=None) -> None:
+def write_batch(
+    path: Union[str, os.PathLike], images, *, pool_features=None, spatial_features=None
+) -> None:
     """Writes an evaluator-format batch: ``arr_0`` and, given features, their statistics.
 
     Args:
@@ -893,9 +1009,13 @@ def write_batch(path: Union[str, os.PathLike], images, *, pool_features=None,
     fileio.atomic_write(path, lambda file: np.savez(file, **arrays))
 
 
-def evaluate_features(ref: Dict[str, np.ndarray], sample: Dict[str, np.ndarray], *,
-                      ref_statistics: Optional[Dict[str, np.ndarray]] = None,
-                      split_size: int = 5000) -> Dict[str, float]:
+def evaluate_features(
+    ref: Dict[str, np.ndarray],
+    sample: Dict[str, np.ndarray],
+    *,
+    ref_statistics: Optional[Dict[str, np.ndarray]] = None,
+    split_size: int = 5000,
+) -> Dict[str, float]:
     """The evaluator's five numbers (plus KID) from Inception outputs.
 
     Args:
@@ -943,8 +1063,14 @@ def evaluate_batches(ref_path, sample_path, graph: InceptionGraph) -> Dict[str, 
     return evaluate_features(ref, sample, ref_statistics=ref_batch)
 
 
-PRINTED_METRICS = (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
-                   ("Precision", "precision"), ("Recall", "recall"), ("KID", "kid"))
+PRINTED_METRICS = (
+    ("Inception Score", "inception_score"),
+    ("FID", "fid"),
+    ("sFID", "sfid"),
+    ("Precision", "precision"),
+    ("Recall", "recall"),
+    ("KID", "kid"),
+)
 
 
 def format_results(results: Dict[str, float]) -> str:
@@ -957,16 +1083,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tf_iddpm.metrics",
         description="Inception Score, FID, sFID, precision and recall of a sample batch against a "
-                    "reference batch, as openai/guided-diffusion's evaluator computes them (plus "
-                    "KID).")
-    parser.add_argument("ref_batch", help="reference batch .npz (arr_0 uint8 images, optional "
-                        "mu/sigma/mu_s/sigma_s)")
+        "reference batch, as openai/guided-diffusion's evaluator computes them (plus "
+        "KID).",
+    )
+    parser.add_argument(
+        "ref_batch",
+        help="reference batch .npz (arr_0 uint8 images, optional mu/sigma/mu_s/sigma_s)",
+    )
     parser.add_argument("sample_batch", help="sample batch .npz (arr_0 uint8 images)")
-    parser.add_argument("--inception", required=True,
-                        help="local path of classify_image_graph_def.pb")
-    parser.add_argument("--output", default="",
-                        help="JSON file for the results (default: next to the sample batch, "
-                             "<samples>_metrics.json)")
+    parser.add_argument(
+        "--inception", required=True, help="local path of classify_image_graph_def.pb"
+    )
+    parser.add_argument(
+        "--output",
+        default="",
+        help="JSON file for the results (default: next to the sample batch, "
+        "<samples>_metrics.json)",
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     args = parser.parse_args(argv)
     try:

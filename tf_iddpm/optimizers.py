@@ -47,8 +47,10 @@ class FusedAdam(keras.optimizers.Adam):
     def __init__(self, *args, corrected_epsilon: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if corrected_epsilon and self.amsgrad:
-            raise ValueError("FusedAdam: amsgrad=True is only supported with corrected_epsilon=False "
-                             "(Keras' epsilon placement)")
+            raise ValueError(
+                "FusedAdam: amsgrad=True is only supported with corrected_epsilon=False "
+                "(Keras' epsilon placement)"
+            )
         self.corrected_epsilon = bool(corrected_epsilon)
 
     def get_config(self):
@@ -65,9 +67,12 @@ class FusedAdam(keras.optimizers.Adam):
         beta1, beta2 = tf.constant(self.beta_1, tf.float32), tf.constant(self.beta_2, tf.float32)
         beta2_power = tf.pow(beta2, local_step)
         self._step_scalars = {
-            "lr": tf.cast(learning_rate, tf.float32), "beta1": beta1, "beta2": beta2,
+            "lr": tf.cast(learning_rate, tf.float32),
+            "beta1": beta1,
+            "beta2": beta2,
             "epsilon": self._step_epsilon(beta2_power),
-            "beta1_power": tf.pow(beta1, local_step), "beta2_power": beta2_power,
+            "beta1_power": tf.pow(beta1, local_step),
+            "beta2_power": beta2_power,
         }
         try:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
@@ -79,14 +84,28 @@ class FusedAdam(keras.optimizers.Adam):
         index = self._get_variable_index(variable)
         m = _component_like(self._momentums[index], variable)
         v = _component_like(self._velocities[index], variable)
-        if (scalars is None or self.amsgrad or m is None or v is None
-                or variable.dtype != tf.float32 or isinstance(gradient, tf.IndexedSlices)):
+        if (
+            scalars is None
+            or self.amsgrad
+            or m is None
+            or v is None
+            or variable.dtype != tf.float32
+            or isinstance(gradient, tf.IndexedSlices)
+        ):
             return self._unfused_update_step(gradient, variable, learning_rate)
         return tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=m.handle, v=v.handle,
-            beta1_power=scalars["beta1_power"], beta2_power=scalars["beta2_power"],
-            lr=scalars["lr"], beta1=scalars["beta1"], beta2=scalars["beta2"], epsilon=scalars["epsilon"],
-            grad=tf.cast(gradient, tf.float32), use_locking=False)
+            var=variable.handle,
+            m=m.handle,
+            v=v.handle,
+            beta1_power=scalars["beta1_power"],
+            beta2_power=scalars["beta2_power"],
+            lr=scalars["lr"],
+            beta1=scalars["beta1"],
+            beta2=scalars["beta2"],
+            epsilon=scalars["epsilon"],
+            grad=tf.cast(gradient, tf.float32),
+            use_locking=False,
+        )
 
     def _unfused_update_step(self, gradient, variable, learning_rate):
         """The same update op by op (Keras' own update when corrected_epsilon is False)."""
@@ -118,8 +137,11 @@ def _component_like(slot, variable):
     slot = slot.value if isinstance(slot, keras.Variable) else slot
     if not isinstance(slot, tf.distribute.DistributedValues):
         return slot
-    matches = [component for component in tf.distribute.get_strategy().experimental_local_results(slot)
-               if component.device == variable.device]
+    matches = [
+        component
+        for component in tf.distribute.get_strategy().experimental_local_results(slot)
+        if component.device == variable.device
+    ]
     if len(matches) != 1 or isinstance(matches[0], tf.distribute.DistributedValues):
         return None
     return matches[0]
@@ -133,6 +155,12 @@ def create_adam(learning_rate: float, weight_decay: float = 0.0) -> FusedAdam:
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    return FusedAdam(learning_rate=learning_rate, beta_1=0.9, beta_2=0.999, epsilon=TORCH_EPSILON,
-                     corrected_epsilon=True, weight_decay=weight_decay if weight_decay > 0 else None,
-                     name="adamw" if weight_decay > 0 else "adam")
+    return FusedAdam(
+        learning_rate=learning_rate,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=TORCH_EPSILON,
+        corrected_epsilon=True,
+        weight_decay=weight_decay if weight_decay > 0 else None,
+        name="adamw" if weight_decay > 0 else "adam",
+    )

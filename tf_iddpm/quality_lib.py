@@ -39,10 +39,16 @@ from tf_iddpm import metrics
 from tf_iddpm import sample_lib
 
 FID_SUBDIR = "fid"
-TABLE_COLUMNS = (("sampler", "sampler", "{}"), ("steps", "steps", "{}"),
-                 ("FID", "fid", "{:.3f}"), ("sFID", "sfid", "{:.3f}"),
-                 ("IS", "inception_score", "{:.3f}"), ("precision", "precision", "{:.4f}"),
-                 ("recall", "recall", "{:.4f}"), ("KID", "kid", "{:.5f}"))
+TABLE_COLUMNS = (
+    ("sampler", "sampler", "{}"),
+    ("steps", "steps", "{}"),
+    ("FID", "fid", "{:.3f}"),
+    ("sFID", "sfid", "{:.3f}"),
+    ("IS", "inception_score", "{:.3f}"),
+    ("precision", "precision", "{:.4f}"),
+    ("recall", "recall", "{:.4f}"),
+    ("KID", "kid", "{:.5f}"),
+)
 
 
 def to_rgb(images) -> np.ndarray:
@@ -53,8 +59,9 @@ def to_rgb(images) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
-def draw_samples(sampler: sample_lib.Sampler, config, num_samples: int, batch_size: int,
-                 desc: str = "sampling") -> np.ndarray:
+def draw_samples(
+    sampler: sample_lib.Sampler, config, num_samples: int, batch_size: int, desc: str = "sampling"
+) -> np.ndarray:
     """``num_samples`` uint8 RGB images from a :class:`sample_lib.Sampler`.
 
     Image i uses seed ``config.seed + i`` (and its class label, for class-conditional models) as in
@@ -64,12 +71,14 @@ def draw_samples(sampler: sample_lib.Sampler, config, num_samples: int, batch_si
     labels = sample_lib.sample_labels(config, seeds)
     images = []
     starts = range(0, num_samples, batch_size)
-    with tqdm.tqdm(total=len(starts) * sampler.diffusion.num_timesteps, desc=desc,
-                   unit="step") as progress:
+    with tqdm.tqdm(
+        total=len(starts) * sampler.diffusion.num_timesteps, desc=desc, unit="step"
+    ) as progress:
         for start in starts:
-            batch_labels = None if labels is None else labels[start:start + batch_size]
-            batch = sampler.sample_in_chunks(seeds[start:start + batch_size], batch_labels,
-                                             on_chunk=progress.update)
+            batch_labels = None if labels is None else labels[start : start + batch_size]
+            batch = sampler.sample_in_chunks(
+                seeds[start : start + batch_size], batch_labels, on_chunk=progress.update
+            )
             images.append(image_utils.denormalize_images(batch).numpy())
     return to_rgb(np.concatenate(images))
 
@@ -86,16 +95,20 @@ def load_graph(path: str, batch_size: int = 64) -> metrics.InceptionGraph:
     return _GRAPHS[key]
 
 
-def reference_features(path: str, graph: metrics.InceptionGraph
-                       ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+def reference_features(
+    path: str, graph: metrics.InceptionGraph
+) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(features of the batch's images, its stored statistics), computed once per file and graph.
 
     Features are needed whatever the file stores (precision, recall and KID compare feature
     sets); stored ``mu``/``sigma``/``mu_s``/``sigma_s`` replace the ones computed from them, as in
     the evaluator.
     """
-    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else 0.0,
-           graph.sha256)
+    key = (
+        os.path.abspath(path),
+        os.path.getmtime(path) if os.path.exists(path) else 0.0,
+        graph.sha256,
+    )
     if key not in _REFERENCES:
         batch = metrics.read_batch(path)
         features = graph(batch.pop("images"))
@@ -107,33 +120,42 @@ def _sweep_points(config) -> List[Tuple[str, str]]:
     """(respacing, sampler) pairs: the sweep's, or the config's own sampler."""
     respacings = config_utils.fid_sweep(config)
     if not respacings:
-        return [(config.sample.timestep_respacing,
-                 "ddim" if config.sample.use_ddim else "ancestral")]
+        return [
+            (config.sample.timestep_respacing, "ddim" if config.sample.use_ddim else "ancestral")
+        ]
     samplers = [s.strip() for s in config.fid.sweep_samplers.split(",") if s.strip()]
     return [(respacing, sampler) for sampler in samplers for respacing in respacings]
 
 
 def format_table(rows: Sequence[Dict]) -> str:
     """A markdown table of evaluation rows (the columns of :data:`TABLE_COLUMNS`)."""
-    lines = ["| " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " |",
-             "|" + "---|" * len(TABLE_COLUMNS)]
+    lines = [
+        "| " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
+    ]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) for _, key, fmt in TABLE_COLUMNS)
-                     + " |")
+        lines.append(
+            "| " + " | ".join(fmt.format(row[key]) for _, key, fmt in TABLE_COLUMNS) + " |"
+        )
     return "\n".join(lines)
 
 
 def plot_fid_vs_steps(rows: Sequence[Dict], path: str, title: str = "") -> str:
     """Writes a PNG of FID against sampling steps (log axis), one line per sampler."""
     import matplotlib  # pylint: disable=g-import-not-at-top
+
     matplotlib.use("Agg")
     from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
 
     figure, axes = pyplot.subplots(figsize=(5, 3.5), dpi=120)
     for sampler in sorted({row["sampler"] for row in rows}):
         points = sorted((row["steps"], row["fid"]) for row in rows if row["sampler"] == sampler)
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                  label="DDIM" if sampler == "ddim" else "strided ancestral")
+        axes.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o",
+            label="DDIM" if sampler == "ddim" else "strided ancestral",
+        )
     axes.set_xscale("log")
     axes.set_xlabel("sampling steps")
     axes.set_ylabel("FID")
@@ -159,8 +181,10 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
     """
     del strategy  # sampling runs on the default device, as in run.py --mode=sample
     if config.data.low_res_size > 0:
-        raise ValueError("the super-resolution model needs low-resolution inputs; evaluate its "
-                         "samples with python -m tf_iddpm.metrics instead of run.py --mode=fid")
+        raise ValueError(
+            "the super-resolution model needs low-resolution inputs; evaluate its "
+            "samples with python -m tf_iddpm.metrics instead of run.py --mode=fid"
+        )
     num_samples = int(config.fid.num_samples)
     graph = load_graph(config.fid.inception, int(config.fid.batch_size))
     print(f"Inception graph: {graph.path} (sha256 {graph.sha256})")
@@ -177,21 +201,35 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
             point_config.sample.eta = 0.0
         sampler = sample_lib.build_sampler(point_config, workdir, checkpoint=checkpoint)
         steps = int(sampler.diffusion.num_timesteps)
-        images = draw_samples(sampler, point_config, num_samples, int(config.sample.batch_size),
-                              desc=f"sampling {sampler_name} {steps} steps")
+        images = draw_samples(
+            sampler,
+            point_config,
+            num_samples,
+            int(config.sample.batch_size),
+            desc=f"sampling {sampler_name} {steps} steps",
+        )
         if len(points) == 1:
             stem = "samples_" + "x".join(str(d) for d in images.shape)
             metrics.write_batch(os.path.join(out_dir, stem + ".npz"), images)
         results = metrics.evaluate_features(ref, graph(images), ref_statistics=ref_statistics)
-        row = {"sampler": sampler_name, "steps": steps, "respacing": respacing or "full",
-               "eta": float(point_config.sample.eta), "use_ema": bool(config.sample.use_ema),
-               **results}
+        row = {
+            "sampler": sampler_name,
+            "steps": steps,
+            "respacing": respacing or "full",
+            "eta": float(point_config.sample.eta),
+            "use_ema": bool(config.sample.use_ema),
+            **results,
+        }
         rows.append(row)
         logging.info("%s %d steps: %s", sampler_name, steps, row)
         print(metrics.format_results(row))
 
-    summary = {"rows": rows, "ref_batch": config.fid.ref_batch, "inception": graph.path,
-               "inception_sha256": graph.sha256}
+    summary = {
+        "rows": rows,
+        "ref_batch": config.fid.ref_batch,
+        "inception": graph.path,
+        "inception_sha256": graph.sha256,
+    }
     json_path = os.path.join(out_dir, "results.json")
     fileio.atomic_write_text(json_path, json.dumps(summary, indent=2))
     table = format_table(rows)
@@ -199,8 +237,11 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
     fileio.atomic_write_text(table_path, table + "\n")
     png_path = None
     if len(points) > 1:
-        png_path = plot_fid_vs_steps(rows, os.path.join(out_dir, "fid_vs_steps.png"),
-                                     f"FID vs sampling steps ({num_samples} samples)")
+        png_path = plot_fid_vs_steps(
+            rows,
+            os.path.join(out_dir, "fid_vs_steps.png"),
+            f"FID vs sampling steps ({num_samples} samples)",
+        )
     print(table)
     print(f"results: {json_path}" + (f"\nplot:    {png_path}" if png_path else ""))
     return {"rows": rows, "json": json_path, "table": table_path, "png": png_path}
@@ -233,22 +274,35 @@ def log_training_fid(net, config, step: int, writer) -> Optional[Dict[str, float
     if config.data.low_res_size > 0:
         logging.warning("train.fid_every: skipped, super-resolution models need low-res inputs")
         return None
-    graph = load_graph(config.train.fid_inception or config.fid.inception,
-                       int(config.fid.batch_size))
-    ref, ref_statistics = reference_features(config.train.fid_ref_batch or config.fid.ref_batch,
-                                             graph)
+    graph = load_graph(
+        config.train.fid_inception or config.fid.inception, int(config.fid.batch_size)
+    )
+    ref, ref_statistics = reference_features(
+        config.train.fid_ref_batch or config.fid.ref_batch, graph
+    )
     sample = config.sample
     key = (id(net), sample.timestep_respacing, sample.use_ddim, float(sample.eta))
     if key not in _TRAINING_SAMPLERS:
         diffusion = factory.create_diffusion_from_config(
-            config, timestep_respacing=sample.timestep_respacing)
+            config, timestep_respacing=sample.timestep_respacing
+        )
         size = config.data.image_size
         _TRAINING_SAMPLERS[key] = sample_lib.Sampler(
-            net, diffusion, image_shape=[size, size, config.data.num_channels],
-            use_ddim=sample.use_ddim, eta=sample.eta, clip_denoised=sample.clip_denoised,
-            class_cond=config.data.class_cond)
-    images = draw_samples(_TRAINING_SAMPLERS[key], config, int(config.train.fid_num_samples),
-                          int(sample.batch_size), desc=f"FID samples at step {step}")
+            net,
+            diffusion,
+            image_shape=[size, size, config.data.num_channels],
+            use_ddim=sample.use_ddim,
+            eta=sample.eta,
+            clip_denoised=sample.clip_denoised,
+            class_cond=config.data.class_cond,
+        )
+    images = draw_samples(
+        _TRAINING_SAMPLERS[key],
+        config,
+        int(config.train.fid_num_samples),
+        int(sample.batch_size),
+        desc=f"FID samples at step {step}",
+    )
     features = graph(images)["pool"]
     if "mu" in ref_statistics:
         mu, sigma = ref_statistics["mu"], ref_statistics["sigma"]
@@ -270,10 +324,15 @@ def log_training_fid(net, config, step: int, writer) -> Optional[Dict[str, float
 # ---------------------------------------------------------------------------------------------
 
 
-def make_reference_batch(data_config, path: str, *, num_images: int = 0,
-                         split: Optional[str] = None,
-                         graph: Optional[metrics.InceptionGraph] = None,
-                         batch_size: int = 256) -> np.ndarray:
+def make_reference_batch(
+    data_config,
+    path: str,
+    *,
+    num_images: int = 0,
+    split: Optional[str] = None,
+    graph: Optional[metrics.InceptionGraph] = None,
+    batch_size: int = 256,
+) -> np.ndarray:
     """Writes an evaluator-format reference batch from a dataset of ``tf_iddpm.data``.
 
     Images come from the deterministic eval pipeline (``data.make_eval_dataset``: the split's
@@ -292,8 +351,9 @@ def make_reference_batch(data_config, path: str, *, num_images: int = 0,
     Returns:
       The uint8 images [N, H, W, 3].
     """
-    dataset = data_lib.make_eval_dataset(data_config, batch_size=batch_size, split=split,
-                                         num_examples=num_images)
+    dataset = data_lib.make_eval_dataset(
+        data_config, batch_size=batch_size, split=split, num_examples=num_images
+    )
     images = []
     for batch in dataset:
         real = tf.boolean_mask(batch["image"], batch["mask"])
@@ -303,8 +363,9 @@ def make_reference_batch(data_config, path: str, *, num_images: int = 0,
         metrics.write_batch(path, images)
     else:
         features = graph(images)
-        metrics.write_batch(path, images, pool_features=features["pool"],
-                            spatial_features=features["spatial"])
+        metrics.write_batch(
+            path, images, pool_features=features["pool"], spatial_features=features["spatial"]
+        )
     logging.info("wrote a reference batch of %d images to %s", len(images), path)
     return images
 
@@ -314,11 +375,14 @@ def _main(argv):
     config = FLAGS.config
     data_lib.validate_data_config(config.data)
     graph = metrics.InceptionGraph(FLAGS.inception) if FLAGS.inception else None
-    images = make_reference_batch(config.data, FLAGS.out, num_images=FLAGS.num_images,
-                                  split=FLAGS.split or None, graph=graph)
-    print(f"reference batch: {FLAGS.out} ({images.shape[0]} images "
-          f"{'x'.join(str(d) for d in images.shape[1:])}"
-          + (f", statistics from Inception sha256 {graph.sha256})" if graph else ")"))
+    images = make_reference_batch(
+        config.data, FLAGS.out, num_images=FLAGS.num_images, split=FLAGS.split or None, graph=graph
+    )
+    print(
+        f"reference batch: {FLAGS.out} ({images.shape[0]} images "
+        f"{'x'.join(str(d) for d in images.shape[1:])}"
+        + (f", statistics from Inception sha256 {graph.sha256})" if graph else ")")
+    )
 
 
 if __name__ == "__main__":
@@ -327,12 +391,17 @@ if __name__ == "__main__":
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
     FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Experiment config whose data group to read, "
-                                    "e.g. configs/cifar10_hybrid.py (--config.data.* overrides).")
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Experiment config whose data group to read, "
+        "e.g. configs/cifar10_hybrid.py (--config.data.* overrides).",
+    )
     flags.DEFINE_string("out", None, "Reference batch .npz to write.")
     flags.DEFINE_integer("num_images", 0, "Images to take from the split (0 = all of it).")
     flags.DEFINE_string("split", "", "Split (default: the config's data.eval_split).")
-    flags.DEFINE_string("inception", "", "classify_image_graph_def.pb: also store mu/sigma and "
-                        "mu_s/sigma_s.")
+    flags.DEFINE_string(
+        "inception", "", "classify_image_graph_def.pb: also store mu/sigma and mu_s/sigma_s."
+    )
     flags.mark_flags_as_required(["config", "out"])
     app.run(_main)

@@ -31,10 +31,14 @@ def sample_labels(config, seeds: np.ndarray) -> Optional[np.ndarray]:
     label = int(config.sample.class_label)
     if label >= 0:
         if label >= num_classes:
-            raise ValueError(f"class_label {label} out of range; allowed: 0..{num_classes - 1} (or -1 for random)")
+            raise ValueError(
+                f"class_label {label} out of range; allowed: 0..{num_classes - 1} (or -1 for random)"
+            )
         return np.full(len(seeds), label, np.int32)
     # A label per seed (not per batch), so labels too are independent of the batch split.
-    return np.asarray([np.random.default_rng(int(s)).integers(num_classes) for s in seeds], np.int32)
+    return np.asarray(
+        [np.random.default_rng(int(s)).integers(num_classes) for s in seeds], np.int32
+    )
 
 
 class Sampler:
@@ -45,8 +49,17 @@ class Sampler:
     Both give bit-identical images.
     """
 
-    def __init__(self, net, diffusion, *, image_shape, use_ddim=False, eta=0.0, clip_denoised=True,
-                 class_cond=False):
+    def __init__(
+        self,
+        net,
+        diffusion,
+        *,
+        image_shape,
+        use_ddim=False,
+        eta=0.0,
+        clip_denoised=True,
+        class_cond=False,
+    ):
         self.net = net
         self.diffusion = diffusion
         self.image_shape = list(image_shape)
@@ -55,15 +68,24 @@ class Sampler:
         self.clip_denoised = clip_denoised
         self.class_cond = class_cond
         # [None] batch dims: a last, smaller batch reuses the same graph.
-        self.sample_batch = tf.function(self._sample_batch, input_signature=[
-            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32)])
+        self.sample_batch = tf.function(
+            self._sample_batch,
+            input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32)],
+        )
         self.initial_noise = tf.function(
             lambda seeds: sampling.seeded_normal(seeds, 0, self.image_shape),
-            input_signature=[tf.TensorSpec([None], tf.int64)])
-        self.sample_steps = tf.function(self._sample_batch, input_signature=[
-            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([None] + self.image_shape, tf.float32), tf.TensorSpec([], tf.int32),
-            tf.TensorSpec([], tf.int32)])
+            input_signature=[tf.TensorSpec([None], tf.int64)],
+        )
+        self.sample_steps = tf.function(
+            self._sample_batch,
+            input_signature=[
+                tf.TensorSpec([None], tf.int64),
+                tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None] + self.image_shape, tf.float32),
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([], tf.int32),
+            ],
+        )
 
     def _model_fn(self, x, t, **kwargs):
         return self.net(x, t, training=False, **kwargs)
@@ -73,23 +95,44 @@ class Sampler:
         kwargs = {"y": labels} if self.class_cond else {}
         steps = None if begin is None else (begin, end)
         if self.use_ddim:
-            return sampling.ddim_sample_loop(self.diffusion, self._model_fn, shape, seeds=seeds, eta=self.eta,
-                                             clip_denoised=self.clip_denoised, model_kwargs=kwargs,
-                                             noise=x, steps=steps)
-        return sampling.p_sample_loop(self.diffusion, self._model_fn, shape, seeds=seeds,
-                                      clip_denoised=self.clip_denoised, model_kwargs=kwargs,
-                                      noise=x, steps=steps)
+            return sampling.ddim_sample_loop(
+                self.diffusion,
+                self._model_fn,
+                shape,
+                seeds=seeds,
+                eta=self.eta,
+                clip_denoised=self.clip_denoised,
+                model_kwargs=kwargs,
+                noise=x,
+                steps=steps,
+            )
+        return sampling.p_sample_loop(
+            self.diffusion,
+            self._model_fn,
+            shape,
+            seeds=seeds,
+            clip_denoised=self.clip_denoised,
+            model_kwargs=kwargs,
+            noise=x,
+            steps=steps,
+        )
 
     @staticmethod
     def _inputs(seeds, labels):
         seeds = tf.convert_to_tensor(seeds, tf.int64)
-        labels = tf.zeros_like(seeds, tf.int32) if labels is None else tf.convert_to_tensor(labels, tf.int32)
+        labels = (
+            tf.zeros_like(seeds, tf.int32)
+            if labels is None
+            else tf.convert_to_tensor(labels, tf.int32)
+        )
         return seeds, labels
 
     def __call__(self, seeds, labels=None):
         return self.sample_batch(*self._inputs(seeds, labels))
 
-    def sample_in_chunks(self, seeds, labels=None, on_chunk: Optional[Callable[[int], None]] = None):
+    def sample_in_chunks(
+        self, seeds, labels=None, on_chunk: Optional[Callable[[int], None]] = None
+    ):
         """As ``sampler(seeds, labels)``, run as a few graph calls; on_chunk(steps run) after each."""
         seeds, labels = self._inputs(seeds, labels)
         x = self.initial_noise(seeds)
@@ -109,15 +152,30 @@ def build_sampler(config, workdir: str, checkpoint: Optional[str] = None) -> Sam
     respacing = config.sample.timestep_respacing
     diffusion = factory.create_diffusion_from_config(config, timestep_respacing=respacing)
     net = factory.create_model_from_config(config)
-    loaded = checkpoints.restore_inference_weights(net, workdir, use_ema=config.sample.use_ema,
-                                                   ema_rates=config_utils.ema_rates(config),
-                                                   checkpoint_path=checkpoint)
-    logging.info("sampling with %s, %d steps (%r), %s", loaded, diffusion.num_timesteps, respacing or "all",
-                 f"DDIM eta={config.sample.eta}" if config.sample.use_ddim else "ancestral")
+    loaded = checkpoints.restore_inference_weights(
+        net,
+        workdir,
+        use_ema=config.sample.use_ema,
+        ema_rates=config_utils.ema_rates(config),
+        checkpoint_path=checkpoint,
+    )
+    logging.info(
+        "sampling with %s, %d steps (%r), %s",
+        loaded,
+        diffusion.num_timesteps,
+        respacing or "all",
+        f"DDIM eta={config.sample.eta}" if config.sample.use_ddim else "ancestral",
+    )
     size = config.data.image_size
-    return Sampler(net, diffusion, image_shape=[size, size, config.data.num_channels],
-                   use_ddim=config.sample.use_ddim, eta=config.sample.eta,
-                   clip_denoised=config.sample.clip_denoised, class_cond=config.data.class_cond)
+    return Sampler(
+        net,
+        diffusion,
+        image_shape=[size, size, config.data.num_channels],
+        use_ddim=config.sample.use_ddim,
+        eta=config.sample.eta,
+        clip_denoised=config.sample.clip_denoised,
+        class_cond=config.data.class_cond,
+    )
 
 
 def sample(config, workdir: str, strategy=None, checkpoint: Optional[str] = None) -> Dict[str, str]:
@@ -136,19 +194,22 @@ def sample(config, workdir: str, strategy=None, checkpoint: Optional[str] = None
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if config.data.low_res_size > 0:
-        raise ValueError("the super-resolution model needs low-resolution inputs: sample it through the "
-                         "exported sampler (its low_res input) instead of run.py --mode=sample")
+        raise ValueError(
+            "the super-resolution model needs low-resolution inputs: sample it through the "
+            "exported sampler (its low_res input) instead of run.py --mode=sample"
+        )
     sampler = build_sampler(config, workdir, checkpoint)
     seeds = np.arange(num_samples, dtype=np.int64) + int(config.seed)
     labels = sample_labels(config, seeds)
     images = []
     starts = range(0, num_samples, batch_size)
     # Progress in reverse-chain steps over all batches, updated a few dozen times per chain.
-    with tqdm.tqdm(total=len(starts) * sampler.diffusion.num_timesteps, desc="sampling",
-                   unit="step") as progress:
+    with tqdm.tqdm(
+        total=len(starts) * sampler.diffusion.num_timesteps, desc="sampling", unit="step"
+    ) as progress:
         for start in starts:
-            batch_seeds = seeds[start:start + batch_size]
-            batch_labels = None if labels is None else labels[start:start + batch_size]
+            batch_seeds = seeds[start : start + batch_size]
+            batch_labels = None if labels is None else labels[start : start + batch_size]
             batch = sampler.sample_in_chunks(batch_seeds, batch_labels, on_chunk=progress.update)
             images.append(image_utils.denormalize_images(batch).numpy())
     images = np.concatenate(images)

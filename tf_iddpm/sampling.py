@@ -41,7 +41,9 @@ def seeded_normal(seeds, draw_index, image_shape):
     draw_index = tf.cast(draw_index, tf.int64)
     return tf.map_fn(
         lambda s: tf.random.stateless_normal(image_shape, seed=tf.stack([s, draw_index])),
-        seeds, fn_output_signature=tf.float32)
+        seeds,
+        fn_output_signature=tf.float32,
+    )
 
 
 def _in_graph(fn):
@@ -63,11 +65,15 @@ def _noise_sources(step_noise, seeds, batch_size, num_steps, steps=None):
         step_noise = tf.convert_to_tensor(step_noise, tf.float32)
         steps_given = tf.get_static_value(tf.shape(step_noise)[0])
         if isinstance(num_steps, int) and steps_given is not None and steps_given != num_steps:
-            raise ValueError(f"step_noise holds {steps_given} draws but the chain has {num_steps} steps")
+            raise ValueError(
+                f"step_noise holds {steps_given} draws but the chain has {num_steps} steps"
+            )
     elif seeds is None:
         if steps is not None:
-            raise ValueError("a chain run in chunks (steps=...) needs seeds or step_noise, so that "
-                             "every chunk draws from the same streams")
+            raise ValueError(
+                "a chain run in chunks (steps=...) needs seeds or step_noise, so that "
+                "every chunk draws from the same streams"
+            )
         seeds = tf.random.uniform([batch_size], maxval=np.iinfo(np.int64).max, dtype=tf.int64)
     return step_noise, seeds
 
@@ -88,7 +94,9 @@ def chunk_bounds(num_steps: int, num_chunks: int = CHUNKS_PER_CHAIN):
       steps.
     """
     chunk = max(1, -(-int(num_steps) // max(1, int(num_chunks))))
-    return [(begin, min(begin + chunk, int(num_steps))) for begin in range(0, int(num_steps), chunk)]
+    return [
+        (begin, min(begin + chunk, int(num_steps))) for begin in range(0, int(num_steps), chunk)
+    ]
 
 
 def _step_range(diffusion, steps):
@@ -99,8 +107,18 @@ def _step_range(diffusion, steps):
     return tf.cast(begin, tf.int32), tf.cast(end, tf.int32)
 
 
-def _sample_loop(diffusion: GaussianDiffusion, model_fn, shape, step_fn, *, noise, model_kwargs,
-                 step_noise, seeds, steps=None):
+def _sample_loop(
+    diffusion: GaussianDiffusion,
+    model_fn,
+    shape,
+    step_fn,
+    *,
+    noise,
+    model_kwargs,
+    step_noise,
+    seeds,
+    steps=None,
+):
     shape = [int(s) for s in shape] if not isinstance(shape, tf.Tensor) else shape
     step_noise, seeds = _noise_sources(step_noise, seeds, shape[0], diffusion.num_timesteps, steps)
     model_kwargs = dict(model_kwargs or {})
@@ -128,8 +146,18 @@ def _sample_loop(diffusion: GaussianDiffusion, model_fn, shape, step_fn, *, nois
     return _in_graph(run)
 
 
-def p_sample_loop(diffusion: GaussianDiffusion, model_fn, shape, *, noise=None, clip_denoised=True,
-                  model_kwargs=None, step_noise=None, seeds=None, steps=None):
+def p_sample_loop(
+    diffusion: GaussianDiffusion,
+    model_fn,
+    shape,
+    *,
+    noise=None,
+    clip_denoised=True,
+    model_kwargs=None,
+    step_noise=None,
+    seeds=None,
+    steps=None,
+):
     """Ancestral sampling x_T -> x_0 through p(x_{t-1} | x_t) over every step of `diffusion`.
 
     With a respaced diffusion this is the paper's strided sampling (Section 4): the respaced betas
@@ -152,27 +180,72 @@ def p_sample_loop(diffusion: GaussianDiffusion, model_fn, shape, *, noise=None, 
       float32 [N, H, W, C] samples in (approximately) [-1, 1] (with `steps`: the state after
       step end-1).
     """
+
     def step(model_output, x, t, z):
-        return diffusion.p_sample_from_output(model_output, x, t, z, clip_denoised=clip_denoised)["sample"]
-    return _sample_loop(diffusion, model_fn, shape, step, noise=noise, model_kwargs=model_kwargs,
-                        step_noise=step_noise, seeds=seeds, steps=steps)
+        return diffusion.p_sample_from_output(model_output, x, t, z, clip_denoised=clip_denoised)[
+            "sample"
+        ]
+
+    return _sample_loop(
+        diffusion,
+        model_fn,
+        shape,
+        step,
+        noise=noise,
+        model_kwargs=model_kwargs,
+        step_noise=step_noise,
+        seeds=seeds,
+        steps=steps,
+    )
 
 
-def ddim_sample_loop(diffusion: GaussianDiffusion, model_fn, shape, *, noise=None, clip_denoised=True,
-                     model_kwargs=None, eta=0.0, step_noise=None, seeds=None, steps=None):
+def ddim_sample_loop(
+    diffusion: GaussianDiffusion,
+    model_fn,
+    shape,
+    *,
+    noise=None,
+    clip_denoised=True,
+    model_kwargs=None,
+    eta=0.0,
+    step_noise=None,
+    seeds=None,
+    steps=None,
+):
     """DDIM sampling (Song et al. 2020) over every step of `diffusion`; eta = 0 is deterministic.
 
     Arguments as p_sample_loop, plus eta >= 0 (a python float or a float32 scalar tensor).
     """
+
     def step(model_output, x, t, z):
-        return diffusion.ddim_sample_from_output(model_output, x, t, z, eta=eta,
-                                                 clip_denoised=clip_denoised)["sample"]
-    return _sample_loop(diffusion, model_fn, shape, step, noise=noise, model_kwargs=model_kwargs,
-                        step_noise=step_noise, seeds=seeds, steps=steps)
+        return diffusion.ddim_sample_from_output(
+            model_output, x, t, z, eta=eta, clip_denoised=clip_denoised
+        )["sample"]
+
+    return _sample_loop(
+        diffusion,
+        model_fn,
+        shape,
+        step,
+        noise=noise,
+        model_kwargs=model_kwargs,
+        step_noise=step_noise,
+        seeds=seeds,
+        steps=steps,
+    )
 
 
-def calc_bpd_loop(diffusion: GaussianDiffusion, model_fn, x_start, *, clip_denoised=True,
-                  model_kwargs=None, step_noise=None, seeds=None, steps=None):
+def calc_bpd_loop(
+    diffusion: GaussianDiffusion,
+    model_fn,
+    x_start,
+    *,
+    clip_denoised=True,
+    model_kwargs=None,
+    step_noise=None,
+    seeds=None,
+    steps=None,
+):
     """The whole variational bound (Eq. 4) in bits/dim, per image.
 
     For t = K-1 ... 0 (K = steps of `diffusion`): draw eps, form x_t ~ q(x_t | x_0), and evaluate
@@ -195,8 +268,9 @@ def calc_bpd_loop(diffusion: GaussianDiffusion, model_fn, x_start, *, clip_denoi
       `steps`: only vb, xstart_mse, mse, each [N, end - begin].
     """
     x_start = tf.convert_to_tensor(x_start, tf.float32)
-    step_noise, seeds = _noise_sources(step_noise, seeds, tf.shape(x_start)[0], diffusion.num_timesteps,
-                                       steps)
+    step_noise, seeds = _noise_sources(
+        step_noise, seeds, tf.shape(x_start)[0], diffusion.num_timesteps, steps
+    )
     model_kwargs = dict(model_kwargs or {})
     image_shape = tf.shape(x_start)[1:]
 
@@ -204,27 +278,36 @@ def calc_bpd_loop(diffusion: GaussianDiffusion, model_fn, x_start, *, clip_denoi
         num_steps = tf.cast(diffusion.num_timesteps, tf.int32)
         begin, end = _step_range(diffusion, steps)
         batch = tf.shape(x_start)[0]
-        arrays = [tf.TensorArray(tf.float32, size=end - begin, element_shape=[None]) for _ in range(3)]
+        arrays = [
+            tf.TensorArray(tf.float32, size=end - begin, element_shape=[None]) for _ in range(3)
+        ]
 
         def body(k, vb_ta, xstart_mse_ta, mse_ta):
             t = tf.fill([batch], num_steps - 1 - k)
             eps = _noise_for_step(step_noise, seeds, k, image_shape)
             x_t = diffusion.q_sample(x_start, t, noise=eps)
             model_output = model_fn(x_t, diffusion.model_timesteps(t), **model_kwargs)
-            term = diffusion.vb_terms_bpd_from_output(model_output, x_start, x_t, t, clip_denoised=clip_denoised)
+            term = diffusion.vb_terms_bpd_from_output(
+                model_output, x_start, x_t, t, clip_denoised=clip_denoised
+            )
             pred_eps = diffusion.predict_eps_from_xstart(x_t, t, term["pred_xstart"])
-            return (k + 1,
-                    vb_ta.write(k - begin, term["output"]),
-                    xstart_mse_ta.write(k - begin, mean_flat(tf.square(term["pred_xstart"] - x_start))),
-                    mse_ta.write(k - begin, mean_flat(tf.square(pred_eps - eps))))
+            return (
+                k + 1,
+                vb_ta.write(k - begin, term["output"]),
+                xstart_mse_ta.write(k - begin, mean_flat(tf.square(term["pred_xstart"] - x_start))),
+                mse_ta.write(k - begin, mean_flat(tf.square(pred_eps - eps))),
+            )
 
         # parallel_iterations=1: the iterations are independent, and running several at once made
         # oneDNN kernels return (rarely) different vb terms from run to run; one at a time is
         # deterministic and no slower on a CPU whose cores each iteration already uses.
         _, vb_ta, xstart_mse_ta, mse_ta = tf.while_loop(
-            lambda k, *_: k < end, body, [begin] + arrays, parallel_iterations=1)
-        columns = {name: tf.transpose(ta.stack()) for name, ta in
-                   (("vb", vb_ta), ("xstart_mse", xstart_mse_ta), ("mse", mse_ta))}
+            lambda k, *_: k < end, body, [begin] + arrays, parallel_iterations=1
+        )
+        columns = {
+            name: tf.transpose(ta.stack())
+            for name, ta in (("vb", vb_ta), ("xstart_mse", xstart_mse_ta), ("mse", mse_ta))
+        }
         if steps is not None:
             return columns
         return bpd_from_chunks(diffusion, x_start, [columns])
@@ -246,11 +329,14 @@ def bpd_from_chunks(diffusion: GaussianDiffusion, x_start, chunks):
     x_start = tf.convert_to_tensor(x_start, tf.float32)
 
     def run():
-        joined = {name: chunks[0][name] if len(chunks) == 1 else tf.concat([c[name] for c in chunks], 1)
-                  for name in ("vb", "xstart_mse", "mse")}
+        joined = {
+            name: chunks[0][name] if len(chunks) == 1 else tf.concat([c[name] for c in chunks], 1)
+            for name in ("vb", "xstart_mse", "mse")
+        }
         prior_bpd = diffusion.prior_bpd(x_start)
-        return dict(total_bpd=tf.reduce_sum(joined["vb"], axis=1) + prior_bpd, prior_bpd=prior_bpd,
-                    **joined)
+        return dict(
+            total_bpd=tf.reduce_sum(joined["vb"], axis=1) + prior_bpd, prior_bpd=prior_bpd, **joined
+        )
 
     # In a graph, as in the one-call loop: graph optimisations round some arithmetic differently.
     return _in_graph(run)

@@ -35,8 +35,9 @@ def cosine_alpha_bar(t: float, s: float = COSINE_OFFSET_S) -> float:
     return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
 
 
-def betas_for_alpha_bar(num_timesteps: int, alpha_bar: Callable[[float], float],
-                        max_beta: float = COSINE_MAX_BETA) -> np.ndarray:
+def betas_for_alpha_bar(
+    num_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = COSINE_MAX_BETA
+) -> np.ndarray:
     """Discretises a continuous alpha_bar(t), t in [0, 1], into T betas (Eq. 17-18).
 
     beta_i = min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta), computed with python
@@ -76,11 +77,17 @@ def get_named_beta_schedule(schedule_name: str, num_timesteps: int) -> np.ndarra
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     if schedule_name == "linear":
         scale = 1000 / num_timesteps
-        return np.linspace(scale * _LINEAR_BETA_START_T1000, scale * _LINEAR_BETA_END_T1000,
-                           num_timesteps, dtype=np.float64)
+        return np.linspace(
+            scale * _LINEAR_BETA_START_T1000,
+            scale * _LINEAR_BETA_END_T1000,
+            num_timesteps,
+            dtype=np.float64,
+        )
     if schedule_name == "cosine":
         return betas_for_alpha_bar(num_timesteps, cosine_alpha_bar)
-    raise ValueError(f"unknown noise schedule {schedule_name!r}; allowed: {', '.join(NOISE_SCHEDULES)}")
+    raise ValueError(
+        f"unknown noise schedule {schedule_name!r}; allowed: {', '.join(NOISE_SCHEDULES)}"
+    )
 
 
 SectionCounts = Union[str, Sequence[int]]
@@ -93,7 +100,8 @@ def _parse_section_counts(section_counts: SectionCounts) -> List[int]:
         except ValueError:
             raise ValueError(
                 f"invalid timestep respacing {section_counts!r}; expected 'K', 'a,b,c' or 'ddimK' "
-                "with positive integers") from None
+                "with positive integers"
+            ) from None
     else:
         counts = list(section_counts)
         if not all(isinstance(c, (int, np.integer)) for c in counts):
@@ -129,16 +137,19 @@ def space_timesteps(num_timesteps: int, section_counts: SectionCounts) -> Set[in
         steps, or the string is malformed.
     """
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
-        suffix = section_counts[len("ddim"):]
+        suffix = section_counts[len("ddim") :]
         if not suffix.isdigit() or int(suffix) < 1:
-            raise ValueError(f"invalid DDIM respacing {section_counts!r}; expected 'ddimK' with K >= 1")
+            raise ValueError(
+                f"invalid DDIM respacing {section_counts!r}; expected 'ddimK' with K >= 1"
+            )
         desired_count = int(suffix)
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == desired_count:
                 return set(range(0, num_timesteps, stride))
         raise ValueError(
             f"cannot create exactly {desired_count} steps out of {num_timesteps} with an integer "
-            f"stride ({section_counts!r}); choose K such that some stride i gives ceil(T/i) == K")
+            f"stride ({section_counts!r}); choose K such that some stride i gives ceil(T/i) == K"
+        )
     counts = _parse_section_counts(section_counts)
     size_per = num_timesteps // len(counts)
     extra = num_timesteps % len(counts)
@@ -149,7 +160,8 @@ def space_timesteps(num_timesteps: int, section_counts: SectionCounts) -> Set[in
         if size < section_count:
             raise ValueError(
                 f"cannot divide section of {size} steps into {section_count} "
-                f"(respacing {section_counts!r} of {num_timesteps} steps)")
+                f"(respacing {section_counts!r} of {num_timesteps} steps)"
+            )
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
         cur_idx = 0.0
         for _ in range(section_count):
@@ -177,8 +189,10 @@ def respace_betas(base_alphas_cumprod: np.ndarray, use_timesteps: Iterable[int])
     if timestep_map.size == 0:
         raise ValueError("use_timesteps is empty")
     if timestep_map[0] < 0 or timestep_map[-1] >= len(base_alphas_cumprod):
-        raise ValueError(f"use_timesteps must lie in [0, {len(base_alphas_cumprod)}), "
-                         f"got {timestep_map[0]}..{timestep_map[-1]}")
+        raise ValueError(
+            f"use_timesteps must lie in [0, {len(base_alphas_cumprod)}), "
+            f"got {timestep_map[0]}..{timestep_map[-1]}"
+        )
     kept = base_alphas_cumprod[timestep_map]
     previous = np.concatenate([[1.0], kept[:-1]])
     return 1.0 - kept / previous, timestep_map

@@ -73,8 +73,9 @@ class ScheduleSampler(tf.Module):
         weights = self.weights()
         return weights / tf.reduce_sum(weights)
 
-    def sample(self, batch_size: Union[int, tf.Tensor],
-               seed: TensorLike) -> Tuple[tf.Tensor, tf.Tensor]:
+    def sample(
+        self, batch_size: Union[int, tf.Tensor], seed: TensorLike
+    ) -> Tuple[tf.Tensor, tf.Tensor]:
         """Importance-samples one timestep per example.
 
         Deterministic in `seed` and the current state: the same seed gives the same timesteps.
@@ -90,18 +91,24 @@ class ScheduleSampler(tf.Module):
           weights 1 / (T p(t)), by which the per-example losses are multiplied.
         """
         if isinstance(batch_size, bool) or (
-                isinstance(batch_size, numbers.Integral) and batch_size <= 0):
+            isinstance(batch_size, numbers.Integral) and batch_size <= 0
+        ):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         seed = tf.convert_to_tensor(seed)
-        if seed.dtype not in (tf.int32, tf.int64) or seed.shape.rank not in (None, 1) or (
-                seed.shape.rank == 1 and seed.shape[0] not in (None, 2)):
+        if (
+            seed.dtype not in (tf.int32, tf.int64)
+            or seed.shape.rank not in (None, 1)
+            or (seed.shape.rank == 1 and seed.shape[0] not in (None, 2))
+        ):
             raise ValueError(
                 f"seed must be an int32/int64 tensor of shape [2], got {seed.dtype.name} "
-                f"{seed.shape}")
+                f"{seed.shape}"
+            )
         probs = self.probabilities()
         # Categorical sampling from log-probabilities; every p(t) > 0, so the logits are finite.
         t = tf.random.stateless_categorical(
-            tf.math.log(probs)[tf.newaxis], batch_size, seed=seed, dtype=tf.int32)[0]
+            tf.math.log(probs)[tf.newaxis], batch_size, seed=seed, dtype=tf.int32
+        )[0]
         importance = 1.0 / (tf.cast(self._num_timesteps, tf.float64) * tf.gather(probs, t))
         return t, tf.cast(importance, tf.float32)
 
@@ -129,7 +136,8 @@ class ScheduleSampler(tf.Module):
             raise RuntimeError(
                 "update_with_local_losses must be called in replica context (inside "
                 "strategy.run); in cross-replica context gather the losses with strategy.gather "
-                "and call update_with_all_losses")
+                "and call update_with_all_losses"
+            )
         local_ts = tf.convert_to_tensor(local_ts)
         local_losses = tf.convert_to_tensor(local_losses)
         all_ts = context.all_gather(local_ts, axis=0)
@@ -166,9 +174,13 @@ class LossSecondMomentResampler(ScheduleSampler):
       history_per_term).
     """
 
-    def __init__(self, num_timesteps: int, history_per_term: int = 10,
-                 uniform_prob: float = 0.001,
-                 name: Optional[str] = "loss_second_moment_resampler"):
+    def __init__(
+        self,
+        num_timesteps: int,
+        history_per_term: int = 10,
+        uniform_prob: float = 0.001,
+        name: Optional[str] = "loss_second_moment_resampler",
+    ):
         """Initialises an empty history (so the sampler starts uniform).
 
         Args:
@@ -179,17 +191,25 @@ class LossSecondMomentResampler(ScheduleSampler):
           name: the module name.
         """
         super().__init__(num_timesteps, name=name)
-        self.history_per_term = config_utils.check_positive_int("history_per_term", history_per_term)
+        self.history_per_term = config_utils.check_positive_int(
+            "history_per_term", history_per_term
+        )
         if isinstance(uniform_prob, bool) or not 0.0 <= float(uniform_prob) <= 1.0:
             raise ValueError(f"uniform_prob must be a float in [0, 1], got {uniform_prob!r}")
         self.uniform_prob = float(uniform_prob)
         with self.name_scope:
             self.loss_history = tf.Variable(
-                tf.zeros([self.num_timesteps, self.history_per_term], tf.float64), trainable=False,
-                name="loss_history", aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                tf.zeros([self.num_timesteps, self.history_per_term], tf.float64),
+                trainable=False,
+                name="loss_history",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
             self.loss_counts = tf.Variable(
-                tf.zeros([self.num_timesteps], tf.int64), trainable=False, name="loss_counts",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                tf.zeros([self.num_timesteps], tf.int64),
+                trainable=False,
+                name="loss_counts",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
 
     def warmed_up(self) -> tf.Tensor:
         """True once every timestep has a full history of `history_per_term` losses.
@@ -214,8 +234,9 @@ class LossSecondMomentResampler(ScheduleSampler):
             weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights))
             return weights * (1.0 - self.uniform_prob) + self.uniform_prob / num_timesteps
 
-        return tf.cond(self.warmed_up(), second_moment_weights,
-                       lambda: tf.ones([num_timesteps], tf.float64))
+        return tf.cond(
+            self.warmed_up(), second_moment_weights, lambda: tf.ones([num_timesteps], tf.float64)
+        )
 
     def update_with_all_losses(self, ts: TensorLike, losses: TensorLike) -> None:
         """Appends each (t, loss) to t's history, in order, dropping the oldest when full.
@@ -232,17 +253,24 @@ class LossSecondMomentResampler(ScheduleSampler):
         """
         ts = tf.cast(tf.reshape(tf.convert_to_tensor(ts), [-1]), tf.int64)
         losses = tf.cast(tf.reshape(tf.convert_to_tensor(losses), [-1]), tf.float64)
-        if (ts.shape[0] is not None and losses.shape[0] is not None
-                and ts.shape[0] != losses.shape[0]):
+        if (
+            ts.shape[0] is not None
+            and losses.shape[0] is not None
+            and ts.shape[0] != losses.shape[0]
+        ):
             raise ValueError(
-                f"ts and losses must have the same length, got {ts.shape[0]} and "
-                f"{losses.shape[0]}")
+                f"ts and losses must have the same length, got {ts.shape[0]} and {losses.shape[0]}"
+            )
         checks = [
-            tf.debugging.assert_equal(tf.size(ts), tf.size(losses),
-                                      message="ts and losses must have the same length"),
+            tf.debugging.assert_equal(
+                tf.size(ts), tf.size(losses), message="ts and losses must have the same length"
+            ),
             tf.debugging.assert_non_negative(ts, message="timesteps must be >= 0"),
-            tf.debugging.assert_less(ts, tf.constant(self.num_timesteps, tf.int64),
-                                     message=f"timesteps must be < {self.num_timesteps}"),
+            tf.debugging.assert_less(
+                ts,
+                tf.constant(self.num_timesteps, tf.int64),
+                message=f"timesteps must be < {self.num_timesteps}",
+            ),
         ]
         history_len = self.history_per_term
         with tf.control_dependencies(checks):
@@ -257,19 +285,28 @@ class LossSecondMomentResampler(ScheduleSampler):
             shifted_row = tf.concat([row[1:], loss[tf.newaxis]], axis=0)
             write_at = tf.minimum(count, history_len - 1)  # only used when not full
             appended_row = tf.tensor_scatter_nd_update(
-                row, write_at[tf.newaxis, tf.newaxis], loss[tf.newaxis])
+                row, write_at[tf.newaxis, tf.newaxis], loss[tf.newaxis]
+            )
             new_row = tf.where(is_full, shifted_row, appended_row)
-            history = tf.tensor_scatter_nd_update(history, t[tf.newaxis, tf.newaxis],
-                                                  new_row[tf.newaxis])
+            history = tf.tensor_scatter_nd_update(
+                history, t[tf.newaxis, tf.newaxis], new_row[tf.newaxis]
+            )
             counts = tf.tensor_scatter_nd_add(
-                counts, t[tf.newaxis, tf.newaxis],
-                tf.where(is_full, tf.constant(0, tf.int64), tf.constant(1, tf.int64))[tf.newaxis])
+                counts,
+                t[tf.newaxis, tf.newaxis],
+                tf.where(is_full, tf.constant(0, tf.int64), tf.constant(1, tf.int64))[tf.newaxis],
+            )
             return i + 1, history, counts
 
         _, new_history, new_counts = tf.while_loop(
-            lambda i, *_: i < num_entries, body,
-            (tf.constant(0, tf.int32), tf.identity(self.loss_history.read_value()),
-             tf.identity(self.loss_counts.read_value())))
+            lambda i, *_: i < num_entries,
+            body,
+            (
+                tf.constant(0, tf.int32),
+                tf.identity(self.loss_history.read_value()),
+                tf.identity(self.loss_counts.read_value()),
+            ),
+        )
         # Inside tf.function, automatic control dependencies run both assignments.
         self.loss_history.assign(new_history)
         self.loss_counts.assign(new_counts)

@@ -64,10 +64,13 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused_args):
     itemsize = array.dtype.itemsize
     if size:
         view = np.lib.stride_tricks.as_strided(
-            array[storage_offset:], shape=size,
-            strides=tuple(int(s) * itemsize for s in stride), writeable=False)
+            array[storage_offset:],
+            shape=size,
+            strides=tuple(int(s) * itemsize for s in stride),
+            writeable=False,
+        )
     else:
-        view = array[storage_offset:storage_offset + 1].reshape(())
+        view = array[storage_offset : storage_offset + 1].reshape(())
     tensor = np.array(view, copy=True)
     if storage.type_name == "BFloat16Storage":
         tensor = _bfloat16_bits_to_float32(tensor)
@@ -105,7 +108,8 @@ class _TorchUnpickler(pickle.Unpickler):
             return _StorageType(name)
         raise pickle.UnpicklingError(
             f"refusing to load global {module}.{name} from a torch checkpoint; only tensors, "
-            f"storages and (Ordered)dicts of them are supported")
+            f"storages and (Ordered)dicts of them are supported"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
@@ -117,8 +121,9 @@ class _TorchUnpickler(pickle.Unpickler):
             raw = self._archive.read(f"{self._root}data/{key}")
             dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
             array = np.frombuffer(raw, dtype=dtype, count=int(numel))
-            self._storages[key] = _Storage(array.astype(storage_type.dtype, copy=False),
-                                           storage_type.name)
+            self._storages[key] = _Storage(
+                array.astype(storage_type.dtype, copy=False), storage_type.name
+            )
         return self._storages[key]
 
 
@@ -139,12 +144,13 @@ def load(path):
     if not zipfile.is_zipfile(path):
         raise ValueError(
             f"{path} is not a zip archive; only the torch>=1.6 torch.save format is supported "
-            f"(re-save legacy checkpoints with a recent torch, or convert them to .npz)")
+            f"(re-save legacy checkpoints with a recent torch, or convert them to .npz)"
+        )
     with zipfile.ZipFile(path) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pickles) != 1:
             raise ValueError(f"{path}: expected one data.pkl in the archive, found {pickles}")
-        root = pickles[0][:-len("data.pkl")]  # "<archive name>/" (or "" for a flat archive)
+        root = pickles[0][: -len("data.pkl")]  # "<archive name>/" (or "" for a flat archive)
         byteorder = "little"
         byteorder_name = f"{root}byteorder"
         if byteorder_name in archive.namelist():

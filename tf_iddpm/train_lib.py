@@ -56,8 +56,10 @@ class Trainer:
         self.num_replicas = strategy.num_replicas_in_sync
         self.global_batch_size = int(config.train.batch_size)
         if self.global_batch_size % self.num_replicas:
-            raise ValueError(f"train.batch_size={self.global_batch_size} is not divisible by the "
-                             f"{self.num_replicas} replicas of the strategy")
+            raise ValueError(
+                f"train.batch_size={self.global_batch_size} is not divisible by the "
+                f"{self.num_replicas} replicas of the strategy"
+            )
         self.local_batch_size = self.global_batch_size // self.num_replicas
         self.seed = int(config.seed)
         self.ema_rates = config_utils.ema_rates(config)
@@ -71,25 +73,38 @@ class Trainer:
             unet.initialize_weights(self.net, self.seed)
             self.ema_nets = {}
             for rate in self.ema_rates:
-                ema_net = factory.create_model_from_config(config, name=checkpoints.ema_checkpoint_name(rate))
+                ema_net = factory.create_model_from_config(
+                    config, name=checkpoints.ema_checkpoint_name(rate)
+                )
                 ema_net.set_weights(self.net.get_weights())
                 ema_net.trainable = False
                 self.ema_nets[rate] = ema_net
             self.optimizer = optimizers.create_adam(config.train.lr, config.train.weight_decay)
             self.optimizer.build(self.net.trainable_variables)
             self.schedule_sampler = timestep_sampler.create_named_schedule_sampler(
-                config.train.schedule_sampler, self.diffusion.num_timesteps)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
-                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                config.train.schedule_sampler, self.diffusion.num_timesteps
+            )
+            self.step = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="step",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
         self.loss_aware = not isinstance(self.schedule_sampler, timestep_sampler.UniformSampler)
         self.checkpoint = tf.train.Checkpoint(
-            model=self.net, optimizer=self.optimizer, schedule_sampler=self.schedule_sampler,
-            step=self.step, **{checkpoints.ema_checkpoint_name(r): n for r, n in self.ema_nets.items()})
+            model=self.net,
+            optimizer=self.optimizer,
+            schedule_sampler=self.schedule_sampler,
+            step=self.step,
+            **{checkpoints.ema_checkpoint_name(r): n for r, n in self.ema_nets.items()},
+        )
         self._train_loop = tf.function(self._train_loop_fn)
         self._replay_step = None
         # XLA only around the model math: the optimizer update and cross-replica gathers stay out.
-        self._losses_and_grads = tf.function(self._losses_and_grads_fn,
-                                             jit_compile=bool(config.train.jit_compile))
+        self._losses_and_grads = tf.function(
+            self._losses_and_grads_fn, jit_compile=bool(config.train.jit_compile)
+        )
 
     # ------------------------------------------------------------------ Algorithm 1
 
@@ -104,31 +119,45 @@ class Trainer:
     def _losses_and_grads_fn(self, x_start, t, weights, noise, dropout_seeds, model_kwargs):
         def model_fn(x, timesteps, **kwargs):
             return self.net(x, timesteps, training=True, dropout_seeds=dropout_seeds, **kwargs)
+
         with tf.GradientTape() as tape:
-            terms = self.diffusion.training_losses(model_fn, x_start, t, model_kwargs=model_kwargs, noise=noise)
+            terms = self.diffusion.training_losses(
+                model_fn, x_start, t, model_kwargs=model_kwargs, noise=noise
+            )
             # Sum over this replica / global batch: the optimizer sums gradients over replicas.
-            loss = tf.nn.compute_average_loss(terms["loss"] * weights, global_batch_size=self.global_batch_size)
+            loss = tf.nn.compute_average_loss(
+                terms["loss"] * weights, global_batch_size=self.global_batch_size
+            )
         return terms, tape.gradient(loss, self.net.trainable_variables)
 
     def _replica_slice(self, global_value):
         """This replica's rows of a tensor drawn for the whole global batch."""
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
         first = replica_id * self.local_batch_size
-        return global_value[first:first + self.local_batch_size]
+        return global_value[first : first + self.local_batch_size]
 
     def _dropout_seeds(self):
         """[local batch, 2] dropout seeds: a function of (seed, step, position in the global batch)."""
-        seeds = tf.random.stateless_uniform([self.global_batch_size, 2], seed=_salted_seed(self.seed, self.step, 2),
-                                            minval=None, maxval=None, dtype=tf.int64)
+        seeds = tf.random.stateless_uniform(
+            [self.global_batch_size, 2],
+            seed=_salted_seed(self.seed, self.step, 2),
+            minval=None,
+            maxval=None,
+            dtype=tf.int64,
+        )
         return self._replica_slice(seeds)
 
     def replica_step(self, batch):
         """One step of Algorithm 1 on this replica's slice of the global batch."""
         # t ~ p(t) (uniform or Section 3.3 importance sampling) and eps ~ N(0, I), both drawn for
         # the whole global batch with the same seed on every replica; each keeps its own slice.
-        t_global, weights_global = self.schedule_sampler.sample(self.global_batch_size, _salted_seed(self.seed, self.step, 1))
+        t_global, weights_global = self.schedule_sampler.sample(
+            self.global_batch_size, _salted_seed(self.seed, self.step, 1)
+        )
         noise_global = tf.random.stateless_normal(
-            tf.concat([[self.global_batch_size], tf.shape(batch["image"])[1:]], 0), seed=_salted_seed(self.seed, self.step))
+            tf.concat([[self.global_batch_size], tf.shape(batch["image"])[1:]], 0),
+            seed=_salted_seed(self.seed, self.step),
+        )
         t, weights = self._replica_slice(t_global), self._replica_slice(weights_global)
         terms = self._update(batch, t, weights, self._replica_slice(noise_global))
         # Logged terms carry the importance weights (as the reference logs them), so that they
@@ -137,8 +166,9 @@ class Trainer:
 
     def _update(self, batch, t, weights, noise):
         """Losses, gradients, optimizer and sampler-history update for given t and noise."""
-        terms, grads = self._losses_and_grads(batch["image"], t, weights, noise, self._dropout_seeds(),
-                                              self.model_kwargs(batch))
+        terms, grads = self._losses_and_grads(
+            batch["image"], t, weights, noise, self._dropout_seeds(), self.model_kwargs(batch)
+        )
         if self.grad_clip > 0:
             # Keras clips each replica's gradient before summing them; clip the true global one.
             context = tf.distribute.get_replica_context()
@@ -153,8 +183,12 @@ class Trainer:
     def _step_metrics(self, terms, t):
         """Sums (not means) so that replicas and steps add up exactly; means are taken at logging."""
         quartile = tf.minimum(t * NUM_QUARTILES // self.diffusion.num_timesteps, NUM_QUARTILES - 1)
-        metrics = {"count": tf.cast(tf.shape(t)[0], tf.float32),
-                   "count_q": tf.math.unsorted_segment_sum(tf.ones_like(terms["loss"]), quartile, NUM_QUARTILES)}
+        metrics = {
+            "count": tf.cast(tf.shape(t)[0], tf.float32),
+            "count_q": tf.math.unsorted_segment_sum(
+                tf.ones_like(terms["loss"]), quartile, NUM_QUARTILES
+            ),
+        }
         for name, values in terms.items():
             metrics[name] = tf.reduce_sum(values)
             metrics[name + "_q"] = tf.math.unsorted_segment_sum(values, quartile, NUM_QUARTILES)
@@ -167,14 +201,18 @@ class Trainer:
                 self.strategy.extended.update(
                     ema_variable.value,
                     lambda ema, value, rate=rate: ema.assign(rate * ema + (1.0 - rate) * value),
-                    args=(variable.value,), group=False)
+                    args=(variable.value,),
+                    group=False,
+                )
 
     def _train_loop_fn(self, iterator, num_steps):
         totals = None
         for _ in tf.range(num_steps):
             per_replica = self.strategy.run(self.replica_step, args=(next(iterator),))
-            metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-                       for k, v in per_replica.items()}
+            metrics = {
+                k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()
+            }
             self.update_ema()
             self.step.assign_add(1)
             totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
@@ -190,9 +228,14 @@ class Trainer:
     def _replay_step_fn(self, batch, t, noise):
         def replica_fn(batch, t, noise):
             local = tf.nest.map_structure(self._replica_slice, batch)
-            terms = self._update(local, self._replica_slice(t), tf.ones([self.local_batch_size]),
-                                 self._replica_slice(noise))
+            terms = self._update(
+                local,
+                self._replica_slice(t),
+                tf.ones([self.local_batch_size]),
+                self._replica_slice(noise),
+            )
             return {name: terms[name] for name in REPLAY_TERMS}
+
         per_replica = self.strategy.run(replica_fn, args=(batch, t, noise))
         self.update_ema()
         self.step.assign_add(1)
@@ -221,29 +264,44 @@ class Trainer:
         t = np.asarray(t)
         noise = np.asarray(noise, np.float32)
         if images.ndim != 5 or images.shape[1] != self.global_batch_size:
-            raise ValueError(f"replay_steps: images must be [K, B={self.global_batch_size}, H, W, C], "
-                             f"got shape {images.shape}")
+            raise ValueError(
+                f"replay_steps: images must be [K, B={self.global_batch_size}, H, W, C], "
+                f"got shape {images.shape}"
+            )
         if t.shape != images.shape[:2] or not np.issubdtype(t.dtype, np.integer):
-            raise ValueError(f"replay_steps: t must be integer [K, B] = {images.shape[:2]}, got "
-                             f"{t.dtype} {t.shape}")
+            raise ValueError(
+                f"replay_steps: t must be integer [K, B] = {images.shape[:2]}, got "
+                f"{t.dtype} {t.shape}"
+            )
         if noise.shape != images.shape:
-            raise ValueError(f"replay_steps: noise must have the images' shape {images.shape}, got {noise.shape}")
+            raise ValueError(
+                f"replay_steps: noise must have the images' shape {images.shape}, got {noise.shape}"
+            )
         if np.any((t < 0) | (t >= self.diffusion.num_timesteps)):
-            raise ValueError(f"replay_steps: timesteps must be in [0, {self.diffusion.num_timesteps}), got "
-                             f"{t.min()}..{t.max()}")
+            raise ValueError(
+                f"replay_steps: timesteps must be in [0, {self.diffusion.num_timesteps}), got "
+                f"{t.min()}..{t.max()}"
+            )
         extras = {"label": labels, "low_res": low_res}
         needed = {"label": self.class_cond, "low_res": self.super_res}
         for name, value in extras.items():
             if (value is None) == needed[name]:
-                raise ValueError(f"replay_steps: {name} is {'required' if needed[name] else 'not used'} "
-                                 f"for this model")
+                raise ValueError(
+                    f"replay_steps: {name} is {'required' if needed[name] else 'not used'} "
+                    f"for this model"
+                )
         if self._replay_step is None:
             self._replay_step = tf.function(self._replay_step_fn)
         steps = []
         for k in range(images.shape[0]):
             batch = {"image": tf.constant(images[k])}
-            batch.update({name: tf.constant(np.asarray(value)[k]) for name, value in extras.items()
-                          if value is not None})
+            batch.update(
+                {
+                    name: tf.constant(np.asarray(value)[k])
+                    for name, value in extras.items()
+                    if value is not None
+                }
+            )
             terms = self._replay_step(batch, tf.constant(t[k], tf.int32), tf.constant(noise[k]))
             steps.append({name: value.numpy() for name, value in terms.items()})
         return {name: np.stack([step[name] for step in steps]) for name in REPLAY_TERMS}
@@ -311,7 +369,9 @@ def _sample_grid(trainer: Trainer, num_images: int = 16):
     config = trainer.config
     rate = max(trainer.ema_rates)
     net = trainer.ema_nets[rate]
-    diffusion = factory.create_diffusion_from_config(config, timestep_respacing=config.sample.timestep_respacing or "50")
+    diffusion = factory.create_diffusion_from_config(
+        config, timestep_respacing=config.sample.timestep_respacing or "50"
+    )
     size, channels = config.data.image_size, config.data.num_channels
     kwargs = {}
     if trainer.class_cond:
@@ -319,13 +379,22 @@ def _sample_grid(trainer: Trainer, num_images: int = 16):
     if trainer.super_res:
         return None  # needs low-resolution inputs; evaluated by run.py --mode=sample instead
     images = sampling.p_sample_loop(
-        diffusion, lambda x, t, **kw: net(x, t, training=False, **kw), [num_images, size, size, channels],
-        seeds=tf.range(num_images, dtype=tf.int64), model_kwargs=kwargs)
+        diffusion,
+        lambda x, t, **kw: net(x, t, training=False, **kw),
+        [num_images, size, size, channels],
+        seeds=tf.range(num_images, dtype=tf.int64),
+        model_kwargs=kwargs,
+    )
     return image_utils.denormalize_images(images)
 
 
-def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = None, *,
-          config_checked: bool = False) -> Dict[str, float]:
+def train(
+    config,
+    workdir: str,
+    strategy: Optional[tf.distribute.Strategy] = None,
+    *,
+    config_checked: bool = False,
+) -> Dict[str, float]:
     """Trains per `config` in `workdir`, resuming from its newest readable checkpoint.
 
     `config` is stored as `<workdir>/config.json` once the model is built and restored, before the
@@ -352,13 +421,14 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
     _remove_partial_checkpoints(checkpoint_dir)
     # Skips (and moves aside) damaged newer checkpoints; the manager is created after that move.
     restore_path = checkpoints.newest_readable_checkpoint(checkpoint_dir)
-    manager = tf.train.CheckpointManager(trainer.checkpoint, checkpoint_dir,
-                                         max_to_keep=config.train.keep_checkpoints)
+    manager = tf.train.CheckpointManager(
+        trainer.checkpoint, checkpoint_dir, max_to_keep=config.train.keep_checkpoints
+    )
     if restore_path:
         trainer.checkpoint.restore(restore_path).assert_existing_objects_matched()
         logging.info("resumed from %s at step %d", restore_path, int(trainer.step.numpy()))
     if distribute.is_chief(strategy):
-        config_utils.persist_config(config, workdir)   # training really starts: store its config
+        config_utils.persist_config(config, workdir)  # training really starts: store its config
     start_step = int(trainer.step.numpy())
     num_steps = int(config.train.num_steps)
     if start_step >= num_steps:
@@ -370,17 +440,31 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
     # exactly the batches the uninterrupted run reads from there on (no iterator checkpoint).
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: data_lib.make_train_dataset(
-            config.data, batch_size=ctx.get_per_replica_batch_size(global_batch), input_context=ctx,
-            seed=config.seed, start_step=start_step))
+            config.data,
+            batch_size=ctx.get_per_replica_batch_size(global_batch),
+            input_context=ctx,
+            seed=config.seed,
+            start_step=start_step,
+        )
+    )
     iterator = iter(dataset)
 
-    writer = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_SUBDIR)) \
-        if distribute.is_chief(strategy) else tf.summary.create_noop_writer()
+    writer = (
+        tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_SUBDIR))
+        if distribute.is_chief(strategy)
+        else tf.summary.create_noop_writer()
+    )
     log_every = max(1, int(config.train.log_every))
     checkpoint_every = max(1, int(config.train.checkpoint_every))
     sample_every = int(config.train.sample_every)
-    logging.info("training %s for steps %d..%d, global batch %d on %d replica(s)",
-                 type(trainer.net).__name__, start_step, num_steps, global_batch, trainer.num_replicas)
+    logging.info(
+        "training %s for steps %d..%d, global batch %d on %d replica(s)",
+        type(trainer.net).__name__,
+        start_step,
+        num_steps,
+        global_batch,
+        trainer.num_replicas,
+    )
 
     last_metrics: Dict[str, float] = {}
     step = start_step
@@ -388,8 +472,11 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
     with _StopRequest() as stop:
         try:
             while step < num_steps and not stop.requested:
-                boundaries = [num_steps, (step // log_every + 1) * log_every,
-                              (step // checkpoint_every + 1) * checkpoint_every]
+                boundaries = [
+                    num_steps,
+                    (step // log_every + 1) * log_every,
+                    (step // checkpoint_every + 1) * checkpoint_every,
+                ]
                 if sample_every > 0:
                     boundaries.append((step // sample_every + 1) * sample_every)
                 if config.train.fid_every > 0:
@@ -404,11 +491,20 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
                 last_metrics["images_per_sec"] = chunk * global_batch / elapsed
                 if step % log_every == 0 or step == num_steps:
                     eta = (num_steps - step) / last_metrics["steps_per_sec"]
-                    logging.info("step %d/%d loss %.4f %s| %.2f steps/s, %.1f img/s, ETA %s", step, num_steps,
-                                 last_metrics["loss"],
-                                 "".join(f"{k} {last_metrics[k]:.4f} " for k in ("mse", "vb") if k in last_metrics),
-                                 last_metrics["steps_per_sec"], last_metrics["images_per_sec"],
-                                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+                    logging.info(
+                        "step %d/%d loss %.4f %s| %.2f steps/s, %.1f img/s, ETA %s",
+                        step,
+                        num_steps,
+                        last_metrics["loss"],
+                        "".join(
+                            f"{k} {last_metrics[k]:.4f} "
+                            for k in ("mse", "vb")
+                            if k in last_metrics
+                        ),
+                        last_metrics["steps_per_sec"],
+                        last_metrics["images_per_sec"],
+                        time.strftime("%H:%M:%S", time.gmtime(eta)),
+                    )
                     with writer.as_default(step=step):
                         for key, value in last_metrics.items():
                             tf.summary.scalar(key, value)
@@ -421,12 +517,21 @@ def train(config, workdir: str, strategy: Optional[tf.distribute.Strategy] = Non
                             tf.summary.image("samples", tf.cast(grid, tf.uint8), max_outputs=16)
                 if config.train.fid_every > 0 and step % config.train.fid_every == 0:
                     from tf_iddpm import quality_lib  # pylint: disable=g-import-not-at-top
-                    quality_lib.log_training_fid(trainer.ema_nets[max(trainer.ema_rates)], config, step, writer)
+
+                    quality_lib.log_training_fid(
+                        trainer.ema_nets[max(trainer.ema_rates)], config, step, writer
+                    )
         finally:
             step = int(trainer.step.numpy())
-            if step > 0 and manager.latest_checkpoint != os.path.join(checkpoint_dir, f"ckpt-{step}"):
+            if step > 0 and manager.latest_checkpoint != os.path.join(
+                checkpoint_dir, f"ckpt-{step}"
+            ):
                 manager.save(checkpoint_number=step)
             writer.flush()
-    logging.info("trained %d steps in %.1f s; checkpoints in %s", step - start_step, time.time() - started,
-                 checkpoint_dir)
+    logging.info(
+        "trained %d steps in %.1f s; checkpoints in %s",
+        step - start_step,
+        time.time() - started,
+        checkpoint_dir,
+    )
     return last_metrics

@@ -68,8 +68,11 @@ def timestep_embedding(timesteps, dim, max_period=10000):
       [N, dim] float32 tensor.
     """
     half = dim // 2
-    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
-                / np.float32(max(half, 1)))
+    exponent = (
+        np.float32(-math.log(max_period))
+        * np.arange(half, dtype=np.float32)
+        / np.float32(max(half, 1))
+    )
     freqs = tf.constant(np.exp(exponent.astype(np.float64)).astype(np.float32))
     args = tf.cast(timesteps, tf.float32)[:, None] * freqs[None, :]
     embedding = tf.concat([tf.cos(args), tf.sin(args)], axis=-1)
@@ -88,25 +91,37 @@ def _torch_default_initializers(fan_in, zero=False):
         return "zeros", "zeros"
     bound = 1.0 / math.sqrt(fan_in)
     kernel = keras.initializers.VarianceScaling(
-        scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+        scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+    )
     return kernel, keras.initializers.RandomUniform(-bound, bound)
 
 
 def _conv(in_channels, out_channels, kernel_size, name, dtype, strides=1, zero=False):
     """A Conv2D with 'same'-style symmetric padding for stride 1 (or 'valid' for stride 2)."""
     kernel_init, bias_init = _torch_default_initializers(
-        in_channels * kernel_size * kernel_size, zero)
+        in_channels * kernel_size * kernel_size, zero
+    )
     return keras.layers.Conv2D(
-        out_channels, kernel_size, strides=strides,
+        out_channels,
+        kernel_size,
+        strides=strides,
         padding="same" if strides == 1 else "valid",
-        kernel_initializer=kernel_init, bias_initializer=bias_init, name=name, dtype=dtype)
+        kernel_initializer=kernel_init,
+        bias_initializer=bias_init,
+        name=name,
+        dtype=dtype,
+    )
 
 
 def _dense(in_features, out_features, name, dtype, zero=False):
     kernel_init, bias_init = _torch_default_initializers(in_features, zero)
     return keras.layers.Dense(
-        out_features, kernel_initializer=kernel_init, bias_initializer=bias_init, name=name,
-        dtype=dtype)
+        out_features,
+        kernel_initializer=kernel_init,
+        bias_initializer=bias_init,
+        name=name,
+        dtype=dtype,
+    )
 
 
 def _residual_sum(skip, update):
@@ -232,13 +247,19 @@ class GroupNorm32(keras.layers.Layer):
             raise ValueError(
                 f"GroupNorm32 {self.name!r}: {channels} channels is not a multiple of "
                 f"{self.groups} groups; every UNet channel count must be a multiple of "
-                f"{self.groups}")
+                f"{self.groups}"
+            )
         self.gamma = self.add_weight(shape=(channels,), initializer="ones", name="gamma")
         self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
 
     def call(self, x):
-        out = _group_norm(tf.cast(x, tf.float32), tf.convert_to_tensor(self.gamma),
-                          tf.convert_to_tensor(self.beta), self.groups, self.epsilon)
+        out = _group_norm(
+            tf.cast(x, tf.float32),
+            tf.convert_to_tensor(self.gamma),
+            tf.convert_to_tensor(self.beta),
+            self.groups,
+            self.epsilon,
+        )
         return tf.cast(out, self.compute_dtype)
 
     def get_config(self):
@@ -261,8 +282,15 @@ class ResBlock(keras.layers.Layer):
       use_scale_shift_norm: adaptive GroupNorm instead of additive conditioning.
     """
 
-    def __init__(self, channels, emb_channels, dropout, out_channels=None,
-                 use_scale_shift_norm=False, **kwargs):
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_scale_shift_norm=False,
+        **kwargs,
+    ):
         # autocast=False: the residual input keeps its dtype (see _residual_sum); the
         # sub-layers cast what they consume.
         super().__init__(autocast=False, **kwargs)
@@ -276,13 +304,14 @@ class ResBlock(keras.layers.Layer):
         policy = self.dtype_policy
         self.in_norm = GroupNorm32(name="in_layers.0", dtype=policy)
         self.in_conv = _conv(channels, out_ch, 3, "in_layers.2", policy)
-        self.emb_proj = _dense(emb_channels, 2 * out_ch if use_scale_shift_norm else out_ch,
-                               "emb_layers.1", policy)
+        self.emb_proj = _dense(
+            emb_channels, 2 * out_ch if use_scale_shift_norm else out_ch, "emb_layers.1", policy
+        )
         self.out_norm = GroupNorm32(name="out_layers.0", dtype=policy)
         self.out_conv = _conv(out_ch, out_ch, 3, "out_layers.3", policy, zero=True)
         self.skip_connection = (
-            None if out_ch == channels
-            else _conv(channels, out_ch, 1, "skip_connection", "float32"))
+            None if out_ch == channels else _conv(channels, out_ch, 1, "skip_connection", "float32")
+        )
 
     def build(self, input_shape=None):
         del input_shape  # every weight shape is known from the constructor arguments
@@ -362,7 +391,8 @@ class AttentionBlock(keras.layers.Layer):
         if channels % num_heads:
             raise ValueError(
                 f"AttentionBlock {self.name!r}: {channels} channels cannot be split into "
-                f"num_heads={num_heads} heads; channels must be a multiple of num_heads")
+                f"num_heads={num_heads} heads; channels must be a multiple of num_heads"
+            )
         self.channels = channels
         self.num_heads = num_heads
         policy = self.dtype_policy
@@ -385,7 +415,9 @@ class AttentionBlock(keras.layers.Layer):
         # Heads moved ahead of the tokens once ([N, heads, T, 3ch]) so both products are plain
         # batched matmuls whose gradients need no data transposes; einsum over the [N, T, heads, ch]
         # layout transposed its operands on every call, which was slower (README, Performance).
-        qkv = tf.transpose(tf.reshape(qkv, [batch, -1, self.num_heads, 3 * head_channels]), [0, 2, 1, 3])
+        qkv = tf.transpose(
+            tf.reshape(qkv, [batch, -1, self.num_heads, 3 * head_channels]), [0, 2, 1, 3]
+        )
         q, k, v = tf.split(qkv, 3, axis=-1)  # each [N, heads, T, ch]
         scale = tf.cast(1.0 / math.sqrt(math.sqrt(head_channels)), q.dtype)
         logits = tf.matmul(q * scale, k * scale, transpose_b=True)  # [N, heads, T, T]
@@ -395,8 +427,11 @@ class AttentionBlock(keras.layers.Layer):
         return _residual_sum(x, tf.reshape(self.proj_out(attended), tf.shape(x)))
 
     def torch_layers(self, prefix):
-        return {f"{prefix}.norm": self.norm, f"{prefix}.qkv": self.qkv,
-                f"{prefix}.proj_out": self.proj_out}
+        return {
+            f"{prefix}.norm": self.norm,
+            f"{prefix}.qkv": self.qkv,
+            f"{prefix}.proj_out": self.proj_out,
+        }
 
 
 class Downsample(keras.layers.Layer):
@@ -469,28 +504,47 @@ class UNetModel(keras.Model):
       **kwargs: keras.Model arguments (``name``, ``dtype`` policy, ...).
     """
 
-    def __init__(self, in_channels, model_channels, out_channels, num_res_blocks,
-                 attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8),
-                 conv_resample=True, num_classes=None, num_heads=1, num_heads_upsample=-1,
-                 use_scale_shift_norm=False, **kwargs):
+    def __init__(
+        self,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        num_classes=None,
+        num_heads=1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        **kwargs,
+    ):
         kwargs.setdefault("name", "unet")
         super().__init__(**kwargs)
         if not conv_resample:
             raise ValueError(
                 "conv_resample=False (average-pool/plain-nearest resampling) is not supported; "
-                "use conv_resample=True as every published improved-diffusion model does")
-        for arg_name, value in (("in_channels", in_channels), ("model_channels", model_channels),
-                                ("out_channels", out_channels),
-                                ("num_res_blocks", num_res_blocks), ("num_heads", num_heads)):
+                "use conv_resample=True as every published improved-diffusion model does"
+            )
+        for arg_name, value in (
+            ("in_channels", in_channels),
+            ("model_channels", model_channels),
+            ("out_channels", out_channels),
+            ("num_res_blocks", num_res_blocks),
+            ("num_heads", num_heads),
+        ):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{arg_name} must be a positive integer, got {value!r}")
-        if num_classes is not None and (not isinstance(num_classes, (int, np.integer))
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be None or a positive integer, got "
-                             f"{num_classes!r}")
+        if num_classes is not None and (
+            not isinstance(num_classes, (int, np.integer)) or num_classes < 1
+        ):
+            raise ValueError(f"num_classes must be None or a positive integer, got {num_classes!r}")
         if not channel_mult or any(int(m) < 1 for m in channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty sequence of positive integers, "
-                             f"got {channel_mult!r}")
+            raise ValueError(
+                f"channel_mult must be a non-empty sequence of positive integers, "
+                f"got {channel_mult!r}"
+            )
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         # Model inputs are converted in call(): Keras' automatic conversion would cast float
@@ -521,15 +575,23 @@ class UNetModel(keras.Model):
         self.time_embed_2 = _dense(emb_dim, emb_dim, "time_embed.2", "float32")
         if self.num_classes is not None:
             self.label_emb = keras.layers.Embedding(
-                self.num_classes, emb_dim, embeddings_initializer=keras.initializers.RandomNormal(
-                    stddev=1.0), name="label_emb", dtype="float32")
+                self.num_classes,
+                emb_dim,
+                embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
+                name="label_emb",
+                dtype="float32",
+            )
 
         # Each reference block (a TimestepEmbedSequential) is a sequence of layers named
         # "<block>.<index>".  The layers are attributes (see the module docstring); the blocks
         # keep only their attribute names, for iteration.
         input_blocks, middle, output_blocks = [], [], []
-        res_kwargs = dict(emb_channels=emb_dim, dropout=self.dropout,
-                          use_scale_shift_norm=self.use_scale_shift_norm, dtype=policy)
+        res_kwargs = dict(
+            emb_channels=emb_dim,
+            dropout=self.dropout,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            dtype=policy,
+        )
 
         def new_block(blocks, prefix):
             attr_names = []
@@ -539,6 +601,7 @@ class UNetModel(keras.Model):
                 name = f"{prefix}.{len(attr_names)}"
                 attr_names.append(name.replace(".", "_"))
                 setattr(self, attr_names[-1], layer_cls(*args, name=name, **layer_kwargs))
+
             return add
 
         add = new_block(input_blocks, "input_blocks.0")
@@ -569,8 +632,12 @@ class UNetModel(keras.Model):
         for level, mult in list(enumerate(self.channel_mult))[::-1]:
             for i in range(self.num_res_blocks + 1):
                 add = new_block(output_blocks, f"output_blocks.{len(output_blocks)}")
-                add(ResBlock, ch + skip_channels.pop(), out_channels=mult * self.model_channels,
-                    **res_kwargs)
+                add(
+                    ResBlock,
+                    ch + skip_channels.pop(),
+                    out_channels=mult * self.model_channels,
+                    **res_kwargs,
+                )
                 ch = mult * self.model_channels
                 if ds in self.attention_resolutions:
                     add(AttentionBlock, ch, self.num_heads_upsample, dtype=policy)
@@ -597,8 +664,12 @@ class UNetModel(keras.Model):
     def _res_blocks(self):
         """Every ResBlock, in the reference's module order."""
         blocks = [*self._input_blocks, self._middle_block, *self._output_blocks]
-        return [layer for names in blocks for layer in self._layers_of(names)
-                if isinstance(layer, ResBlock)]
+        return [
+            layer
+            for names in blocks
+            for layer in self._layers_of(names)
+            if isinstance(layer, ResBlock)
+        ]
 
     def build(self, input_shape=None):
         """Creates all variables (called by the constructor; the input shape is not needed)."""
@@ -634,11 +705,11 @@ class UNetModel(keras.Model):
         mapping = {"time_embed.0": self.time_embed_0, "time_embed.2": self.time_embed_2}
         if self.num_classes is not None:
             mapping["label_emb"] = self.label_emb
-        named_blocks = [(f"input_blocks.{i}", names) for i, names in
-                        enumerate(self._input_blocks)]
+        named_blocks = [(f"input_blocks.{i}", names) for i, names in enumerate(self._input_blocks)]
         named_blocks.append(("middle_block", self._middle_block))
-        named_blocks += [(f"output_blocks.{i}", names) for i, names in
-                         enumerate(self._output_blocks)]
+        named_blocks += [
+            (f"output_blocks.{i}", names) for i, names in enumerate(self._output_blocks)
+        ]
         for prefix, attr_names in named_blocks:
             for index, layer in enumerate(self._layers_of(attr_names)):
                 if hasattr(layer, "torch_layers"):
@@ -651,8 +722,7 @@ class UNetModel(keras.Model):
 
     def attention_prefixes(self):
         """State_dict prefixes of all attention blocks (e.g. ``"input_blocks.4.1"``)."""
-        return [prefix[:-len(".qkv")] for prefix in self.torch_layers()
-                if prefix.endswith(".qkv")]
+        return [prefix[: -len(".qkv")] for prefix in self.torch_layers() if prefix.endswith(".qkv")]
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -661,39 +731,51 @@ class UNetModel(keras.Model):
         if x.shape.rank != 4:
             raise ValueError(f"{self.name}: x must be [N, H, W, C], got shape {x.shape}")
         if x.shape[-1] is not None and x.shape[-1] != x_channels:
-            raise ValueError(f"{self.name}: x has {x.shape[-1]} channels, the model expects "
-                             f"{x_channels} (shape {x.shape})")
-        factor = 2 ** self.num_downsamplings
+            raise ValueError(
+                f"{self.name}: x has {x.shape[-1]} channels, the model expects "
+                f"{x_channels} (shape {x.shape})"
+            )
+        factor = 2**self.num_downsamplings
         for axis, axis_name in ((1, "height"), (2, "width")):
             size = x.shape[axis]
             if size is not None and (size == 0 or size % factor):
                 raise ValueError(
                     f"{self.name}: image {axis_name} {size} must be a positive multiple of "
                     f"{factor} (the model downsamples {self.num_downsamplings} times; "
-                    f"channel_mult={self.channel_mult})")
+                    f"channel_mult={self.channel_mult})"
+                )
         if t.shape.rank != 1:
-            raise ValueError(f"{self.name}: timesteps must be a 1-D [N] tensor, got shape "
-                             f"{t.shape}")
-        if (x.shape[0] is not None and t.shape[0] is not None and x.shape[0] != t.shape[0]):
-            raise ValueError(f"{self.name}: {t.shape[0]} timesteps for a batch of "
-                             f"{x.shape[0]} images; t must be [N]")
+            raise ValueError(
+                f"{self.name}: timesteps must be a 1-D [N] tensor, got shape {t.shape}"
+            )
+        if x.shape[0] is not None and t.shape[0] is not None and x.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"{self.name}: {t.shape[0]} timesteps for a batch of "
+                f"{x.shape[0]} images; t must be [N]"
+            )
         if self.num_classes is None and y is not None:
-            raise ValueError(f"{self.name}: labels y were given to an unconditional model "
-                             f"(num_classes=None)")
+            raise ValueError(
+                f"{self.name}: labels y were given to an unconditional model (num_classes=None)"
+            )
         if self.num_classes is not None:
             if y is None:
-                raise ValueError(f"{self.name}: class-conditional model (num_classes="
-                                 f"{self.num_classes}) needs labels y of shape [N]")
-            if y.shape.rank != 1 or (x.shape[0] is not None and y.shape[0] is not None
-                                     and y.shape[0] != x.shape[0]):
-                raise ValueError(f"{self.name}: labels y must be [N] with N = {x.shape[0]}, "
-                                 f"got shape {y.shape}")
+                raise ValueError(
+                    f"{self.name}: class-conditional model (num_classes="
+                    f"{self.num_classes}) needs labels y of shape [N]"
+                )
+            if y.shape.rank != 1 or (
+                x.shape[0] is not None and y.shape[0] is not None and y.shape[0] != x.shape[0]
+            ):
+                raise ValueError(
+                    f"{self.name}: labels y must be [N] with N = {x.shape[0]}, got shape {y.shape}"
+                )
             if y.dtype.is_floating:
                 raise ValueError(f"{self.name}: labels y must be integers, got {y.dtype}")
 
     def _embed(self, t, y):
-        emb = self.time_embed_2(tf.nn.silu(self.time_embed_0(
-            timestep_embedding(t, self.model_channels))))
+        emb = self.time_embed_2(
+            tf.nn.silu(self.time_embed_0(timestep_embedding(t, self.model_channels)))
+        )
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
         return emb
@@ -773,13 +855,19 @@ class UNetModel(keras.Model):
 
     def get_config(self):
         return {
-            "in_channels": self.in_channels, "model_channels": self.model_channels,
-            "out_channels": self.out_channels, "num_res_blocks": self.num_res_blocks,
-            "attention_resolutions": self.attention_resolutions, "dropout": self.dropout,
-            "channel_mult": self.channel_mult, "conv_resample": self.conv_resample,
-            "num_classes": self.num_classes, "num_heads": self.num_heads,
+            "in_channels": self.in_channels,
+            "model_channels": self.model_channels,
+            "out_channels": self.out_channels,
+            "num_res_blocks": self.num_res_blocks,
+            "attention_resolutions": self.attention_resolutions,
+            "dropout": self.dropout,
+            "channel_mult": self.channel_mult,
+            "conv_resample": self.conv_resample,
+            "num_classes": self.num_classes,
+            "num_heads": self.num_heads,
             "num_heads_upsample": self.num_heads_upsample,
-            "use_scale_shift_norm": self.use_scale_shift_norm, "name": self.name,
+            "use_scale_shift_norm": self.use_scale_shift_norm,
+            "name": self.name,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
         }
 
@@ -810,20 +898,26 @@ class SuperResModel(UNetModel):
 
     def _prepare_low_res(self, x, low_res):
         if low_res is None:
-            raise ValueError(f"{self.name}: a super-resolution model needs low_res, a "
-                             f"[N, h, w, {self.image_channels}] image")
+            raise ValueError(
+                f"{self.name}: a super-resolution model needs low_res, a "
+                f"[N, h, w, {self.image_channels}] image"
+            )
         low_res = tf.convert_to_tensor(low_res)
-        if low_res.shape.rank != 4 or (low_res.shape[-1] is not None
-                                       and low_res.shape[-1] != self.image_channels):
-            raise ValueError(f"{self.name}: low_res must be [N, h, w, {self.image_channels}], "
-                             f"got shape {low_res.shape}")
+        if low_res.shape.rank != 4 or (
+            low_res.shape[-1] is not None and low_res.shape[-1] != self.image_channels
+        ):
+            raise ValueError(
+                f"{self.name}: low_res must be [N, h, w, {self.image_channels}], "
+                f"got shape {low_res.shape}"
+            )
         x = tf.convert_to_tensor(x)
-        if x.shape.rank != 4 or (x.shape[-1] is not None
-                                 and x.shape[-1] != self.image_channels):
-            raise ValueError(f"{self.name}: x must be [N, H, W, {self.image_channels}], got "
-                             f"shape {x.shape}")
+        if x.shape.rank != 4 or (x.shape[-1] is not None and x.shape[-1] != self.image_channels):
+            raise ValueError(
+                f"{self.name}: x must be [N, H, W, {self.image_channels}], got shape {x.shape}"
+            )
         upsampled = _resize_like_torch_bilinear(
-            tf.cast(low_res, tf.float32), tf.shape(x)[1], tf.shape(x)[2])
+            tf.cast(low_res, tf.float32), tf.shape(x)[1], tf.shape(x)[2]
+        )
         return tf.concat([tf.cast(x, tf.float32), upsampled], axis=-1)
 
     def call(self, x, t, y=None, low_res=None, training=None, dropout_seeds=None):
@@ -878,17 +972,33 @@ def _parse_int_list(value, arg_name):
     try:
         parsed = tuple(int(p) for p in parts)
     except (TypeError, ValueError):
-        raise ValueError(f"{arg_name} must be a comma-separated list of integers or a sequence "
-                         f"of ints, got {value!r}") from None
+        raise ValueError(
+            f"{arg_name} must be a comma-separated list of integers or a sequence "
+            f"of ints, got {value!r}"
+        ) from None
     if not parsed or any(p < 1 for p in parsed):
         raise ValueError(f"{arg_name} must list positive integers, got {value!r}")
     return parsed
 
 
-def create_model(image_size, num_channels, num_res_blocks, learn_sigma, class_cond,
-                 attention_resolutions, num_heads, num_heads_upsample, use_scale_shift_norm,
-                 dropout, *, channel_mult="", num_classes=DEFAULT_NUM_CLASSES, in_channels=3,
-                 super_res=False, **model_kwargs):
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    attention_resolutions,
+    num_heads,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    *,
+    channel_mult="",
+    num_classes=DEFAULT_NUM_CLASSES,
+    in_channels=3,
+    super_res=False,
+    **model_kwargs,
+):
     """Builds a UNet from the reference's ``script_util`` flags.
 
     Args:
@@ -915,22 +1025,26 @@ def create_model(image_size, num_channels, num_res_blocks, learn_sigma, class_co
             raise ValueError(
                 f"unsupported image size {image_size}: default channel_mult exists for "
                 f"{sorted(CHANNEL_MULT_BY_IMAGE_SIZE)}; pass channel_mult explicitly "
-                f"(e.g. channel_mult=\"1,2,2\") for other sizes")
+                f'(e.g. channel_mult="1,2,2") for other sizes'
+            )
         channel_mult = CHANNEL_MULT_BY_IMAGE_SIZE[image_size]
     else:
         channel_mult = _parse_int_list(channel_mult, "channel_mult")
     factor = 2 ** (len(channel_mult) - 1)
     if image_size % factor:
-        raise ValueError(f"image_size {image_size} is not divisible by {factor}, the total "
-                         f"downsampling of channel_mult={channel_mult}")
+        raise ValueError(
+            f"image_size {image_size} is not divisible by {factor}, the total "
+            f"downsampling of channel_mult={channel_mult}"
+        )
     attention_ds = []
-    level_rates = [2 ** level for level in range(len(channel_mult))]
+    level_rates = [2**level for level in range(len(channel_mult))]
     for res in _parse_int_list(attention_resolutions, "attention_resolutions"):
         if image_size % res or image_size // res not in level_rates:
             raise ValueError(
                 f"attention resolution {res} does not occur in a {image_size}x{image_size} "
                 f"model with channel_mult={channel_mult}; the feature resolutions are "
-                f"{[image_size // r for r in level_rates]}")
+                f"{[image_size // r for r in level_rates]}"
+            )
         attention_ds.append(image_size // res)
     if class_cond and (num_classes is None or num_classes < 1):
         raise ValueError(f"class_cond=True needs num_classes >= 1, got {num_classes!r}")

@@ -124,10 +124,10 @@ def _int_at_least(minimum):
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected an integer >= {minimum}, got {text!r}") from None
+                f"expected an integer >= {minimum}, got {text!r}"
+            ) from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
         return value
 
     return parse
@@ -141,33 +141,44 @@ def build_parser():
     """Returns the command-line parser (no torch needed)."""
     parser = argparse.ArgumentParser(
         prog="benchmark_reference.py",
-        description=("Benchmarks openai/improved-diffusion (PyTorch, CPU) on "
-                     "the tf_iddpm bench config. Run it with a Python that "
-                     "has torch."))
+        description=(
+            "Benchmarks openai/improved-diffusion (PyTorch, CPU) on "
+            "the tf_iddpm bench config. Run it with a Python that "
+            "has torch."
+        ),
+    )
     parser.add_argument(
-        "--reference", required=True,
+        "--reference",
+        required=True,
         help="path to a checkout of openai/improved-diffusion (the directory "
-             "that contains improved_diffusion/)")
-    parser.add_argument("--threads", type=_positive_int, default=2,
-                        help="torch intra-op threads (inter-op is 1)")
-    parser.add_argument("--batch", type=_positive_int, default=16,
-                        help="images per batch")
-    parser.add_argument("--what", choices=WHAT_CHOICES, default="all",
-                        help="which measurement to run; 'all' runs train, "
-                             "sample and nll in one process")
+        "that contains improved_diffusion/)",
+    )
     parser.add_argument(
-        "--warmup", type=_non_negative_int, default=None,
+        "--threads", type=_positive_int, default=2, help="torch intra-op threads (inter-op is 1)"
+    )
+    parser.add_argument("--batch", type=_positive_int, default=16, help="images per batch")
+    parser.add_argument(
+        "--what",
+        choices=WHAT_CHOICES,
+        default="all",
+        help="which measurement to run; 'all' runs train, sample and nll in one process",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=None,
         help="untimed iterations before each measurement; for sample and "
-             f"nll each runs a {WARMUP_CHAIN_STEPS}-step chain (default per "
-             f"measurement: {DEFAULT_WARMUP})")
+        f"nll each runs a {WARMUP_CHAIN_STEPS}-step chain (default per "
+        f"measurement: {DEFAULT_WARMUP})",
+    )
     parser.add_argument(
-        "--iters", type=_positive_int, default=None,
-        help="timed iterations per measurement (default per measurement: "
-             f"{DEFAULT_ITERS})")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed for torch and numpy")
-    parser.add_argument("--json-out", default=None,
-                        help="file to write the JSON result object to")
+        "--iters",
+        type=_positive_int,
+        default=None,
+        help=f"timed iterations per measurement (default per measurement: {DEFAULT_ITERS})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for torch and numpy")
+    parser.add_argument("--json-out", default=None, help="file to write the JSON result object to")
     return parser
 
 
@@ -187,19 +198,21 @@ def parse_args(argv=None):
         parser.error(
             f"--reference {args.reference!r} is not a directory; expected a "
             "checkout of openai/improved-diffusion (the directory that "
-            "contains improved_diffusion/)")
-    missing = [name for name in _REFERENCE_FILES
-               if not os.path.isfile(os.path.join(reference, name))]
+            "contains improved_diffusion/)"
+        )
+    missing = [
+        name for name in _REFERENCE_FILES if not os.path.isfile(os.path.join(reference, name))
+    ]
     if missing:
         parser.error(
             f"--reference {args.reference!r} is not a checkout of "
-            "openai/improved-diffusion: missing " + ", ".join(missing))
+            "openai/improved-diffusion: missing " + ", ".join(missing)
+        )
     args.reference = reference
     if args.json_out is not None:
         out_dir = os.path.dirname(os.path.abspath(args.json_out))
         if not os.path.isdir(out_dir):
-            parser.error(f"--json-out {args.json_out!r}: directory "
-                         f"{out_dir!r} does not exist")
+            parser.error(f"--json-out {args.json_out!r}: directory {out_dir!r} does not exist")
     return args
 
 
@@ -224,7 +237,8 @@ def _import_torch(threads):
             f"{sys.executable} ({error}). Run this script with the python of "
             "a virtualenv that has torch installed (for example one made "
             "with `pip install torch==2.13.0 numpy`), not the TensorFlow "
-            "venv.")
+            "venv."
+        )
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     return torch
@@ -246,9 +260,11 @@ def _import_reference(reference):
         modules[name] = importlib.import_module(f"improved_diffusion.{name}")
     package_file = os.path.abspath(sys.modules["improved_diffusion"].__file__)
     if not package_file.startswith(reference + os.sep):
-        sys.exit(f"benchmark_reference.py: error: imported improved_diffusion "
-                 f"from {package_file}, not from --reference {reference}; "
-                 "uninstall the other copy")
+        sys.exit(
+            f"benchmark_reference.py: error: imported improved_diffusion "
+            f"from {package_file}, not from --reference {reference}; "
+            "uninstall the other copy"
+        )
     return modules
 
 
@@ -330,11 +346,11 @@ class _TrainStep:
         self._batch = batch
         self._params = list(model.parameters())
         self._optimizer = torch.optim.AdamW(
-            self._params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+            self._params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY
+        )
         self._ema_params = [p.detach().clone() for p in self._params]
         self._sampler = ref["resample"].UniformSampler(diffusion)
-        self.phase_seconds = {"forward_loss": [], "backward": [],
-                              "optimizer": [], "ema": []}
+        self.phase_seconds = {"forward_loss": [], "backward": [], "optimizer": [], "ema": []}
 
     def __call__(self, record_phases=False):
         torch = self._torch
@@ -349,15 +365,12 @@ class _TrainStep:
         after_backward = time.perf_counter()
         self._optimizer.step()
         after_optimizer = time.perf_counter()
-        self._ref["nn"].update_ema(self._ema_params, self._params,
-                                   rate=EMA_RATE)
+        self._ref["nn"].update_ema(self._ema_params, self._params, rate=EMA_RATE)
         end = time.perf_counter()
         if record_phases:
             self.phase_seconds["forward_loss"].append(after_forward - start)
-            self.phase_seconds["backward"].append(after_backward
-                                                  - after_forward)
-            self.phase_seconds["optimizer"].append(after_optimizer
-                                                   - after_backward)
+            self.phase_seconds["backward"].append(after_backward - after_forward)
+            self.phase_seconds["optimizer"].append(after_optimizer - after_backward)
             self.phase_seconds["ema"].append(end - after_optimizer)
         return float(loss.detach())
 
@@ -409,8 +422,7 @@ def measure_train(torch, ref, batch, warmup, iters):
     }
 
 
-def _measure_chain(torch, ref, prefix, respacing, batch, warmup, iters,
-                   run_chain):
+def _measure_chain(torch, ref, prefix, respacing, batch, warmup, iters, run_chain):
     """Times `run_chain(model, diffusion)` on a respaced chain.
 
     Warm-up calls run the same chain respaced to WARMUP_CHAIN_STEPS steps:
@@ -444,8 +456,7 @@ def _measure_chain(torch, ref, prefix, respacing, batch, warmup, iters,
             run_chain(model, warmup_diffusion)
         timer.reset()
 
-    seconds, result, cpu_per_wall = _timed(timed_call, warmup, iters,
-                                           warmup_call)
+    seconds, result, cpu_per_wall = _timed(timed_call, warmup, iters, warmup_call)
     timer.remove()
     return {
         f"{prefix}_iter_s": seconds,
@@ -460,11 +471,11 @@ def measure_sample(torch, ref, batch, warmup, iters):
     """Times 50-step strided ancestral sampling; returns a dict of results."""
 
     def run_chain(model, diffusion):
-        return diffusion.p_sample_loop(model, _image_shape(batch),
-                                       clip_denoised=True)
+        return diffusion.p_sample_loop(model, _image_shape(batch), clip_denoised=True)
 
-    results, samples = _measure_chain(torch, ref, "sample50", SAMPLE_STEPS,
-                                      batch, warmup, iters, run_chain)
+    results, samples = _measure_chain(
+        torch, ref, "sample50", SAMPLE_STEPS, batch, warmup, iters, run_chain
+    )
     if not bool(torch.isfinite(samples).all()):
         raise RuntimeError("sampling produced non-finite values")
     return results
@@ -479,8 +490,9 @@ def measure_nll(torch, ref, batch, warmup, iters):
     def run_chain(model, diffusion):
         return diffusion.calc_bpd_loop(model, images, clip_denoised=True)
 
-    results, terms = _measure_chain(torch, ref, "nll100", NLL_STEPS, batch,
-                                    warmup, iters, run_chain)
+    results, terms = _measure_chain(
+        torch, ref, "nll100", NLL_STEPS, batch, warmup, iters, run_chain
+    )
     results["nll100_mean_bpd"] = float(terms["total_bpd"].mean())
     return results
 
@@ -500,8 +512,7 @@ def count_gflop_per_forward(torch, ref):
     counter = flop_counter.FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(images, timesteps)
-    by_op = {str(op): flops / 1e9
-             for op, flops in counter.get_flop_counts()["Global"].items()}
+    by_op = {str(op): flops / 1e9 for op, flops in counter.get_flop_counts()["Global"].items()}
     return counter.get_total_flops() / 1e9, by_op, num_params
 
 
@@ -521,9 +532,17 @@ def _op_category(name):
         return "dropout"
     if "upsample" in name:
         return "upsample (nearest)"
-    if name in ("aten::cat", "aten::copy_", "aten::clone", "aten::contiguous",
-                "aten::_to_copy", "aten::empty", "aten::empty_like",
-                "aten::zero_", "aten::fill_"):
+    if name in (
+        "aten::cat",
+        "aten::copy_",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::_to_copy",
+        "aten::empty",
+        "aten::empty_like",
+        "aten::zero_",
+        "aten::fill_",
+    ):
         return "cat/copy/alloc"
     return "other elementwise (add, mul, loss math, ...)"
 
@@ -531,8 +550,7 @@ def _op_category(name):
 def _profile_categories(function):
     """Runs `function` under torch.profiler; returns ms by op category."""
     profiler = importlib.import_module("torch.profiler")
-    with profiler.profile(
-            activities=[profiler.ProfilerActivity.CPU]) as prof:
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
         function()
     categories = {}
     top_ops = []
@@ -587,10 +605,10 @@ def measure_profile(torch, ref, batch, warmup, iters):
     cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
     for _ in range(iters):
         step(record_phases=True)
-    cpu_per_wall = ((_cpu_seconds() - cpu_start)
-                    / (time.perf_counter() - wall_start))
-    phase_ms = {name: statistics.median(values) * 1e3
-                for name, values in step.phase_seconds.items()}
+    cpu_per_wall = (_cpu_seconds() - cpu_start) / (time.perf_counter() - wall_start)
+    phase_ms = {
+        name: statistics.median(values) * 1e3 for name, values in step.phase_seconds.items()
+    }
     sampler = ref["resample"].UniformSampler(diffusion)
 
     def forward_backward():
@@ -650,6 +668,7 @@ def run(args):
     """Runs the requested measurements; returns the JSON result dict."""
     torch = _import_torch(args.threads)
     import numpy as np  # pylint: disable=import-outside-toplevel
+
     ref = _import_reference(args.reference)
     runtime_rss_mb = peak_rss_mb()  # torch + the reference imported, nothing built yet
     torch.manual_seed(args.seed)
@@ -662,9 +681,11 @@ def run(args):
         "peak_rss_mb": None,
         "runtime_rss_mb": runtime_rss_mb,
         "gflop_per_forward": None,
-        "gflop_method": ("torch.utils.flop_counter.FlopCounterMode, one "
-                         "forward at batch 1; FLOP = 2 x MAC; convolutions "
-                         "and matmuls only"),
+        "gflop_method": (
+            "torch.utils.flop_counter.FlopCounterMode, one "
+            "forward at batch 1; FLOP = 2 x MAC; convolutions "
+            "and matmuls only"
+        ),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "torch_version": torch.__version__,
@@ -672,12 +693,16 @@ def run(args):
         "what": args.what,
         "cpu": _cpu_name(),
         "loadavg_start": list(os.getloadavg()),
-        "config": dict(BENCH_CONFIG, lr=LEARNING_RATE,
-                       weight_decay=WEIGHT_DECAY, ema_rate=EMA_RATE,
-                       schedule_sampler="uniform", dtype="float32"),
+        "config": dict(
+            BENCH_CONFIG,
+            lr=LEARNING_RATE,
+            weight_decay=WEIGHT_DECAY,
+            ema_rate=EMA_RATE,
+            schedule_sampler="uniform",
+            dtype="float32",
+        ),
     }
-    measure = {"train": measure_train, "sample": measure_sample,
-               "nll": measure_nll}
+    measure = {"train": measure_train, "sample": measure_sample, "nll": measure_nll}
     if args.what == "profile":
         todo = ["profile"]
         measure["profile"] = measure_profile
@@ -704,12 +729,12 @@ def run(args):
             continue
         img_per_s = args.batch * len(seconds) / sum(seconds)
         result[_RESULT_KEYS[name]] = img_per_s
-        result[f"{_RESULT_KEYS[name]}_median"] = (
-            args.batch / statistics.median(seconds))
+        result[f"{_RESULT_KEYS[name]}_median"] = args.batch / statistics.median(seconds)
         # The fastest iteration is the least disturbed by other load.
         result[f"{_RESULT_KEYS[name]}_best"] = args.batch / min(seconds)
         result[f"{_PREFIXES[name]}_achieved_gflop_per_s"] = (
-            img_per_s * _FORWARDS_PER_IMAGE[name] * gflop)
+            img_per_s * _FORWARDS_PER_IMAGE[name] * gflop
+        )
     return result
 
 
@@ -734,46 +759,52 @@ def format_table(result):
             f"{result[key + '_best']:>9.3f}"
             f"{sum(seconds) / len(seconds):>10.3f}"
             f"{result[prefix + '_achieved_gflop_per_s']:>10.1f}"
-            f"{result[prefix + '_cpu_per_wall']:>10.2f}")
-    starved = [name for name in MEASUREMENTS
-               if result.get(f"{_PREFIXES[name]}_cpu_per_wall") is not None
-               and result[f"{_PREFIXES[name]}_cpu_per_wall"]
-               < CONTENTION_WARNING_FRACTION * result["threads"]]
+            f"{result[prefix + '_cpu_per_wall']:>10.2f}"
+        )
+    starved = [
+        name
+        for name in MEASUREMENTS
+        if result.get(f"{_PREFIXES[name]}_cpu_per_wall") is not None
+        and result[f"{_PREFIXES[name]}_cpu_per_wall"]
+        < CONTENTION_WARNING_FRACTION * result["threads"]
+    ]
     if starved:
         lines.append(
             "WARNING: " + ", ".join(starved) + " got less than "
             f"{CONTENTION_WARNING_FRACTION:.0%} of {result['threads']} cores "
             "(cpu/wall); other load on the machine makes these numbers "
-            "unrepresentative")
+            "unrepresentative"
+        )
     lines.append(f"{'peak_rss_mb':<22}{result['peak_rss_mb']:>9.0f}")
-    lines.append("load average at start / end: "
-                 + " ".join(f"{v:.2f}" for v in result["loadavg_start"])
-                 + " / "
-                 + " ".join(f"{v:.2f}" for v in result["loadavg_end"]))
-    lines.append(f"{'gflop_per_forward':<22}"
-                 f"{result['gflop_per_forward']:>9.3f}  (batch 1, "
-                 "FlopCounterMode, 2 x MAC)")
+    lines.append(
+        "load average at start / end: "
+        + " ".join(f"{v:.2f}" for v in result["loadavg_start"])
+        + " / "
+        + " ".join(f"{v:.2f}" for v in result["loadavg_end"])
+    )
+    lines.append(
+        f"{'gflop_per_forward':<22}"
+        f"{result['gflop_per_forward']:>9.3f}  (batch 1, "
+        "FlopCounterMode, 2 x MAC)"
+    )
     profile = result.get("profile")
     if profile:
         phases = profile["train_phase_ms_median"]
-        lines.append("training step phases (median ms): " + ", ".join(
-            f"{name} {ms:.1f}" for name, ms in phases.items())
-            + f"; cpu/wall {profile['train_cpu_per_wall']:.2f}")
+        lines.append(
+            "training step phases (median ms): "
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in phases.items())
+            + f"; cpu/wall {profile['train_cpu_per_wall']:.2f}"
+        )
         for title, key in (
-                ("forward+backward self time by op category (ms)",
-                 "train_fwd_bwd_op_category_ms"),
-                ("eval forward self time by op category (ms)",
-                 "eval_forward_op_category_ms"),
-                ("eval forward exclusive time by module type (ms)",
-                 "eval_forward_module_exclusive_ms")):
+            ("forward+backward self time by op category (ms)", "train_fwd_bwd_op_category_ms"),
+            ("eval forward self time by op category (ms)", "eval_forward_op_category_ms"),
+            ("eval forward exclusive time by module type (ms)", "eval_forward_module_exclusive_ms"),
+        ):
             total = sum(profile[key].values())
             lines.append(f"{title}, total {total:.1f}:")
-            for category, ms in sorted(profile[key].items(),
-                                       key=lambda item: -item[1]):
-                lines.append(f"  {category:<46}{ms:>9.1f}"
-                             f"{100.0 * ms / total:>7.1f}%")
-        lines.append(f"eval forward median ms: "
-                     f"{profile['eval_forward_ms_median']:.1f}")
+            for category, ms in sorted(profile[key].items(), key=lambda item: -item[1]):
+                lines.append(f"  {category:<46}{ms:>9.1f}{100.0 * ms / total:>7.1f}%")
+        lines.append(f"eval forward median ms: {profile['eval_forward_ms_median']:.1f}")
     return "\n".join(lines)
 
 
@@ -792,7 +823,6 @@ def main(argv=None):
 if __name__ == "__main__":
     # When run by path, Python puts this file's directory (tools/) first on
     # sys.path; drop it so that nothing there can shadow top-level imports.
-    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(
-            os.path.abspath(__file__)):
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[0]
     sys.exit(main())

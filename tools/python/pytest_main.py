@@ -23,8 +23,11 @@ import pytest
 def _drop_editable_install_finders():
     """Removes setuptools' editable-install import hooks (`__editable___*_finder`)."""
     # The finders are classes or instances; both carry their module's name in __module__.
-    sys.meta_path[:] = [finder for finder in sys.meta_path
-                        if not getattr(finder, "__module__", "").startswith("__editable__")]
+    sys.meta_path[:] = [
+        finder
+        for finder in sys.meta_path
+        if not getattr(finder, "__module__", "").startswith("__editable__")
+    ]
 
 
 def main(argv):
