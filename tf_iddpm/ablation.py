@@ -46,6 +46,7 @@ from tf_iddpm import config_utils
 from tf_iddpm import data as data_lib
 from tf_iddpm import eval_lib
 from tf_iddpm import factory
+from tf_iddpm import fileio
 from tf_iddpm import image_utils
 from tf_iddpm import metrics
 from tf_iddpm import quality_lib
@@ -187,10 +188,7 @@ def _read_json(path: str) -> Optional[Dict]:
 
 
 def _write_json(path: str, value) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
+    fileio.atomic_write_text(path, json.dumps(value, indent=2))
 
 
 def _cached(path: str, key: Dict, compute):
@@ -690,7 +688,7 @@ def run_study(
                         images = model.samples(
                             sampler=sampler, steps=k, num_samples=quality_samples
                         )
-                        np.save(grid_path, images[:64])
+                        fileio.atomic_write(grid_path, lambda f: np.save(f, images[:64]))
                         return dict(
                             quality(ref_features, extractor(images)), seconds=time.time() - t0
                         )
@@ -766,8 +764,7 @@ def run_study(
     results["study"]["wall_seconds"] = time.time() - started
     _write_json(os.path.join(study_dir, "results.json"), results)
     table = format_results(results)
-    with open(os.path.join(study_dir, "results.md"), "w") as f:
-        f.write(table)
+    fileio.atomic_write_text(os.path.join(study_dir, "results.md"), table)
     print(table)
     print(f"results: {os.path.join(study_dir, 'results.json')}")
     return results
@@ -1014,7 +1011,7 @@ def write_figures(results: Dict, study_dir: str, *, grid_steps: int = 50) -> Dic
 
 
 def _save(figure, directory: str, name: str, pyplot) -> str:
-    figure.savefig(os.path.join(directory, name))
+    fileio.atomic_write(os.path.join(directory, name), lambda f: figure.savefig(f, format="png"))
     pyplot.close(figure)
     return os.path.join(FIGURES_SUBDIR, name)
 
