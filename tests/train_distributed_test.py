@@ -64,6 +64,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
             assert trainer.num_replicas == (2 if name == "mirrored" else 1)
             if initial is None:
                 initial = trainer.net.get_weights()
+                results[f"{variant}/initial"] = np.concatenate([w.ravel() for w in initial])
             for net in [trainer.net, *trainer.ema_nets.values()]:
                 net.set_weights(initial)
             if trainer.loss_aware:
@@ -181,10 +182,14 @@ def run_script(script, args, timeout=900):
 
 def test_mirrored_strategy_follows_the_default_strategy(digits_dir, tmp_path):
     # Measured (4 steps): per-step loss/mse/vb agree to <= 9.5e-7 absolute (1.1e-7 relative);
-    # weights <= 7e-7, EMA <= 2.1e-8, Adam slots <= 4.8e-8 absolute (weights are O(1), lr 1e-3);
-    # the loss history <= 1.1e-5 absolute on values up to 60 (2e-7 relative).  A per-replica
-    # mean loss (gradients 2x too large) gives Adam slot differences of 0.04 and weight
-    # differences of 8e-4, far outside these tolerances.
+    # EMA and Adam slots to ~1e-8 absolute; the loss history <= 1.1e-5 absolute on values up to
+    # 60 (2e-7 relative).  The weights are compared through their update (final - initial, L2
+    # over all of them, as tests/train_trajectory_test.py does): with the reference's AdamW
+    # epsilon (1e-8 on the bias-corrected root) an element whose true gradient is zero, e.g. a
+    # conv bias followed by a GroupNorm, moves by up to ~lr per step on float32 rounding alone,
+    # differently for a different summation order (measured: 43 of 197702 weights, <= 4.4e-5).
+    # A per-replica mean loss (gradients 2x too large) gives Adam slot differences of 0.04 and
+    # weight differences of 8e-4, far outside these tolerances.
     out_path = tmp_path / "results.npz"
     run_script(_MIRRORED_SCRIPT, [digits_dir, str(out_path), NUM_STEPS, VARIANTS])
     results = dict(np.load(out_path))
@@ -204,7 +209,17 @@ def test_mirrored_strategy_follows_the_default_strategy(digits_dir, tmp_path):
         np.testing.assert_allclose(
             mirrored["metrics"], single["metrics"], rtol=1e-5, err_msg=variant
         )
-        for name in ("net", "ema", "optimizer"):
+        initial = results[f"{variant}/initial"].astype(np.float64)
+        update_single = single["net"] - initial
+        update_mirrored = mirrored["net"] - initial
+        update_error = np.linalg.norm(update_mirrored - update_single) / np.linalg.norm(
+            update_single
+        )
+        print(f"{variant} net: |update difference| / |update| {update_error:.3g}")
+        assert update_error <= 1e-3, f"{variant} net: update differs by {update_error:.3g}"
+        noisy = np.abs(mirrored["net"] - single["net"]) > 1e-5
+        assert noisy.mean() <= 1e-3, f"{variant} net: {noisy.sum()} weights differ by > 1e-5"
+        for name in ("ema", "optimizer"):
             np.testing.assert_allclose(
                 mirrored[name], single[name], rtol=1e-5, atol=1e-5, err_msg=f"{variant} {name}"
             )
