@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tf_iddpm import benchmark
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # GFLOP of one bench-config forward at batch 1 as torch's FlopCounterMode counts it on the
 # reference (convolutions and matmuls, 2 x MAC); our count reads the traced graph instead.
@@ -46,3 +48,28 @@ def test_reference_without_its_python_is_a_usage_error():
     proc = _benchmark("--what=train", "--reference=/nonexistent")
     assert proc.returncode != 0
     assert "--reference needs --reference_python" in proc.stderr
+
+
+def test_profile_attributes_a_training_step_to_categories_and_phases():
+    proc = _benchmark("--what=profile", "--batch=2", "--warmup=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    categories, phases = result["categories_ms"], result["phases_ms"]
+    assert set(categories) == {name for name, _ in benchmark.PROFILE_CATEGORIES}
+    # Every kernel class the step runs is found: convolutions both ways, the fused norm and its
+    # gradient, dropout (the bench config has 0.1), the optimizer and the EMA.
+    for name in (
+        "conv forward",
+        "conv backward, input",
+        "conv backward, filter (+bias)",
+        "GroupNorm + SiLU (fused) and its gradient",
+        "dropout (mask draw + multiply)",
+        "optimizer (fused AdamW)",
+        "EMA update",
+    ):
+        assert categories[name] > 0, name
+    # float32: no activation casts, only a few scalar/index ones.
+    assert categories["casts float32 <-> bfloat16"] < 0.01 * sum(categories.values())
+    assert phases["backward"] > 0 and phases["forward (incl. loss)"] > 0
+    assert sum(phases.values()) == pytest.approx(sum(categories.values()), rel=1e-9)
+    assert "training step profile" in proc.stdout and "phase" in proc.stdout

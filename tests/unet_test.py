@@ -283,6 +283,58 @@ def test_dropout_only_when_training():
     assert np.abs(train_a - train_b).max() > 1e-2 * np.abs(eval_a).max()
 
 
+def test_positional_dropout_rows_do_not_depend_on_the_split():
+    h = tf.ones([6, 4, 4, 36])  # 576 elements per example: a multiple of four draws
+    odd = tf.ones([6, 3, 3, 3])  # 27 elements: rows start mid-counter unless padded
+    seed = tf.constant([7, 11], tf.int64)
+    for x in (h, odd):
+        whole = unet.positional_dropout(x, 0.25, seed, 0, salt=3).numpy()
+        parts = [
+            unet.positional_dropout(x[a:b], 0.25, seed, a, salt=3).numpy()
+            for a, b in ((0, 2), (2, 5), (5, 6))
+        ]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+        # Elements are kept with probability 1 - rate and scaled by 1 / (1 - rate).
+        assert set(np.unique(whole)) <= {0.0, np.float32(1 / 0.75)}
+        if x is h:
+            assert abs((whole == 0).mean() - 0.25) < 0.02
+            # Rows, layers (salt) and seeds draw different masks.
+            assert (whole[0] != whole[1]).any()
+            other_salt = unet.positional_dropout(x, 0.25, seed, 0, salt=4).numpy()
+            assert (other_salt != whole).mean() > 0.2
+            other_seed = unet.positional_dropout(x, 0.25, seed + 1, 0, salt=3).numpy()
+            assert (other_seed != whole).mean() > 0.2
+    # The multiplier is in h's dtype; the mask is the same under bfloat16.
+    bf16 = unet.positional_dropout(tf.cast(h, tf.bfloat16), 0.25, seed, 0, salt=3)
+    assert bf16.dtype == tf.bfloat16
+    np.testing.assert_array_equal(
+        bf16.numpy() == 0, unet.positional_dropout(h, 0.25, seed, 0, salt=3).numpy() == 0
+    )
+
+
+def test_philox_counters_of_stateless_seeds_start_at_zero():
+    # positional_dropout offsets the low counter word without a carry: it relies on this.
+    for seed in np.random.default_rng(0).integers(-(2**62), 2**62, size=(50, 2)):
+        _, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=tf.constant(seed, tf.int64))
+        assert int(counter[0]) == 0
+
+
+def test_training_forward_with_dropout_rng_does_not_depend_on_the_split():
+    data = golden.load("unet_forward")
+    model = _main_model(dropout=0.3)
+    x, timesteps = golden.nhwc(data["x"]), data["timesteps"]
+    whole = model(x, timesteps, training=True, dropout_rng=[1, 2, 0]).numpy()
+    again = model(x, timesteps, training=True, dropout_rng=[1, 2, 0]).numpy()
+    np.testing.assert_array_equal(whole, again)
+    halves = [
+        model(x[a:b], timesteps[a:b], training=True, dropout_rng=[1, 2, a]).numpy()
+        for a, b in ((0, 1), (1, len(timesteps)))
+    ]
+    np.testing.assert_allclose(np.concatenate(halves), whole, rtol=0, atol=1e-5)
+    other = model(x, timesteps, training=True, dropout_rng=[1, 3, 0]).numpy()
+    assert np.abs(other - whole).max() > 1e-3
+
+
 def test_xla_forward_equals_eager():
     data = golden.load("variant")
     model = _variant_model()
@@ -369,6 +421,49 @@ def test_group_norm_value_and_analytic_gradient_match_the_definition(shape, grou
     np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6)
     grads = tape.gradient(loss, [inputs[0], layer.gamma, layer.beta])
     expected_grads = tape.gradient(expected_loss, [inputs[1], gamma64, beta64])
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("conditioning", ["offset", "scale_shift", "none"])
+@pytest.mark.parametrize("silu", [True, False])
+def test_fused_group_norm_conditioning_and_silu_match_the_definition(conditioning, silu):
+    """GroupNorm32(x, offset=, scale=, shift=, silu=) against the separate float64 ops."""
+    shape, groups = (3, 4, 5, 64), 32
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, shape[-1]).astype(np.float32)
+    beta = rng.standard_normal(shape[-1]).astype(np.float32)
+    per_sample = {
+        name: (rng.standard_normal((shape[0], shape[-1])) * spread + center).astype(np.float32)
+        for name, spread, center in (("offset", 2.0, 1.0), ("scale", 0.3, 1.0), ("shift", 1.0, 0))
+    }
+    upstream = rng.standard_normal(shape).astype(np.float32)
+    layer = unet.GroupNorm32(groups=groups)
+    layer.build(shape)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    names = {"offset": ["offset"], "scale_shift": ["scale", "shift"], "none": []}[conditioning]
+    args32 = {n: tf.constant(per_sample[n]) for n in names}
+    args64 = {n: tf.constant(per_sample[n], tf.float64) for n in names}
+    x32, x64 = tf.constant(x), tf.constant(x, tf.float64)
+    gamma64, beta64 = tf.constant(gamma, tf.float64), tf.constant(beta, tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x32, x64, gamma64, beta64, *args32.values(), *args64.values()])
+        out = layer(x32, silu=silu, **args32)
+        h = x64 + args64["offset"][:, None, None, :] if "offset" in names else x64
+        expected = _group_norm_float64(h, gamma64, beta64, groups)
+        if "scale" in names:
+            expected = (
+                expected * args64["scale"][:, None, None, :] + args64["shift"][:, None, None, :]
+            )
+        if silu:
+            expected = tf.nn.silu(expected)
+        loss = tf.reduce_sum(out * upstream)
+        expected_loss = tf.reduce_sum(expected * upstream)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=4e-6 * np.abs(expected).max())
+    grads = tape.gradient(loss, [x32, layer.gamma, layer.beta, *args32.values()])
+    expected_grads = tape.gradient(expected_loss, [x64, gamma64, beta64, *args64.values()])
     for got, want in zip(grads, expected_grads):
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 

@@ -40,7 +40,12 @@ from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("what", "all", ["train", "sample", "nll", "all"], "What to measure.")
+flags.DEFINE_enum(
+    "what",
+    "all",
+    ["train", "sample", "nll", "all", "profile"],
+    "What to measure; profile: where a training step's time goes (op categories and phases).",
+)
 flags.DEFINE_integer("batch", 16, "Batch size.")
 flags.DEFINE_integer("threads", 2, "Intra-op threads (TF) / torch.set_num_threads (reference).")
 flags.DEFINE_integer(
@@ -59,6 +64,12 @@ flags.DEFINE_string(
     "bpd from float32 (EMA weights, 100-step chain, --bpd_check_images test images).",
 )
 flags.DEFINE_integer("bpd_check_images", 64, "Test images for --bpd_check_workdir.")
+flags.DEFINE_boolean(
+    "activation_memory",
+    False,
+    "Also run the training step at half the batch: (peak RSS at --batch minus peak RSS at "
+    "--batch/2) / (--batch/2) is the memory each image adds (activations kept for backward).",
+)
 flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
 
 MEASUREMENTS = {
@@ -174,6 +185,89 @@ def _bpd_precision_check(workdir: str, num_images: int):
     return bpd
 
 
+# Profile categories of a training step's ops: (category, predicate on (op type, op name)).
+# Names come from the graph's name scopes: the UNet's layers, the closed-form GroupNorm/SiLU
+# gradient ("group_norm_grad"), dropout ("dropout"), the optimizer ("adam") and the EMA ("ema").
+PROFILE_CATEGORIES = (
+    ("conv forward", lambda t, n: "Conv2D" in t and "Backprop" not in t),
+    ("conv backward, input", lambda t, n: "Conv2DBackpropInput" in t),
+    ("conv backward, filter (+bias)", lambda t, n: "Conv2DBackpropFilter" in t),
+    ("matmul (attention, qkv/proj, embedding)", lambda t, n: "MatMul" in t),
+    ("optimizer (fused AdamW)", lambda t, n: "adam/" in n or t.startswith("ResourceApplyAdam")),
+    ("EMA update", lambda t, n: "ema/" in n or t == "ResourceApplyGradientDescent"),
+    ("casts float32 <-> bfloat16", lambda t, n: t == "Cast"),
+    ("dropout (mask draw + multiply)", lambda t, n: "dropout/" in n),
+    (
+        "GroupNorm + SiLU (fused) and its gradient",
+        lambda t, n: (
+            "group_norm_grad" in n
+            or t in ("Sigmoid", "SigmoidGrad", "_MklSwish")
+            or any(s in n for s in ("in_layers.0", "out_layers.0", "/norm", "out.0"))
+        ),
+    ),
+    ("attention softmax, transposes", lambda t, n: "Softmax" in t or "Transpose" in t),
+    ("other elementwise (residual adds, concat, loss terms, ...)", lambda t, n: True),
+)
+
+
+def _profile_train_step(trainer, iterator, steps):
+    """Runs `steps` training steps under the TF profiler; {category: ms per step}, phases too.
+
+    Reads the host trace's op events (one per executed kernel; with one inter-op thread they do
+    not overlap) from the XSpace the profiler writes.
+    """
+    import tempfile  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+
+    with tempfile.TemporaryDirectory() as logdir:
+        options = tf.profiler.experimental.ProfilerOptions(
+            host_tracer_level=3, python_tracer_level=0, device_tracer_level=0
+        )
+        tf.profiler.experimental.start(logdir, options=options)
+        start = time.perf_counter()
+        trainer.train_steps(iterator, steps)
+        wall = (time.perf_counter() - start) / steps
+        tf.profiler.experimental.stop()
+        paths = [
+            os.path.join(root, name)
+            for root, _, names in os.walk(logdir)
+            for name in names
+            if name.endswith(".xplane.pb")
+        ]
+        space = xplane_pb2.XSpace()
+        with open(paths[0], "rb") as f:
+            space.ParseFromString(f.read())
+    categories = {name: 0.0 for name, _ in PROFILE_CATEGORIES}
+    phases = {"forward (incl. loss)": 0.0, "backward": 0.0, "optimizer": 0.0, "EMA": 0.0}
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                op_name, _, op_type = plane.event_metadata[event.metadata_id].name.rpartition(":")
+                if (
+                    not op_name
+                    or not op_type.replace("_", "").isalnum()
+                    or op_type
+                    in (
+                        "Run",
+                        "Process",
+                    )
+                ):
+                    continue  # executor / session events, not kernels
+                ms = event.duration_ps / 1e9 / steps
+                category = next(c for c, match in PROFILE_CATEGORIES if match(op_type, op_name))
+                categories[category] += ms
+                if category.startswith("optimizer"):
+                    phases["optimizer"] += ms
+                elif category == "EMA update":
+                    phases["EMA"] += ms
+                elif "gradient_tape" in op_name or "group_norm_grad" in op_name:
+                    phases["backward"] += ms
+                else:
+                    phases["forward (incl. loss)"] += ms
+    return {"step_ms": wall * 1e3, "categories_ms": categories, "phases_ms": phases}
+
+
 def _child(what: str):
     """One measurement in this process; prints one JSON line."""
     import numpy as np  # pylint: disable=g-import-not-at-top
@@ -226,6 +320,14 @@ def _child(what: str):
         "tf_version": tf.__version__,
     }
     times = []
+    if what == "profile":
+        trainer = train_lib.Trainer(config, tf.distribute.get_strategy())
+        iterator = iter(tf.data.Dataset.from_tensors({"image": images}).repeat())
+        for _ in range(1 + FLAGS.warmup):
+            trainer.train_steps(iterator, 4)
+        result.update(_profile_train_step(trainer, iterator, 4))
+        print("BENCH_JSON " + json.dumps(result))
+        return
     if what == "train":
         trainer = train_lib.Trainer(config, tf.distribute.get_strategy())
         iterator = iter(tf.data.Dataset.from_tensors({"image": images}).repeat())
@@ -290,14 +392,14 @@ def _run_json(command):
     )
 
 
-def _ours(what):
+def _ours(what, batch=None):
     return _run_json(
         [
             sys.executable,
             "-m",
             "tf_iddpm.benchmark",
             f"--child={what}",
-            f"--batch={FLAGS.batch}",
+            f"--batch={batch or FLAGS.batch}",
             f"--threads={FLAGS.threads}",
             f"--inter_op_threads={FLAGS.inter_op_threads}",
             f"--warmup={FLAGS.warmup}",
@@ -345,6 +447,21 @@ def _reference(what, json_path):
         return json.load(f)
 
 
+def _print_profile(result):
+    """Prints a training-step profile (categories and phases) and its JSON line."""
+    total = sum(result["categories_ms"].values())
+    print(
+        f"\ntraining step profile, bench config, batch {FLAGS.batch}, {FLAGS.threads} intra-op "
+        f"threads, {FLAGS.precision}: {result['step_ms']:.0f} ms per step under the profiler, "
+        f"{total:.0f} ms in kernels"
+    )
+    for title, table in (("category", result["categories_ms"]), ("phase", result["phases_ms"])):
+        print(f"\n{title:<58}{'ms/step':>9}{'share':>8}\n" + "-" * 75)
+        for name, ms in sorted(table.items(), key=lambda item: -item[1]):
+            print(f"{name:<58}{ms:>9.1f}{100 * ms / total:>7.1f}%")
+    print(json.dumps(result))
+
+
 def main(argv):
     del argv
     if FLAGS.child:
@@ -352,6 +469,9 @@ def main(argv):
         return
     if FLAGS.reference and not FLAGS.reference_python:
         raise app.UsageError("--reference needs --reference_python (a Python with torch installed)")
+    if FLAGS.what == "profile":
+        _print_profile(_ours("profile"))
+        return
     whats = list(MEASUREMENTS) if FLAGS.what == "all" else [FLAGS.what]
     summary, reference = {}, {}
     rss, ref_rss, runtime, ref_runtime = [], [], [], []
@@ -367,6 +487,15 @@ def main(argv):
             reference["ref_gflop_per_forward"] = ref.get("gflop_per_forward")
             ref_rss.append(ref["peak_rss_mb"])
             ref_runtime.append(ref.get("runtime_rss_mb") or float("nan"))
+    if FLAGS.activation_memory and "train" in whats:
+        # What each image adds to the training process's peak: the activations kept for the
+        # backward pass (and their gradients), the batch-independent state cancelling out.
+        half = _ours("train", batch=FLAGS.batch // 2)
+        full_rss = rss[whats.index("train")]
+        summary["activation_mb_per_image"] = (full_rss - half["peak_rss_mb"]) / (
+            FLAGS.batch - FLAGS.batch // 2
+        )
+        summary["peak_rss_mb_half_batch"] = half["peak_rss_mb"]
     summary["peak_rss_mb"] = max(rss)
     # What the measurement itself added on top of the imported framework (TF ~560 MB, torch ~220).
     summary["rss_above_runtime_mb"] = max(r - base for r, base in zip(rss, runtime))
@@ -407,7 +536,8 @@ def main(argv):
     keys = [MEASUREMENTS[w] for w in whats] + [
         MEASUREMENTS[w].replace("img_per_s", "gflop_per_s") for w in whats
     ]
-    for key in keys + ["peak_rss_mb", "rss_above_runtime_mb", "gflop_per_forward"]:
+    extra = ["activation_mb_per_image"] if "activation_mb_per_image" in summary else []
+    for key in keys + ["peak_rss_mb", "rss_above_runtime_mb", "gflop_per_forward"] + extra:
         line = f"{key:<24}{summary[key]:>12.2f}"
         if FLAGS.reference and ("ref_" + key) in summary and summary["ref_" + key]:
             line += f"{summary['ref_' + key]:>12.2f}{summary[key] / summary['ref_' + key]:>8.2f}x"

@@ -462,14 +462,20 @@ class GaussianDiffusion:
         kl = mean_flat(
             losses.normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
         ) / math.log(2.0)
-        decoder_nll = -mean_flat(
-            losses.discretized_gaussian_log_likelihood(
-                x_start, means=out["mean"], log_scales=0.5 * out["log_variance"], cdf=self.cdf
-            )
-        ) / math.log(2.0)
-        return dict(
-            output=tf.where(tf.equal(t, 0), decoder_nll, kl), pred_xstart=out["pred_xstart"]
-        )
+
+        def decoder_nll():
+            return -mean_flat(
+                losses.discretized_gaussian_log_likelihood(
+                    x_start, means=out["mean"], log_scales=0.5 * out["log_variance"], cdf=self.cdf
+                )
+            ) / math.log(2.0)
+
+        # The decoder term (the normal log-CDF in both tails, and its gradient: as costly as
+        # several UNet layers) runs only for batches that hold a t = 0 example, ~1.6% of uniform
+        # training batches of 16 and one step of a bits/dim chain.
+        is_first = tf.equal(t, 0)
+        decoder = tf.cond(tf.reduce_any(is_first), decoder_nll, lambda: tf.zeros_like(kl))
+        return dict(output=tf.where(is_first, decoder, kl), pred_xstart=out["pred_xstart"])
 
     def vb_terms_bpd(
         self, model_fn: ModelFn, x_start, x_t, t, *, clip_denoised=True, model_kwargs=None

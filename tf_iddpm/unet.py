@@ -137,47 +137,76 @@ def _residual_sum(skip, update):
     return tf.cast(skip, tf.float32) + tf.cast(update, tf.float32)
 
 
-def _stateless_dropout(h, rate, example_seeds, salt):
-    """Dropout whose mask is a function of each example's seed and ``salt`` only.
+def positional_dropout(h, rate, seed, first_example, salt):
+    """Dropout whose mask is a function of (seed, salt, each example's position in the batch).
 
-    Example i's mask is drawn from ``fold_in(example_seeds[i], salt)``, so it does not depend on
-    the batch the example is in, the replica that computes it or the run: a trainer that derives
-    the seeds from (seed, step, position in the global batch) gets the same masks on one device or
-    on several, and again after a resume.
+    The mask of the example at global batch position ``p`` is the Philox stream of the key that
+    ``seed`` and ``salt`` select, from counter ``p * ceil(D / 4)`` on (D elements per example, four
+    per counter): the rows a replica draws for positions ``first_example, ...`` are exactly the
+    rows one device draws for the whole batch, so masks do not depend on how the batch is split,
+    and a trainer that derives ``seed`` from (seed, step) gets them again after a resume.  One
+    random op per layer, whatever the batch size (a per-example loop was a while-loop per layer).
+
+    The mask is drawn in float32 (the same masks under every precision policy) and applied as a
+    single multiplier ``keep / (1 - rate)`` in h's dtype, so the backward pass is one multiply by
+    the same tensor.
 
     Args:
       h: [N, ...] activations.
       rate: probability of dropping an element, in [0, 1).
-      example_seeds: [N, 2] integer stateless seeds, one per example.
+      seed: [2] integer stateless seed (the step's dropout seed).
+      first_example: global batch position of h's first row (0 on one device).
       salt: int distinguishing the dropout layers of one network.
 
     Returns:
       ``h * keep / (1 - rate)`` with ``keep ~ Bernoulli(1 - rate)`` elementwise, as tf.nn.dropout.
     """
-    example_shape = tf.shape(h)[1:]
+    with tf.name_scope("dropout"):  # names the mask ops in profiles
+        layer_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
+        key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=layer_seed)
+        shape = tf.shape(h)
+        per_example = tf.reduce_prod(shape[1:])
+        counters_per_example = (per_example + 3) // 4  # Philox yields four 32-bit draws per counter
+        start = tf.cast(first_example, tf.int64) * tf.cast(counters_per_example, tf.int64)
+        # The low counter word is 0 for keys from StatelessRandomGetKeyCounter; adding to it cannot
+        # carry for any batch a run can hold.
+        counter = counter + tf.stack([tf.cast(start, tf.uint64), tf.constant(0, tf.uint64)])
+        draws = tf.raw_ops.StatelessRandomUniformV2(
+            shape=tf.stack([shape[0], 4 * counters_per_example]),
+            key=key,
+            counter=counter,
+            alg=1,  # Philox, on every device (AUTO_SELECT may differ between backends)
+            dtype=tf.float32,
+        )
+        keep = tf.reshape(draws[:, :per_example], shape) >= rate
+        multiplier = tf.where(keep, tf.constant(1.0 / (1.0 - rate), h.dtype), tf.zeros([], h.dtype))
+        return h * multiplier
 
-    def example_keep(seed):
-        seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
-        return tf.random.stateless_uniform(example_shape, seed=seed) >= rate
 
-    keep = tf.map_fn(example_keep, example_seeds, fn_output_signature=tf.bool)
-    return h * tf.cast(keep, h.dtype) * tf.cast(1.0 / (1.0 - rate), h.dtype)
+def _group_norm(x, gamma, beta, groups, epsilon, offset=None, scale=None, shift=None, silu=False):
+    """``silu?((GroupNorm(x + offset) * gamma + beta) * scale + shift)`` with an analytic gradient.
 
-
-def _group_norm(x, gamma, beta, groups, epsilon):
-    """GroupNorm of float32 x [N, ..., C] over contiguous channel groups, with an analytic gradient.
+    GroupNorm of float32 x [N, ..., C] over contiguous channel groups, fused with what the UNet
+    applies around it: a per-(sample, channel) ``offset`` added before the norm (the ResBlock's
+    additive timestep conditioning), a per-(sample, channel) ``scale`` and ``shift`` after it (the
+    adaptive ``use_scale_shift_norm`` conditioning, ``scale`` being the reference's ``1 + scale``)
+    and SiLU.  offset, scale and shift are [N, C] or None.  Folded into per-(sample, channel)
+    coefficients ``a``, ``b`` they cost nothing over a plain GroupNorm: the forward is
+    ``z = (x - center) * a + b`` then SiLU, and the backward reads the saved ``x - center`` and
+    ``z`` instead of the 4-6 extra passes over the activation that separate ops and their
+    automatic gradients take (README, Performance).
 
     Statistics are per-channel sums over the positions (a reduction over the leading axes, which
     keeps channels contiguous) folded into groups afterwards; reducing a [N, HW, groups, C/groups]
-    view over axes (1, 3) directly, as tf.nn.moments would, is ~30x slower on CPU and was a quarter
-    of the UNet's forward time.  The backward pass is the closed form
+    view over axes (1, 3) directly, as tf.nn.moments would, is ~30x slower on CPU.  The backward
+    pass is the closed form (g = gamma * scale, mean_g the mean over a group's positions and
+    channels)
 
-        dx = rstd * (gamma*dy - mean_g(gamma*dy) - xhat * mean_g(gamma*dy * xhat)),
-        dgamma = sum_{n,pos} dy * xhat,   dbeta = sum_{n,pos} dy,
+        dx = rstd * (g*dz - mean_g(g*dz) - xhat * mean_g(g*dz * xhat)),   d offset = sum_pos dx,
+        dgamma = sum_{n,pos} dz * xhat * scale,   dbeta = sum_{n,pos} dz * scale,
+        d scale = sum_pos dz * (xhat * gamma + beta),   d shift = sum_pos dz,
 
-    (mean_g: the mean over a group's positions and channels) evaluated as dy*P + centered*Q + R with
-    per-(sample, channel) P, Q, R: a few passes over the activation instead of the ~40 small ops
-    automatic differentiation builds from the forward, ~50 times per UNet.
+    with dz = dy * silu'(z), evaluated as dz*P + centered*Q + R with per-(sample, channel) P, Q, R.
     """
     channels = x.shape[-1]
     group_size = channels // groups
@@ -185,42 +214,62 @@ def _group_norm(x, gamma, beta, groups, epsilon):
     broadcast_shape = [-1] + [1] * len(position_axes) + [channels]
     positions = x.shape[1:-1]
     if positions.is_fully_defined():
-        # A python constant: every graph (in-process, SavedModel) then runs the same multiply,
+        # Python constants: every graph (in-process, SavedModel) then runs the same multiply,
         # instead of leaving it to Grappler whether a division by a folded count is rewritten.
-        inverse_count = 1.0 / float(positions.num_elements() * group_size)
+        num_positions = float(positions.num_elements())
     else:
-        inverse_count = 1.0 / tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]) * group_size, tf.float32)
+        num_positions = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), tf.float32)
+    inverse_count = 1.0 / (num_positions * group_size)
+    per_sample = tf.stack([tf.shape(x)[0], channels])
+    offset = tf.zeros(per_sample) if offset is None else tf.cast(offset, tf.float32)
+    scale = tf.ones(per_sample) if scale is None else tf.cast(scale, tf.float32)
+    shift = tf.zeros(per_sample) if shift is None else tf.cast(shift, tf.float32)
 
     def group_mean(per_channel_sums):  # [N, C] sums over positions -> [N, C] means of each group
         grouped = tf.reshape(per_channel_sums, [-1, groups, group_size])
         means = tf.reduce_sum(grouped, -1, keepdims=True) * inverse_count
         return tf.reshape(tf.broadcast_to(means, tf.shape(grouped)), [-1, channels])
 
+    def per_position(coefficient):  # [N, C] -> broadcastable against x
+        return tf.reshape(coefficient, broadcast_shape)
+
     @tf.custom_gradient
-    def normalize(x, gamma, beta):
-        mean = tf.reshape(group_mean(tf.reduce_sum(x, axis=position_axes)), broadcast_shape)
-        centered = x - mean
+    def normalize(x, gamma, beta, offset, scale, shift):
+        sums = tf.reduce_sum(x, axis=position_axes)  # [N, C]
+        center = (
+            group_mean(sums + num_positions * offset) - offset
+        )  # mean of x + offset, less offset
+        centered = x - per_position(center)  # (x + offset) - its group mean
         variance = group_mean(tf.reduce_sum(tf.square(centered), axis=position_axes))
         rstd = tf.math.rsqrt(variance + epsilon)  # [N, C]
-        scale = tf.reshape(rstd * gamma, broadcast_shape)
-        out = centered * scale + beta
+        gain = gamma * scale
+        z = centered * per_position(rstd * gain) + per_position(beta * scale + shift)
+        out = tf.nn.silu(z) if silu else z
 
         def grad(dy):
-            sum_dy = tf.reduce_sum(dy, axis=position_axes)  # [N, C]
-            sum_dy_centered = tf.reduce_sum(dy * centered, axis=position_axes)  # [N, C]
-            mean_g_dy = group_mean(sum_dy * gamma)
-            mean_g_dy_centered = group_mean(sum_dy_centered * gamma)
-            p = tf.reshape(rstd * gamma, broadcast_shape)
-            q = tf.reshape(-tf.pow(rstd, 3) * mean_g_dy_centered, broadcast_shape)
-            r = tf.reshape(-rstd * mean_g_dy, broadcast_shape)
-            dx = dy * p + (centered * q + r)
-            dgamma = tf.reduce_sum(sum_dy_centered * rstd, axis=0)
-            dbeta = tf.reduce_sum(sum_dy, axis=0)
-            return dx, dgamma, dbeta
+            with tf.name_scope("group_norm_grad"):  # names the gradient in profiles
+                if silu:
+                    sigmoid = tf.sigmoid(z)
+                    # silu'(z) = sigmoid + z * sigmoid * (1 - sigmoid); SigmoidGrad(s, g) = g*s*(1-s).
+                    dz = dy * sigmoid + tf.raw_ops.SigmoidGrad(y=sigmoid, dy=dy * z)
+                else:
+                    dz = dy
+                sum_dz = tf.reduce_sum(dz, axis=position_axes)  # [N, C]
+                sum_dz_centered = tf.reduce_sum(dz * centered, axis=position_axes)  # [N, C]
+                p = rstd * gain
+                q = -tf.pow(rstd, 3) * group_mean(sum_dz_centered * gain)
+                r = -rstd * group_mean(sum_dz * gain)
+                dx = dz * per_position(p) + (centered * per_position(q) + per_position(r))
+                sum_centered = sums - num_positions * center  # sum over positions of centered
+                d_offset = sum_dz * p + sum_centered * q + num_positions * r
+                d_gamma = tf.reduce_sum(sum_dz_centered * rstd * scale, axis=0)
+                d_beta = tf.reduce_sum(sum_dz * scale, axis=0)
+                d_scale = sum_dz_centered * rstd * gamma + sum_dz * beta
+                return dx, d_gamma, d_beta, d_offset, d_scale, sum_dz
 
         return out, grad
 
-    return normalize(x, gamma, beta)
+    return normalize(x, gamma, beta, offset, scale, shift)
 
 
 class GroupNorm32(keras.layers.Layer):
@@ -252,13 +301,25 @@ class GroupNorm32(keras.layers.Layer):
         self.gamma = self.add_weight(shape=(channels,), initializer="ones", name="gamma")
         self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
 
-    def call(self, x):
+    def call(self, x, offset=None, scale=None, shift=None, silu=False):
+        """``silu?((norm(x + offset) * gamma + beta) * scale + shift)`` (see :func:`_group_norm`).
+
+        Args:
+          x: [N, ..., C] features of any float dtype (normalised in float32).
+          offset: optional [N, C] added to x before the norm.
+          scale, shift: optional [N, C] applied after the norm's own affine.
+          silu: apply SiLU (in float32, before the cast to the compute dtype).
+        """
         out = _group_norm(
             tf.cast(x, tf.float32),
             tf.convert_to_tensor(self.gamma),
             tf.convert_to_tensor(self.beta),
             self.groups,
             self.epsilon,
+            offset=offset,
+            scale=scale,
+            shift=shift,
+            silu=silu,
         )
         return tf.cast(out, self.compute_dtype)
 
@@ -323,31 +384,34 @@ class ResBlock(keras.layers.Layer):
         if self.skip_connection is not None:
             self.skip_connection.build((None, None, None, self.channels))
 
-    def call(self, x, emb, training=None, dropout_seeds=None):
+    def call(self, x, emb, training=None, dropout_rng=None):
         """Applies the block.
 
         Args:
           x: [N, H, W, channels] features.
           emb: [N, emb_channels] timestep (+ class) embedding.
           training: enables dropout.
-          dropout_seeds: optional [N, 2] per-example stateless seeds for the dropout mask (see
-            :func:`_stateless_dropout`; the block folds in its ``dropout_salt``).  Without them
+          dropout_rng: optional [3] int64 ``[seed_0, seed_1, first_example]`` that makes the
+            dropout mask a function of the step's seed and each example's global batch position
+            (see :func:`positional_dropout`; the block folds in its ``dropout_salt``).  Without it
             dropout draws from TensorFlow's stateful RNG.
 
         Returns:
           [N, H, W, out_channels].
         """
-        h = self.in_conv(tf.nn.silu(self.in_norm(x)))
-        emb_out = self.emb_proj(tf.nn.silu(emb))[:, None, None, :]
+        h = self.in_conv(self.in_norm(x, silu=True))
+        emb_out = tf.cast(self.emb_proj(tf.nn.silu(emb)), tf.float32)  # [N, C or 2C]
+        # The conditioning is folded into the norm's per-(sample, channel) coefficients.
         if self.use_scale_shift_norm:
             scale, shift = tf.split(emb_out, 2, axis=-1)
-            h = self.out_norm(h) * (1 + scale) + shift
+            h = self.out_norm(h, scale=1 + scale, shift=shift, silu=True)
         else:
-            h = self.out_norm(h + emb_out)
-        h = tf.nn.silu(h)
+            h = self.out_norm(h, offset=emb_out, silu=True)
         if training and self.dropout > 0:
-            if dropout_seeds is not None:
-                h = _stateless_dropout(h, self.dropout, dropout_seeds, self.dropout_salt)
+            if dropout_rng is not None:
+                h = positional_dropout(
+                    h, self.dropout, dropout_rng[:2], dropout_rng[2], self.dropout_salt
+                )
             else:
                 # The stateful op-level RNG: every replica gets its own mask (a Keras
                 # SeedGenerator would repeat it), but masks are not reproducible.
@@ -780,35 +844,35 @@ class UNetModel(keras.Model):
             emb = emb + self.label_emb(y)
         return emb
 
-    def _apply_block(self, attr_names, h, emb, training, dropout_seeds):
+    def _apply_block(self, attr_names, h, emb, training, dropout_rng):
         for layer in self._layers_of(attr_names):
             if isinstance(layer, ResBlock):
-                h = layer(h, emb, training=training, dropout_seeds=dropout_seeds)
+                h = layer(h, emb, training=training, dropout_rng=dropout_rng)
             else:
                 h = layer(h)
         return h
 
-    def _forward(self, x, t, y, training, collect_features=False, dropout_seeds=None):
+    def _forward(self, x, t, y, training, collect_features=False, dropout_rng=None):
         emb = self._embed(t, y)
         features = {"down": [], "up": []}
         skips = []
         h = x
         for attr_names in self._input_blocks:
-            h = self._apply_block(attr_names, h, emb, training, dropout_seeds)
+            h = self._apply_block(attr_names, h, emb, training, dropout_rng)
             skips.append(h)
             features["down"].append(h)
-        h = self._apply_block(self._middle_block, h, emb, training, dropout_seeds)
+        h = self._apply_block(self._middle_block, h, emb, training, dropout_rng)
         features["middle"] = h
         for attr_names in self._output_blocks:
             skip = skips.pop()
             if h.dtype != skip.dtype:  # mixed precision: a conv output next to a float32 residual
                 h, skip = tf.cast(h, tf.float32), tf.cast(skip, tf.float32)
             h = tf.concat([h, skip], axis=-1)  # h first, skip second, as the reference
-            h = self._apply_block(attr_names, h, emb, training, dropout_seeds)
+            h = self._apply_block(attr_names, h, emb, training, dropout_rng)
             features["up"].append(h)
         if collect_features:
             return tf.nest.map_structure(lambda f: tf.cast(f, tf.float32), features)
-        out = self.out_conv(tf.nn.silu(self.out_norm(h)))
+        out = self.out_conv(self.out_norm(h, silu=True))
         return tf.cast(out, tf.float32)
 
     def _prepare(self, x, t, y, x_channels):
@@ -821,7 +885,7 @@ class UNetModel(keras.Model):
         self._check_inputs(x, t, y, x_channels)
         return x, t, y
 
-    def call(self, x, t, y=None, training=None, dropout_seeds=None):
+    def call(self, x, t, y=None, training=None, dropout_rng=None):
         """Predicts the model output for noisy images ``x`` at timesteps ``t``.
 
         Args:
@@ -830,15 +894,16 @@ class UNetModel(keras.Model):
           t: [N] timesteps (int or float; the diffusion passes rescaled floats).
           y: [N] integer class labels, required iff the model is class-conditional.
           training: enables dropout.
-          dropout_seeds: optional [N, 2] integer per-example seeds that make the dropout masks
-            a function of the seeds (see :func:`_stateless_dropout`); a trainer derives them from
-            (seed, step, position in the global batch).
+          dropout_rng: optional [3] int64 ``[seed_0, seed_1, first_example]``: a stateless seed
+            and the global batch position of x's first row, which make the dropout masks a
+            function of (seed, position) (see :func:`positional_dropout`); a trainer derives the
+            seed from (seed, step) and passes its replica's offset.
 
         Returns:
           [N, H, W, out_channels] float32.
         """
         x, t, y = self._prepare(x, t, y, self.in_channels)
-        return self._forward(x, t, y, training, dropout_seeds=dropout_seeds)
+        return self._forward(x, t, y, training, dropout_rng=dropout_rng)
 
     def feature_vectors(self, x, t, y=None):
         """All intermediate block outputs (the reference's ``get_feature_vectors``).
@@ -920,10 +985,10 @@ class SuperResModel(UNetModel):
         )
         return tf.concat([tf.cast(x, tf.float32), upsampled], axis=-1)
 
-    def call(self, x, t, y=None, low_res=None, training=None, dropout_seeds=None):
+    def call(self, x, t, y=None, low_res=None, training=None, dropout_rng=None):
         """As :meth:`UNetModel.call`, plus ``low_res``: [N, h, w, in_channels] float images."""
         x = self._prepare_low_res(x, low_res)
-        return super().call(x, t, y=y, training=training, dropout_seeds=dropout_seeds)
+        return super().call(x, t, y=y, training=training, dropout_rng=dropout_rng)
 
     def feature_vectors(self, x, t, y=None, low_res=None):
         x = self._prepare_low_res(x, low_res)
