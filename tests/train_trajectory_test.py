@@ -120,7 +120,7 @@ def _check(errors):
     assert errors["steps_ok"] and errors["shapes_ok"] and errors["same_keys"], errors
     for name in train_lib.REPLAY_TERMS:  # measured: 1.6e-7 (loss), 1.7e-7 (mse), 4e-8 (vb)
         assert errors[name] <= 1e-4, f"{name}: max rel error {errors[name]:.2e}"
-    # measured: 1.6e-4 (weights), 1.3e-4 (EMA); Keras' epsilon placement gives ~0.6
+    # measured: 2.0e-4 (weights), 1.7e-4 (EMA); Mirrored 1.8e-4, 1.5e-4; Keras' epsilon placement gives ~0.6
     assert errors["weights"] <= 2e-3, (
         f"weights: |Δ_ours - Δ_ref| / |Δ_ref| = {errors['weights']:.2e}"
     )
