@@ -73,3 +73,16 @@ def test_profile_attributes_a_training_step_to_categories_and_phases():
     assert phases["backward"] > 0 and phases["forward (incl. loss)"] > 0
     assert sum(phases.values()) == pytest.approx(sum(categories.values()), rel=1e-9)
     assert "training step profile" in proc.stdout and "phase" in proc.stdout
+    # The inference forward: convolutions forward only, no gradients, no optimizer, no dropout.
+    inference = result["inference_forward"]["categories_ms"]
+    assert inference["conv forward"] > 0
+    assert inference["GroupNorm + SiLU (fused) and its gradient"] > 0
+    for name in (
+        "conv backward, input",
+        "conv backward, filter (+bias)",
+        "optimizer (fused AdamW)",
+        "EMA update",
+        "dropout (mask draw + multiply)",
+    ):
+        assert inference[name] == 0, name
+    assert "inference forward" in proc.stdout

@@ -210,8 +210,8 @@ PROFILE_CATEGORIES = (
 )
 
 
-def _profile_train_step(trainer, iterator, steps):
-    """Runs `steps` training steps under the TF profiler; {category: ms per step}, phases too.
+def _profile(run, repeats):
+    """Calls run() `repeats` times under the TF profiler; ms per call by category and by phase.
 
     Reads the host trace's op events (one per executed kernel; with one inter-op thread they do
     not overlap) from the XSpace the profiler writes.
@@ -226,8 +226,9 @@ def _profile_train_step(trainer, iterator, steps):
         )
         tf.profiler.experimental.start(logdir, options=options)
         start = time.perf_counter()
-        trainer.train_steps(iterator, steps)
-        wall = (time.perf_counter() - start) / steps
+        for _ in range(repeats):
+            run()
+        wall = (time.perf_counter() - start) / repeats
         tf.profiler.experimental.stop()
         paths = [
             os.path.join(root, name)
@@ -244,17 +245,10 @@ def _profile_train_step(trainer, iterator, steps):
         for line in plane.lines:
             for event in line.events:
                 op_name, _, op_type = plane.event_metadata[event.metadata_id].name.rpartition(":")
-                if (
-                    not op_name
-                    or not op_type.replace("_", "").isalnum()
-                    or op_type
-                    in (
-                        "Run",
-                        "Process",
-                    )
-                ):
+                kernel = op_name and op_type.replace("_", "").isalnum()
+                if not kernel or op_type in ("Run", "Process"):
                     continue  # executor / session events, not kernels
-                ms = event.duration_ps / 1e9 / steps
+                ms = event.duration_ps / 1e9 / repeats
                 category = next(c for c, match in PROFILE_CATEGORIES if match(op_type, op_name))
                 categories[category] += ms
                 if category.startswith("optimizer"):
@@ -325,7 +319,22 @@ def _child(what: str):
         iterator = iter(tf.data.Dataset.from_tensors({"image": images}).repeat())
         for _ in range(1 + FLAGS.warmup):
             trainer.train_steps(iterator, 4)
-        result.update(_profile_train_step(trainer, iterator, 4))
+        steps = 4  # one compiled 4-step call, as the train measurement times it
+        profile = _profile(lambda: trainer.train_steps(iterator, steps), 1)
+        result["step_ms"] = profile["step_ms"] / steps
+        for key in ("categories_ms", "phases_ms"):
+            result[key] = {name: ms / steps for name, ms in profile[key].items()}
+        # One inference forward of the batch: a sampling or bits/dim step's network call.
+        net = trainer.net
+        forward = tf.function(lambda x, t: net(x, t, training=False))
+        timesteps = tf.cast(tf.range(batch) * 61 % 1000, tf.float32)
+        for _ in range(1 + FLAGS.warmup):
+            forward(images, timesteps).numpy()
+        inference = _profile(lambda: forward(images, timesteps).numpy(), 4)
+        result["inference_forward"] = {
+            "forward_ms": inference["step_ms"],
+            "categories_ms": inference["categories_ms"],
+        }
         print("BENCH_JSON " + json.dumps(result))
         return
     if what == "train":
@@ -455,10 +464,22 @@ def _print_profile(result):
         f"threads, {FLAGS.precision}: {result['step_ms']:.0f} ms per step under the profiler, "
         f"{total:.0f} ms in kernels"
     )
-    for title, table in (("category", result["categories_ms"]), ("phase", result["phases_ms"])):
-        print(f"\n{title:<58}{'ms/step':>9}{'share':>8}\n" + "-" * 75)
+    inference = result["inference_forward"]["categories_ms"]
+    inference_total = sum(inference.values())
+    tables = (
+        ("category", result["categories_ms"], total, "ms/step"),
+        ("phase", result["phases_ms"], total, "ms/step"),
+        (
+            f"inference forward, {result['inference_forward']['forward_ms']:.0f} ms per call",
+            inference,
+            inference_total,
+            "ms/call",
+        ),
+    )
+    for title, table, table_total, unit in tables:
+        print(f"\n{title:<58}{unit:>9}{'share':>8}\n" + "-" * 75)
         for name, ms in sorted(table.items(), key=lambda item: -item[1]):
-            print(f"{name:<58}{ms:>9.1f}{100 * ms / total:>7.1f}%")
+            print(f"{name:<58}{ms:>9.1f}{100 * ms / table_total:>7.1f}%")
     print(json.dumps(result))
 
 

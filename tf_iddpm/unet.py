@@ -244,12 +244,19 @@ def _group_norm(x, gamma, beta, groups, epsilon, offset=None, scale=None, shift=
         rstd = tf.math.rsqrt(variance + epsilon)  # [N, C]
         gain = gamma * scale
         z = centered * per_position(rstd * gain) + per_position(beta * scale + shift)
-        out = tf.nn.silu(z) if silu else z
+        if silu:
+            # SiLU as sigmoid and a multiply that Grappler's remapper does not fuse: its oneDNN
+            # Swish rounds differently from Sigmoid * x, and whether a graph gets the fusion
+            # (an in-process function vs the same model loaded from a SavedModel) must not change
+            # the numbers.  The sigmoid is kept for the gradient instead of recomputed there.
+            sigmoid = tf.sigmoid(z)
+            out = tf.math.multiply_no_nan(z, sigmoid)
+        else:
+            out = z
 
         def grad(dy):
             with tf.name_scope("group_norm_grad"):  # names the gradient in profiles
                 if silu:
-                    sigmoid = tf.sigmoid(z)
                     # silu'(z) = sigmoid + z * sigmoid * (1 - sigmoid); SigmoidGrad(s, g) = g*s*(1-s).
                     dz = dy * sigmoid + tf.raw_ops.SigmoidGrad(y=sigmoid, dy=dy * z)
                 else:
