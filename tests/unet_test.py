@@ -468,6 +468,17 @@ def test_fused_group_norm_conditioning_and_silu_match_the_definition(conditionin
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
+def test_fused_group_norm_silu_is_the_same_in_eager_and_graph_execution():
+    # Grappler may fuse Sigmoid * x into oneDNN's Swish (other rounding) in one graph and not in
+    # another; the norm's SiLU is written so that no graph gets that fusion.
+    x = tf.constant(np.random.default_rng(2).standard_normal([2, 8, 8, 64]).astype(np.float32) + 1)
+    layer = unet.GroupNorm32()
+    layer.build(x.shape)
+    eager = layer(x, silu=True).numpy()
+    graph = tf.function(lambda x: layer(x, silu=True))(x).numpy()
+    np.testing.assert_array_equal(eager, graph)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

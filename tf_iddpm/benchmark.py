@@ -314,9 +314,10 @@ def _child(what: str):
         "tf_version": tf.__version__,
     }
     times = []
-    if what == "profile":
+    if what in ("train", "profile"):
         trainer = train_lib.Trainer(config, tf.distribute.get_strategy())
         iterator = iter(tf.data.Dataset.from_tensors({"image": images}).repeat())
+    if what == "profile":
         for _ in range(1 + FLAGS.warmup):
             trainer.train_steps(iterator, 4)
         steps = 4  # one compiled 4-step call, as the train measurement times it
@@ -338,8 +339,6 @@ def _child(what: str):
         print("BENCH_JSON " + json.dumps(result))
         return
     if what == "train":
-        trainer = train_lib.Trainer(config, tf.distribute.get_strategy())
-        iterator = iter(tf.data.Dataset.from_tensors({"image": images}).repeat())
         steps = 4
         trainer.train_steps(iterator, steps)  # trace
         for _ in range(FLAGS.warmup):

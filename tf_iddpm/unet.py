@@ -192,8 +192,8 @@ def _group_norm(x, gamma, beta, groups, epsilon, offset=None, scale=None, shift=
     adaptive ``use_scale_shift_norm`` conditioning, ``scale`` being the reference's ``1 + scale``)
     and SiLU.  offset, scale and shift are [N, C] or None.  Folded into per-(sample, channel)
     coefficients ``a``, ``b`` they cost nothing over a plain GroupNorm: the forward is
-    ``z = (x - center) * a + b`` then SiLU, and the backward reads the saved ``x - center`` and
-    ``z`` instead of the 4-6 extra passes over the activation that separate ops and their
+    ``z = (x - center) * a + b`` then SiLU, and the backward reads the saved ``x - center``, ``z``
+    and ``sigmoid(z)`` instead of the 4-6 extra passes over the activation that separate ops and their
     automatic gradients take (README, Performance).
 
     Statistics are per-channel sums over the positions (a reduction over the leading axes, which
@@ -236,10 +236,9 @@ def _group_norm(x, gamma, beta, groups, epsilon, offset=None, scale=None, shift=
     @tf.custom_gradient
     def normalize(x, gamma, beta, offset, scale, shift):
         sums = tf.reduce_sum(x, axis=position_axes)  # [N, C]
-        center = (
-            group_mean(sums + num_positions * offset) - offset
-        )  # mean of x + offset, less offset
-        centered = x - per_position(center)  # (x + offset) - its group mean
+        # The group mean of x + offset, less offset: x - center is (x + offset) - its group mean.
+        center = group_mean(sums + num_positions * offset) - offset
+        centered = x - per_position(center)
         variance = group_mean(tf.reduce_sum(tf.square(centered), axis=position_axes))
         rstd = tf.math.rsqrt(variance + epsilon)  # [N, C]
         gain = gamma * scale
