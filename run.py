@@ -9,7 +9,7 @@ really starts), checkpoints, TensorBoard logs, samples, bits/dim results and exp
     python run.py --config=configs/digits.py --config.train.batch_size=32 --workdir=w --mode=train
     # later runs reuse the stored config; --config.* overrides without --config apply to it
     python run.py --workdir=/ckpt/cifar10 --mode=train --config.train.num_steps=800000
-    python run.py --workdir=/ckpt/cifar10 --mode=sample --steps=ddim50 --ddim --num_samples=64
+    python run.py --workdir=/ckpt/cifar10 --mode=sample --sampler=ddim --steps=ddim50 --num_samples=64
     python run.py --workdir=/ckpt/cifar10 --mode=eval --num_samples=1000
     # FID, sFID, IS, precision, recall as guided-diffusion's evaluator (and a FID-vs-steps sweep)
     python run.py --workdir=/ckpt/cifar10 --mode=fid --ref_batch=ref.npz \
@@ -27,7 +27,7 @@ and export refuse it with one line naming the damaged file.
 
 Distribution: ``--strategy=auto|default|mirrored|multi_worker|tpu`` (``--tpu`` names the TPU;
 ``multi_worker`` reads the cluster from ``TF_CONFIG``).  ``--num_samples``, ``--batch_size``,
-``--steps``, ``--ddim``, ``--eta``, ``--class_label``, ``--use_ema``, ``--ref_batch``,
+``--sampler``, ``--steps``, ``--ddim``, ``--eta``, ``--class_label``, ``--use_ema``, ``--ref_batch``,
 ``--inception`` and ``--sweep`` override the config's ``sample.*`` / ``eval.*`` / ``fid.*`` /
 ``export.*`` fields for one run; a flag that is not given leaves the config value alone.
 ``--checkpoint=PREFIX`` (sample / eval / fid / export) loads that checkpoint instead of the newest.
@@ -55,6 +55,8 @@ from configs import base as base_config
 from tf_iddpm import config_utils
 from tf_iddpm import console
 from tf_iddpm import distribute
+from tf_iddpm import fileio
+from tf_iddpm import samplers
 
 FLAGS = flags.FLAGS
 
@@ -93,8 +95,14 @@ flags.DEFINE_string(
     "sample / eval: timestep respacing, e.g. '50', 'ddim50', "
     "'10,10,10'; '' = every step of the trained process.",
 )
-flags.DEFINE_boolean("ddim", None, "sample: use the DDIM sampler instead of ancestral sampling.")
-flags.DEFINE_float("eta", None, "sample: DDIM eta (0 = deterministic).")
+flags.DEFINE_enum(
+    "sampler",
+    None,
+    list(samplers.SAMPLER_KINDS),
+    "sample / fid: the sampler (" + samplers.describe_kinds() + ").",
+)
+flags.DEFINE_boolean("ddim", None, "sample / fid: --ddim is --sampler=ddim, --noddim ancestral.")
+flags.DEFINE_float("eta", None, "sample / fid: DDIM eta in [0, 1] (0 = deterministic).")
 flags.DEFINE_integer(
     "class_label",
     None,
@@ -132,10 +140,6 @@ MODE_ENTRIES = {
     "fid": ("tf_iddpm.quality_lib", "evaluate_fid"),
     "export": ("export.export_lib", "export_from_workdir"),
 }
-# Modes whose entry validates the config for direct callers unless told `config_checked=True`;
-# run.py has validated it already (once per process).
-MODES_THAT_VALIDATE = ("train", "export")
-
 # run flag -> {mode: config field it overrides in that mode}.
 RUN_FLAG_FIELDS = {
     "num_samples": {
@@ -153,7 +157,8 @@ RUN_FLAG_FIELDS = {
         "eval": "eval.timestep_respacing",
         "fid": "sample.timestep_respacing",
     },
-    "ddim": {"sample": "sample.use_ddim", "fid": "sample.use_ddim"},
+    "sampler": {"sample": "sample.sampler", "fid": "sample.sampler"},
+    "ddim": {"sample": "sample.sampler", "fid": "sample.sampler"},
     "eta": {"sample": "sample.eta", "fid": "sample.eta"},
     "class_label": {"sample": "sample.class_label", "fid": "sample.class_label"},
     "use_ema": {
@@ -233,6 +238,8 @@ def apply_run_flags(config, mode: str, given: Dict[str, Any]) -> None:
     Raises:
       ValueError: if a flag does not apply to ``mode`` (it would otherwise be silently ignored).
     """
+    if "sampler" in given and "ddim" in given:
+        raise ValueError("--ddim and --sampler both choose the sampler: give only --sampler")
     for name, value in sorted(given.items()):
         fields = RUN_FLAG_FIELDS[name]
         if mode not in fields:
@@ -241,6 +248,8 @@ def apply_run_flags(config, mode: str, given: Dict[str, Any]) -> None:
         field = fields[mode]
         if field is None:
             continue
+        if name == "ddim":  # the older flag of the DDIM sampler
+            value = "ddim" if value else "ancestral"
         group, key = field.split(".")
         config[group][key] = value
 
@@ -364,25 +373,15 @@ def config_summary(config) -> str:
     )
 
 
-def check_checkpoint_flag(path: str) -> None:
-    """Checks that ``--checkpoint`` names an existing checkpoint prefix (local paths).
+def check_export_dir(mode: str, export_dir: str) -> None:
+    """Refuses, before anything runs, an ``--export_dir`` that is not a directory.
 
     Raises:
-      FileNotFoundError: naming the missing ``.index`` file and the checkpoints that do exist.
+      ValueError: naming the path and what it is.
     """
-    if "://" in path or os.path.exists(path + ".index"):
-        return
-    directory = os.path.dirname(path) or "."
-    existing = sorted(
-        name[: -len(".index")]
-        for name in (os.listdir(directory) if os.path.isdir(directory) else ())
-        if name.endswith(".index")
-    )
-    raise FileNotFoundError(
-        f"--checkpoint={path}: no such checkpoint ({path}.index does not exist); give a prefix "
-        "such as <workdir>/checkpoints/ckpt-10 without the .index/.data suffix"
-        + (f" (in {directory}: {', '.join(existing)})" if existing else "")
-    )
+    error = fileio.directory_error(export_dir, what="--export_dir") if mode == "export" else None
+    if error:
+        raise ValueError(error)
 
 
 def check_data_location(config, mode: str) -> None:
@@ -412,6 +411,10 @@ def _checkpoint_error(error: BaseException) -> bool:
     return module is not None and isinstance(error, module.CheckpointError)
 
 
+def _export_dir(workdir: str) -> str:
+    return FLAGS.export_dir or os.path.join(workdir, "export")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -434,12 +437,10 @@ def main(argv):
         given = given_run_flags(FLAGS)
         apply_run_flags(config, mode, given)
         logging.info("%s in %s: %s", mode, workdir, config_summary(config))
-        if "checkpoint" in given:
-            check_checkpoint_flag(given["checkpoint"])
         check_data_location(config, mode)
-        # The one validation of the config in this process: every field now, before TensorFlow
-        # starts, and the batch split once the strategy is known.  The modes that validate for
-        # direct callers are told not to again (config_checked).
+        check_export_dir(mode, _export_dir(workdir))
+        # Every field now, before TensorFlow starts, and the batch split once the strategy is
+        # known (the modes validate their config too: config_utils remembers it is valid).
         config_utils.validate_config(config, mode=mode)
         if console.quiet() and MODE_ENTRIES[mode][0] not in sys.modules:
             # TensorFlow's start-up banners bypass TF_CPP_MIN_LOG_LEVEL; see tf_iddpm.console.
@@ -456,11 +457,9 @@ def main(argv):
             if FLAGS.cpu_devices:
                 distribute.split_cpu(FLAGS.cpu_devices)
             strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
-            split_error = config_utils.batch_split_error(
+            config_utils.validate_config(
                 config, mode=mode, num_replicas=distribute.num_replicas(strategy)
             )
-            if split_error:
-                raise ValueError("invalid config:\n  - " + split_error)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e), EXIT_CONFIG_ERROR)
 
@@ -470,12 +469,9 @@ def main(argv):
     except ModeUnavailableError as e:
         _fail(str(e), EXIT_MODE_UNAVAILABLE)
     kwargs = {"checkpoint": FLAGS.checkpoint} if FLAGS["checkpoint"].present else {}
-    if mode in MODES_THAT_VALIDATE:
-        kwargs["config_checked"] = True
     try:
         if mode == "export":
-            export_dir = FLAGS.export_dir or os.path.join(workdir, "export")
-            entry(config, workdir, export_dir, **kwargs)
+            entry(config, workdir, _export_dir(workdir), **kwargs)
         else:
             entry(config, workdir, strategy, **kwargs)
     except Exception as e:  # pylint: disable=broad-except

@@ -97,8 +97,10 @@ def get_config():
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_samples = 64
     sample.batch_size = 64
+    # The sampler (tf_iddpm.samplers): its kind, steps (a respacing of the trained process:
+    # "50", "ddim50", "10,15,20", "" = every step), DDIM's eta and x_0 clipping.
+    sample.sampler = "ancestral"  # or "ddim"
     sample.timestep_respacing = "50"
-    sample.use_ddim = False
     sample.eta = 0.0
     sample.clip_denoised = True
     sample.class_label = -1  # -1 = random labels for class-conditional models
@@ -111,7 +113,7 @@ def get_config():
     fid.num_samples = 10_000  # samples per evaluation (papers: 50 000)
     fid.batch_size = 64  # images per Inception forward pass
     fid.sweep = ""  # e.g. "25,50,100,250,full": FID vs sampling steps; "" = sample.*
-    fid.sweep_samplers = "ancestral,ddim"  # the sweep's samplers (strided ancestral and/or DDIM)
+    fid.sweep_samplers = "ancestral,ddim"  # the sweep's sampler kinds (tf_iddpm.samplers)
 
     # --- export -----------------------------------------------------------------------------------
     config.export = export = ml_collections.ConfigDict()

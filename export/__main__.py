@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 
 from tf_iddpm import console
+from tf_iddpm import fileio
 
 FLAGS = flags.FLAGS
 
@@ -48,6 +49,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.workdir, "export")
+    dir_error = fileio.directory_error(export_dir, what="--export_dir")
+    if dir_error:
+        print(f"python -m export: error: {dir_error}", file=sys.stderr)
+        sys.exit(1)
     # TensorFlow is imported below, after the framework logging is quieted (unless -v 1).
     if console.configure(FLAGS.verbosity, first_party=[os.path.dirname(os.path.abspath(__file__))]):
         console.import_quietly(["tensorflow", "export.export_lib"])

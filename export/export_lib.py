@@ -18,7 +18,7 @@ every image, when batching is off):
 Sampler, ``serving_default``:
   inputs   ``seed`` int64 [N]: one image per seed.  Image n depends only on seed[n] and its own
              parameters, not on the rest of the batch (stateless per-image noise: draw 0 is x_T,
-             draw k + 1 the noise of reverse step k, see :mod:`tf_iddpm.sampling`) -- up to
+             draw k + 1 the noise of reverse step k, see :mod:`tf_iddpm.chains`) -- up to
              float rounding: convolutions round differently for different batch sizes.
            ``num_steps`` int32, scalar or [N]: the chain is the trained process respaced to K
              evenly spaced steps (``timestep_respacing = "K"``), 1 <= K <= T.
@@ -28,7 +28,7 @@ Sampler, ``serving_default``:
            ``low_res`` uint8 [N, h, h, C]: the super-resolution model's low-resolution input.
   outputs  ``images`` uint8 [N, H, W, C] (the reference's truncating conversion) and
            ``images_float`` float32 [N, H, W, C] (the raw samples, ~[-1, 1]).
-  Images equal ``tf_iddpm.sampling.p_sample_loop`` (or ``ddim_sample_loop``) on
+  Images equal ``tf_iddpm.chains.p_sample_loop`` (or ``ddim_sample_loop``) on
   ``create_diffusion_from_config(config, timestep_respacing=str(K))`` with ``seeds=seed``
   (bit for bit for the same batch).  DDIM runs on the same "K" spacing; "ddimK" spacing is not
   offered.
@@ -59,20 +59,21 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from configs import base as base_config
 from export import serving
-from tf_iddpm import checkpoints
+from tf_iddpm import chains
 from tf_iddpm import config_utils
 from tf_iddpm import diffusion as diffusion_lib
 from tf_iddpm import factory
 from tf_iddpm import fileio
 from tf_iddpm import image_utils
-from tf_iddpm import sampling
+from tf_iddpm import inference
 
 SAMPLER_SUFFIX = "_sampler"
 NLL_SUFFIX = "_nll"
@@ -108,52 +109,6 @@ class ExportResult:
     models_config: str
     batching_parameters: str
     weights: str
-
-
-# ------------------------------------------------------------------------------ weights
-
-
-def load_network(
-    config, workdir: str, *, use_ema: bool = True, checkpoint_path: Optional[str] = None
-) -> Tuple[Any, str, str]:
-    """Builds the config's UNet and restores the weights to export.
-
-    With ``use_ema`` the EMA weights of the largest rate in ``config.train.ema_rate`` are used; a
-    checkpoint without them (e.g. a converted reference checkpoint) falls back to the raw
-    ``model`` weights with a warning (see :mod:`tf_iddpm.checkpoints`).
-
-    Args:
-      config: the experiment config.
-      workdir: a training workdir or a converted checkpoint directory.
-      use_ema: export EMA weights (the paper's evaluation weights).
-      checkpoint_path: a specific checkpoint prefix (default: the workdir's latest).
-
-    Returns:
-      (net, checkpoint path, checkpoint attribute the weights came from).
-
-    Raises:
-      FileNotFoundError: if there is no checkpoint.
-      ValueError: if the checkpoint's weights do not fit the config's architecture.
-    """
-    if checkpoint_path is not None and not tf.io.gfile.exists(checkpoint_path + ".index"):
-        raise FileNotFoundError(
-            f"no checkpoint {checkpoint_path} ({checkpoint_path}.index does "
-            "not exist); give a prefix such as <workdir>/checkpoints/ckpt-12"
-        )
-    net = factory.create_model_from_config(config)
-    try:
-        loaded = checkpoints.restore_inference_weights(
-            net,
-            workdir,
-            use_ema=use_ema,
-            ema_rates=config_utils.ema_rates(config),
-            checkpoint_path=checkpoint_path,
-        )
-    except AssertionError as e:
-        raise ValueError(
-            f"the checkpoint of {workdir} does not fit the model of the config: {e}"
-        ) from e
-    return net, loaded.path, loaded.attribute
 
 
 # ------------------------------------------------------------------------------ in-graph checks
@@ -242,7 +197,7 @@ class _ServingModule(tf.Module):
         super().__init__(name=name)
         self.network_variables = [getattr(v, "value", v) for v in net.variables]
         # A plain function is not tracked by tf.Module, so the model itself is not saved.
-        self._call_net = lambda x, t, **kwargs: net(x, t, training=False, **kwargs)
+        self._model_fn = inference.model_function(net)
         data = config.data
         self.image_size = int(data.image_size)
         self.channels = int(data.num_channels)
@@ -256,7 +211,7 @@ class _ServingModule(tf.Module):
         self._pixel_values = image_utils.normalize_images(np.arange(256, dtype=np.uint8)).numpy()
 
     def model_fn(self, x, t, **model_kwargs):
-        return self._call_net(x, t, **model_kwargs)
+        return self._model_fn(x, t, **model_kwargs)
 
     def normalize(self, images):
         """uint8 images -> float32 in [-1, 1], exactly as image_utils.normalize_images eagerly."""
@@ -389,33 +344,23 @@ class SamplerModule(_ServingModule):
 
         def run_group(members, accumulators):
             first = members[0]
-            diffusion = diffusion_lib.respace_uniform(self.diffusion, steps[first])
             seeds = tf.gather(seed, members)
             kwargs = {k: tf.gather(v, members) for k, v in model_inputs.items()}
             shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
 
-            def ddim():
-                return sampling.ddim_sample_loop(
-                    diffusion,
-                    self.model_fn,
-                    shape,
-                    clip_denoised=self.clip_denoised,
-                    model_kwargs=kwargs,
+            def draw(kind):
+                chain = chains.make_chain(
+                    kind,
+                    self.diffusion,
+                    steps=steps[first],
                     eta=eta[first],
-                    seeds=seeds,
-                )
-
-            def ancestral():
-                return sampling.p_sample_loop(
-                    diffusion,
-                    self.model_fn,
-                    shape,
                     clip_denoised=self.clip_denoised,
-                    model_kwargs=kwargs,
-                    seeds=seeds,
+                )
+                return chains.sample_loop(
+                    chain, self.model_fn, shape, model_kwargs=kwargs, seeds=seeds
                 )
 
-            samples = tf.cond(use_ddim[first], ddim, ancestral)
+            samples = tf.cond(use_ddim[first], lambda: draw("ddim"), lambda: draw("ancestral"))
             return [_scatter_rows(accumulators[0], members, samples)]
 
         initial = tf.zeros(tf.concat([[batch], self.image_shape], 0), tf.float32)
@@ -492,7 +437,7 @@ class NllModule(_ServingModule):
 
     def _bpd_rows(self, diffusion, x_start, model_inputs, **noise):
         """calc_bpd_loop on one group, plus the original timestep of each vb column."""
-        terms = sampling.calc_bpd_loop(
+        terms = chains.calc_bpd_loop(
             diffusion,
             self.model_fn,
             x_start,
@@ -679,6 +624,9 @@ def export_saved_models(
     name_error = config_utils.model_name_error(model_name, field="model name")
     if name_error:
         raise ValueError(name_error)
+    dir_error = fileio.directory_error(export_dir, what="export_dir")
+    if dir_error:
+        raise ValueError(dir_error)
     export_dir = os.path.abspath(export_dir)
     os.makedirs(export_dir, exist_ok=True)
     sampler_name, nll_name = model_name + SAMPLER_SUFFIX, model_name + NLL_SUFFIX
@@ -784,14 +732,8 @@ def serving_instructions(
 
 
 def load_workdir_config(workdir: str):
-    """``<workdir>/config.json``, missing fields filled from configs/base.py when importable."""
-    try:
-        from configs import base as base_config  # pylint: disable=g-import-not-at-top
-
-        defaults = base_config.get_config()
-    except ImportError:  # the repository's configs/ is not on the path (an installed package)
-        defaults = None
-    return config_utils.load_stored_config(workdir, defaults=defaults)
+    """``<workdir>/config.json``, fields it lacks filled from ``configs/base.py``."""
+    return config_utils.load_stored_config(workdir, defaults=base_config.get_config())
 
 
 def export_from_workdir(
@@ -803,7 +745,6 @@ def export_from_workdir(
     model_name: Optional[str] = None,
     version: Optional[int] = None,
     use_ema: Optional[bool] = None,
-    config_checked: bool = False,
 ) -> ExportResult:
     """Exports the latest checkpoint of a workdir (``run.py --mode=export`` calls this).
 
@@ -815,21 +756,18 @@ def export_from_workdir(
       model_name: default ``config.export.model_name``.
       version: default: the next free version number.
       use_ema: default ``config.export.use_ema``.
-      config_checked: the caller has validated ``config`` for this mode (``run.py`` does, once
-        per process); otherwise it is validated here.
 
     Returns:
       An :class:`ExportResult`; the serving commands are printed.
     """
     if config is None:
         config = load_workdir_config(workdir)
-        config_checked = False
-    if not config_checked:
-        config_utils.validate_config(config, mode="export")
+    config_utils.validate_config(config, mode="export")
     use_ema = config.export.use_ema if use_ema is None else use_ema
-    net, checkpoint_path, weights = load_network(
-        config, workdir, use_ema=use_ema, checkpoint_path=checkpoint
+    model = inference.InferenceModel.restore(
+        config, workdir, use_ema=use_ema, checkpoint=checkpoint
     )
+    net, checkpoint_path, weights = model.net, model.loaded.path, model.loaded.attribute
     logging.info("exporting %s weights of %s", weights, checkpoint_path)
     result = export_saved_models(
         config,

@@ -149,7 +149,7 @@ def test_inference_refuses_a_damaged_checkpoint_and_names_an_older_one(tmp_path)
     # The newest is still what the state file lists (tf.train.latest_checkpoint would say None).
     assert checkpoints.latest_checkpoint(str(tmp_path)) == str(directory / "ckpt-30")
     with pytest.raises(checkpoints.DamagedCheckpointError) as error:
-        checkpoints.restore_inference_weights(None, str(tmp_path), use_ema=False)
+        checkpoints.inference_checkpoint(str(tmp_path))
     message = str(error.value)
     assert f"{directory / 'ckpt-30.data-00000-of-00001'} is missing" in message
     assert f"--checkpoint={directory / 'ckpt-20'}" in message

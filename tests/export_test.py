@@ -29,7 +29,7 @@ from tf_iddpm import config_utils
 from tf_iddpm import convert
 from tf_iddpm import factory
 from tf_iddpm import image_utils
-from tf_iddpm import sampling
+from tf_iddpm import chains
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -97,16 +97,14 @@ def reference_samples(config, net, seeds, num_steps, *, use_ddim=False, eta=0.0)
     seeds = tf.constant(seeds, tf.int64)
     shape = [len(seeds)] + IMAGE_SHAPE
     if use_ddim:
-        return sampling.ddim_sample_loop(
-            process, model_fn(net), shape, eta=eta, seeds=seeds
-        ).numpy()
-    return sampling.p_sample_loop(process, model_fn(net), shape, seeds=seeds).numpy()
+        return chains.ddim_sample_loop(process, model_fn(net), shape, eta=eta, seeds=seeds).numpy()
+    return chains.p_sample_loop(process, model_fn(net), shape, seeds=seeds).numpy()
 
 
 def reference_bpd(config, net, images, num_steps, seeds):
     """The in-process evaluator: calc_bpd_loop on the "K"-respaced process, eager normalisation."""
     process = factory.create_diffusion_from_config(config, timestep_respacing=str(num_steps))
-    out = sampling.calc_bpd_loop(
+    out = chains.calc_bpd_loop(
         process,
         model_fn(net),
         image_utils.normalize_images(images),
@@ -376,7 +374,7 @@ def test_fresh_process_without_project_reproduces_in_process_results(exported, t
     # change one vb column in ~1 of 7 runs (fixed by parallel_iterations=1 in the loop).
     again = reference_bpd(config, net, images, NUM_TIMESTEPS, [1, 2, 3])
     assert np.array_equal(full["vb"], again["vb"]), (
-        "tf_iddpm.sampling.calc_bpd_loop gave different vb on two identical runs (columns "
+        "tf_iddpm.chains.calc_bpd_loop gave different vb on two identical runs (columns "
         f"{np.where((full['vb'] != again['vb']).any(0))[0]}): parallel while_loop iterations race"
     )
     _, stderr = process.communicate()
@@ -414,7 +412,7 @@ def test_fresh_process_without_project_reproduces_in_process_results(exported, t
         got["nll_full/vb_timesteps"], np.tile(np.arange(99, -1, -1), [3, 1])
     )
     # K = T is the full chain of the trained process (no respacing): same numbers up to rounding.
-    unrespaced = sampling.calc_bpd_loop(
+    unrespaced = chains.calc_bpd_loop(
         factory.create_diffusion_from_config(config),
         model_fn(net),
         image_utils.normalize_images(images),
@@ -798,7 +796,7 @@ def test_super_resolution_model_takes_low_res_input():
         tf.constant(low_res),
     )
     process = factory.create_diffusion_from_config(config, timestep_respacing="3")
-    expected = sampling.p_sample_loop(
+    expected = chains.p_sample_loop(
         process,
         model_fn(net),
         [2] + IMAGE_SHAPE,
@@ -822,7 +820,7 @@ def test_super_resolution_model_takes_low_res_input():
         tf.constant(images), tf.constant(4), tf.constant([5, 6], tf.int64)
     )
     x_start = image_utils.normalize_images(images)
-    expected = sampling.calc_bpd_loop(
+    expected = chains.calc_bpd_loop(
         factory.create_diffusion_from_config(config, timestep_respacing="4"),
         model_fn(net),
         x_start,

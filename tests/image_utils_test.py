@@ -198,3 +198,10 @@ def test_normalization_is_bit_identical_in_graphs_and_to_numpy():
     np.testing.assert_array_equal(image_utils.normalize_images(levels).numpy(), expected)
     in_graph = tf.function(image_utils.normalize_images)(tf.constant(levels))
     np.testing.assert_array_equal(in_graph.numpy(), expected)
+
+
+def test_to_rgb_repeats_grayscale_and_rejects_other_channel_counts():
+    gray = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
+    np.testing.assert_array_equal(image_utils.to_rgb(gray), np.concatenate([gray] * 3, axis=-1))
+    with pytest.raises(ValueError, match="1 or 3"):
+        image_utils.to_rgb(np.zeros((1, 2, 2, 2), np.uint8))

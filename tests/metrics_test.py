@@ -312,7 +312,7 @@ def test_preprocess_resizes_to_299_and_scales_to_unit_interval():
     resized = metrics.InceptionFeatureExtractor.preprocess(constant).numpy()
     assert resized.shape == (3, 299, 299, 3)
     np.testing.assert_allclose(resized, 51 / 127.5 - 1.0, atol=1e-6)
-    # A vertical two-level image keeps its levels at the far ends after bilinear upsampling.
+    # A vertical two-level image keeps its levels at the far ends after bilinear upchains.
     halves = np.concatenate([np.zeros((1, 8, 16, 3)), np.full((1, 8, 16, 3), 255)], axis=1).astype(
         np.uint8
     )

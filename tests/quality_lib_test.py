@@ -118,10 +118,12 @@ def test_training_hook_logs_what_it_returns(setup, tmp_path):
     config.train.fid_num_samples = 5
     config.sample.timestep_respacing = "3"
     from tf_iddpm import factory
+    from tf_iddpm import inference
+    from tf_iddpm import train_lib
 
-    net = factory.create_model_from_config(config)
+    model = inference.InferenceModel(factory.create_model_from_config(config), config)
     writer = tf.summary.create_file_writer(str(tmp_path))
-    logged = quality_lib.log_training_fid(net, config, 7, writer)
+    logged = train_lib.log_training_fid(model, 7, writer)
     writer.flush()
     assert _scalars(str(tmp_path), "quality/fid") == {7: pytest.approx(logged["fid"], rel=1e-6)}
     assert _scalars(str(tmp_path), "quality/kid") == {7: pytest.approx(logged["kid"], rel=1e-6)}
@@ -227,13 +229,6 @@ def test_fid_mode_bad_requests_fail_clearly(tmp_path, args, message):
     )
     assert code != 0
     assert message in output, output[-2000:]
-
-
-def test_to_rgb_repeats_grayscale_and_rejects_other_channel_counts():
-    gray = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
-    np.testing.assert_array_equal(quality_lib.to_rgb(gray), np.concatenate([gray] * 3, axis=-1))
-    with pytest.raises(ValueError, match="1 or 3"):
-        quality_lib.to_rgb(np.zeros((1, 2, 2, 2), np.uint8))
 
 
 def test_training_with_fid_every_needs_a_reference_and_a_graph():

@@ -11,7 +11,7 @@ import tensorflow as tf
 from tests import golden
 from tf_iddpm import convert
 from tf_iddpm import diffusion
-from tf_iddpm import sampling
+from tf_iddpm import chains
 from tf_iddpm import schedules
 from tf_iddpm import unet
 
@@ -82,9 +82,9 @@ def test_strided_sampling_replays_reference(main_net, run):
     )
     shape = golden.nhwc(SAMPLING["noise_init"]).shape
     if run == "p_sample":
-        final = sampling.p_sample_loop(process, _model_fn(main_net), shape, **kwargs)
+        final = chains.p_sample_loop(process, _model_fn(main_net), shape, **kwargs)
     else:
-        final = sampling.ddim_sample_loop(
+        final = chains.ddim_sample_loop(
             process, _model_fn(main_net), shape, eta=0.5 if run.endswith("0p5") else 0.0, **kwargs
         )
     error = golden.max_rel_error(final, golden.nhwc(SAMPLING[f"{run}_final"]))
@@ -114,7 +114,7 @@ def test_calc_bpd_loop_replays_reference(main_net, case):
             timestep_respacing="25",
             cdf="approx",
         )
-    out = sampling.calc_bpd_loop(
+    out = chains.calc_bpd_loop(
         process,
         _model_fn(main_net),
         golden.nhwc(NLL["x_start"]),
@@ -211,7 +211,7 @@ def test_variant_class_conditional_sampling(variant_net, run, sigma_small, predi
         model_kwargs={"y": tf.constant(VARIANT["sample_y"], tf.int32)},
         step_noise=golden.nhwc(VARIANT[f"{run}_step_noise"]),
     )
-    loop = sampling.ddim_sample_loop if ddim else sampling.p_sample_loop
+    loop = chains.ddim_sample_loop if ddim else chains.p_sample_loop
     final = loop(process, _model_fn(variant_net), noise.shape, **kwargs)
     assert golden.max_rel_error(final, golden.nhwc(VARIANT[f"{run}_final"])) <= 1e-4
 
@@ -225,13 +225,13 @@ def test_seeded_samples_do_not_depend_on_the_batch_split(main_net):
         timestep_respacing="5",
     )
     seeds = tf.constant([11, 12, 13], tf.int64)
-    together = sampling.p_sample_loop(process, _model_fn(main_net), [3, 8, 8, 3], seeds=seeds)
+    together = chains.p_sample_loop(process, _model_fn(main_net), [3, 8, 8, 3], seeds=seeds)
     apart = [
-        sampling.p_sample_loop(process, _model_fn(main_net), [1, 8, 8, 3], seeds=seeds[i : i + 1])
+        chains.p_sample_loop(process, _model_fn(main_net), [1, 8, 8, 3], seeds=seeds[i : i + 1])
         for i in range(3)
     ]
     np.testing.assert_allclose(
         together.numpy(), np.concatenate([a.numpy() for a in apart]), atol=1e-5
     )
-    again = sampling.p_sample_loop(process, _model_fn(main_net), [3, 8, 8, 3], seeds=seeds)
+    again = chains.p_sample_loop(process, _model_fn(main_net), [3, 8, 8, 3], seeds=seeds)
     np.testing.assert_array_equal(together.numpy(), again.numpy())

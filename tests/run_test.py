@@ -40,12 +40,12 @@ _DRIVER = textwrap.dedent("""
     for name, function in stand_ins:
         module = types.ModuleType(name)
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        def entry(config, workdir, third, _name=name, **options):  # checkpoint, config_checked
+        def entry(config, workdir, third, _name=name, **options):  # checkpoint
             if not isinstance(third, str):
                 third = [type(third).__name__, third.num_replicas_in_sync]
             with open(record, "w") as f:
                 json.dump({"module": _name, "config": config.to_dict(), "workdir": workdir,
-                           "third": third}, f)
+                           "third": third, "options": options}, f)
         if name not in missing_function:
             setattr(module, function, entry)
         sys.modules[name] = module
@@ -312,13 +312,52 @@ def test_sample_flags_override_the_stored_config_for_one_run(tmp_path):
         sample["num_samples"],
         sample["batch_size"],
         sample["timestep_respacing"],
-        sample["use_ddim"],
+        sample["sampler"],
         sample["eta"],
         sample["use_ema"],
-    ) == (3, 2, "ddim10", True, 0.5, False)
+    ) == (3, 2, "ddim10", "ddim", 0.5, False)
     assert sample["class_label"] == before["sample"]["class_label"]  # not given: unchanged
     assert received["config"]["eval"] == before["eval"]
     assert stored_config(workdir) == before  # one run only
+
+
+def test_sampler_flag_and_the_older_ddim_flag_choose_the_sampler(tmp_path):
+    workdir = tmp_path / "w"
+    start_workdir(workdir)
+    for args, kind in (
+        (["--sampler=ddim"], "ddim"),
+        (["--ddim"], "ddim"),
+        (["--noddim"], "ancestral"),
+        (["--sampler=ancestral", "--steps=7"], "ancestral"),
+    ):
+        code, stderr, received = run_py([f"--workdir={workdir}", "--mode=sample"] + args, tmp_path)
+        assert code == 0, stderr
+        assert received["config"]["sample"]["sampler"] == kind, args
+    code, stderr, received = run_py(
+        [f"--workdir={workdir}", "--mode=sample", "--ddim", "--sampler=ancestral"], tmp_path
+    )
+    assert code == 1 and received is None
+    assert "--ddim and --sampler both choose the sampler" in stderr
+    code, stderr, received = run_py(
+        [f"--workdir={workdir}", "--mode=sample", "--eta=0.5"], tmp_path
+    )
+    assert code == 1 and received is None
+    assert "sample.eta=0.5 only applies to ddim" in stderr
+
+
+def test_export_dir_naming_a_file_is_refused_before_anything_runs(tmp_path):
+    workdir = tmp_path / "w"
+    start_workdir(workdir)
+    a_file = tmp_path / "models"
+    a_file.write_text("not a directory")
+    for export_dir in (a_file, a_file / "below"):
+        code, stderr, received = run_py(
+            [f"--workdir={workdir}", "--mode=export", f"--export_dir={export_dir}"], tmp_path
+        )
+        assert code == 1 and received is None
+        assert stderr.strip().splitlines()[-1].startswith("run.py: error: --export_dir=")
+        assert "a file, not a directory" in stderr and "Traceback" not in stderr
+    assert a_file.read_text() == "not a directory"
 
 
 def test_eval_and_export_flags(tmp_path):
@@ -379,9 +418,9 @@ def test_fid_flags_override_the_sample_and_fid_fields_for_one_run(tmp_path):
     assert (
         sample["batch_size"],
         sample["timestep_respacing"],
-        sample["use_ddim"],
+        sample["sampler"],
         sample["eta"],
-    ) == (6, "ddim10", True, 0.5)
+    ) == (6, "ddim10", "ddim", 0.5)
     assert sample["num_samples"] == before["sample"]["num_samples"]  # --num_samples: fid's
     assert (fid["num_samples"], fid["ref_batch"], fid["inception"], fid["sweep"]) == (
         30,
@@ -484,20 +523,26 @@ def test_overrides_without_config_need_a_stored_config(tmp_path):
     assert not workdir.exists()
 
 
-def test_checkpoint_flag_must_name_an_existing_checkpoint(tmp_path):
+def test_checkpoint_flag_reaches_the_inference_modes_only(tmp_path):
+    # Whether the checkpoint exists is checked where it is read (tf_iddpm.checkpoints, exit 3,
+    # tested in configs_test and workdir_lifecycle_test); run.py passes it on.
     workdir = tmp_path / "w"
     start_workdir(workdir)
-    (workdir / "checkpoints").mkdir()
-    (workdir / "checkpoints" / "ckpt-3.index").write_bytes(b"")
-    missing = workdir / "checkpoints" / "ckpt-4"
+    prefix = str(workdir / "checkpoints" / "ckpt-4")
+    for mode in ("sample", "eval", "fid", "export"):
+        extra = ["--ref_batch=r", "--inception=g"] if mode == "fid" else []
+        if mode == "fid":
+            (tmp_path / "r").write_bytes(b"")
+            (tmp_path / "g").write_bytes(b"")
+        code, stderr, received = run_py(
+            [f"--workdir={workdir}", f"--mode={mode}", f"--checkpoint={prefix}"] + extra,
+            tmp_path,
+            cwd=tmp_path,
+        )
+        assert code == 0, stderr
+        assert received["options"] == {"checkpoint": prefix}
     code, stderr, received = run_py(
-        [f"--workdir={workdir}", "--mode=sample", f"--checkpoint={missing}"], tmp_path
-    )
-    assert code == 1 and received is None
-    assert f"--checkpoint={missing}: no such checkpoint ({missing}.index does not exist)" in stderr
-    assert "ckpt-3" in stderr
-    code, stderr, received = run_py(
-        [f"--workdir={workdir}", "--mode=train", f"--checkpoint={missing}"], tmp_path
+        [f"--workdir={workdir}", "--mode=train", f"--checkpoint={prefix}"], tmp_path
     )
     assert code == 1 and received is None
     assert (

@@ -108,21 +108,21 @@ def test_bad_sampling_requests_fail_clearly(trained_workdir, args, message):
 
 def test_class_labels_for_conditional_models():
     from configs import tiny
-    from tf_iddpm import sample_lib
+    from tf_iddpm import inference
 
     config = tiny.get_config()
     config.data.class_cond, config.data.num_classes = True, 10
     config.sample.class_label = 10
     with pytest.raises(ValueError, match=r"class_label 10 out of range; allowed: 0..9"):
-        sample_lib.sample_labels(config, np.arange(3))
+        inference.sample_labels(config, np.arange(3))
     config.sample.class_label = 4
-    np.testing.assert_array_equal(sample_lib.sample_labels(config, np.arange(3)), [4, 4, 4])
+    np.testing.assert_array_equal(inference.sample_labels(config, np.arange(3)), [4, 4, 4])
     config.sample.class_label = -1
-    labels = sample_lib.sample_labels(config, np.arange(200))
+    labels = inference.sample_labels(config, np.arange(200))
     assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) == 10
     np.testing.assert_array_equal(
-        sample_lib.sample_labels(config, np.arange(200))[5:8],
-        sample_lib.sample_labels(config, np.arange(5, 8)),
+        inference.sample_labels(config, np.arange(200))[5:8],
+        inference.sample_labels(config, np.arange(5, 8)),
     )
 
 

@@ -132,6 +132,32 @@ def check_readable(prefix: str) -> None:
             ) from e
 
 
+def check_exists(prefix: str) -> None:
+    """Checks that a checkpoint prefix given by the user (``--checkpoint=``) names a checkpoint.
+
+    Raises:
+      CheckpointNotFoundError: naming the missing ``.index`` file and the checkpoints that do
+        exist in that directory.
+    """
+    if tf.io.gfile.exists(prefix + ".index"):
+        return
+    directory = os.path.dirname(prefix) or "."
+    existing = (
+        sorted(
+            name[: -len(".index")]
+            for name in tf.io.gfile.listdir(directory)
+            if name.endswith(".index")
+        )
+        if tf.io.gfile.isdir(directory)
+        else []
+    )
+    raise CheckpointNotFoundError(
+        f"no such checkpoint {prefix} ({prefix}.index does not exist); give a prefix such as "
+        "<workdir>/checkpoints/ckpt-10, without the .index/.data suffix"
+        + (f" (in {directory}: {', '.join(existing)})" if existing else "")
+    )
+
+
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
@@ -263,7 +289,7 @@ def _readable_alternative(workdir: str, damaged: str) -> Optional[str]:
 
 @dataclasses.dataclass(frozen=True)
 class LoadedWeights:
-    """Which weights :func:`restore_inference_weights` loaded: the checkpoint prefix and the
+    """Which weights :func:`load_inference_weights` loaded: the checkpoint prefix and the
     checkpoint attribute (``"model"`` or an EMA name such as ``"ema_0p9999"``).
 
     ``str()`` gives ``"<path>:<attribute>"`` for logs and result files.
@@ -276,29 +302,24 @@ class LoadedWeights:
         return f"{self.path}:{self.attribute}"
 
 
-def restore_inference_weights(
-    net, workdir: str, *, use_ema: bool, ema_rates=(), checkpoint_path: Optional[str] = None
-) -> LoadedWeights:
-    """Loads the weights to sample / evaluate / export with into a built network.
+def inference_checkpoint(workdir: str, checkpoint_path: Optional[str] = None) -> str:
+    """The checkpoint that sampling, evaluation or export read: checked, before any network is built.
 
     Args:
-      net: a built Keras UNet of the workdir's configuration.
       workdir: the training (or conversion) workdir.
-      use_ema: prefer the EMA weights (the slowest rate of ema_rates); falls back to the raw
-        weights, with a warning, when the checkpoint has none (e.g. a converted checkpoint, whose
-        published weights are already EMA weights).
-      ema_rates: the EMA rates of the configuration.
-      checkpoint_path: a specific checkpoint instead of the latest.
+      checkpoint_path: a specific checkpoint prefix (``--checkpoint``) instead of the newest.
 
     Returns:
-      What was loaded, a :class:`LoadedWeights` (``str()`` of it: ``"<path>:<attribute>"``).
+      The checkpoint prefix, readable (:func:`check_readable`).
 
     Raises:
-      CheckpointNotFoundError: if the workdir has no checkpoint.
+      CheckpointNotFoundError: if the workdir has no checkpoint, or ``checkpoint_path`` names none.
       DamagedCheckpointError: if the checkpoint is damaged; the one-line message names the damaged
         file and says how to pick another (``--checkpoint=<prefix>``, naming the newest readable
         one of the workdir when there is one).
     """
+    if checkpoint_path:
+        check_exists(checkpoint_path)
     path = checkpoint_path or latest_checkpoint(workdir)
     try:
         check_readable(path)
@@ -311,6 +332,26 @@ def restore_inference_weights(
             "one)"
         )
         raise DamagedCheckpointError(f"{e}; {hint}") from None
+    return path
+
+
+def load_inference_weights(net, path: str, *, use_ema: bool, ema_rates=()) -> LoadedWeights:
+    """Loads the weights to sample / evaluate / export with from a checkpoint into a built network.
+
+    Args:
+      net: a built Keras UNet of the checkpoint's configuration.
+      path: a checkpoint prefix, as :func:`inference_checkpoint` returns it.
+      use_ema: prefer the EMA weights (the slowest rate of ema_rates); falls back to the raw
+        weights, with a warning, when the checkpoint has none (e.g. a converted checkpoint, whose
+        published weights are already EMA weights).
+      ema_rates: the EMA rates of the configuration.
+
+    Returns:
+      What was loaded, a :class:`LoadedWeights` (``str()`` of it: ``"<path>:<attribute>"``).
+
+    Raises:
+      AssertionError: if the checkpoint's weights do not fit the network.
+    """
     name = "model"
     if use_ema and ema_rates:
         candidate = ema_checkpoint_name(max(ema_rates))

@@ -14,12 +14,11 @@ and everything about sampling, evaluation and export).
 replicas cannot share, ...) into one ``ValueError`` that lists them all, before any step runs.
 It is the one owner of the rules on config fields: :func:`data_field_errors` (the ``config.data``
 fields, also checked by ``tf_iddpm.data`` before it reads anything), the model name rule
-(:func:`model_name_error`, also used by ``export.export_lib``) and the replica split
-(:func:`batch_split_error`).  A process validates its config once: ``run.py`` calls
-:func:`validate_config` before it builds the strategy and :func:`batch_split_error` after, and
-tells the modes that validate for direct callers (``train_lib.train``,
-``export_lib.export_from_workdir``) that the config is checked (``config_checked=True``);
-:func:`resolve_config` only decides which config runs.
+(:func:`model_name_error`, also used by ``export.export_lib``), the replica split
+(:func:`batch_split_error`), the sampler (:class:`tf_iddpm.samplers.SamplerSpec`) and the names
+options accept (:mod:`tf_iddpm.choices`).  Every entry point and mode calls it for the config it
+runs; a config's fields are checked once per process (a valid config is remembered by its
+content), so callers need not track whether someone checked it before.
 
 Nothing here imports TensorFlow (only a ``gs://``-style workdir reaches for ``tf.io.gfile``), so
 ``run.py --help`` and config errors stay fast.
@@ -35,16 +34,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from absl import logging
 import ml_collections
 
+from tf_iddpm import choices
 from tf_iddpm import fileio
+from tf_iddpm import samplers
 from tf_iddpm import schedules
 
 CONFIG_FILENAME = "config.json"
 
 MODES = ("train", "sample", "eval", "fid", "export")
-NOISE_SCHEDULES = schedules.NOISE_SCHEDULES
-SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
-MIXED_PRECISION_POLICIES = ("float32", "mixed_bfloat16")
-CDF_MODES = ("exact", "approx")
 
 # The UNet's channel multipliers when ``model.channel_mult`` is "": improved-diffusion's table for
 # 32, 64 and 256, and guided-diffusion's for 128 (improved-diffusion has no 128 default).
@@ -337,18 +334,6 @@ def _check_respacing(errors: List[str], field: str, respacing: str, num_timestep
         )
 
 
-FID_SAMPLERS = ("ancestral", "ddim")
-
-
-def fid_sweep(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
-    """``fid.sweep`` as respacings: "25,50,full" -> ("25", "50", ""); "" -> () (no sweep).
-
-    Tokens are step counts (strided respacing) or "full"/"all" (every step of the process).
-    """
-    tokens = [token.strip() for token in config.fid.sweep.split(",") if token.strip()]
-    return tuple("" if token in ("full", "all") else token for token in tokens)
-
-
 def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) -> None:
     fid, train = config.fid, config.train
     _check_positive(errors, config, "fid.num_samples", "fid.batch_size", "train.fid_num_samples")
@@ -359,25 +344,16 @@ def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) 
             errors.append(
                 f"{field}={config[group][name]} must be >= 2 (a covariance needs two samples)"
             )
-    steps = config.diffusion.steps
-    for respacing in fid_sweep(config):
-        if not respacing:
-            continue  # "full": every step
-        if not respacing.isdigit():
-            errors.append(
-                f"fid.sweep={fid.sweep!r}: {respacing!r} is not a step count; use "
-                "comma-separated step counts and 'full', e.g. '25,50,100,250,full'"
+    if config.diffusion.steps > 0:
+        try:
+            samplers.sweep_specs(
+                samplers.from_config(config.sample),
+                fid.sweep,
+                fid.sweep_samplers,
+                config.diffusion.steps,
             )
-        elif not 0 < int(respacing) <= steps:
-            errors.append(
-                f"fid.sweep={fid.sweep!r}: {respacing} steps is not in [1, diffusion.steps={steps}]"
-            )
-    samplers = [s.strip() for s in fid.sweep_samplers.split(",") if s.strip()]
-    if not samplers or any(s not in FID_SAMPLERS for s in samplers):
-        errors.append(
-            f"fid.sweep_samplers={fid.sweep_samplers!r} must be a comma-separated "
-            f"subset of {', '.join(FID_SAMPLERS)}"
-        )
+        except ValueError as e:
+            errors.append(str(e))
     needs = []
     if mode == "fid":
         needs = [("fid.ref_batch", fid.ref_batch), ("fid.inception", fid.inception)]
@@ -402,23 +378,46 @@ def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) 
             errors.append(f"{field}={value!r} does not exist; it must be {what}")
 
 
+# Configs (canonical JSON, mode) that validate_config found valid in this process.
+_VALID_CONFIGS = set()
+
+
 def validate_config(
     config: ml_collections.ConfigDict, *, num_replicas: Optional[int] = None, mode: str = "train"
 ) -> None:
     """Checks a config before anything is built from it; reports every problem at once.
+
+    Every entry point and every mode calls this for the config it runs; the fields of one config
+    are checked once per process (a config found valid is remembered by its content, so a later
+    call for the same config and mode costs a JSON dump), and the replica split whenever
+    ``num_replicas`` is given.
 
     Args:
       config: a config with the schema of ``configs/base.py``.
       num_replicas: the distribution strategy's replica count.  When given, the batch size used by
         ``mode`` (``train.batch_size``, ``sample.batch_size`` or ``eval.batch_size``) must divide by
         it, since each replica takes an equal share of the global batch.
-      mode: one of :data:`MODES`; selects which batch size ``num_replicas`` constrains.
+      mode: one of :data:`MODES`; selects which batch size ``num_replicas`` constrains and which
+        files the mode needs.
 
     Raises:
       ValueError: listing every invalid field, its value and what is allowed.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    key = (config_to_json(config), mode)
+    errors = [] if key in _VALID_CONFIGS else _field_errors(config, mode)
+    if num_replicas is not None:
+        split_error = batch_split_error(config, mode=mode, num_replicas=num_replicas)
+        if split_error:
+            errors.append(split_error)
+    if errors:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+    _VALID_CONFIGS.add(key)
+
+
+def _field_errors(config: ml_collections.ConfigDict, mode: str) -> List[str]:
+    """Every problem of the config's fields (see validate_config)."""
     errors: List[str] = []
     data, model, diffusion, train = config.data, config.model, config.diffusion, config.train
 
@@ -469,20 +468,25 @@ def validate_config(
         errors.append(f"model.dropout={model.dropout} must lie in [0, 1)")
 
     # diffusion
-    _check_choice(errors, "diffusion.noise_schedule", diffusion.noise_schedule, NOISE_SCHEDULES)
-    _check_choice(errors, "diffusion.cdf", diffusion.cdf, CDF_MODES)
+    _check_choice(
+        errors, "diffusion.noise_schedule", diffusion.noise_schedule, schedules.NOISE_SCHEDULES
+    )
+    _check_choice(errors, "diffusion.cdf", diffusion.cdf, choices.CDF_MODES)
     _check_positive(errors, config, "diffusion.steps")
     if diffusion.steps > 0:
         for field, respacing in (
             ("diffusion.timestep_respacing", diffusion.timestep_respacing),
-            ("sample.timestep_respacing", config.sample.timestep_respacing),
             ("eval.timestep_respacing", config.eval.timestep_respacing),
         ):
             _check_respacing(errors, field, respacing, diffusion.steps)
 
     # train
-    _check_choice(errors, "train.schedule_sampler", train.schedule_sampler, SCHEDULE_SAMPLERS)
-    _check_choice(errors, "train.mixed_precision", train.mixed_precision, MIXED_PRECISION_POLICIES)
+    _check_choice(
+        errors, "train.schedule_sampler", train.schedule_sampler, choices.SCHEDULE_SAMPLERS
+    )
+    _check_choice(
+        errors, "train.mixed_precision", train.mixed_precision, choices.MIXED_PRECISION_POLICIES
+    )
     _check_positive(
         errors,
         config,
@@ -515,12 +519,8 @@ def validate_config(
         "sample.batch_size",
         "export.max_batch_size",
     )
-    _check_positive(errors, config, "eval.num_samples", "sample.eta", allow_zero=True)
-    if config.sample.eta > 0 and not config.sample.use_ddim:
-        errors.append(
-            f"sample.eta={config.sample.eta} only applies to DDIM sampling; set "
-            "sample.use_ddim=True (run.py --ddim)"
-        )
+    _check_positive(errors, config, "eval.num_samples", allow_zero=True)
+    errors.extend(samplers.from_config(config.sample).errors(max(diffusion.steps, 0)))
     label = config.sample.class_label
     if data.class_cond:
         if not -1 <= label < max(data.num_classes, 0):
@@ -538,14 +538,7 @@ def validate_config(
     if name_error:
         errors.append(name_error)
 
-    # replicas
-    if num_replicas is not None:
-        split_error = batch_split_error(config, mode=mode, num_replicas=num_replicas)
-        if split_error:
-            errors.append(split_error)
-
-    if errors:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+    return errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,6 +594,20 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
+def _migrate_renamed_fields(stored: Dict[str, Any], path: str) -> None:
+    """Rewrites, in place, fields of configs stored before a field was renamed.
+
+    * ``sample.use_ddim`` (bool) became ``sample.sampler`` ("ddim" or "ancestral").
+    """
+    sample = stored.get("sample")
+    if isinstance(sample, dict) and "use_ddim" in sample:
+        use_ddim = sample.pop("use_ddim")
+        sample.setdefault("sampler", "ddim" if use_ddim else "ancestral")
+        logging.info(
+            "%s: sample.use_ddim=%s read as sample.sampler=%r", path, use_ddim, sample["sampler"]
+        )
+
+
 def load_config_json(
     path: str, defaults: Optional[ml_collections.ConfigDict] = None
 ) -> ml_collections.ConfigDict:
@@ -625,6 +632,7 @@ def load_config_json(
         ) from None
     if not isinstance(stored, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(stored).__name__}")
+    _migrate_renamed_fields(stored, path)
     if defaults is not None:
         default_tree = defaults.to_dict()
         missing = sorted(set(_flatten(default_tree)) - set(_flatten(stored)))

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import tensorflow as tf
 
+from tf_iddpm import choices
 from tf_iddpm import losses
 from tf_iddpm import schedules
 
@@ -179,8 +180,8 @@ class GaussianDiffusion:
         self.model_mean_type = _parse_enum(ModelMeanType, model_mean_type, "model mean type")
         self.model_var_type = _parse_enum(ModelVarType, model_var_type, "model variance type")
         self.loss_type = _parse_enum(LossType, loss_type, "loss type")
-        if cdf not in losses.CDF_MODES:
-            raise ValueError(f"unknown cdf mode {cdf!r}; allowed: {', '.join(losses.CDF_MODES)}")
+        if cdf not in choices.CDF_MODES:
+            raise ValueError(f"unknown cdf mode {cdf!r}; allowed: {', '.join(choices.CDF_MODES)}")
         self.cdf = cdf
         self.rescale_timesteps = bool(rescale_timesteps)
 

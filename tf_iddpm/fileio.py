@@ -31,7 +31,7 @@ This module imports only the standard library (TensorFlow only for remote paths)
 import io
 import os
 import secrets
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,6 +39,31 @@ PathLike = Union[str, "os.PathLike[str]"]
 def is_remote(path: PathLike) -> bool:
     """Whether ``path`` names a filesystem reached through ``tf.io.gfile`` (``gs://...``)."""
     return "://" in os.fspath(path)
+
+
+def directory_error(path: PathLike, *, what: str = "directory") -> Optional[str]:
+    """Why ``path`` cannot be (or become) a directory to write into, or None.
+
+    A local path is refused when it, or its nearest existing ancestor, is not a directory (a
+    file named like the directory, a path under a file).  Remote paths are not checked here.
+
+    Args:
+      path: the directory to write into; it need not exist yet.
+      what: how the message names it (e.g. ``"--export_dir"``).
+    """
+    path = os.fspath(path)
+    if is_remote(path):
+        return None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            return None
+        existing = parent
+    if os.path.isdir(existing):
+        return None
+    where = "is" if existing == os.path.abspath(path) else f"is under {existing!r}, which is"
+    return f"{what}={path!r} {where} a file, not a directory; give a directory to write into"
 
 
 def _temp_name(path: str) -> str:

@@ -214,6 +214,14 @@ def center_crop_and_resize(image, size):
     return np.ascontiguousarray(array[top : top + size, left : left + size])
 
 
+def to_rgb(images) -> np.ndarray:
+    """uint8 [N, H, W, 1 or 3] -> [N, H, W, 3]: grayscale repeated over RGB (Inception's input)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be [N, H, W, 1 or 3], got shape {images.shape}")
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
 def make_image_grid(images, *, num_columns=None, padding=0):
     """Tiles uint8 images ``[N, H, W, C]`` into one ``[rows*H', cols*W', C]`` array.
 
@@ -254,8 +262,11 @@ def make_image_grid(images, *, num_columns=None, padding=0):
     return grid
 
 
-def save_image_grid(images, path, *, num_columns=None, padding=0):
+def save_image_grid(images, path, *, num_columns=None, padding=0, min_tile_pixels=0):
     """Writes uint8 images ``[N, H, W, C]`` as one PNG grid, atomically.
+
+    Small images are enlarged by an integer factor (each pixel repeated, no interpolation) until
+    a tile is at least ``min_tile_pixels`` high, so that a grid of 16x16 samples can be looked at.
 
     Written with :func:`tf_iddpm.fileio.atomic_write` (a reader never sees a half-written file;
     the mode is what ``open()`` gives; paths with a scheme, ``gs://...``, go through
@@ -265,9 +276,14 @@ def save_image_grid(images, path, *, num_columns=None, padding=0):
         images: uint8 array or tensor ``[N, H, W, C]`` with C in {1, 3}.
         path: destination ``.png`` path; parent directories are created.
         num_columns: images per row; default ``ceil(sqrt(N))``.
-        padding: black pixels between the images.
+        padding: black pixels between the images (before enlarging).
+        min_tile_pixels: enlarge every image to at least this height (0: keep the size).
     """
     grid = make_image_grid(images, num_columns=num_columns, padding=padding)
+    height = np.asarray(images).shape[1]
+    factor = max(1, -(-int(min_tile_pixels) // height)) if min_tile_pixels else 1
+    if factor > 1:
+        grid = np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
     buffer = io.BytesIO()
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
     fileio.atomic_write_bytes(path, buffer.getvalue())

@@ -11,9 +11,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-tfd = tfp.distributions
+from tf_iddpm import choices
 
-CDF_MODES = ("exact", "approx")
+tfd = tfp.distributions
 
 # Images are quantised to 256 levels in [-1, 1]: bins are 2/255 wide, centred on the data.
 _HALF_BIN = 1.0 / 255.0
@@ -140,8 +140,8 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales, cdf="exact"):
     Returns:
       Elementwise log-probabilities in nats, same shape as x.
     """
-    if cdf not in CDF_MODES:
-        raise ValueError(f"unknown cdf mode {cdf!r}; allowed: {', '.join(CDF_MODES)}")
+    if cdf not in choices.CDF_MODES:
+        raise ValueError(f"unknown cdf mode {cdf!r}; allowed: {', '.join(choices.CDF_MODES)}")
     x, means, log_scales = _as_float(x), _as_float(means), _as_float(log_scales)
     means = tf.cast(means, x.dtype)
     log_scales = tf.cast(log_scales, x.dtype)

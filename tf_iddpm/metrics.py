@@ -1063,6 +1063,58 @@ def evaluate_batches(ref_path, sample_path, graph: InceptionGraph) -> Dict[str, 
     return evaluate_features(ref, sample, ref_statistics=ref_batch)
 
 
+_GRAPHS: Dict[Tuple[str, int], InceptionGraph] = {}
+_REFERENCES: Dict[Tuple[str, float, str], Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]] = {}
+
+
+def load_graph(path: str, batch_size: int = 64) -> InceptionGraph:
+    """The Inception graph at ``path``, loaded once per process (FID mode and training both ask)."""
+    key = (os.path.abspath(path), int(batch_size))
+    if key not in _GRAPHS:
+        _GRAPHS[key] = InceptionGraph(path, batch_size=batch_size)
+    return _GRAPHS[key]
+
+
+def reference_features(
+    path: str, graph: InceptionGraph
+) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(features of a reference batch's images, its stored statistics), once per file and graph.
+
+    Features are needed whatever the file stores (precision, recall and KID compare feature
+    sets); stored ``mu``/``sigma``/``mu_s``/``sigma_s`` replace the ones computed from them, as in
+    the evaluator.
+    """
+    key = (
+        os.path.abspath(path),
+        os.path.getmtime(path) if os.path.exists(path) else 0.0,
+        graph.sha256,
+    )
+    if key not in _REFERENCES:
+        batch = read_batch(path)
+        features = graph(batch.pop("images"))
+        _REFERENCES[key] = ({k: features[k] for k in ("pool", "spatial")}, batch)
+    return _REFERENCES[key]
+
+
+def fid_and_kid(
+    sample_pool, ref_pool, ref_statistics: Optional[Dict[str, np.ndarray]] = None
+) -> Dict[str, float]:
+    """FID and KID of sample pool features against a reference's, for small sample counts.
+
+    Used during training, where N is a few hundred: FID is then strongly biased upwards (compare
+    runs at equal N only) and its small-N warning is not repeated; KID is unbiased.
+    """
+    ref_statistics = ref_statistics or {}
+    if "mu" in ref_statistics:
+        mu, sigma = ref_statistics["mu"], ref_statistics["sigma"]
+    else:
+        mu, sigma = feature_statistics(ref_pool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fid = frechet_distance(*feature_statistics(sample_pool), mu, sigma)
+    return {"fid": fid, "kid": kernel_inception_distance(sample_pool, ref_pool)}
+
+
 PRINTED_METRICS = (
     ("Inception Score", "inception_score"),
     ("FID", "fid"),

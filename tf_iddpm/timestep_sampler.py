@@ -29,9 +29,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
+from tf_iddpm import choices
 from tf_iddpm import config_utils
-
-SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 TensorLike = Union[tf.Tensor, np.ndarray, list, int]
 
@@ -316,7 +315,7 @@ def create_named_schedule_sampler(name: str, num_timesteps) -> ScheduleSampler:
     """Builds a sampler by name (the reference's factory; ``config.train.schedule_sampler``).
 
     Args:
-      name: one of SCHEDULE_SAMPLERS: "uniform" or "loss-second-moment".
+      name: one of choices.SCHEDULE_SAMPLERS: "uniform" or "loss-second-moment".
       num_timesteps: T, or any object with a ``num_timesteps`` attribute (a diffusion object, as
         the reference passes).
 
@@ -328,5 +327,5 @@ def create_named_schedule_sampler(name: str, num_timesteps) -> ScheduleSampler:
         return UniformSampler(num_timesteps)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(num_timesteps)
-    allowed = ", ".join(repr(n) for n in SCHEDULE_SAMPLERS)
+    allowed = ", ".join(repr(n) for n in choices.SCHEDULE_SAMPLERS)
     raise ValueError(f"unknown schedule sampler {name!r}; allowed: {allowed}")

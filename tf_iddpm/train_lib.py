@@ -28,8 +28,10 @@ from tf_iddpm import data as data_lib
 from tf_iddpm import distribute
 from tf_iddpm import factory
 from tf_iddpm import image_utils
+from tf_iddpm import inference
+from tf_iddpm import metrics
 from tf_iddpm import optimizers
-from tf_iddpm import sampling
+from tf_iddpm import samplers
 from tf_iddpm import timestep_sampler
 from tf_iddpm import unet
 
@@ -67,12 +69,8 @@ class Trainer:
         self.config = config
         self.strategy = strategy
         self.num_replicas = strategy.num_replicas_in_sync
+        config_utils.validate_config(config, mode="train", num_replicas=self.num_replicas)
         self.global_batch_size = int(config.train.batch_size)
-        if self.global_batch_size % self.num_replicas:
-            raise ValueError(
-                f"train.batch_size={self.global_batch_size} is not divisible by the "
-                f"{self.num_replicas} replicas of the strategy"
-            )
         self.local_batch_size = self.global_batch_size // self.num_replicas
         self.seed = int(config.seed)
         self.ema_rates = config_utils.ema_rates(config)
@@ -383,52 +381,81 @@ def _remove_partial_checkpoints(directory: str):
             logging.info("removed a partial checkpoint left by an interrupted save: %s", name)
 
 
-def _sample_grid(trainer: Trainer, num_images: int = 16):
-    """A fixed-seed grid of EMA samples (strided, config.sample.timestep_respacing) for TensorBoard."""
-    config = trainer.config
-    rate = max(trainer.ema_rates)
-    net = trainer.ema_nets[rate]
-    diffusion = factory.create_diffusion_from_config(
-        config, timestep_respacing=config.sample.timestep_respacing or "50"
+# Training-time sample grids: this many images, from seeds 0..N-1 (labels i % num_classes).
+GRID_IMAGES = 16
+
+
+def _sample_grid(model: inference.InferenceModel):
+    """A fixed-seed grid of EMA samples with the configured sampler (``sample.*``) for
+    TensorBoard; None for super-resolution models (they need low-resolution inputs)."""
+    config = model.config
+    if config.data.low_res_size > 0:
+        return None
+    labels = None
+    if config.data.class_cond:
+        labels = np.arange(GRID_IMAGES, dtype=np.int32) % int(config.data.num_classes)
+    return model.draw(
+        samplers.from_config(config.sample),
+        np.arange(GRID_IMAGES, dtype=np.int64),
+        labels=labels,
+        batch_size=GRID_IMAGES,
+        desc="sample grid",
     )
-    size, channels = config.data.image_size, config.data.num_channels
-    kwargs = {}
-    if trainer.class_cond:
-        kwargs["y"] = tf.range(num_images, dtype=tf.int32) % config.data.num_classes
-    if trainer.super_res:
-        return None  # needs low-resolution inputs; evaluated by run.py --mode=sample instead
-    images = sampling.p_sample_loop(
-        diffusion,
-        lambda x, t, **kw: net(x, t, training=False, **kw),
-        [num_images, size, size, channels],
-        seeds=tf.range(num_images, dtype=tf.int64),
-        model_kwargs=kwargs,
+
+
+def log_training_fid(model: inference.InferenceModel, step: int, writer) -> Optional[Dict]:
+    """Logs FID and KID of ``train.fid_num_samples`` samples of the EMA network to TensorBoard.
+
+    Samples use the configured sampler (``sample.*``) and the seeds of ``run.py --mode=sample``;
+    the reference is ``train.fid_ref_batch`` (or ``fid.ref_batch``).  At such small N, FID is
+    biased upwards (compare runs only at equal N); KID is unbiased.
+    """
+    config = model.config
+    if config.data.low_res_size > 0:
+        logging.warning("train.fid_every: skipped, super-resolution models need low-res inputs")
+        return None
+    graph = metrics.load_graph(
+        config.train.fid_inception or config.fid.inception, int(config.fid.batch_size)
     )
-    return image_utils.denormalize_images(images)
+    ref, ref_statistics = metrics.reference_features(
+        config.train.fid_ref_batch or config.fid.ref_batch, graph
+    )
+    images = model.draw_configured(
+        samplers.from_config(config.sample),
+        int(config.train.fid_num_samples),
+        seed=int(config.seed),
+        desc=f"FID samples at step {step}",
+    )["images"]
+    features = graph(image_utils.to_rgb(images))["pool"]
+    scores = metrics.fid_and_kid(features, ref["pool"], ref_statistics)
+    with writer.as_default(step=step):
+        tf.summary.scalar("quality/fid", scores["fid"])
+        tf.summary.scalar("quality/kid", scores["kid"])
+    logging.info(
+        "step %d: FID %.3f, KID %.5f (%d samples)",
+        step,
+        scores["fid"],
+        scores["kid"],
+        len(features),
+    )
+    return scores
 
 
 def train(
-    config,
-    workdir: str,
-    strategy: Optional[tf.distribute.Strategy] = None,
-    *,
-    config_checked: bool = False,
+    config, workdir: str, strategy: Optional[tf.distribute.Strategy] = None
 ) -> Dict[str, float]:
     """Trains per `config` in `workdir`, resuming from its newest readable checkpoint.
 
     `config` is stored as `<workdir>/config.json` once the model is built and restored, before the
-    first step, so that a start refused earlier leaves the workdir as it was.
-
-    `config` is validated here (config_utils.validate_config, with the strategy's replica count)
-    unless `config_checked`: run.py validates it once per process and passes True.  The data
-    sources are checked here in any case (data.validate_data_config).
+    first step, so that a start refused earlier leaves the workdir as it was.  The config
+    (config_utils.validate_config, with the strategy's replica count) and the data sources
+    (data.validate_data_config) are checked first.
 
     Returns:
       The metrics of the last logging interval (means per example), for callers and tests.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    if not config_checked:
-        config_utils.validate_config(config, num_replicas=strategy.num_replicas_in_sync)
+    config_utils.validate_config(config, mode="train", num_replicas=strategy.num_replicas_in_sync)
     data_lib.validate_data_config(config.data)
     keras.mixed_precision.set_global_policy(config.train.mixed_precision)
     if config.train.deterministic_ops:
@@ -485,6 +512,8 @@ def train(
         trainer.num_replicas,
     )
 
+    # The slowest EMA, as inference sees it: sample grids and FID during training.
+    ema_model = inference.InferenceModel(trainer.ema_nets[max(trainer.ema_rates)], config)
     last_metrics: Dict[str, float] = {}
     step = start_step
     started = time.time()
@@ -530,16 +559,12 @@ def train(
                 if step % checkpoint_every == 0:
                     manager.save(checkpoint_number=step)
                 if sample_every > 0 and step % sample_every == 0:
-                    grid = _sample_grid(trainer)
+                    grid = _sample_grid(ema_model)
                     if grid is not None:
                         with writer.as_default(step=step):
-                            tf.summary.image("samples", tf.cast(grid, tf.uint8), max_outputs=16)
+                            tf.summary.image("samples", grid, max_outputs=GRID_IMAGES)
                 if config.train.fid_every > 0 and step % config.train.fid_every == 0:
-                    from tf_iddpm import quality_lib  # pylint: disable=g-import-not-at-top
-
-                    quality_lib.log_training_fid(
-                        trainer.ema_nets[max(trainer.ema_rates)], config, step, writer
-                    )
+                    log_training_fid(ema_model, step, writer)
         finally:
             step = int(trainer.step.numpy())
             if step > 0 and manager.latest_checkpoint != os.path.join(

@@ -1,8 +1,12 @@
-"""Whole-chain loops of the reverse process, each one graph: ancestral and DDIM sampling, and the
-full variational bound in bits/dim (paper Sections 3-4).
+"""Whole-chain loops of the reverse process, each one graph: the samplers (strided ancestral,
+DDIM) and the full variational bound in bits/dim (paper Sections 3-4).
 
-Every loop is a ``tf.while_loop`` over the (possibly respaced) chain, so it traces once per shape
-and compiles with XLA; per-step results are collected in ``tf.TensorArray``s.
+A sampler is a *chain* (:class:`AncestralChain`, :class:`DdimChain`; :func:`make_chain` builds one
+from a sampler kind of :mod:`tf_iddpm.samplers`) run by :func:`sample_loop`: a ``tf.while_loop``
+over its steps whose state (x_t, and whatever else a kind carries) is the loop state, so it traces
+once per shape and compiles with XLA.  ``p_sample_loop`` / ``ddim_sample_loop`` are the reference's
+names for the two paper samplers; :func:`calc_bpd_loop` collects its per-step terms in
+``tf.TensorArray``s.
 
 Randomness is either replayed or seed-determined:
 
@@ -23,7 +27,8 @@ bit-identical.  :func:`bpd_from_chunks` joins the chunks of :func:`calc_bpd_loop
 import numpy as np
 import tensorflow as tf
 
-from tf_iddpm.diffusion import GaussianDiffusion, mean_flat
+from tf_iddpm import schedules
+from tf_iddpm.diffusion import GaussianDiffusion, mean_flat, respace, respace_uniform
 
 
 def seeded_normal(seeds, draw_index, image_shape):
@@ -99,49 +104,129 @@ def chunk_bounds(num_steps: int, num_chunks: int = CHUNKS_PER_CHAIN):
     ]
 
 
-def _step_range(diffusion, steps):
+def _step_range(num_steps, steps):
     """(begin, end) int32 scalars of the loop steps to run: `steps`, or the whole chain."""
     if steps is None:
-        return tf.constant(0), tf.cast(diffusion.num_timesteps, tf.int32)
+        return tf.constant(0), tf.cast(num_steps, tf.int32)
     begin, end = steps
     return tf.cast(begin, tf.int32), tf.cast(end, tf.int32)
 
 
-def _sample_loop(
-    diffusion: GaussianDiffusion,
+class AncestralChain:
+    """Strided ancestral sampling: x_{t-1} = mu + sigma z through p(x_{t-1} | x_t) (Section 4).
+
+    With a respaced process this is the paper's few-step sampler: the respaced betas and the
+    model's learned variances keep the short chain calibrated.  The loop state is x_t.
+
+    Every chain kind has this interface, which :func:`sample_loop` drives: ``num_steps`` (network
+    calls), ``initial_state(x_T)``, ``state_spec(image_shape)`` (the state's ``tf.TensorSpec``s,
+    batch dimension None), ``network_input(k, state)`` (where iteration k calls the network),
+    ``update(k, state, model_output, z)`` and ``result(state)``.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, *, clip_denoised=True):
+        self.diffusion = diffusion
+        self.clip_denoised = clip_denoised
+        self.num_steps = diffusion.num_timesteps
+
+    def initial_state(self, x_T):
+        return x_T
+
+    def state_spec(self, image_shape):
+        return tf.TensorSpec([None] + list(image_shape), tf.float32)
+
+    def timesteps(self, k, state):
+        """t of loop iteration k: the chain's steps from K-1 down to 0, one per image."""
+        return tf.fill(tf.shape(state)[:1], tf.cast(self.num_steps, tf.int32) - 1 - k)
+
+    def network_input(self, k, state):
+        return state, self.diffusion.model_timesteps(self.timesteps(k, state))
+
+    def update(self, k, state, model_output, z):
+        return self.diffusion.p_sample_from_output(
+            model_output, state, self.timesteps(k, state), z, clip_denoised=self.clip_denoised
+        )["sample"]
+
+    def result(self, state):
+        return state
+
+
+class DdimChain(AncestralChain):
+    """DDIM (Song et al. 2020) over every step of the (respaced) process; eta = 0 is
+    deterministic.  ``eta`` is a python float or a float32 scalar tensor."""
+
+    def __init__(self, diffusion: GaussianDiffusion, *, eta=0.0, clip_denoised=True):
+        super().__init__(diffusion, clip_denoised=clip_denoised)
+        self.eta = eta
+
+    def update(self, k, state, model_output, z):
+        return self.diffusion.ddim_sample_from_output(
+            model_output,
+            state,
+            self.timesteps(k, state),
+            z,
+            eta=self.eta,
+            clip_denoised=self.clip_denoised,
+        )["sample"]
+
+
+def sample_loop(
+    chain,
     model_fn,
     shape,
-    step_fn,
     *,
-    noise,
-    model_kwargs,
-    step_noise,
-    seeds,
+    noise=None,
+    state=None,
+    model_kwargs=None,
+    step_noise=None,
+    seeds=None,
     steps=None,
 ):
+    """Runs a chain (:class:`AncestralChain`, :class:`DdimChain`, ...) from x_T to x_0 as one graph.
+
+    Args:
+      chain: the sampler's steps on its process.
+      model_fn: the network, model_fn(x, t, **model_kwargs).
+      shape: [N, H, W, C] of the samples.
+      noise: optional x_T [N, H, W, C] (default: draw 0 of each image's seeded stream).
+      state: optional loop state to continue from (with ``steps``: the state after loop step
+        begin-1, as the previous chunk returned it); default ``chain.initial_state(x_T)``.
+      model_kwargs: extra network inputs, e.g. {"y": labels}.
+      step_noise: optional [K, N, H, W, C] draws to replay (see module doc).
+      seeds: optional int64 [N] per-image seeds (see module doc); random if neither is given.
+      steps: optional (begin, end): run only loop steps begin..end-1 and return the state after
+        step end-1 instead of the samples; needs seeds or step_noise.  See chunk_bounds.
+
+    Returns:
+      float32 [N, H, W, C] samples in (approximately) [-1, 1]; with ``steps``, the loop state.
+    """
     shape = [int(s) for s in shape] if not isinstance(shape, tf.Tensor) else shape
-    step_noise, seeds = _noise_sources(step_noise, seeds, shape[0], diffusion.num_timesteps, steps)
+    step_noise, seeds = _noise_sources(step_noise, seeds, shape[0], chain.num_steps, steps)
     model_kwargs = dict(model_kwargs or {})
     image_shape = shape[1:]
 
     def run():
-        if noise is not None:
-            x_init = tf.convert_to_tensor(noise, tf.float32)
+        if state is not None:
+            initial = tf.nest.map_structure(tf.convert_to_tensor, state)
         else:
-            x_init = seeded_normal(seeds, 0, image_shape)
-        num_steps = tf.cast(diffusion.num_timesteps, tf.int32)
-        begin, end = _step_range(diffusion, steps)
-        batch = tf.shape(x_init)[0]
+            if noise is not None:
+                x_init = tf.convert_to_tensor(noise, tf.float32)
+            else:
+                x_init = seeded_normal(seeds, 0, image_shape)
+            initial = chain.initial_state(x_init)
+        begin, end = _step_range(chain.num_steps, steps)
+        # Keep the static shapes of the state across iterations (tf.fill's batch is dynamic).
+        static_shapes = tf.nest.map_structure(lambda s: s.shape, initial)
 
-        def body(k, x):
-            t = tf.fill([batch], num_steps - 1 - k)
-            model_output = model_fn(x, diffusion.model_timesteps(t), **model_kwargs)
+        def body(k, loop_state):
+            x, t = chain.network_input(k, loop_state)
+            model_output = model_fn(x, t, **model_kwargs)
             z = _noise_for_step(step_noise, seeds, k, image_shape)
-            # Keep the static shape of x_T across iterations (tf.fill's batch dim is dynamic).
-            return k + 1, tf.ensure_shape(step_fn(model_output, x, t, z), x_init.shape)
+            updated = chain.update(k, loop_state, model_output, z)
+            return k + 1, tf.nest.map_structure(tf.ensure_shape, updated, static_shapes)
 
-        _, x_final = tf.while_loop(lambda k, x: k < end, body, [begin, x_init])
-        return x_final
+        _, final = tf.while_loop(lambda k, _: k < end, body, [begin, initial])
+        return final if steps is not None else chain.result(final)
 
     return _in_graph(run)
 
@@ -160,37 +245,13 @@ def p_sample_loop(
 ):
     """Ancestral sampling x_T -> x_0 through p(x_{t-1} | x_t) over every step of `diffusion`.
 
-    With a respaced diffusion this is the paper's strided sampling (Section 4): the respaced betas
-    and the model's learned variances make the few-step chain well calibrated.
-
-    Args:
-      diffusion: the (possibly respaced) process.
-      model_fn: the network, model_fn(x, t, **model_kwargs).
-      shape: [N, H, W, C] of the samples.
-      noise: optional x_T [N, H, W, C].
-      clip_denoised: clip predicted x_0 to [-1, 1] at every step.
-      model_kwargs: extra network inputs, e.g. {"y": labels}.
-      step_noise: optional [K, N, H, W, C] draws to replay (see module doc).
-      seeds: optional int64 [N] per-image seeds (see module doc); random if neither is given.
-      steps: optional (begin, end): run only loop steps begin..end-1 (t = K-1-begin down to
-        t = K-end) starting from `noise`, the state after step begin-1 (x_T when begin = 0 and
-        `noise` is None); needs seeds or step_noise.  See chunk_bounds.
-
-    Returns:
-      float32 [N, H, W, C] samples in (approximately) [-1, 1] (with `steps`: the state after
-      step end-1).
+    The reference's ``p_sample_loop``: :func:`sample_loop` of an :class:`AncestralChain`.  With
+    ``steps``, ``noise`` is the state after step begin-1 (x_T when begin = 0).
     """
-
-    def step(model_output, x, t, z):
-        return diffusion.p_sample_from_output(model_output, x, t, z, clip_denoised=clip_denoised)[
-            "sample"
-        ]
-
-    return _sample_loop(
-        diffusion,
+    return sample_loop(
+        AncestralChain(diffusion, clip_denoised=clip_denoised),
         model_fn,
         shape,
-        step,
         noise=noise,
         model_kwargs=model_kwargs,
         step_noise=step_noise,
@@ -212,27 +273,48 @@ def ddim_sample_loop(
     seeds=None,
     steps=None,
 ):
-    """DDIM sampling (Song et al. 2020) over every step of `diffusion`; eta = 0 is deterministic.
-
-    Arguments as p_sample_loop, plus eta >= 0 (a python float or a float32 scalar tensor).
-    """
-
-    def step(model_output, x, t, z):
-        return diffusion.ddim_sample_from_output(
-            model_output, x, t, z, eta=eta, clip_denoised=clip_denoised
-        )["sample"]
-
-    return _sample_loop(
-        diffusion,
+    """DDIM sampling over every step of `diffusion`: the reference's ``ddim_sample_loop``,
+    :func:`sample_loop` of a :class:`DdimChain`.  Arguments as :func:`p_sample_loop`, plus eta."""
+    return sample_loop(
+        DdimChain(diffusion, eta=eta, clip_denoised=clip_denoised),
         model_fn,
         shape,
-        step,
         noise=noise,
         model_kwargs=model_kwargs,
         step_noise=step_noise,
         seeds=seeds,
         steps=steps,
     )
+
+
+def respaced(diffusion: GaussianDiffusion, steps) -> GaussianDiffusion:
+    """`diffusion` (unrespaced) restricted to a sampler's steps.
+
+    Args:
+      diffusion: the trained process.
+      steps: a respacing string ("" = every step, "50", "ddim50", "10,15,20"), or K evenly
+        spaced steps as an int or an int scalar tensor (chosen per request in a graph).
+    """
+    if isinstance(steps, str):
+        if not steps:
+            return diffusion
+        return respace(diffusion, schedules.space_timesteps(diffusion.num_timesteps, steps))
+    return respace_uniform(diffusion, steps)
+
+
+def make_chain(kind: str, diffusion: GaussianDiffusion, *, steps, eta=0.0, clip_denoised=True):
+    """The chain of a sampler kind (:data:`tf_iddpm.samplers.SAMPLER_KINDS`) on the trained
+    process `diffusion`, respaced to `steps` (see :func:`respaced`)."""
+    process = respaced(diffusion, steps)
+    if kind == "ancestral":
+        return AncestralChain(process, clip_denoised=clip_denoised)
+    if kind == "ddim":
+        return DdimChain(process, eta=eta, clip_denoised=clip_denoised)
+    raise ValueError(f"unknown sampler kind {kind!r}; the kinds are: {', '.join(CHAIN_KINDS)}")
+
+
+# The sampler kinds this module runs; tests check it equals samplers.SAMPLER_KINDS.
+CHAIN_KINDS = ("ancestral", "ddim")
 
 
 def calc_bpd_loop(
@@ -276,7 +358,7 @@ def calc_bpd_loop(
 
     def run():
         num_steps = tf.cast(diffusion.num_timesteps, tf.int32)
-        begin, end = _step_range(diffusion, steps)
+        begin, end = _step_range(diffusion.num_timesteps, steps)
         batch = tf.shape(x_start)[0]
         arrays = [
             tf.TensorArray(tf.float32, size=end - begin, element_shape=[None]) for _ in range(3)

@@ -8,9 +8,8 @@ from scipy import stats
 import tensorflow as tf
 
 from tf_iddpm import diffusion
-from tf_iddpm import eval_lib
-from tf_iddpm import sample_lib
-from tf_iddpm import sampling
+from tf_iddpm import chains
+from tf_iddpm import inference
 from tf_iddpm import schedules
 
 
@@ -76,9 +75,7 @@ def test_bpd_of_a_zero_output_model_equals_its_closed_form(respacing):
     rng = np.random.RandomState(0)
     x_start = (rng.randint(0, 256, [3, 4, 4, 3]) / 127.5 - 1).astype(np.float32)
     noise = rng.randn(process.num_timesteps, 3, 4, 4, 3).astype(np.float32)
-    out = sampling.calc_bpd_loop(
-        process, _zero_model, x_start, clip_denoised=False, step_noise=noise
-    )
+    out = chains.calc_bpd_loop(process, _zero_model, x_start, clip_denoised=False, step_noise=noise)
     vb, prior = _numpy_vlb_of_zero_model(process, x_start, noise)
     np.testing.assert_allclose(out["vb"].numpy(), vb, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(out["prior_bpd"].numpy(), prior, rtol=1e-4)
@@ -114,7 +111,7 @@ def test_sampler_compiles_once_per_shape_and_step_count():
     process = diffusion.create_gaussian_diffusion(
         steps=100, learn_sigma=True, timestep_respacing="5"
     )
-    sampler = sample_lib.Sampler(_zero_model, process, image_shape=[4, 4, 3])
+    sampler = inference.Sampler(_zero_model, chains.AncestralChain(process), image_shape=[4, 4, 3])
     first = sampler(np.arange(4))
     sampler(np.arange(3))  # a smaller last batch
     sampler(np.arange(4) + 10)
@@ -128,10 +125,10 @@ def test_ddim_eta0_is_deterministic_given_x_T_and_ignores_step_noise():
         steps=100, learn_sigma=True, timestep_respacing="ddim10"
     )
     x_T = np.random.RandomState(1).randn(2, 4, 4, 3).astype(np.float32)
-    a = sampling.ddim_sample_loop(
+    a = chains.ddim_sample_loop(
         process, _zero_model, x_T.shape, noise=x_T, seeds=tf.constant([1, 2], tf.int64)
     )
-    b = sampling.ddim_sample_loop(
+    b = chains.ddim_sample_loop(
         process, _zero_model, x_T.shape, noise=x_T, seeds=tf.constant([3, 4], tf.int64)
     )
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
@@ -140,7 +137,7 @@ def test_ddim_eta0_is_deterministic_given_x_T_and_ignores_step_noise():
 def test_step_noise_length_must_match_the_chain():
     process = diffusion.create_gaussian_diffusion(steps=100, timestep_respacing="10")
     with pytest.raises(ValueError, match="step_noise holds 9 draws but the chain has 10 steps"):
-        sampling.p_sample_loop(
+        chains.p_sample_loop(
             process, _zero_model, [1, 4, 4, 3], step_noise=np.zeros([9, 1, 4, 4, 3], np.float32)
         )
 
@@ -162,12 +159,10 @@ def _wavy_model(x, t, **kwargs):
 
 
 def test_chunk_bounds_cover_the_chain_in_about_32_calls():
-    assert sampling.chunk_bounds(10) == [(k, k + 1) for k in range(10)]
-    bounds = sampling.chunk_bounds(1000)
+    assert chains.chunk_bounds(10) == [(k, k + 1) for k in range(10)]
+    bounds = chains.chunk_bounds(1000)
     assert len(bounds) == 32 and bounds[0] == (0, 32) and bounds[-1] == (992, 1000)
-    assert sampling.chunk_bounds(50, num_chunks=20) == [
-        (k, min(k + 3, 50)) for k in range(0, 50, 3)
-    ]
+    assert chains.chunk_bounds(50, num_chunks=20) == [(k, min(k + 3, 50)) for k in range(0, 50, 3)]
 
 
 @pytest.mark.parametrize("loop", ["p_sample", "ddim"])
@@ -179,7 +174,7 @@ def test_chunked_sampling_is_bit_identical_to_the_one_call_loop(loop):
     kwargs = dict(seeds=seeds, model_kwargs={"y": tf.constant([0, 1, 2], tf.int32)})
     if loop == "ddim":
         kwargs["eta"] = 0.5
-    run = sampling.ddim_sample_loop if loop == "ddim" else sampling.p_sample_loop
+    run = chains.ddim_sample_loop if loop == "ddim" else chains.p_sample_loop
     shape = [3, 4, 4, 3]
     whole = run(process, _wavy_model, shape, **kwargs)
     steps_fn = tf.function(
@@ -187,8 +182,8 @@ def test_chunked_sampling_is_bit_identical_to_the_one_call_loop(loop):
             process, _wavy_model, shape, noise=x, steps=(begin, end), **kwargs
         )
     )
-    x = sampling.seeded_normal(seeds, 0, shape[1:])
-    bounds = sampling.chunk_bounds(process.num_timesteps, num_chunks=7)
+    x = chains.seeded_normal(seeds, 0, shape[1:])
+    bounds = chains.chunk_bounds(process.num_timesteps, num_chunks=7)
     assert len(bounds) == 7
     for begin, end in bounds:
         x = steps_fn(x, tf.constant(begin), tf.constant(end))
@@ -202,17 +197,17 @@ def test_chunked_bpd_is_bit_identical_to_the_one_call_loop():
     )
     x_start = np.random.default_rng(5).uniform(-1, 1, [2, 4, 4, 3]).astype(np.float32)
     seeds = tf.constant([7, 8], tf.int64)
-    whole = sampling.calc_bpd_loop(process, _wavy_model, x_start, seeds=seeds)
+    whole = chains.calc_bpd_loop(process, _wavy_model, x_start, seeds=seeds)
     chunk_fn = tf.function(
-        lambda begin, end: sampling.calc_bpd_loop(
+        lambda begin, end: chains.calc_bpd_loop(
             process, _wavy_model, x_start, seeds=seeds, steps=(begin, end)
         )
     )
     chunks = [
-        chunk_fn(tf.constant(b), tf.constant(e)) for b, e in sampling.chunk_bounds(20, num_chunks=6)
+        chunk_fn(tf.constant(b), tf.constant(e)) for b, e in chains.chunk_bounds(20, num_chunks=6)
     ]
     assert [c["vb"].shape[1] for c in chunks] == [4, 4, 4, 4, 4]
-    joined = sampling.bpd_from_chunks(process, x_start, chunks)
+    joined = chains.bpd_from_chunks(process, x_start, chunks)
     assert sorted(joined) == sorted(whole)
     for key in whole:
         np.testing.assert_array_equal(joined[key].numpy(), whole[key].numpy(), err_msg=key)
@@ -222,7 +217,9 @@ def test_sampler_in_chunks_equals_the_one_call_sampler():
     process = diffusion.create_gaussian_diffusion(
         steps=100, learn_sigma=True, timestep_respacing="40"
     )
-    sampler = sample_lib.Sampler(_wavy_model, process, image_shape=[4, 4, 3], class_cond=True)
+    sampler = inference.Sampler(
+        _wavy_model, chains.AncestralChain(process), image_shape=[4, 4, 3], class_cond=True
+    )
     ticks = []
     chunked = sampler.sample_in_chunks(np.arange(3), np.array([2, 0, 1]), on_chunk=ticks.append)
     assert sum(ticks) == 40 and len(ticks) == 20
@@ -238,20 +235,20 @@ def test_chunked_loops_need_seeds_or_recorded_noise():
         steps=100, learn_sigma=True, timestep_respacing="10"
     )
     with pytest.raises(ValueError, match="needs seeds or step_noise"):
-        sampling.p_sample_loop(process, _zero_model, [1, 4, 4, 3], steps=(0, 5))
+        chains.p_sample_loop(process, _zero_model, [1, 4, 4, 3], steps=(0, 5))
 
 
 def test_evaluator_chunked_sums_equal_the_one_call_sums():
     process = diffusion.create_gaussian_diffusion(
         steps=100, learn_sigma=True, timestep_respacing="12"
     )
-    evaluator = eval_lib.BpdEvaluator(lambda x, t, training: _wavy_model(x, t), process, seed=3)
+    evaluator = inference.BpdEvaluator(_wavy_model, process, seed=3)
     batch = {
         "image": tf.constant(np.random.default_rng(1).uniform(-1, 1, [3, 4, 4, 3]), tf.float32),
         "index": tf.constant([0, 1, -1]),
         "mask": tf.constant([True, True, False]),
     }
-    bounds = [(tf.constant(b), tf.constant(e)) for b, e in sampling.chunk_bounds(12, num_chunks=5)]
+    bounds = [(tf.constant(b), tf.constant(e)) for b, e in chains.chunk_bounds(12, num_chunks=5)]
     whole = tf.function(evaluator.replica_sums)(batch)
     chunk = tf.function(evaluator.replica_chunk)
     chunked = tf.function(evaluator.replica_chunk_sums)(

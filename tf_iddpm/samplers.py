@@ -1,0 +1,211 @@
+"""Reverse-process samplers as values: which sampler, over how many steps, with which settings.
+
+A sampler is described by one :class:`SamplerSpec` — its kind (:data:`SAMPLER_KINDS`), its steps,
+DDIM's eta and whether predicted images are clipped — parsed and checked here and nowhere else:
+the config's ``sample`` group (:func:`from_config`), ``run.py``'s ``--sampler`` / ``--steps`` /
+``--ddim`` / ``--eta`` flags (which set those fields), the FID sweep (:func:`sweep_specs`), the
+ablation study and the benchmark all describe samplers this way, and
+:func:`tf_iddpm.inference.build_sampler` turns a spec into the compiled loop.  The exported
+sampler takes the same kinds per request (``export/export_lib.py``).
+
+What ``steps`` means: for the paper's samplers it is a respacing of the trained T-step process
+(Section 4; :func:`tf_iddpm.schedules.space_timesteps`): ``""`` every step, ``"50"`` 50 evenly
+strided steps, ``"ddim50"`` the DDIM paper's fixed stride, ``"10,15,20"`` sections.  A chain of K
+steps calls the network K times.
+
+Adding a sampler kind: one row in :data:`SAMPLER_KINDS` (its name and what it needs), and its step
+in :mod:`tf_iddpm.chains`.
+
+Nothing here imports TensorFlow, so configs and flags are checked before it loads.
+"""
+
+import dataclasses
+from typing import List, Sequence, Tuple
+
+from tf_iddpm import schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerKind:
+    """What one kind of sampler is and which settings it takes.
+
+    Attributes:
+      name: the value of ``sample.sampler`` / ``--sampler``.
+      description: one line for help texts, tables and plots.
+      takes_eta: whether ``eta`` applies (DDIM's noise level); other kinds need eta = 0.
+    """
+
+    name: str
+    description: str
+    takes_eta: bool = False
+
+
+SAMPLER_KINDS = {
+    kind.name: kind
+    for kind in (
+        SamplerKind(
+            "ancestral",
+            "strided ancestral sampling of p(x_{t-1} | x_t) with the model's variances "
+            "(the paper's, Section 4)",
+        ),
+        SamplerKind("ddim", "DDIM (Song et al. 2020); eta = 0 is deterministic", takes_eta=True),
+    )
+}
+
+# Values of steps and sweep points that mean "every step of the trained process".
+FULL_CHAIN_TOKENS = ("full", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler: kind, steps, eta and clipping.
+
+    Attributes:
+      kind: a key of :data:`SAMPLER_KINDS`.
+      steps: the respacing of the trained process ("" = every step, "50", "ddim50", "10,15,20").
+      eta: DDIM's eta in [0, 1] (0 = deterministic); 0 for kinds that take none.
+      clip_denoised: clip each predicted x_0 to [-1, 1], as the reference does.
+    """
+
+    kind: str = "ancestral"
+    steps: str = ""
+    eta: float = 0.0
+    clip_denoised: bool = True
+
+    def errors(self, num_timesteps: int, *, prefix: str = "sample.") -> List[str]:
+        """Every problem of this spec for a T-step process, each naming its field.
+
+        Args:
+          num_timesteps: T of the trained process.
+          prefix: how the fields are named in messages (``"sample."`` for the config group).
+        """
+        problems = []
+        kind = SAMPLER_KINDS.get(self.kind)
+        if kind is None:
+            problems.append(
+                f"{prefix}sampler={self.kind!r} is unknown; the samplers are: "
+                f"{', '.join(SAMPLER_KINDS)}"
+            )
+        if not isinstance(self.steps, str):
+            problems.append(f"{prefix}timestep_respacing={self.steps!r} must be a string")
+        elif self.steps and num_timesteps > 0:
+            try:
+                schedules.space_timesteps(num_timesteps, self.steps)
+            except ValueError as e:
+                problems.append(
+                    f"{prefix}timestep_respacing={self.steps!r} is not a valid respacing of "
+                    f"diffusion.steps={num_timesteps}: {e}"
+                )
+        if not 0.0 <= self.eta <= 1.0:
+            problems.append(f"{prefix}eta={self.eta!r} must lie in [0, 1] (0 = deterministic)")
+        elif self.eta and kind is not None and not kind.takes_eta:
+            takers = [k.name for k in SAMPLER_KINDS.values() if k.takes_eta]
+            problems.append(
+                f"{prefix}eta={self.eta} only applies to {' and '.join(takers)}; the "
+                f"{self.kind} sampler needs eta 0 (run.py --sampler={takers[0]} to use it)"
+            )
+        if not isinstance(self.clip_denoised, bool):
+            problems.append(f"{prefix}clip_denoised={self.clip_denoised!r} must be a bool")
+        return problems
+
+    def check(self, num_timesteps: int) -> "SamplerSpec":
+        """Raises ValueError listing :meth:`errors`; returns the spec itself."""
+        problems = self.errors(num_timesteps)
+        if problems:
+            raise ValueError("invalid sampler:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def num_steps(self, num_timesteps: int) -> int:
+        """Steps of the chain (= network calls per image) on a T-step process."""
+        if not self.steps:
+            return int(num_timesteps)
+        return len(schedules.space_timesteps(num_timesteps, self.steps))
+
+    def replace(self, **changes) -> "SamplerSpec":
+        return dataclasses.replace(self, **changes)
+
+    def label(self, num_timesteps: int) -> str:
+        """E.g. "ddim (eta 0.5), 50 steps" for logs, tables and file names."""
+        eta = f" (eta {self.eta:g})" if SAMPLER_KINDS[self.kind].takes_eta else ""
+        return f"{self.kind}{eta}, {self.num_steps(num_timesteps)} steps"
+
+
+def from_config(sample) -> SamplerSpec:
+    """The sampler of a config's ``sample`` group (``sample.sampler``, ``timestep_respacing``,
+    ``eta``, ``clip_denoised``), not yet checked (see :meth:`SamplerSpec.errors`)."""
+    return SamplerSpec(
+        kind=sample["sampler"],
+        steps=sample["timestep_respacing"],
+        eta=float(sample["eta"]),
+        clip_denoised=sample["clip_denoised"],
+    )
+
+
+def parse_kinds(text: str, *, field: str) -> Tuple[str, ...]:
+    """ "ancestral,ddim" -> ("ancestral", "ddim"), each a known kind, none twice.
+
+    Raises:
+      ValueError: naming ``field``, the bad names and the known kinds.
+    """
+    names = [name.strip() for name in str(text).split(",") if name.strip()]
+    unknown = [name for name in names if name not in SAMPLER_KINDS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"{field}={text!r} must name samplers from {', '.join(SAMPLER_KINDS)}, "
+            "comma-separated, each once"
+            + (f" ({', '.join(map(repr, unknown))} unknown)" if unknown else "")
+        )
+    return tuple(names)
+
+
+def parse_sweep_steps(text: str, num_timesteps: int, *, field: str) -> Tuple[str, ...]:
+    """A sweep's step counts: "25,50,full" -> ("25", "50", "") as respacings of a T-step process.
+
+    Raises:
+      ValueError: naming ``field``, for a token that is not a step count in [1, T] or "full".
+    """
+    steps = []
+    for token in (t.strip() for t in str(text).split(",")):
+        if not token:
+            continue
+        if token in FULL_CHAIN_TOKENS:
+            steps.append("")
+        elif not token.isdigit() or not 1 <= int(token) <= num_timesteps:
+            raise ValueError(
+                f"{field}={text!r}: {token!r} is not a step count in [1, diffusion.steps="
+                f"{num_timesteps}] or 'full'; e.g. '25,50,100,250,full'"
+            )
+        else:
+            steps.append(str(int(token)))
+    return tuple(steps)
+
+
+def sweep_specs(
+    base: SamplerSpec, steps_text: str, kinds_text: str, num_timesteps: int
+) -> List[SamplerSpec]:
+    """The samplers of a sweep: every kind of ``kinds_text`` at every step count of ``steps_text``.
+
+    Each point keeps ``base``'s clipping; eta is ``base.eta`` for kinds that take it, else 0.  An
+    empty ``steps_text`` is no sweep: ``[base]``.
+
+    Raises:
+      ValueError: for malformed sweep fields (``fid.sweep``, ``fid.sweep_samplers``).
+    """
+    steps = parse_sweep_steps(steps_text, num_timesteps, field="fid.sweep")
+    if not steps:
+        return [base]
+    kinds = parse_kinds(kinds_text, field="fid.sweep_samplers")
+    return [
+        base.replace(
+            kind=kind,
+            steps=point,
+            eta=base.eta if SAMPLER_KINDS[kind].takes_eta else 0.0,
+        )
+        for kind in kinds
+        for point in steps
+    ]
+
+
+def describe_kinds(kinds: Sequence[str] = tuple(SAMPLER_KINDS)) -> str:
+    """ "ancestral: ...; ddim: ..." for flag help texts."""
+    return "; ".join(f"{name}: {SAMPLER_KINDS[name].description}" for name in kinds)
