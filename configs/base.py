@@ -97,12 +97,16 @@ def get_config():
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_samples = 64
     sample.batch_size = 64
-    # The sampler (tf_iddpm.samplers): its kind, steps (a respacing of the trained process:
-    # "50", "ddim50", "10,15,20", "" = every step), DDIM's eta and x_0 clipping.
-    sample.sampler = "ancestral"  # or "ddim"
-    sample.timestep_respacing = "50"
-    sample.eta = 0.0
+    # The sampler (tf_iddpm.samplers): its kind, steps (network calls; for ancestral and DDIM a
+    # respacing of the trained process: "50", "ddim50", "10,15,20", "" = every step), DDIM's eta,
+    # x_0 clipping, and a solver's grid and order.
+    # "ancestral" | "ddim" | the few-step solvers "dpmpp_2m" | "dpmpp_3m" | "dpmpp_2m_sde" | "unipc"
+    sample.sampler = "ancestral"
+    sample.timestep_respacing = "50"  # solvers: the number of network calls, e.g. "20"
+    sample.eta = 0.0  # DDIM only
     sample.clip_denoised = True
+    sample.grid = "logsnr"  # solvers: "logsnr" | "time_uniform" | "karras"
+    sample.solver_order = 0  # unipc: 1-3 (0 = 2); the other kinds have a fixed order
     sample.class_label = -1  # -1 = random labels for class-conditional models
     sample.use_ema = True
 

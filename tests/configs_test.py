@@ -806,6 +806,33 @@ def test_stored_config_from_an_older_schema_is_completed_from_defaults(tmp_path)
     config_utils.resolve_and_persist_config(get_config("tiny"), str(tmp_path), config_given=True)
 
 
+def test_a_stored_config_with_the_older_use_ddim_field_reads_as_its_sampler(tmp_path):
+    for use_ddim, kind in ((True, "ddim"), (False, "ancestral")):
+        old = get_config("tiny").to_dict()
+        del old["sample"]["sampler"]
+        old["sample"]["use_ddim"] = use_ddim
+        (tmp_path / "config.json").write_text(json.dumps(old))
+        loaded = config_utils.load_stored_config(str(tmp_path), defaults=base.get_config())
+        assert loaded.sample.sampler == kind and "use_ddim" not in loaded.sample
+
+
+def test_validation_runs_once_per_config_and_mode():
+    config = get_config("tiny")
+    config_utils.validate_config(config, mode="sample")
+    key = (config_utils.config_to_json(config), "sample")
+    assert key in config_utils._VALID_CONFIGS
+    # A changed config is checked again: the memory is of contents, not of objects.
+    config.sample.eta = 0.5
+    with pytest.raises(ValueError, match="sample.eta=0.5 only applies to ddim"):
+        config_utils.validate_config(config, mode="sample")
+    # The replica split is checked on every call, even for a config known to be valid.
+    config.sample.eta = 0.0
+    config.sample.batch_size = 3
+    config_utils.validate_config(config, mode="sample")
+    with pytest.raises(ValueError, match="sample.batch_size=3 is not divisible by the 2 replicas"):
+        config_utils.validate_config(config, mode="sample", num_replicas=2)
+
+
 def test_corrupt_stored_config_is_reported(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
@@ -815,8 +842,6 @@ def test_corrupt_stored_config_is_reported(tmp_path):
 def test_validation_tables_agree_with_the_modules_that_use_them():
     # config_utils keeps its own copies so that validation (and run.py --help) never imports
     # TensorFlow; these must not drift from the UNet's and the timestep sampler's.
-    from tf_iddpm import timestep_sampler  # pylint: disable=g-import-not-at-top
     from tf_iddpm import unet  # pylint: disable=g-import-not-at-top
 
     assert config_utils.DEFAULT_CHANNEL_MULT == unet.CHANNEL_MULT_BY_IMAGE_SIZE
-    assert config_utils.SCHEDULE_SAMPLERS == timestep_sampler.SCHEDULE_SAMPLERS

@@ -147,3 +147,16 @@ def test_config_json_png_and_serving_files_have_the_mode_open_gives(tmp_path, ma
         assert mode(path) == expected, path
     assert sorted(os.listdir(workdir)) == ["config.json", "grid.png"]
     assert len(serving.read_warmup_requests(str(export_dir / "v"))) == 1
+
+
+def test_directory_error_names_a_file_in_the_way(tmp_path):
+    a_file = tmp_path / "models"
+    a_file.write_text("x")
+    assert fileio.directory_error(tmp_path) is None
+    assert fileio.directory_error(tmp_path / "new" / "deeper") is None  # can be created
+    message = fileio.directory_error(a_file, what="--export_dir")
+    assert message.startswith(f"--export_dir={str(a_file)!r} is a file, not a directory")
+    below = fileio.directory_error(a_file / "v1", what="--export_dir")
+    assert f"is under {str(a_file)!r}, which is a file" in below
+    assert fileio.directory_error("gs://bucket/models") is None
+

@@ -171,6 +171,20 @@ def test_save_image_grid_layout_and_atomic_write(tmp_path):
     assert os.listdir(path.parent) == ["samples.png"]  # No temporary file left behind.
 
 
+def test_save_image_grid_enlarges_small_images_to_the_tile_size(tmp_path):
+    images = np.stack([np.full([16, 16, 1], 30 * i, np.uint8) for i in range(4)])
+    images[0, 0, 0, 0] = 255  # one bright pixel: enlarged to a 4x4 block
+    path = tmp_path / "grid.png"
+    image_utils.save_image_grid(images, path, min_tile_pixels=64)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (128, 128)  # 2x2 tiles of 64 pixels: each pixel repeated 4 times
+    npt.assert_array_equal(grid[:4, :4], 255)
+    assert grid[4, 4] == 0 and grid[0, 4] == 0
+    npt.assert_array_equal(grid[64:, 64:], 90)
+    image_utils.save_image_grid(images, path, min_tile_pixels=10)  # 16 >= 10: kept as it is
+    assert np.asarray(Image.open(path)).shape == (32, 32)
+
+
 def test_save_image_grid_grayscale_with_padding(tmp_path):
     images = np.full([2, 3, 3, 1], 200, np.uint8)
     path = tmp_path / "gray.png"

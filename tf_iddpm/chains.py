@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_iddpm import schedules
+from tf_iddpm import solvers
 from tf_iddpm.diffusion import GaussianDiffusion, mean_flat, respace, respace_uniform
 
 
@@ -124,6 +125,10 @@ class AncestralChain:
     ``update(k, state, model_output, z)`` and ``result(state)``.
     """
 
+    # Draws noise at every step (at t = 0 too, where it is multiplied by zero): the reference's
+    # order of draws, which replayed noise follows.
+    draws_noise = True
+
     def __init__(self, diffusion: GaussianDiffusion, *, clip_denoised=True):
         self.diffusion = diffusion
         self.clip_denoised = clip_denoised
@@ -168,6 +173,163 @@ class DdimChain(AncestralChain):
             eta=self.eta,
             clip_denoised=self.clip_denoised,
         )["sample"]
+
+
+# Solver kinds: (maximum order, family).  dpmpp: DPM-Solver++ multistep; sde: its stochastic
+# variant; unipc: the predictor-corrector, whose order is a setting (SamplerSpec.order).
+SOLVER_KINDS = {
+    "dpmpp_2m": (2, "dpmpp"),
+    "dpmpp_3m": (3, "dpmpp"),
+    "dpmpp_2m_sde": (2, "sde"),
+    "unipc": (3, "unipc"),
+}
+# UniPC's order when none is given: the reference code's recommendation for guided sampling,
+# and diffusers' default.
+UNIPC_DEFAULT_ORDER = 2
+# History depth every solver chain carries: the newest data predictions, newest first.
+_HISTORY = 3
+
+
+class SolverChain:
+    """A few-step solver (:mod:`tf_iddpm.solvers`) on the trained process's integer timesteps.
+
+    The network is called at N timesteps of the chain it was trained on (t_0 > ... > t_{N-1} = 0,
+    :func:`tf_iddpm.solvers.solver_timesteps`): it sees inputs only at timesteps it was trained
+    at, the schedule values there are exact (no interpolation of alpha_t between steps), and
+    models that take integer timesteps work too.  Update k goes from t_k to t_{k+1}; the last one
+    denoises to sigma = 0 at first order (the output is the last data prediction).  N is the
+    number of network calls (NFE).
+
+    The loop state is (x_t, the previous x (UniPC's corrector restarts from it), the last three
+    data predictions, newest first), so the multistep history is part of the graph's loop and a
+    chain run in chunks carries it between calls.  The stochastic ``dpmpp_2m_sde`` takes its
+    noise from the per-image streams like the other samplers (draw k + 1 at update k); the
+    deterministic solvers draw nothing.
+
+    Args:
+      diffusion: the trained (unrespaced) process.
+      kind: a key of :data:`SOLVER_KINDS`.
+      num_steps: N, a python int or an int scalar tensor, 1 <= N <= the steps from the solver's
+        start (:func:`tf_iddpm.schedules.solver_max_steps`; checked by the caller).
+      grid: "logsnr", "time_uniform" or "karras".
+      order: UniPC's order, 1-3 (0: UNIPC_DEFAULT_ORDER); the dpmpp kinds have theirs in their name.
+      clip_denoised: clip each data prediction to [-1, 1].
+    """
+
+    def __init__(self, diffusion, kind, *, num_steps, grid="logsnr", order=0, clip_denoised=True):
+        max_order, self.family = SOLVER_KINDS[kind]
+        self.order = int(order) or (UNIPC_DEFAULT_ORDER if kind == "unipc" else max_order)
+        self.diffusion = diffusion
+        self.clip_denoised = clip_denoised
+        self.draws_noise = self.family == "sde"
+        # The float64 products schedules.solver_max_steps used to validate num_steps.
+        alphas_cumprod = np.cumprod(1.0 - np.asarray(diffusion.betas, np.float64))
+        lambdas = schedules.half_log_snr(alphas_cumprod)
+        start = schedules.solver_start_index(alphas_cumprod)
+        self.timesteps = solvers.solver_timesteps(lambdas, start, num_steps, grid)
+        self.num_steps = num_steps if isinstance(num_steps, int) else tf.size(self.timesteps)
+        abar = tf.gather(tf.constant(alphas_cumprod), self.timesteps)
+        self.lambdas = tf.gather(tf.constant(lambdas), self.timesteps)
+        self.alphas = tf.sqrt(abar)
+        self.sigmas = tf.sqrt(-tf.math.expm1(tf.math.log(abar)))
+
+    def initial_state(self, x_T):
+        history = tf.zeros(tf.concat([[_HISTORY], tf.shape(x_T)], 0), x_T.dtype)
+        return x_T, x_T, tf.ensure_shape(history, [_HISTORY] + x_T.shape.as_list())
+
+    def state_spec(self, image_shape):
+        image = tf.TensorSpec([None] + list(image_shape), tf.float32)
+        return image, image, tf.TensorSpec([_HISTORY, None] + list(image_shape), tf.float32)
+
+    def _t(self, k, x):
+        return tf.fill(tf.shape(x)[:1], self.timesteps[k])
+
+    def network_input(self, k, state):
+        x = state[0]
+        return x, self.diffusion.model_timesteps(self._t(k, x))
+
+    def result(self, state):
+        return state[0]
+
+    def _point(self, k):
+        """(lambda, alpha, sigma) of grid point k, float64 (k clipped into the grid)."""
+        k = tf.clip_by_value(k, 0, tf.cast(self.num_steps, tf.int32) - 1)
+        return self.lambdas[k], self.alphas[k], self.sigmas[k]
+
+    def update(self, k, state, model_output, z):
+        x, x_previous, history = state
+        prediction = self.diffusion.predict_xstart_from_output(
+            model_output, x, self._t(k, x), clip_denoised=self.clip_denoised
+        )
+        if self.family == "unipc":
+            x = tf.cond(
+                k > 0,
+                lambda: self._unipc_correct(k, x_previous, x, prediction, history),
+                lambda: x,
+            )
+        history = tf.concat([prediction[None], history[:-1]], 0)
+        order = solvers.multistep_order(
+            k, self.num_steps, self.order, lower_final_always=self.family == "unipc"
+        )
+        branches = [lambda: prediction]  # order 0: the last update denoises to sigma = 0
+        for step_order in range(1, self.order + 1):
+            branches.append(lambda o=step_order: self._step(k, o, x, history, z))
+        x_next = tf.switch_case(order, branches)
+        return tf.ensure_shape(x_next, x.shape), x, history
+
+    def _step(self, k, order, x, history, z):
+        """Update k at ``order`` from t_k to t_{k+1}; history[0] is the prediction at t_k."""
+        lambda_s, _, sigma_s = self._point(k)
+        lambda_t, alpha_t, sigma_t = self._point(k + 1)
+        common = dict(h=lambda_t - lambda_s, alpha_t=alpha_t, sigma_t=sigma_t, sigma_s=sigma_s)
+        h_prev = lambda_s - self._point(k - 1)[0]
+        if self.family == "unipc":
+            return solvers.unipc_predictor(
+                x,
+                history[0],
+                [history[i] for i in range(1, order)],
+                lambda_s=lambda_s,
+                previous_lambdas=[self._point(k - i)[0] for i in range(1, order)],
+                **common,
+            )
+        if self.family == "sde":
+            if order == 1:
+                return solvers.sde_dpmpp_first_order(x, history[0], z, **common)
+            return solvers.sde_dpmpp_2m(x, history[0], history[1], z, h_prev=h_prev, **common)
+        if order == 1:
+            return solvers.dpmpp_first_order(x, history[0], **common)
+        if order == 2:
+            return solvers.dpmpp_2m(x, history[0], history[1], h_prev=h_prev, **common)
+        h_prev2 = self._point(k - 1)[0] - self._point(k - 2)[0]
+        return solvers.dpmpp_3m(
+            x, history[0], history[1], history[2], h_prev=h_prev, h_prev2=h_prev2, **common
+        )
+
+    def _unipc_correct(self, k, x_previous, x, prediction, history):
+        """UniC at t_k with the prediction made there, of the order of the predictor that
+        reached x_k (update k - 1); history[0] is the prediction at t_{k-1}."""
+        order = solvers.multistep_order(k - 1, self.num_steps, self.order, lower_final_always=True)
+        lambda_s, _, sigma_s = self._point(k - 1)
+        lambda_t, alpha_t, sigma_t = self._point(k)
+
+        def correct(step_order):
+            return solvers.unipc_corrector(
+                x_previous,
+                history[0],
+                [history[i] for i in range(1, step_order)],
+                prediction,
+                lambda_s=lambda_s,
+                previous_lambdas=[self._point(k - 1 - i)[0] for i in range(1, step_order)],
+                h=lambda_t - lambda_s,
+                alpha_t=alpha_t,
+                sigma_t=sigma_t,
+                sigma_s=sigma_s,
+            )
+
+        return tf.switch_case(
+            tf.maximum(order - 1, 0),
+            [lambda o=step_order: correct(o) for step_order in range(1, self.order + 1)],
+        )
 
 
 def sample_loop(
@@ -221,7 +383,7 @@ def sample_loop(
         def body(k, loop_state):
             x, t = chain.network_input(k, loop_state)
             model_output = model_fn(x, t, **model_kwargs)
-            z = _noise_for_step(step_noise, seeds, k, image_shape)
+            z = _noise_for_step(step_noise, seeds, k, image_shape) if chain.draws_noise else None
             updated = chain.update(k, loop_state, model_output, z)
             return k + 1, tf.nest.map_structure(tf.ensure_shape, updated, static_shapes)
 
@@ -302,9 +464,38 @@ def respaced(diffusion: GaussianDiffusion, steps) -> GaussianDiffusion:
     return respace_uniform(diffusion, steps)
 
 
-def make_chain(kind: str, diffusion: GaussianDiffusion, *, steps, eta=0.0, clip_denoised=True):
+def make_chain(
+    kind: str,
+    diffusion: GaussianDiffusion,
+    *,
+    steps,
+    eta=0.0,
+    clip_denoised=True,
+    grid="logsnr",
+    order=0,
+):
     """The chain of a sampler kind (:data:`tf_iddpm.samplers.SAMPLER_KINDS`) on the trained
-    process `diffusion`, respaced to `steps` (see :func:`respaced`)."""
+    process `diffusion`.
+
+    Args:
+      kind: "ancestral", "ddim" or a solver of :data:`SOLVER_KINDS`.
+      diffusion: the trained (unrespaced) process.
+      steps: ancestral / DDIM: the respacing (see :func:`respaced`); solvers: the number of
+        network calls, a python int, a digit string or an int scalar tensor.
+      eta: DDIM's eta.
+      clip_denoised: clip predicted x_0 to [-1, 1].
+      grid, order: the solvers' time grid and UniPC's order (see :class:`SolverChain`).
+    """
+    if kind in SOLVER_KINDS:
+        num_steps = int(steps) if isinstance(steps, str) else steps
+        return SolverChain(
+            diffusion,
+            kind,
+            num_steps=num_steps,
+            grid=grid,
+            order=order,
+            clip_denoised=clip_denoised,
+        )
     process = respaced(diffusion, steps)
     if kind == "ancestral":
         return AncestralChain(process, clip_denoised=clip_denoised)
@@ -314,7 +505,7 @@ def make_chain(kind: str, diffusion: GaussianDiffusion, *, steps, eta=0.0, clip_
 
 
 # The sampler kinds this module runs; tests check it equals samplers.SAMPLER_KINDS.
-CHAIN_KINDS = ("ancestral", "ddim")
+CHAIN_KINDS = ("ancestral", "ddim") + tuple(SOLVER_KINDS)
 
 
 def calc_bpd_loop(

@@ -334,6 +334,17 @@ def _check_respacing(errors: List[str], field: str, respacing: str, num_timestep
         )
 
 
+def _betas(config: ml_collections.ConfigDict):
+    """The float64 betas of the config's process, or None when its fields are invalid (then
+    reported by their own checks)."""
+    diffusion = config.diffusion
+    if diffusion.noise_schedule not in schedules.NOISE_SCHEDULES or not (
+        _is_int(diffusion.steps) and diffusion.steps > 0
+    ):
+        return None
+    return schedules.get_named_beta_schedule(diffusion.noise_schedule, diffusion.steps)
+
+
 def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) -> None:
     fid, train = config.fid, config.train
     _check_positive(errors, config, "fid.num_samples", "fid.batch_size", "train.fid_num_samples")
@@ -351,6 +362,7 @@ def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) 
                 fid.sweep,
                 fid.sweep_samplers,
                 config.diffusion.steps,
+                betas=_betas(config),
             )
         except ValueError as e:
             errors.append(str(e))
@@ -520,7 +532,9 @@ def _field_errors(config: ml_collections.ConfigDict, mode: str) -> List[str]:
         "export.max_batch_size",
     )
     _check_positive(errors, config, "eval.num_samples", allow_zero=True)
-    errors.extend(samplers.from_config(config.sample).errors(max(diffusion.steps, 0)))
+    errors.extend(
+        samplers.from_config(config.sample).errors(max(diffusion.steps, 0), betas=_betas(config))
+    )
     label = config.sample.class_label
     if data.class_cond:
         if not -1 <= label < max(data.num_classes, 0):

@@ -378,23 +378,43 @@ class GaussianDiffusion:
         else:
             variance = extract(self.posterior_variance, t) * tf.ones_like(x)
 
-        def process_xstart(pred):
-            if denoised_fn is not None:
-                pred = denoised_fn(pred)
-            return tf.clip_by_value(pred, -1.0, 1.0) if clip_denoised else pred
-
+        pred_xstart = self._pred_xstart(
+            model_output, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn
+        )
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = process_xstart(self.predict_xstart_from_xprev(x, t, model_output))
             mean = model_output
         else:
-            if self.model_mean_type == ModelMeanType.START_X:
-                pred_xstart = process_xstart(model_output)
-            else:
-                pred_xstart = process_xstart(self.predict_xstart_from_eps(x, t, model_output))
             mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return dict(
             mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart
         )
+
+    def _pred_xstart(self, mean_output, x, t, *, clip_denoised=True, denoised_fn=None):
+        """x_0 from the mean half of the output (eps, x_0 or x_{t-1}), clipped to [-1, 1]."""
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            pred = self.predict_xstart_from_xprev(x, t, mean_output)
+        elif self.model_mean_type == ModelMeanType.START_X:
+            pred = mean_output
+        else:
+            pred = self.predict_xstart_from_eps(x, t, mean_output)
+        if denoised_fn is not None:
+            pred = denoised_fn(pred)
+        return tf.clip_by_value(pred, -1.0, 1.0) if clip_denoised else pred
+
+    def predict_xstart_from_output(self, model_output, x, t, *, clip_denoised=True):
+        """The network's prediction of x_0 at (x_t, t), whatever it predicts (eps, x_0, x_{t-1});
+        a learned variance half is ignored.  Clipped to [-1, 1] with ``clip_denoised``.
+
+        Args:
+          model_output: [N,H,W,C] or [N,H,W,2C] raw network output.
+          x: x_t [N,H,W,C].
+          t: int [N] step indices.
+
+        Returns:
+          float32 [N,H,W,C].
+        """
+        mean_output, _ = self.split_model_output(tf.cast(model_output, tf.float32))
+        return self._pred_xstart(mean_output, x, tf.cast(t, tf.int32), clip_denoised=clip_denoised)
 
     def p_mean_variance(
         self,

@@ -149,9 +149,15 @@ def build_sampler(model_fn, config, spec: samplers.SamplerSpec) -> Sampler:
       ValueError: if ``spec`` is invalid for the config's process (see SamplerSpec.errors).
     """
     diffusion = factory.create_diffusion_from_config(config, timestep_respacing="")
-    spec.check(diffusion.num_timesteps)
+    spec.check(diffusion.num_timesteps, betas=diffusion.betas)
     chain = chains.make_chain(
-        spec.kind, diffusion, steps=spec.steps, eta=spec.eta, clip_denoised=spec.clip_denoised
+        spec.kind,
+        diffusion,
+        steps=spec.steps,
+        eta=spec.eta,
+        clip_denoised=spec.clip_denoised,
+        grid=spec.grid,
+        order=spec.order,
     )
     return Sampler(
         model_fn, chain, image_shape=image_shape(config), class_cond=bool(config.data.class_cond)

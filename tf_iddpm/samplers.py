@@ -1,20 +1,22 @@
 """Reverse-process samplers as values: which sampler, over how many steps, with which settings.
 
 A sampler is described by one :class:`SamplerSpec` — its kind (:data:`SAMPLER_KINDS`), its steps,
-DDIM's eta and whether predicted images are clipped — parsed and checked here and nowhere else:
-the config's ``sample`` group (:func:`from_config`), ``run.py``'s ``--sampler`` / ``--steps`` /
-``--ddim`` / ``--eta`` flags (which set those fields), the FID sweep (:func:`sweep_specs`), the
-ablation study and the benchmark all describe samplers this way, and
-:func:`tf_iddpm.inference.build_sampler` turns a spec into the compiled loop.  The exported
-sampler takes the same kinds per request (``export/export_lib.py``).
+DDIM's eta, whether predicted images are clipped, and a solver's time grid and order — parsed and
+checked here and nowhere else: the config's ``sample`` group (:func:`from_config`), ``run.py``'s
+``--sampler`` / ``--steps`` / ``--ddim`` / ``--eta`` / ``--grid`` / ``--order`` flags (which set
+those fields), the FID sweep (:func:`sweep_specs`), the ablation study and the benchmark all
+describe samplers this way, and :func:`tf_iddpm.inference.build_sampler` turns a spec into the
+compiled loop.  The exported sampler takes the same kinds per request (``export/export_lib.py``).
 
-What ``steps`` means: for the paper's samplers it is a respacing of the trained T-step process
-(Section 4; :func:`tf_iddpm.schedules.space_timesteps`): ``""`` every step, ``"50"`` 50 evenly
-strided steps, ``"ddim50"`` the DDIM paper's fixed stride, ``"10,15,20"`` sections.  A chain of K
-steps calls the network K times.
+What ``steps`` means: every kind calls the network ``steps`` times per image (the NFE).  For the
+paper's samplers it is a respacing of the trained T-step process (Section 4;
+:func:`tf_iddpm.schedules.space_timesteps`): ``""`` every step, ``"50"`` 50 evenly strided steps,
+``"ddim50"`` the DDIM paper's fixed stride, ``"10,15,20"`` sections.  For the solvers (DPM-Solver++
+2M / 3M / SDE-2M, UniPC; :mod:`tf_iddpm.solvers`) it is the number of calls itself, ``"20"``, and
+``grid`` places them.
 
-Adding a sampler kind: one row in :data:`SAMPLER_KINDS` (its name and what it needs), and its step
-in :mod:`tf_iddpm.chains`.
+Adding a sampler kind: one row in :data:`SAMPLER_KINDS` (its name and what it needs), and its
+chain in :mod:`tf_iddpm.chains` (its math in :mod:`tf_iddpm.solvers`).
 
 Nothing here imports TensorFlow, so configs and flags are checked before it loads.
 """
@@ -33,11 +35,18 @@ class SamplerKind:
       name: the value of ``sample.sampler`` / ``--sampler``.
       description: one line for help texts, tables and plots.
       takes_eta: whether ``eta`` applies (DDIM's noise level); other kinds need eta = 0.
+      solver: a few-step ODE/SDE solver: ``steps`` is its number of network calls, ``grid``
+        chooses its timesteps.
+      orders: the orders ``order`` may choose (empty: fixed by the kind).
+      order: the kind's order (its default when ``orders`` is not empty).
     """
 
     name: str
     description: str
     takes_eta: bool = False
+    solver: bool = False
+    orders: Tuple[int, ...] = ()
+    order: int = 1
 
 
 SAMPLER_KINDS = {
@@ -49,8 +58,24 @@ SAMPLER_KINDS = {
             "(the paper's, Section 4)",
         ),
         SamplerKind("ddim", "DDIM (Song et al. 2020); eta = 0 is deterministic", takes_eta=True),
+        SamplerKind(
+            "dpmpp_2m", "DPM-Solver++(2M), multistep, data prediction", solver=True, order=2
+        ),
+        SamplerKind("dpmpp_3m", "DPM-Solver++(3M)", solver=True, order=3),
+        SamplerKind("dpmpp_2m_sde", "SDE-DPM-Solver++(2M), stochastic", solver=True, order=2),
+        SamplerKind(
+            "unipc",
+            "UniPC-bh2 predictor-corrector (the corrector costs no network call)",
+            solver=True,
+            orders=(1, 2, 3),
+            order=2,
+        ),
     )
 }
+
+# The time grids of the solvers (tf_iddpm.solvers.solver_timesteps): uniform in lambda =
+# log(alpha/sigma) (DPM-Solver's default), in t, or Karras et al.'s.
+SOLVER_GRIDS = ("logsnr", "time_uniform", "karras")
 
 # Values of steps and sweep points that mean "every step of the trained process".
 FULL_CHAIN_TOKENS = ("full", "all")
@@ -58,25 +83,32 @@ FULL_CHAIN_TOKENS = ("full", "all")
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-    """One sampler: kind, steps, eta and clipping.
+    """One sampler: kind, steps, eta, clipping, and a solver's grid and order.
 
     Attributes:
       kind: a key of :data:`SAMPLER_KINDS`.
-      steps: the respacing of the trained process ("" = every step, "50", "ddim50", "10,15,20").
+      steps: ancestral and DDIM: the respacing of the trained process ("" = every step, "50",
+        "ddim50", "10,15,20"); solvers: the number of network calls, "K".
       eta: DDIM's eta in [0, 1] (0 = deterministic); 0 for kinds that take none.
       clip_denoised: clip each predicted x_0 to [-1, 1], as the reference does.
+      grid: a solver's time grid, one of :data:`SOLVER_GRIDS`.
+      order: the order of a kind that offers several (UniPC: 1-3); 0 = the kind's default.
     """
 
     kind: str = "ancestral"
     steps: str = ""
     eta: float = 0.0
     clip_denoised: bool = True
+    grid: str = "logsnr"
+    order: int = 0
 
-    def errors(self, num_timesteps: int, *, prefix: str = "sample.") -> List[str]:
+    def errors(self, num_timesteps: int, *, betas=None, prefix: str = "sample.") -> List[str]:
         """Every problem of this spec for a T-step process, each naming its field.
 
         Args:
           num_timesteps: T of the trained process.
+          betas: the process's float64 betas; when given, a solver's number of calls is checked
+            against the steps it can take (:func:`tf_iddpm.schedules.solver_max_steps`).
           prefix: how the fields are named in messages (``"sample."`` for the config group).
         """
         problems = []
@@ -88,6 +120,8 @@ class SamplerSpec:
             )
         if not isinstance(self.steps, str):
             problems.append(f"{prefix}timestep_respacing={self.steps!r} must be a string")
+        elif kind is not None and kind.solver:
+            problems.extend(self._solver_errors(kind, num_timesteps, betas, prefix))
         elif self.steps and num_timesteps > 0:
             try:
                 schedules.space_timesteps(num_timesteps, self.steps)
@@ -96,6 +130,14 @@ class SamplerSpec:
                     f"{prefix}timestep_respacing={self.steps!r} is not a valid respacing of "
                     f"diffusion.steps={num_timesteps}: {e}"
                 )
+        if kind is not None and not kind.solver:
+            if self.grid != SamplerSpec.grid:
+                problems.append(
+                    f"{prefix}grid={self.grid!r} applies to the solvers; the {self.kind} sampler "
+                    f"takes the respacing's steps"
+                )
+            if self.order:
+                problems.append(f"{prefix}solver_order={self.order} applies to the solvers")
         if not 0.0 <= self.eta <= 1.0:
             problems.append(f"{prefix}eta={self.eta!r} must lie in [0, 1] (0 = deterministic)")
         elif self.eta and kind is not None and not kind.takes_eta:
@@ -108,15 +150,52 @@ class SamplerSpec:
             problems.append(f"{prefix}clip_denoised={self.clip_denoised!r} must be a bool")
         return problems
 
-    def check(self, num_timesteps: int) -> "SamplerSpec":
+    def _solver_errors(self, kind, num_timesteps, betas, prefix) -> List[str]:
+        problems = []
+        if self.grid not in SOLVER_GRIDS:
+            problems.append(
+                f"{prefix}grid={self.grid!r} is unknown; the grids are: {', '.join(SOLVER_GRIDS)}"
+            )
+        if self.order and self.order not in kind.orders:
+            offered = (
+                f"orders {', '.join(map(str, kind.orders))}"
+                if kind.orders
+                else f"only its own order {kind.order}"
+            )
+            problems.append(f"{prefix}solver_order={self.order}: {self.kind} offers {offered}")
+        if not self.steps.isdigit() or int(self.steps) < 1:
+            problems.append(
+                f"{prefix}timestep_respacing={self.steps!r}: the {self.kind} solver needs its "
+                "number of network calls, a positive integer such as '20'"
+            )
+            return problems
+        calls = int(self.steps)
+        order = self.order if self.order in kind.orders else kind.order
+        if calls < order:
+            problems.append(
+                f"{prefix}timestep_respacing={self.steps!r}: {self.kind} of order {order} needs "
+                f"at least {order} network calls"
+            )
+        most = num_timesteps if betas is None else schedules.solver_max_steps(betas)
+        if calls > most:
+            problems.append(
+                f"{prefix}timestep_respacing={self.steps!r}: {self.kind} can make at most {most} "
+                f"network calls on this process (one per step from its start at lambda >= "
+                f"{schedules.SOLVER_LAMBDA_MIN} to t = 0)"
+            )
+        return problems
+
+    def check(self, num_timesteps: int, *, betas=None) -> "SamplerSpec":
         """Raises ValueError listing :meth:`errors`; returns the spec itself."""
-        problems = self.errors(num_timesteps)
+        problems = self.errors(num_timesteps, betas=betas)
         if problems:
             raise ValueError("invalid sampler:\n  - " + "\n  - ".join(problems))
         return self
 
     def num_steps(self, num_timesteps: int) -> int:
-        """Steps of the chain (= network calls per image) on a T-step process."""
+        """Network calls per image on a T-step process (the chain's steps)."""
+        if SAMPLER_KINDS[self.kind].solver:
+            return int(self.steps)
         if not self.steps:
             return int(num_timesteps)
         return len(schedules.space_timesteps(num_timesteps, self.steps))
@@ -126,18 +205,29 @@ class SamplerSpec:
 
     def label(self, num_timesteps: int) -> str:
         """E.g. "ddim (eta 0.5), 50 steps" for logs, tables and file names."""
-        eta = f" (eta {self.eta:g})" if SAMPLER_KINDS[self.kind].takes_eta else ""
-        return f"{self.kind}{eta}, {self.num_steps(num_timesteps)} steps"
+        kind = SAMPLER_KINDS[self.kind]
+        details = []
+        if kind.takes_eta:
+            details.append(f"eta {self.eta:g}")
+        if kind.orders and self.order:
+            details.append(f"order {self.order}")
+        if kind.solver and self.grid != SamplerSpec.grid:
+            details.append(f"{self.grid} grid")
+        extra = f" ({', '.join(details)})" if details else ""
+        return f"{self.kind}{extra}, {self.num_steps(num_timesteps)} steps"
 
 
 def from_config(sample) -> SamplerSpec:
     """The sampler of a config's ``sample`` group (``sample.sampler``, ``timestep_respacing``,
-    ``eta``, ``clip_denoised``), not yet checked (see :meth:`SamplerSpec.errors`)."""
+    ``eta``, ``clip_denoised``, ``grid``, ``solver_order``), not yet checked (see
+    :meth:`SamplerSpec.errors`)."""
     return SamplerSpec(
         kind=sample["sampler"],
         steps=sample["timestep_respacing"],
         eta=float(sample["eta"]),
         clip_denoised=sample["clip_denoised"],
+        grid=sample["grid"],
+        order=int(sample["solver_order"]),
     )
 
 
@@ -181,29 +271,40 @@ def parse_sweep_steps(text: str, num_timesteps: int, *, field: str) -> Tuple[str
 
 
 def sweep_specs(
-    base: SamplerSpec, steps_text: str, kinds_text: str, num_timesteps: int
+    base: SamplerSpec, steps_text: str, kinds_text: str, num_timesteps: int, *, betas=None
 ) -> List[SamplerSpec]:
     """The samplers of a sweep: every kind of ``kinds_text`` at every step count of ``steps_text``.
 
-    Each point keeps ``base``'s clipping; eta is ``base.eta`` for kinds that take it, else 0.  An
-    empty ``steps_text`` is no sweep: ``[base]``.
+    Each point keeps ``base``'s clipping; eta is ``base.eta`` for kinds that take it, grid and
+    order ``base``'s for the solvers.  "full" (every step of the process) is a point of the paper's
+    samplers only.  An empty ``steps_text`` is no sweep: ``[base]``.
 
     Raises:
-      ValueError: for malformed sweep fields (``fid.sweep``, ``fid.sweep_samplers``).
+      ValueError: for malformed sweep fields (``fid.sweep``, ``fid.sweep_samplers``) or a point
+        a sampler cannot take.
     """
     steps = parse_sweep_steps(steps_text, num_timesteps, field="fid.sweep")
     if not steps:
         return [base]
-    kinds = parse_kinds(kinds_text, field="fid.sweep_samplers")
-    return [
-        base.replace(
-            kind=kind,
-            steps=point,
-            eta=base.eta if SAMPLER_KINDS[kind].takes_eta else 0.0,
-        )
-        for kind in kinds
-        for point in steps
-    ]
+    specs, problems = [], []
+    for name in parse_kinds(kinds_text, field="fid.sweep_samplers"):
+        kind = SAMPLER_KINDS[name]
+        for point in steps:
+            if kind.solver and not point:
+                continue  # a solver's point is a number of calls
+            spec = SamplerSpec(
+                kind=name,
+                steps=point,
+                eta=base.eta if kind.takes_eta else 0.0,
+                clip_denoised=base.clip_denoised,
+                grid=base.grid if kind.solver else SamplerSpec.grid,
+                order=base.order if kind.orders else 0,
+            )
+            problems.extend(spec.errors(num_timesteps, betas=betas, prefix=f"fid.sweep ({name}): "))
+            specs.append(spec)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return specs
 
 
 def describe_kinds(kinds: Sequence[str] = tuple(SAMPLER_KINDS)) -> str:

@@ -196,3 +196,39 @@ def respace_betas(base_alphas_cumprod: np.ndarray, use_timesteps: Iterable[int])
     kept = base_alphas_cumprod[timestep_map]
     previous = np.concatenate([[1.0], kept[:-1]])
     return 1.0 - kept / previous, timestep_map
+
+
+# The noisiest half-logSNR a few-step solver starts from.  A discrete cosine schedule clips beta
+# at 0.999, so lambda plunges over its last steps (to about -10 at T = 4000): a grid uniform in
+# lambda from T-1 would spend its first steps where the image is pure noise whatever the model
+# says.  DPM-Solver (Lu et al. 2022) clips lambda at -5.1 for such discrete-time models; alpha is
+# then 0.006 and x_T ~ N(0, I) is as good a start as at T-1.
+SOLVER_LAMBDA_MIN = -5.1
+
+
+def half_log_snr(alphas_cumprod) -> np.ndarray:
+    """lambda_t = log(alpha_t / sigma_t) = (log abar_t - log(1 - abar_t)) / 2, in float64.
+
+    ``1 - abar`` is formed as ``-expm1(log abar)``, exact where abar is close to 1 (t near 0).
+
+    Args:
+      alphas_cumprod: float64 [T], decreasing, in (0, 1).
+
+    Returns:
+      float64 [T], decreasing in t.
+    """
+    log_abar = np.log(np.asarray(alphas_cumprod, np.float64))
+    return 0.5 * (log_abar - np.log(-np.expm1(log_abar)))
+
+
+def solver_start_index(alphas_cumprod, lambda_min: float = SOLVER_LAMBDA_MIN) -> int:
+    """The noisiest step of the trained process a solver starts from: the largest t whose
+    lambda_t >= lambda_min (T-1 when every step qualifies; 0 when none does)."""
+    lambdas = half_log_snr(alphas_cumprod)
+    return max(int(np.sum(lambdas >= lambda_min)) - 1, 0)
+
+
+def solver_max_steps(betas) -> int:
+    """The most network calls a few-step solver can make on a process: one per step from its
+    start (:func:`solver_start_index`) down to t = 0."""
+    return solver_start_index(np.cumprod(1.0 - np.asarray(betas, np.float64))) + 1
