@@ -408,6 +408,7 @@ IMPORT_LAYERS = (
             "tf_iddpm/schedules.py",
             "tf_iddpm/losses.py",
             "tf_iddpm/config_utils.py",
+            "tf_iddpm/unet_options.py",
             "tf_iddpm/image_utils.py",
             "tf_iddpm/checkpoints.py",
             "tf_iddpm/distribute.py",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import tensorflow as tf
 
 from tests import golden
 from tf_iddpm import convert
+from tf_iddpm import config_utils
 from tf_iddpm import factory
 from tf_iddpm import unet
 
@@ -578,11 +580,17 @@ def test_create_model_arguments():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(image_size=48), "unsupported image size 48: .*pass channel_mult explicitly"),
-        (dict(image_size=20, channel_mult="1,2,2,2"), "image_size 20 is not divisible by 8"),
-        (dict(image_size=32, channel_mult="1,x"), "channel_mult must be a comma-separated"),
-        (dict(image_size=32, attention_resolutions="2"), "attention resolution 2 does not occur"),
-        (dict(image_size=32, attention_resolutions="12"), "attention resolution 12 does not occur"),
+        (dict(image_size=48), "image_size=48 has no default UNet channel_mult .*set channel_mult"),
+        (dict(image_size=20, channel_mult="1,2,2,2"), "image_size=20 is not divisible by 8"),
+        (dict(image_size=32, channel_mult="1,x"), "channel_mult='1,x': expected comma-separated"),
+        (
+            dict(image_size=32, attention_resolutions="2"),
+            "attention_resolutions='2': 2 is not a resolution of this UNet",
+        ),
+        (
+            dict(image_size=32, attention_resolutions="12"),
+            "attention_resolutions='12': 12 is not a resolution of this UNet",
+        ),
         (dict(image_size=32, class_cond=True, num_classes=0), "num_classes >= 1"),
     ],
 )
@@ -591,6 +599,56 @@ def test_create_model_errors(kwargs, message):
     image_size = kwargs.pop("image_size")
     with pytest.raises(ValueError, match=message):
         _small_create_model(image_size, **kwargs)
+
+
+def _problems(message):
+    """The problems a ValueError lists ("invalid ...:\n  - a\n  - b"), or its one message."""
+    head, _, rest = message.partition(":\n  - ")
+    return rest.split("\n  - ") if head.startswith("invalid") and rest else [message]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"data.image_size": 48, "model.channel_mult": ""},
+        {"model.channel_mult": "1,x"},
+        {"model.channel_mult": "1,0"},
+        {
+            "data.image_size": 40,
+            "model.channel_mult": "1,1,2,2,2",
+            "model.attention_resolutions": "10",
+        },
+        {"model.attention_resolutions": "3"},
+        {"model.attention_resolutions": ""},
+        {"model.num_channels": 48},
+        {"model.num_heads": 3},
+        {"model.num_heads_upsample": 5},
+        {"model.num_res_blocks": 0},
+        {"model.dropout": 1.0},
+        {"model.num_heads": 3, "model.dropout": -0.5},
+    ],
+)
+def test_create_model_and_validate_config_apply_the_same_rules(overrides):
+    """One set of rules and messages (unet_options): the config's messages name the config field
+    where create_model's name its argument, and say the same otherwise."""
+    config = _tiny_config()
+    config_utils.validate_config(config)
+    for field, value in overrides.items():
+        group, name = field.split(".")
+        config[group][name] = value
+    with pytest.raises(ValueError) as from_config:
+        config_utils.validate_config(config)
+    with pytest.raises(ValueError) as from_flags:
+        factory.create_model_from_config(config)
+    config_problems = [
+        problem.replace("data.image_size", "image_size").replace("model.", "")
+        for problem in _problems(str(from_config.value))
+    ]
+    assert config_problems == _problems(str(from_flags.value))
+    # Every problem names its config field with the value: "model.num_heads=3 ...".
+    assert all(
+        re.match(r"(data|model)\.\w+=", problem) for problem in _problems(str(from_config.value))
+    )
 
 
 def _tiny_config():

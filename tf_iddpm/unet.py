@@ -29,22 +29,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-# The reference's normalization(): GroupNorm with 32 groups and PyTorch's default epsilon.
-NORM_GROUPS = 32
+from tf_iddpm import unet_options
+
+# The reference's normalization(): GroupNorm with 32 groups (unet_options.NORM_GROUPS, a rule on
+# the channel counts) and PyTorch's default epsilon.
 NORM_EPSILON = 1e-5
-
-# Class count of the reference's class-conditional ImageNet models (script_util.NUM_CLASSES).
-DEFAULT_NUM_CLASSES = 1000
-
-# Channel multipliers per image size.  32, 64 and 256 are improved-diffusion's
-# script_util.create_model; 128 is not in improved-diffusion, the value is the one its successor
-# (openai/guided-diffusion) uses for 128x128 models.
-CHANNEL_MULT_BY_IMAGE_SIZE = {
-    32: (1, 2, 2, 2),
-    64: (1, 2, 3, 4),
-    128: (1, 1, 2, 3, 4),
-    256: (1, 1, 2, 2, 4, 4),
-}
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
@@ -290,7 +279,7 @@ class GroupNorm32(keras.layers.Layer):
       epsilon: added to the variance.
     """
 
-    def __init__(self, groups=NORM_GROUPS, epsilon=NORM_EPSILON, **kwargs):
+    def __init__(self, groups=unet_options.NORM_GROUPS, epsilon=NORM_EPSILON, **kwargs):
         # autocast=False: read gamma/beta in float32 even under a mixed policy.
         super().__init__(autocast=False, **kwargs)
         self.groups = groups
@@ -553,9 +542,10 @@ class UNetModel(keras.Model):
 
     Constructor arguments are the reference's (``dims=2`` and ``use_checkpoint`` aside), so a
     reference configuration maps 1:1.  Called as ``model(x, t)`` or ``model(x, t, y=labels)``.
-    The model is usable on its own, so it raises on arguments it cannot be built with; the rules on
-    an experiment's config fields are ``config_utils.validate_config``'s, which ``run.py`` checks
-    before anything is built.
+    The model is usable on its own, so it raises on arguments it cannot be built with.  The rules
+    on the reference's flags (image size, attention resolutions, ...) are in
+    :mod:`tf_iddpm.unet_options`: :func:`create_model` applies them, and so does
+    ``config_utils.validate_config`` to a config, before anything is built.
 
     Args:
       in_channels: channels of the input image.
@@ -1034,24 +1024,6 @@ def initialize_weights(net, seed):
             variable.assign(seeded(variable.shape, dtype=variable.dtype))
 
 
-def _parse_int_list(value, arg_name):
-    """Parses "1,2,2" or a sequence of ints into a tuple of ints."""
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-    else:
-        parts = list(value)
-    try:
-        parsed = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{arg_name} must be a comma-separated list of integers or a sequence "
-            f"of ints, got {value!r}"
-        ) from None
-    if not parsed or any(p < 1 for p in parsed):
-        raise ValueError(f"{arg_name} must list positive integers, got {value!r}")
-    return parsed
-
-
 def create_model(
     image_size,
     num_channels,
@@ -1065,7 +1037,7 @@ def create_model(
     dropout,
     *,
     channel_mult="",
-    num_classes=DEFAULT_NUM_CLASSES,
+    num_classes=unet_options.DEFAULT_NUM_CLASSES,
     in_channels=3,
     super_res=False,
     **model_kwargs,
@@ -1090,44 +1062,31 @@ def create_model(
 
     Returns:
       A built :class:`UNetModel` or :class:`SuperResModel`.
+
+    Raises:
+      ValueError: listing every flag that breaks a rule of :mod:`tf_iddpm.unet_options`.
     """
-    if channel_mult in ("", None):
-        if image_size not in CHANNEL_MULT_BY_IMAGE_SIZE:
-            raise ValueError(
-                f"unsupported image size {image_size}: default channel_mult exists for "
-                f"{sorted(CHANNEL_MULT_BY_IMAGE_SIZE)}; pass channel_mult explicitly "
-                f'(e.g. channel_mult="1,2,2") for other sizes'
-            )
-        channel_mult = CHANNEL_MULT_BY_IMAGE_SIZE[image_size]
-    else:
-        channel_mult = _parse_int_list(channel_mult, "channel_mult")
-    factor = 2 ** (len(channel_mult) - 1)
-    if image_size % factor:
-        raise ValueError(
-            f"image_size {image_size} is not divisible by {factor}, the total "
-            f"downsampling of channel_mult={channel_mult}"
-        )
-    attention_ds = []
-    level_rates = [2**level for level in range(len(channel_mult))]
-    for res in _parse_int_list(attention_resolutions, "attention_resolutions"):
-        if image_size % res or image_size // res not in level_rates:
-            raise ValueError(
-                f"attention resolution {res} does not occur in a {image_size}x{image_size} "
-                f"model with channel_mult={channel_mult}; the feature resolutions are "
-                f"{[image_size // r for r in level_rates]}"
-            )
-        attention_ds.append(image_size // res)
-    if class_cond and (num_classes is None or num_classes < 1):
-        raise ValueError(f"class_cond=True needs num_classes >= 1, got {num_classes!r}")
+    levels = unet_options.resolve(
+        image_size=image_size,
+        num_channels=num_channels,
+        num_res_blocks=num_res_blocks,
+        channel_mult=channel_mult,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        dropout=dropout,
+        class_cond=class_cond,
+        num_classes=num_classes,
+    )
     model_cls = SuperResModel if super_res else UNetModel
     return model_cls(
         in_channels=in_channels,
         model_channels=num_channels,
         out_channels=2 * in_channels if learn_sigma else in_channels,
         num_res_blocks=num_res_blocks,
-        attention_resolutions=tuple(attention_ds),
+        attention_resolutions=levels.attention_downsample_rates,
         dropout=dropout,
-        channel_mult=channel_mult,
+        channel_mult=levels.channel_mult,
         num_classes=num_classes if class_cond else None,
         num_heads=num_heads,
         num_heads_upsample=num_heads_upsample,
