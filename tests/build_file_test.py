@@ -420,6 +420,8 @@ IMPORT_LAYERS = (
             "tf_iddpm/data.py",
             "tf_iddpm/digits_dataset.py",
             "tf_iddpm/unet.py",
+            "tf_iddpm/unet_ops.py",
+            "tf_iddpm/unet_reference.py",
             "tf_iddpm/torch_checkpoint.py",
             "tf_iddpm/diffusion.py",
             "tf_iddpm/timestep_sampler.py",

@@ -17,6 +17,8 @@ from tf_iddpm import convert
 from tf_iddpm import config_utils
 from tf_iddpm import factory
 from tf_iddpm import unet
+from tf_iddpm import unet_ops
+from tf_iddpm import unet_reference
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,7 +89,7 @@ def _randomize(model, seed):
 )
 def test_timestep_embedding_matches_reference(timesteps_key, dim, expected_key):
     terms = golden.load("terms")
-    embedding = unet.timestep_embedding(tf.constant(terms[timesteps_key]), dim).numpy()
+    embedding = unet_reference.timestep_embedding(tf.constant(terms[timesteps_key]), dim).numpy()
     assert embedding.shape == terms[expected_key].shape
     assert embedding.dtype == np.float32
     # Frequencies equal the reference's bit for bit; what remains is cos/sin rounding
@@ -157,13 +159,13 @@ def test_parameter_count_matches_reference(name):
     entry = json.load(open(golden.path("unet_param_counts.json")))[name]
     args = dict(entry["args"])
     assert args.pop("use_checkpoint") is False  # gradient checkpointing has no parameters
-    model = unet.create_model(**args)
+    model = factory.create_model(**args)
     assert model.count_params() == entry["num_parameters"]
 
 
 def test_attention_at_requested_resolutions():
     # 32x32 with channel_mult (1, 2, 2): feature resolutions 32, 16, 8; attention only at 16.
-    model = unet.create_model(
+    model = factory.create_model(
         32,
         32,
         1,
@@ -290,9 +292,9 @@ def test_positional_dropout_rows_do_not_depend_on_the_split():
     odd = tf.ones([6, 3, 3, 3])  # 27 elements: rows start mid-counter unless padded
     seed = tf.constant([7, 11], tf.int64)
     for x in (h, odd):
-        whole = unet.positional_dropout(x, 0.25, seed, 0, salt=3).numpy()
+        whole = unet_ops.positional_dropout(x, 0.25, seed, 0, salt=3).numpy()
         parts = [
-            unet.positional_dropout(x[a:b], 0.25, seed, a, salt=3).numpy()
+            unet_ops.positional_dropout(x[a:b], 0.25, seed, a, salt=3).numpy()
             for a, b in ((0, 2), (2, 5), (5, 6))
         ]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
@@ -302,15 +304,15 @@ def test_positional_dropout_rows_do_not_depend_on_the_split():
             assert abs((whole == 0).mean() - 0.25) < 0.02
             # Rows, layers (salt) and seeds draw different masks.
             assert (whole[0] != whole[1]).any()
-            other_salt = unet.positional_dropout(x, 0.25, seed, 0, salt=4).numpy()
+            other_salt = unet_ops.positional_dropout(x, 0.25, seed, 0, salt=4).numpy()
             assert (other_salt != whole).mean() > 0.2
-            other_seed = unet.positional_dropout(x, 0.25, seed + 1, 0, salt=3).numpy()
+            other_seed = unet_ops.positional_dropout(x, 0.25, seed + 1, 0, salt=3).numpy()
             assert (other_seed != whole).mean() > 0.2
     # The multiplier is in h's dtype; the mask is the same under bfloat16.
-    bf16 = unet.positional_dropout(tf.cast(h, tf.bfloat16), 0.25, seed, 0, salt=3)
+    bf16 = unet_ops.positional_dropout(tf.cast(h, tf.bfloat16), 0.25, seed, 0, salt=3)
     assert bf16.dtype == tf.bfloat16
     np.testing.assert_array_equal(
-        bf16.numpy() == 0, unet.positional_dropout(h, 0.25, seed, 0, salt=3).numpy() == 0
+        bf16.numpy() == 0, unet_ops.positional_dropout(h, 0.25, seed, 0, salt=3).numpy() == 0
     )
 
 
@@ -546,7 +548,7 @@ def _small_create_model(image_size, **overrides):
         dropout=0.0,
     )
     args.update(overrides)
-    return unet.create_model(image_size, **args)
+    return factory.create_model(image_size, **args)
 
 
 @pytest.mark.parametrize(
@@ -704,8 +706,7 @@ def _torch_bilinear_numpy(images, out_h, out_w):
 @pytest.mark.parametrize("in_size, out_size", [((4, 4), (16, 16)), ((5, 3), (8, 8))])
 def test_low_res_resize_matches_torch_bilinear(in_size, out_size):
     images = np.random.default_rng(1).standard_normal([2, *in_size, 3]).astype(np.float32)
-    # pylint: disable-next=protected-access
-    resized = unet._resize_like_torch_bilinear(images, *out_size)
+    resized = unet_reference.resize_like_torch_bilinear(images, *out_size)
     np.testing.assert_allclose(resized, _torch_bilinear_numpy(images, *out_size), atol=1e-6)
 
 

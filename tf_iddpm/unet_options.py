@@ -8,7 +8,7 @@ at which attention runs, and the constraints that the network imposes on them (t
 divides by the total downsampling, GroupNorm's 32 groups divide every channel count, the heads
 divide every level's channels).
 
-Two callers apply the same rules and so give the same messages: ``unet.create_model`` (which
+Two callers apply the same rules and so give the same messages: ``factory.create_model`` (which
 raises before it builds anything) and ``config_utils.validate_config`` (which lists every invalid
 field of a config before a run starts).  Each message names the option as its caller knows it:
 ``names`` maps an option to that name, e.g. ``"channel_mult"`` to ``"model.channel_mult"`` for a
@@ -175,7 +175,7 @@ def option_errors(
     num_classes: Any = None,
     names: Optional[Mapping[str, str]] = None,
 ) -> List[str]:
-    """Every problem of a set of UNet options (the arguments of ``unet.create_model``).
+    """Every problem of a set of UNet options (the arguments of ``factory.create_model``).
 
     Args:
       image_size, num_channels, num_res_blocks, channel_mult, attention_resolutions, num_heads,
