@@ -653,6 +653,15 @@ def test_create_model_and_validate_config_apply_the_same_rules(overrides):
     )
 
 
+def test_res_blocks_get_their_index_as_dropout_salt():
+    model = unet.UNetModel(**MAIN_ARGS)
+    suffix = ".in_layers.0"
+    prefixes = [p[: -len(suffix)] for p in model.torch_layers() if p.endswith(suffix)]
+    assert len(prefixes) == 8  # 2 input, 2 middle and 4 output ResBlocks, in module order
+    salts = [getattr(model, p.replace(".", "_")).dropout_salt for p in prefixes]
+    assert salts == list(range(8))
+
+
 def _tiny_config():
     return golden.fixture_model_config()
 

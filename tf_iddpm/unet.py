@@ -29,6 +29,8 @@ destroys exactly the information the likelihood depends on.  How far a policy mo
 trained model is what ``python -m tf_iddpm.benchmark --bpd_check_workdir=...`` measures.
 """
 
+import itertools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -113,6 +115,8 @@ class ResBlock(keras.layers.Layer):
       dropout: dropout rate applied before the last conv when training.
       out_channels: output channels (default: ``channels``).
       use_scale_shift_norm: adaptive GroupNorm instead of additive conditioning.
+      dropout_salt: distinguishes this block's positional dropout masks from those of the
+        network's other blocks; the UNet passes the block's index among its ResBlocks.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class ResBlock(keras.layers.Layer):
         dropout,
         out_channels=None,
         use_scale_shift_norm=False,
+        dropout_salt=0,
         **kwargs,
     ):
         # autocast=False: the residual input keeps its dtype (see unet_ops.residual_sum); the
@@ -130,7 +135,7 @@ class ResBlock(keras.layers.Layer):
         self.channels = channels
         self.emb_channels = emb_channels
         self.dropout = float(dropout)
-        self.dropout_salt = 0  # set by the UNet: the block's index among its ResBlocks
+        self.dropout_salt = int(dropout_salt)
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         out_ch = self.out_channels
@@ -416,6 +421,9 @@ class UNetModel(keras.Model):
         # "<block>.<index>".  The layers are attributes (see the module docstring); the blocks
         # keep only their attribute names, for iteration.
         input_blocks, middle, output_blocks = [], [], []
+        # The blocks are built in the reference's module order (input, middle, output), so this
+        # numbers the ResBlocks in that order: each one's dropout salt.
+        res_block_index = itertools.count()
         res_kwargs = dict(
             emb_channels=emb_dim,
             dropout=self.dropout,
@@ -442,7 +450,13 @@ class UNetModel(keras.Model):
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
                 add = new_block(input_blocks, f"input_blocks.{len(input_blocks)}")
-                add(ResBlock, ch, out_channels=mult * self.model_channels, **res_kwargs)
+                add(
+                    ResBlock,
+                    ch,
+                    out_channels=mult * self.model_channels,
+                    dropout_salt=next(res_block_index),
+                    **res_kwargs,
+                )
                 ch = mult * self.model_channels
                 if ds in self.attention_resolutions:
                     add(AttentionBlock, ch, self.num_heads, dtype=policy)
@@ -455,9 +469,9 @@ class UNetModel(keras.Model):
         self.num_downsamplings = len(self.channel_mult) - 1
 
         add = new_block(middle, "middle_block")
-        add(ResBlock, ch, **res_kwargs)
+        add(ResBlock, ch, dropout_salt=next(res_block_index), **res_kwargs)
         add(AttentionBlock, ch, self.num_heads, dtype=policy)
-        add(ResBlock, ch, **res_kwargs)
+        add(ResBlock, ch, dropout_salt=next(res_block_index), **res_kwargs)
 
         for level, mult in list(enumerate(self.channel_mult))[::-1]:
             for i in range(self.num_res_blocks + 1):
@@ -466,6 +480,7 @@ class UNetModel(keras.Model):
                     ResBlock,
                     ch + skip_channels.pop(),
                     out_channels=mult * self.model_channels,
+                    dropout_salt=next(res_block_index),
                     **res_kwargs,
                 )
                 ch = mult * self.model_channels
@@ -479,8 +494,6 @@ class UNetModel(keras.Model):
         self._input_blocks = input_blocks
         self._middle_block = middle[0]
         self._output_blocks = output_blocks
-        for salt, block in enumerate(self._res_blocks()):
-            block.dropout_salt = salt
 
         self.out_norm = GroupNorm32(name="out.0", dtype="float32")
         self.out_conv = unet_reference.conv2d(
@@ -492,16 +505,6 @@ class UNetModel(keras.Model):
 
     def _layers_of(self, attr_names):
         return [getattr(self, attr) for attr in attr_names]
-
-    def _res_blocks(self):
-        """Every ResBlock, in the reference's module order."""
-        blocks = [*self._input_blocks, self._middle_block, *self._output_blocks]
-        return [
-            layer
-            for names in blocks
-            for layer in self._layers_of(names)
-            if isinstance(layer, ResBlock)
-        ]
 
     def build(self, input_shape=None):
         """Creates all variables (called by the constructor; the input shape is not needed)."""
