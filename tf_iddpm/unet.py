@@ -22,11 +22,11 @@ products and dense projections of the torso in the low precision and keeps in fl
 that carries the exact pixel values: the input convolution, the residual stream (block outputs and
 the skips the decoder concatenates), the 1x1 skip convolutions, GroupNorm with its conditioning and
 SiLU (fused, see :func:`tf_iddpm.unet_ops.group_norm`), the attention softmax, the timestep/class
-embedding MLP and the ``out`` head; the output is float32.  Why: at
-small t the model reads eps off deviations of x_t far below bfloat16's resolution (its spacing near
-1.0 is 2^-7, one 8-bit pixel level), so rounding the image or the stream that passes it to the head
-destroys exactly the information the likelihood depends on.  How far a policy moves the bpd of a
-trained model is what ``python -m tf_iddpm.benchmark --bpd_check_workdir=...`` measures.
+embedding MLP and the ``out`` head; the output is float32.  Why: at small t the model reads eps off
+deviations of x_t far below bfloat16's resolution (its spacing near 1.0 is 2^-7, one 8-bit pixel
+level), so rounding the image or the stream that passes it to the head destroys exactly the
+information the likelihood depends on.  How far a policy moves the bpd of a trained model is what
+``python -m tf_iddpm.benchmark --bpd_check_workdir=...`` measures.
 """
 
 import itertools
