@@ -6,7 +6,7 @@ to the default (``tests/configs_test.py`` checks both).  Every field can be over
 command line, e.g. ``--config.train.batch_size=64``.  Field names follow openai/improved-diffusion's
 ``script_util`` argument names so a reference command line maps 1:1:
 
-* ``config.model`` holds exactly the keyword arguments of :func:`tf_iddpm.unet.create_model`
+* ``config.model`` holds exactly the keyword arguments of :func:`tf_iddpm.factory.create_model`
     (except ``image_size``, ``learn_sigma`` and ``class_cond``, which come from ``data`` and
     ``diffusion``).
 * ``config.diffusion`` holds exactly the keyword arguments of
@@ -38,7 +38,7 @@ def get_config():
     data.strict = False  # folder source: error (True) or skip with a warning (False) on bad files
     data.random_flip = False  # the paper trains without flips (reference image_datasets.py)
 
-    # --- model (tf_iddpm.unet.create_model kwargs) ------------------------------------------------
+    # --- model (tf_iddpm.factory.create_model kwargs) ---------------------------------------------
     config.model = model = ml_collections.ConfigDict()
     model.num_channels = 128
     model.num_res_blocks = 2

@@ -837,11 +837,3 @@ def test_corrupt_stored_config_is_reported(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         config_utils.resolve_and_persist_config(None, str(tmp_path), config_given=False)
-
-
-def test_validation_tables_agree_with_the_modules_that_use_them():
-    # config_utils keeps its own copies so that validation (and run.py --help) never imports
-    # TensorFlow; these must not drift from the UNet's and the timestep sampler's.
-    from tf_iddpm import unet  # pylint: disable=g-import-not-at-top
-
-    assert config_utils.DEFAULT_CHANNEL_MULT == unet.CHANNEL_MULT_BY_IMAGE_SIZE

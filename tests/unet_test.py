@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,11 @@ import tensorflow as tf
 
 from tests import golden
 from tf_iddpm import convert
+from tf_iddpm import config_utils
 from tf_iddpm import factory
 from tf_iddpm import unet
+from tf_iddpm import unet_ops
+from tf_iddpm import unet_reference
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +89,7 @@ def _randomize(model, seed):
 )
 def test_timestep_embedding_matches_reference(timesteps_key, dim, expected_key):
     terms = golden.load("terms")
-    embedding = unet.timestep_embedding(tf.constant(terms[timesteps_key]), dim).numpy()
+    embedding = unet_reference.timestep_embedding(tf.constant(terms[timesteps_key]), dim).numpy()
     assert embedding.shape == terms[expected_key].shape
     assert embedding.dtype == np.float32
     # Frequencies equal the reference's bit for bit; what remains is cos/sin rounding
@@ -155,13 +159,13 @@ def test_parameter_count_matches_reference(name):
     entry = json.load(open(golden.path("unet_param_counts.json")))[name]
     args = dict(entry["args"])
     assert args.pop("use_checkpoint") is False  # gradient checkpointing has no parameters
-    model = unet.create_model(**args)
+    model = factory.create_model(**args)
     assert model.count_params() == entry["num_parameters"]
 
 
 def test_attention_at_requested_resolutions():
     # 32x32 with channel_mult (1, 2, 2): feature resolutions 32, 16, 8; attention only at 16.
-    model = unet.create_model(
+    model = factory.create_model(
         32,
         32,
         1,
@@ -288,9 +292,9 @@ def test_positional_dropout_rows_do_not_depend_on_the_split():
     odd = tf.ones([6, 3, 3, 3])  # 27 elements: rows start mid-counter unless padded
     seed = tf.constant([7, 11], tf.int64)
     for x in (h, odd):
-        whole = unet.positional_dropout(x, 0.25, seed, 0, salt=3).numpy()
+        whole = unet_ops.positional_dropout(x, 0.25, seed, 0, salt=3).numpy()
         parts = [
-            unet.positional_dropout(x[a:b], 0.25, seed, a, salt=3).numpy()
+            unet_ops.positional_dropout(x[a:b], 0.25, seed, a, salt=3).numpy()
             for a, b in ((0, 2), (2, 5), (5, 6))
         ]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
@@ -300,15 +304,15 @@ def test_positional_dropout_rows_do_not_depend_on_the_split():
             assert abs((whole == 0).mean() - 0.25) < 0.02
             # Rows, layers (salt) and seeds draw different masks.
             assert (whole[0] != whole[1]).any()
-            other_salt = unet.positional_dropout(x, 0.25, seed, 0, salt=4).numpy()
+            other_salt = unet_ops.positional_dropout(x, 0.25, seed, 0, salt=4).numpy()
             assert (other_salt != whole).mean() > 0.2
-            other_seed = unet.positional_dropout(x, 0.25, seed + 1, 0, salt=3).numpy()
+            other_seed = unet_ops.positional_dropout(x, 0.25, seed + 1, 0, salt=3).numpy()
             assert (other_seed != whole).mean() > 0.2
     # The multiplier is in h's dtype; the mask is the same under bfloat16.
-    bf16 = unet.positional_dropout(tf.cast(h, tf.bfloat16), 0.25, seed, 0, salt=3)
+    bf16 = unet_ops.positional_dropout(tf.cast(h, tf.bfloat16), 0.25, seed, 0, salt=3)
     assert bf16.dtype == tf.bfloat16
     np.testing.assert_array_equal(
-        bf16.numpy() == 0, unet.positional_dropout(h, 0.25, seed, 0, salt=3).numpy() == 0
+        bf16.numpy() == 0, unet_ops.positional_dropout(h, 0.25, seed, 0, salt=3).numpy() == 0
     )
 
 
@@ -544,7 +548,7 @@ def _small_create_model(image_size, **overrides):
         dropout=0.0,
     )
     args.update(overrides)
-    return unet.create_model(image_size, **args)
+    return factory.create_model(image_size, **args)
 
 
 @pytest.mark.parametrize(
@@ -578,11 +582,17 @@ def test_create_model_arguments():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(image_size=48), "unsupported image size 48: .*pass channel_mult explicitly"),
-        (dict(image_size=20, channel_mult="1,2,2,2"), "image_size 20 is not divisible by 8"),
-        (dict(image_size=32, channel_mult="1,x"), "channel_mult must be a comma-separated"),
-        (dict(image_size=32, attention_resolutions="2"), "attention resolution 2 does not occur"),
-        (dict(image_size=32, attention_resolutions="12"), "attention resolution 12 does not occur"),
+        (dict(image_size=48), "image_size=48 has no default UNet channel_mult .*set channel_mult"),
+        (dict(image_size=20, channel_mult="1,2,2,2"), "image_size=20 is not divisible by 8"),
+        (dict(image_size=32, channel_mult="1,x"), "channel_mult='1,x': expected comma-separated"),
+        (
+            dict(image_size=32, attention_resolutions="2"),
+            "attention_resolutions='2': 2 is not a resolution of this UNet",
+        ),
+        (
+            dict(image_size=32, attention_resolutions="12"),
+            "attention_resolutions='12': 12 is not a resolution of this UNet",
+        ),
         (dict(image_size=32, class_cond=True, num_classes=0), "num_classes >= 1"),
     ],
 )
@@ -591,6 +601,65 @@ def test_create_model_errors(kwargs, message):
     image_size = kwargs.pop("image_size")
     with pytest.raises(ValueError, match=message):
         _small_create_model(image_size, **kwargs)
+
+
+def _problems(message):
+    """The problems a ValueError lists ("invalid ...:\n  - a\n  - b"), or its one message."""
+    head, _, rest = message.partition(":\n  - ")
+    return rest.split("\n  - ") if head.startswith("invalid") and rest else [message]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"data.image_size": 48, "model.channel_mult": ""},
+        {"model.channel_mult": "1,x"},
+        {"model.channel_mult": "1,0"},
+        {
+            "data.image_size": 40,
+            "model.channel_mult": "1,1,2,2,2",
+            "model.attention_resolutions": "10",
+        },
+        {"model.attention_resolutions": "3"},
+        {"model.attention_resolutions": ""},
+        {"model.num_channels": 48},
+        {"model.num_heads": 3},
+        {"model.num_heads_upsample": 5},
+        {"model.num_res_blocks": 0},
+        {"model.dropout": 1.0},
+        {"model.num_heads": 3, "model.dropout": -0.5},
+    ],
+)
+def test_create_model_and_validate_config_apply_the_same_rules(overrides):
+    """One set of rules and messages (unet_options): the config's messages name the config field
+    where create_model's name its argument, and say the same otherwise."""
+    config = _tiny_config()
+    config_utils.validate_config(config)
+    for field, value in overrides.items():
+        group, name = field.split(".")
+        config[group][name] = value
+    with pytest.raises(ValueError) as from_config:
+        config_utils.validate_config(config)
+    with pytest.raises(ValueError) as from_flags:
+        factory.create_model_from_config(config)
+    config_problems = [
+        problem.replace("data.image_size", "image_size").replace("model.", "")
+        for problem in _problems(str(from_config.value))
+    ]
+    assert config_problems == _problems(str(from_flags.value))
+    # Every problem names its config field with the value: "model.num_heads=3 ...".
+    assert all(
+        re.match(r"(data|model)\.\w+=", problem) for problem in _problems(str(from_config.value))
+    )
+
+
+def test_res_blocks_get_their_index_as_dropout_salt():
+    model = unet.UNetModel(**MAIN_ARGS)
+    suffix = ".in_layers.0"
+    prefixes = [p[: -len(suffix)] for p in model.torch_layers() if p.endswith(suffix)]
+    assert len(prefixes) == 8  # 2 input, 2 middle and 4 output ResBlocks, in module order
+    salts = [getattr(model, p.replace(".", "_")).dropout_salt for p in prefixes]
+    assert salts == list(range(8))
 
 
 def _tiny_config():
@@ -646,8 +715,7 @@ def _torch_bilinear_numpy(images, out_h, out_w):
 @pytest.mark.parametrize("in_size, out_size", [((4, 4), (16, 16)), ((5, 3), (8, 8))])
 def test_low_res_resize_matches_torch_bilinear(in_size, out_size):
     images = np.random.default_rng(1).standard_normal([2, *in_size, 3]).astype(np.float32)
-    # pylint: disable-next=protected-access
-    resized = unet._resize_like_torch_bilinear(images, *out_size)
+    resized = unet_reference.resize_like_torch_bilinear(images, *out_size)
     np.testing.assert_allclose(resized, _torch_bilinear_numpy(images, *out_size), atol=1e-6)
 
 

@@ -52,7 +52,7 @@ from tf_iddpm import metrics
 from tf_iddpm import quality_lib
 from tf_iddpm import sample_lib
 from tf_iddpm import train_lib
-from tf_iddpm import unet
+from tf_iddpm import unet_reference
 
 ARM_SETTINGS = {
     # name: (loss, noise_schedule, schedule_sampler)
@@ -457,7 +457,7 @@ class ArmModels:
 def untrained_samples(config, num_samples: int, steps: int) -> np.ndarray:
     """Samples of the freshly initialised network (the proxy check's "bad model")."""
     net = factory.create_model_from_config(config)
-    unet.initialize_weights(net, int(config.seed))
+    unet_reference.initialize_weights(net, int(config.seed))
     process = factory.create_diffusion_from_config(
         config, timestep_respacing=_respacing(steps, int(config.diffusion.steps))
     )

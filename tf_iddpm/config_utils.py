@@ -38,21 +38,23 @@ from tf_iddpm import choices
 from tf_iddpm import fileio
 from tf_iddpm import samplers
 from tf_iddpm import schedules
+from tf_iddpm import unet_options
 
 CONFIG_FILENAME = "config.json"
 
 MODES = ("train", "sample", "eval", "fid", "export")
 
-# The UNet's channel multipliers when ``model.channel_mult`` is "": improved-diffusion's table for
-# 32, 64 and 256, and guided-diffusion's for 128 (improved-diffusion has no 128 default).
-DEFAULT_CHANNEL_MULT = {
-    32: (1, 2, 2, 2),
-    64: (1, 2, 3, 4),
-    128: (1, 1, 2, 3, 4),
-    256: (1, 1, 2, 2, 4, 4),
+# The config field of each UNet option (tf_iddpm.unet_options), for its messages.
+UNET_OPTION_FIELDS = {
+    "image_size": "data.image_size",
+    "num_channels": "model.num_channels",
+    "num_res_blocks": "model.num_res_blocks",
+    "channel_mult": "model.channel_mult",
+    "attention_resolutions": "model.attention_resolutions",
+    "num_heads": "model.num_heads",
+    "num_heads_upsample": "model.num_heads_upsample",
+    "dropout": "model.dropout",
 }
-# improved-diffusion normalises with GroupNorm(32 groups): every channel count must divide by it.
-GROUP_NORM_GROUPS = 32
 
 # Fields (glob patterns over dotted names) that may change between runs in one workdir: they
 # say how long to train, how often to log or save, where the data is stored, or how to sample,
@@ -97,28 +99,6 @@ class ConfigConflictError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def parse_int_list(text: str, *, field: str) -> Tuple[int, ...]:
-    """Parses "16,8" into (16, 8); "" gives ().
-
-    Args:
-      text: comma-separated integers.
-      field: the config field the text comes from, for the error message.
-
-    Returns:
-      The integers, in order.
-
-    Raises:
-      ValueError: if an item is not an integer.
-    """
-    items = [item.strip() for item in str(text).split(",") if item.strip()]
-    try:
-        return tuple(int(item) for item in items)
-    except ValueError:
-        raise ValueError(
-            f"{field}={text!r}: expected comma-separated integers, e.g. '16,8'"
-        ) from None
-
-
 def parse_float_list(text: str, *, field: str) -> Tuple[float, ...]:
     """Parses "0.9999,0.999" into (0.9999, 0.999); "" gives ().
 
@@ -152,52 +132,25 @@ def channel_mult(config: ml_collections.ConfigDict) -> Tuple[int, ...]:
     """The UNet's per-level channel multipliers: ``model.channel_mult`` or the image size's default.
 
     Raises:
-      ValueError: if ``model.channel_mult`` is "" and :data:`DEFAULT_CHANNEL_MULT` has no entry
-        for ``data.image_size``, or if a multiplier is not a positive integer.
+      ValueError: as :func:`tf_iddpm.unet_options.resolve_channel_mult`.
     """
-    image_size = config.data.image_size
-    if not config.model.channel_mult:
-        if image_size not in DEFAULT_CHANNEL_MULT:
-            raise ValueError(
-                f"data.image_size={image_size} has no default UNet channel_mult (defaults exist "
-                f"for {', '.join(map(str, sorted(DEFAULT_CHANNEL_MULT)))}); set "
-                "model.channel_mult, e.g. --config.model.channel_mult=1,2,2"
-            )
-        return DEFAULT_CHANNEL_MULT[image_size]
-    mult = parse_int_list(config.model.channel_mult, field="model.channel_mult")
-    if not mult or any(m < 1 for m in mult):
-        raise ValueError(
-            f"model.channel_mult={config.model.channel_mult!r}: expected positive "
-            "integers, one per resolution level, e.g. '1,2,2'"
-        )
-    return mult
+    return unet_options.resolve_channel_mult(
+        config.data.image_size, config.model.channel_mult, names=UNET_OPTION_FIELDS
+    )
 
 
 def attention_downsample_rates(config: ml_collections.ConfigDict) -> Tuple[int, ...]:
     """``model.attention_resolutions`` (pixel sizes, as in the reference) as downsample rates.
 
-    The reference turns a resolution r into the rate image_size // r and silently ignores rates no
-    level of the UNet has; here such a resolution is an error.
-
     Raises:
-      ValueError: if a resolution does not divide the image size into one of the UNet's levels.
+      ValueError: as :func:`tf_iddpm.unet_options.attention_downsample_rates`.
     """
-    image_size = config.data.image_size
-    mult = channel_mult(config)
-    level_rates = [2**level for level in range(len(mult))]
-    rates = []
-    for resolution in parse_int_list(
-        config.model.attention_resolutions, field="model.attention_resolutions"
-    ):
-        if resolution < 1 or image_size % resolution or image_size // resolution not in level_rates:
-            resolutions = [image_size // rate for rate in level_rates]
-            raise ValueError(
-                f"model.attention_resolutions={config.model.attention_resolutions!r}: "
-                f"{resolution} is not a resolution of this UNet (data.image_size={image_size}, "
-                f"channel_mult={mult} gives resolutions {resolutions})"
-            )
-        rates.append(image_size // resolution)
-    return tuple(rates)
+    return unet_options.attention_downsample_rates(
+        config.data.image_size,
+        channel_mult(config),
+        config.model.attention_resolutions,
+        names=UNET_OPTION_FIELDS,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,47 +390,19 @@ def _field_errors(config: ml_collections.ConfigDict, mode: str) -> List[str]:
     errors.extend(data_field_errors(data))
 
     # model
-    try:
-        mult = channel_mult(config)
-    except ValueError as e:
-        errors.append(str(e))
-        mult = None
-    if mult is not None:
-        if data.image_size % (2 ** (len(mult) - 1)):
-            errors.append(
-                f"data.image_size={data.image_size} is not divisible by "
-                f"{2 ** (len(mult) - 1)}, the downsampling of channel_mult={mult}"
-            )
-        try:
-            attention_downsample_rates(config)
-        except ValueError as e:
-            errors.append(str(e))
-    _check_positive(errors, config, "model.num_channels", "model.num_res_blocks", "model.num_heads")
-    if mult is not None and model.num_channels > 0 and model.num_heads > 0:
-        for level_mult in sorted(set(mult)):
-            channels = model.num_channels * level_mult
-            if channels % GROUP_NORM_GROUPS:
-                errors.append(
-                    f"model.num_channels={model.num_channels} x channel_mult "
-                    f"{level_mult} = {channels} channels, not divisible by the "
-                    f"{GROUP_NORM_GROUPS} groups of GroupNorm; use a multiple of 32"
-                )
-                break
-        heads_upsample = (
-            model.num_heads if model.num_heads_upsample == -1 else model.num_heads_upsample
+    errors.extend(
+        unet_options.option_errors(
+            image_size=data.image_size,
+            num_channels=model.num_channels,
+            num_res_blocks=model.num_res_blocks,
+            channel_mult=model.channel_mult,
+            attention_resolutions=model.attention_resolutions,
+            num_heads=model.num_heads,
+            num_heads_upsample=model.num_heads_upsample,
+            dropout=model.dropout,
+            names=UNET_OPTION_FIELDS,
         )
-        level_channels = [model.num_channels * m for m in mult]
-        for heads, field in (
-            (model.num_heads, "num_heads"),
-            (heads_upsample, "num_heads_upsample"),
-        ):
-            if heads < 1 or any(channels % heads for channels in level_channels):
-                errors.append(
-                    f"model.{field}={heads} must be >= 1 and divide every level's "
-                    f"channel count {level_channels}"
-                )
-    if not 0.0 <= model.dropout < 1.0:
-        errors.append(f"model.dropout={model.dropout} must lie in [0, 1)")
+    )
 
     # diffusion
     _check_choice(

@@ -1,7 +1,86 @@
-"""Factories that build the project's objects from a ConfigDict shaped like configs/base.py."""
+"""Factories that build the project's objects: the UNet from the reference's flags, and the UNet
+and the diffusion from a ConfigDict shaped like configs/base.py.
+
+:func:`create_model` is the reference's ``script_util.create_model`` (and ``sr_create_model``): it
+resolves the flags with the rules of :mod:`tf_iddpm.unet_options` and builds a
+:class:`tf_iddpm.unet.UNetModel`; :func:`create_model_from_config` takes the flags from a config.
+"""
 
 from tf_iddpm import diffusion
 from tf_iddpm import unet
+from tf_iddpm import unet_options
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    attention_resolutions,
+    num_heads,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    *,
+    channel_mult="",
+    num_classes=unet_options.DEFAULT_NUM_CLASSES,
+    in_channels=3,
+    super_res=False,
+    **model_kwargs,
+):
+    """Builds a UNet from the reference's ``script_util`` flags.
+
+    Args:
+      image_size: training resolution; selects the default ``channel_mult`` (32, 64, 128, 256).
+      num_channels: ``model_channels``.
+      num_res_blocks: ResBlocks per level.
+      learn_sigma: output 2 * in_channels channels (epsilon and variance values).
+      class_cond: class-conditional on ``num_classes`` labels.
+      attention_resolutions: comma-separated *resolutions* ("16,8"), converted to downsample
+        rates ``image_size // res``.
+      num_heads, num_heads_upsample, use_scale_shift_norm, dropout: as
+        :class:`tf_iddpm.unet.UNetModel`.
+      channel_mult: "" for the per-size default, else "1,2,2" or a sequence of ints.
+      num_classes: label count when ``class_cond``.
+      in_channels: image channels.
+      super_res: build a :class:`tf_iddpm.unet.SuperResModel` at ``image_size`` (the
+        reference's ``sr_create_model`` with ``large_size = image_size``).
+      **model_kwargs: passed to the model (``name``, ``dtype``).
+
+    Returns:
+      A built :class:`tf_iddpm.unet.UNetModel` or :class:`tf_iddpm.unet.SuperResModel`.
+
+    Raises:
+      ValueError: listing every flag that breaks a rule of :mod:`tf_iddpm.unet_options`.
+    """
+    levels = unet_options.resolve(
+        image_size=image_size,
+        num_channels=num_channels,
+        num_res_blocks=num_res_blocks,
+        channel_mult=channel_mult,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        dropout=dropout,
+        class_cond=class_cond,
+        num_classes=num_classes,
+    )
+    model_cls = unet.SuperResModel if super_res else unet.UNetModel
+    return model_cls(
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=2 * in_channels if learn_sigma else in_channels,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=levels.attention_downsample_rates,
+        dropout=dropout,
+        channel_mult=levels.channel_mult,
+        num_classes=num_classes if class_cond else None,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        **model_kwargs,
+    )
 
 
 def create_model_from_config(config, **model_kwargs):
@@ -9,8 +88,8 @@ def create_model_from_config(config, **model_kwargs):
 
     ``image_size``, ``num_channels`` (image channels), ``class_cond``, ``num_classes`` and
     ``low_res_size`` (> 0 selects the super-resolution model) come from ``config.data``,
-    ``learn_sigma`` from ``config.diffusion``, every other argument of
-    :func:`tf_iddpm.unet.create_model` from ``config.model``.
+    ``learn_sigma`` from ``config.diffusion``, every other argument of :func:`create_model` from
+    ``config.model``.
 
     Args:
       config: ml_collections.ConfigDict with ``data``, ``model`` and ``diffusion`` groups.
@@ -20,7 +99,7 @@ def create_model_from_config(config, **model_kwargs):
       A built :class:`tf_iddpm.unet.UNetModel` or :class:`tf_iddpm.unet.SuperResModel`.
     """
     data, model = config.data, config.model
-    return unet.create_model(
+    return create_model(
         image_size=data.image_size,
         num_channels=model.num_channels,
         num_res_blocks=model.num_res_blocks,

@@ -5,7 +5,7 @@ One custom loop serves every strategy (default, Mirrored, MultiWorkerMirrored, T
 ``Trainer.replica_step`` is the whole algorithm; the rest is bookkeeping.
 
 Randomness is a pure function of ``config.seed``: the initial weights of (seed, weight name)
-(:func:`tf_iddpm.unet.initialize_weights`); the timesteps, noise and dropout masks of
+(:func:`tf_iddpm.unet_reference.initialize_weights`); the timesteps, noise and dropout masks of
 (seed, step), drawn for the *global* batch identically on every replica from stateless seeds, each
 replica taking its slice; the data order of (seed, step) (:func:`tf_iddpm.data.make_train_dataset`).
 So a run's trajectory does not depend on how many replicas share the batch, nor on whether it was
@@ -33,7 +33,7 @@ from tf_iddpm import metrics
 from tf_iddpm import optimizers
 from tf_iddpm import samplers
 from tf_iddpm import timestep_sampler
-from tf_iddpm import unet
+from tf_iddpm import unet_reference
 
 TENSORBOARD_SUBDIR = "tensorboard"
 NUM_QUARTILES = 4
@@ -81,7 +81,7 @@ class Trainer:
 
         with strategy.scope():
             self.net = factory.create_model_from_config(config, name="unet")
-            unet.initialize_weights(self.net, self.seed)
+            unet_reference.initialize_weights(self.net, self.seed)
             self.ema_nets = {}
             for rate in self.ema_rates:
                 ema_net = factory.create_model_from_config(
@@ -150,7 +150,7 @@ class Trainer:
     def _dropout_rng(self):
         """[3] int64: a seed of (seed, step), then this replica's first global batch position.
 
-        See unet.positional_dropout: the masks are then those of the whole global batch drawn on
+        See unet_ops.positional_dropout: the masks are then those of the whole global batch drawn on
         one device, whatever the number of replicas.
         """
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group

@@ -10,272 +10,38 @@ Sub-layers are stored as plain attributes rather than in Python lists: Keras 3 d
 layers held in a list to a ``tf.train.Checkpoint`` object graph, and the training workdir is a
 ``tf.train.Checkpoint(model=unet)``.
 
+This module is the architecture.  What its layers compute beyond Keras' own layers is in
+:mod:`tf_iddpm.unet_ops` (GroupNorm, attention, dropout and the residual sum, written for speed);
+PyTorch's initialisation and the reference's timestep embedding are in
+:mod:`tf_iddpm.unet_reference`; building a UNet from the reference's ``script_util`` flags is
+:func:`tf_iddpm.factory.create_model`, and the rules on those flags are
+:mod:`tf_iddpm.unet_options`.
+
 Mixed precision (``mixed_bfloat16`` / ``mixed_float16``) runs the 3x3 convolutions, attention
 products and dense projections of the torso in the low precision and keeps in float32 everything
 that carries the exact pixel values: the input convolution, the residual stream (block outputs and
 the skips the decoder concatenates), the 1x1 skip convolutions, GroupNorm with its conditioning and
-SiLU (fused, see ``_group_norm``), the attention softmax, the timestep/class embedding MLP and the ``out`` head; the output is float32.  Why: at
-small t the model reads eps off deviations of x_t far below bfloat16's resolution (its spacing near
-1.0 is 2^-7, one 8-bit pixel level), so rounding the image or the stream that passes it to the head
-destroys exactly the information the likelihood depends on.  How far a policy moves the bpd of a
-trained model is what ``python -m tf_iddpm.benchmark --bpd_check_workdir=...`` measures (the
-README's Performance section records the numbers).
+SiLU (fused, see :func:`tf_iddpm.unet_ops.group_norm`), the attention softmax, the timestep/class
+embedding MLP and the ``out`` head; the output is float32.  Why: at small t the model reads eps off
+deviations of x_t far below bfloat16's resolution (its spacing near 1.0 is 2^-7, one 8-bit pixel
+level), so rounding the image or the stream that passes it to the head destroys exactly the
+information the likelihood depends on.  How far a policy moves the bpd of a trained model is what
+``python -m tf_iddpm.benchmark --bpd_check_workdir=...`` measures.
 """
 
-import hashlib
-import math
+import itertools
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-# The reference's normalization(): GroupNorm with 32 groups and PyTorch's default epsilon.
-NORM_GROUPS = 32
+from tf_iddpm import unet_ops
+from tf_iddpm import unet_options
+from tf_iddpm import unet_reference
+
+# The reference's normalization(): GroupNorm with 32 groups (unet_options.NORM_GROUPS, a rule on
+# the channel counts) and PyTorch's default epsilon.
 NORM_EPSILON = 1e-5
-
-# Class count of the reference's class-conditional ImageNet models (script_util.NUM_CLASSES).
-DEFAULT_NUM_CLASSES = 1000
-
-# Channel multipliers per image size.  32, 64 and 256 are improved-diffusion's
-# script_util.create_model; 128 is not in improved-diffusion, the value is the one its successor
-# (openai/guided-diffusion) uses for 128x128 models.
-CHANNEL_MULT_BY_IMAGE_SIZE = {
-    32: (1, 2, 2, 2),
-    64: (1, 2, 3, 4),
-    128: (1, 1, 2, 3, 4),
-    256: (1, 1, 2, 2, 4, 4),
-}
-
-
-def timestep_embedding(timesteps, dim, max_period=10000):
-    """Sinusoidal timestep embedding of the reference (``nn.timestep_embedding``).
-
-    ``freqs[i] = exp(-ln(max_period) * i / half)`` for ``i < half = dim // 2``, a float32
-    constant; the embedding is ``[cos(t * freqs) | sin(t * freqs)]`` (cos first, products in
-    float32), with one zero column appended when ``dim`` is odd.
-
-    The exponent is formed in float32 as the reference does and then exponentiated with correct
-    rounding (in float64, cast to float32).  That reproduces the reference's frequencies
-    bit for bit, whereas TensorFlow's float32 ``exp`` is off by an ulp for some of them, which
-    moves cos/sin by up to ~t * 6e-8 (5e-5 at t = 4000).
-
-    Args:
-      timesteps: [N] tensor of (possibly fractional) timesteps, any real or integer dtype.
-      dim: embedding width.
-      max_period: controls the lowest frequency.
-
-    Returns:
-      [N, dim] float32 tensor.
-    """
-    half = dim // 2
-    exponent = (
-        np.float32(-math.log(max_period))
-        * np.arange(half, dtype=np.float32)
-        / np.float32(max(half, 1))
-    )
-    freqs = tf.constant(np.exp(exponent.astype(np.float64)).astype(np.float32))
-    args = tf.cast(timesteps, tf.float32)[:, None] * freqs[None, :]
-    embedding = tf.concat([tf.cos(args), tf.sin(args)], axis=-1)
-    if dim % 2:
-        embedding = tf.concat([embedding, tf.zeros_like(embedding[:, :1])], axis=-1)
-    return embedding
-
-
-def _torch_default_initializers(fan_in, zero=False):
-    """Kernel and bias initializers matching PyTorch's Conv/Linear defaults.
-
-    PyTorch draws both weight and bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the reference
-    zeroes its output convolutions (``zero_module``) instead.
-    """
-    if zero:
-        return "zeros", "zeros"
-    bound = 1.0 / math.sqrt(fan_in)
-    kernel = keras.initializers.VarianceScaling(
-        scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
-    )
-    return kernel, keras.initializers.RandomUniform(-bound, bound)
-
-
-def _conv(in_channels, out_channels, kernel_size, name, dtype, strides=1, zero=False):
-    """A Conv2D with 'same'-style symmetric padding for stride 1 (or 'valid' for stride 2)."""
-    kernel_init, bias_init = _torch_default_initializers(
-        in_channels * kernel_size * kernel_size, zero
-    )
-    return keras.layers.Conv2D(
-        out_channels,
-        kernel_size,
-        strides=strides,
-        padding="same" if strides == 1 else "valid",
-        kernel_initializer=kernel_init,
-        bias_initializer=bias_init,
-        name=name,
-        dtype=dtype,
-    )
-
-
-def _dense(in_features, out_features, name, dtype, zero=False):
-    kernel_init, bias_init = _torch_default_initializers(in_features, zero)
-    return keras.layers.Dense(
-        out_features,
-        kernel_initializer=kernel_init,
-        bias_initializer=bias_init,
-        name=name,
-        dtype=dtype,
-    )
-
-
-def _residual_sum(skip, update):
-    """skip + update, computed in float32 (a mixed policy's low-precision operand is widened).
-
-    Under a mixed policy the convolutions and matmuls run in bfloat16/float16 but the residual
-    stream (block outputs, the skip tensors the decoder concatenates) stays float32: it is the path
-    by which the float32 input convolution's exact view of x_t reaches the float32 head (see the
-    module docstring for the bpd it saves).  In float32 models this is a plain addition.
-    """
-    if skip.dtype == update.dtype == tf.float32:
-        return skip + update
-    return tf.cast(skip, tf.float32) + tf.cast(update, tf.float32)
-
-
-def positional_dropout(h, rate, seed, first_example, salt):
-    """Dropout whose mask is a function of (seed, salt, each example's position in the batch).
-
-    The mask of the example at global batch position ``p`` is the Philox stream of the key that
-    ``seed`` and ``salt`` select, from counter ``p * ceil(D / 4)`` on (D elements per example, four
-    per counter): the rows a replica draws for positions ``first_example, ...`` are exactly the
-    rows one device draws for the whole batch, so masks do not depend on how the batch is split,
-    and a trainer that derives ``seed`` from (seed, step) gets them again after a resume.  One
-    random op per layer, whatever the batch size (a per-example loop was a while-loop per layer).
-
-    The mask is drawn in float32 (the same masks under every precision policy) and applied as a
-    single multiplier ``keep / (1 - rate)`` in h's dtype, so the backward pass is one multiply by
-    the same tensor.
-
-    Args:
-      h: [N, ...] activations.
-      rate: probability of dropping an element, in [0, 1).
-      seed: [2] integer stateless seed (the step's dropout seed).
-      first_example: global batch position of h's first row (0 on one device).
-      salt: int distinguishing the dropout layers of one network.
-
-    Returns:
-      ``h * keep / (1 - rate)`` with ``keep ~ Bernoulli(1 - rate)`` elementwise, as tf.nn.dropout.
-    """
-    with tf.name_scope("dropout"):  # names the mask ops in profiles
-        layer_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
-        key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=layer_seed)
-        shape = tf.shape(h)
-        per_example = tf.reduce_prod(shape[1:])
-        counters_per_example = (per_example + 3) // 4  # Philox yields four 32-bit draws per counter
-        start = tf.cast(first_example, tf.int64) * tf.cast(counters_per_example, tf.int64)
-        # The low counter word is 0 for keys from StatelessRandomGetKeyCounter; adding to it cannot
-        # carry for any batch a run can hold.
-        counter = counter + tf.stack([tf.cast(start, tf.uint64), tf.constant(0, tf.uint64)])
-        draws = tf.raw_ops.StatelessRandomUniformV2(
-            shape=tf.stack([shape[0], 4 * counters_per_example]),
-            key=key,
-            counter=counter,
-            alg=1,  # Philox, on every device (AUTO_SELECT may differ between backends)
-            dtype=tf.float32,
-        )
-        keep = tf.reshape(draws[:, :per_example], shape) >= rate
-        multiplier = tf.where(keep, tf.constant(1.0 / (1.0 - rate), h.dtype), tf.zeros([], h.dtype))
-        return h * multiplier
-
-
-def _group_norm(x, gamma, beta, groups, epsilon, offset=None, scale=None, shift=None, silu=False):
-    """``silu?((GroupNorm(x + offset) * gamma + beta) * scale + shift)`` with an analytic gradient.
-
-    GroupNorm of float32 x [N, ..., C] over contiguous channel groups, fused with what the UNet
-    applies around it: a per-(sample, channel) ``offset`` added before the norm (the ResBlock's
-    additive timestep conditioning), a per-(sample, channel) ``scale`` and ``shift`` after it (the
-    adaptive ``use_scale_shift_norm`` conditioning, ``scale`` being the reference's ``1 + scale``)
-    and SiLU.  offset, scale and shift are [N, C] or None.  Folded into per-(sample, channel)
-    coefficients ``a``, ``b`` they cost nothing over a plain GroupNorm: the forward is
-    ``z = (x - center) * a + b`` then SiLU, and the backward reads the saved ``x - center``, ``z``
-    and ``sigmoid(z)`` instead of the 4-6 extra passes over the activation that separate ops and their
-    automatic gradients take (README, Performance).
-
-    Statistics are per-channel sums over the positions (a reduction over the leading axes, which
-    keeps channels contiguous) folded into groups afterwards; reducing a [N, HW, groups, C/groups]
-    view over axes (1, 3) directly, as tf.nn.moments would, is ~30x slower on CPU.  The backward
-    pass is the closed form (g = gamma * scale, mean_g the mean over a group's positions and
-    channels)
-
-        dx = rstd * (g*dz - mean_g(g*dz) - xhat * mean_g(g*dz * xhat)),   d offset = sum_pos dx,
-        dgamma = sum_{n,pos} dz * xhat * scale,   dbeta = sum_{n,pos} dz * scale,
-        d scale = sum_pos dz * (xhat * gamma + beta),   d shift = sum_pos dz,
-
-    with dz = dy * silu'(z), evaluated as dz*P + centered*Q + R with per-(sample, channel) P, Q, R.
-    """
-    channels = x.shape[-1]
-    group_size = channels // groups
-    position_axes = list(range(1, x.shape.rank - 1))
-    broadcast_shape = [-1] + [1] * len(position_axes) + [channels]
-    positions = x.shape[1:-1]
-    if positions.is_fully_defined():
-        # Python constants: every graph (in-process, SavedModel) then runs the same multiply,
-        # instead of leaving it to Grappler whether a division by a folded count is rewritten.
-        num_positions = float(positions.num_elements())
-    else:
-        num_positions = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), tf.float32)
-    inverse_count = 1.0 / (num_positions * group_size)
-    per_sample = tf.stack([tf.shape(x)[0], channels])
-    offset = tf.zeros(per_sample) if offset is None else tf.cast(offset, tf.float32)
-    scale = tf.ones(per_sample) if scale is None else tf.cast(scale, tf.float32)
-    shift = tf.zeros(per_sample) if shift is None else tf.cast(shift, tf.float32)
-
-    def group_mean(per_channel_sums):  # [N, C] sums over positions -> [N, C] means of each group
-        grouped = tf.reshape(per_channel_sums, [-1, groups, group_size])
-        means = tf.reduce_sum(grouped, -1, keepdims=True) * inverse_count
-        return tf.reshape(tf.broadcast_to(means, tf.shape(grouped)), [-1, channels])
-
-    def per_position(coefficient):  # [N, C] -> broadcastable against x
-        return tf.reshape(coefficient, broadcast_shape)
-
-    @tf.custom_gradient
-    def normalize(x, gamma, beta, offset, scale, shift):
-        sums = tf.reduce_sum(x, axis=position_axes)  # [N, C]
-        # The group mean of x + offset, less offset: x - center is (x + offset) - its group mean.
-        center = group_mean(sums + num_positions * offset) - offset
-        centered = x - per_position(center)
-        variance = group_mean(tf.reduce_sum(tf.square(centered), axis=position_axes))
-        rstd = tf.math.rsqrt(variance + epsilon)  # [N, C]
-        gain = gamma * scale
-        z = centered * per_position(rstd * gain) + per_position(beta * scale + shift)
-        if silu:
-            # SiLU as sigmoid and a multiply that Grappler's remapper does not fuse: its oneDNN
-            # Swish rounds differently from Sigmoid * x, and whether a graph gets the fusion
-            # (an in-process function vs the same model loaded from a SavedModel) must not change
-            # the numbers.  The sigmoid is kept for the gradient instead of recomputed there.
-            sigmoid = tf.sigmoid(z)
-            out = tf.math.multiply_no_nan(z, sigmoid)
-        else:
-            out = z
-
-        def grad(dy):
-            with tf.name_scope("group_norm_grad"):  # names the gradient in profiles
-                if silu:
-                    # silu'(z) = sigmoid + z * sigmoid * (1 - sigmoid); SigmoidGrad(s, g) = g*s*(1-s).
-                    dz = dy * sigmoid + tf.raw_ops.SigmoidGrad(y=sigmoid, dy=dy * z)
-                else:
-                    dz = dy
-                sum_dz = tf.reduce_sum(dz, axis=position_axes)  # [N, C]
-                sum_dz_centered = tf.reduce_sum(dz * centered, axis=position_axes)  # [N, C]
-                p = rstd * gain
-                q = -tf.pow(rstd, 3) * group_mean(sum_dz_centered * gain)
-                r = -rstd * group_mean(sum_dz * gain)
-                dx = dz * per_position(p) + (centered * per_position(q) + per_position(r))
-                sum_centered = sums - num_positions * center  # sum over positions of centered
-                d_offset = sum_dz * p + sum_centered * q + num_positions * r
-                d_gamma = tf.reduce_sum(sum_dz_centered * rstd * scale, axis=0)
-                d_beta = tf.reduce_sum(sum_dz * scale, axis=0)
-                d_scale = sum_dz_centered * rstd * gamma + sum_dz * beta
-                return dx, d_gamma, d_beta, d_offset, d_scale, sum_dz
-
-        return out, grad
-
-    return normalize(x, gamma, beta, offset, scale, shift)
 
 
 class GroupNorm32(keras.layers.Layer):
@@ -290,7 +56,7 @@ class GroupNorm32(keras.layers.Layer):
       epsilon: added to the variance.
     """
 
-    def __init__(self, groups=NORM_GROUPS, epsilon=NORM_EPSILON, **kwargs):
+    def __init__(self, groups=unet_options.NORM_GROUPS, epsilon=NORM_EPSILON, **kwargs):
         # autocast=False: read gamma/beta in float32 even under a mixed policy.
         super().__init__(autocast=False, **kwargs)
         self.groups = groups
@@ -308,7 +74,9 @@ class GroupNorm32(keras.layers.Layer):
         self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
 
     def call(self, x, offset=None, scale=None, shift=None, silu=False):
-        """``silu?((norm(x + offset) * gamma + beta) * scale + shift)`` (see :func:`_group_norm`).
+        """``silu?((norm(x + offset) * gamma + beta) * scale + shift)``, fused.
+
+        See :func:`tf_iddpm.unet_ops.group_norm`.
 
         Args:
           x: [N, ..., C] features of any float dtype (normalised in float32).
@@ -316,7 +84,7 @@ class GroupNorm32(keras.layers.Layer):
           scale, shift: optional [N, C] applied after the norm's own affine.
           silu: apply SiLU (in float32, before the cast to the compute dtype).
         """
-        out = _group_norm(
+        out = unet_ops.group_norm(
             tf.cast(x, tf.float32),
             tf.convert_to_tensor(self.gamma),
             tf.convert_to_tensor(self.beta),
@@ -347,6 +115,8 @@ class ResBlock(keras.layers.Layer):
       dropout: dropout rate applied before the last conv when training.
       out_channels: output channels (default: ``channels``).
       use_scale_shift_norm: adaptive GroupNorm instead of additive conditioning.
+      dropout_salt: distinguishes this block's positional dropout masks from those of the
+        network's other blocks; the UNet passes the block's index among its ResBlocks.
     """
 
     def __init__(
@@ -356,28 +126,31 @@ class ResBlock(keras.layers.Layer):
         dropout,
         out_channels=None,
         use_scale_shift_norm=False,
+        dropout_salt=0,
         **kwargs,
     ):
-        # autocast=False: the residual input keeps its dtype (see _residual_sum); the
+        # autocast=False: the residual input keeps its dtype (see unet_ops.residual_sum); the
         # sub-layers cast what they consume.
         super().__init__(autocast=False, **kwargs)
         self.channels = channels
         self.emb_channels = emb_channels
         self.dropout = float(dropout)
-        self.dropout_salt = 0  # set by the UNet: the block's index among its ResBlocks
+        self.dropout_salt = int(dropout_salt)
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         out_ch = self.out_channels
         policy = self.dtype_policy
         self.in_norm = GroupNorm32(name="in_layers.0", dtype=policy)
-        self.in_conv = _conv(channels, out_ch, 3, "in_layers.2", policy)
-        self.emb_proj = _dense(
+        self.in_conv = unet_reference.conv2d(channels, out_ch, 3, "in_layers.2", policy)
+        self.emb_proj = unet_reference.dense(
             emb_channels, 2 * out_ch if use_scale_shift_norm else out_ch, "emb_layers.1", policy
         )
         self.out_norm = GroupNorm32(name="out_layers.0", dtype=policy)
-        self.out_conv = _conv(out_ch, out_ch, 3, "out_layers.3", policy, zero=True)
+        self.out_conv = unet_reference.conv2d(out_ch, out_ch, 3, "out_layers.3", policy, zero=True)
         self.skip_connection = (
-            None if out_ch == channels else _conv(channels, out_ch, 1, "skip_connection", "float32")
+            None
+            if out_ch == channels
+            else unet_reference.conv2d(channels, out_ch, 1, "skip_connection", "float32")
         )
 
     def build(self, input_shape=None):
@@ -399,7 +172,8 @@ class ResBlock(keras.layers.Layer):
           training: enables dropout.
           dropout_rng: optional [3] int64 ``[seed_0, seed_1, first_example]`` that makes the
             dropout mask a function of the step's seed and each example's global batch position
-            (see :func:`positional_dropout`; the block folds in its ``dropout_salt``).  Without it
+            (see :func:`tf_iddpm.unet_ops.positional_dropout`; the block folds in its
+            ``dropout_salt``).  Without it
             dropout draws from TensorFlow's stateful RNG.
 
         Returns:
@@ -415,7 +189,7 @@ class ResBlock(keras.layers.Layer):
             h = self.out_norm(h, offset=emb_out, silu=True)
         if training and self.dropout > 0:
             if dropout_rng is not None:
-                h = positional_dropout(
+                h = unet_ops.positional_dropout(
                     h, self.dropout, dropout_rng[:2], dropout_rng[2], self.dropout_salt
                 )
             else:
@@ -424,7 +198,7 @@ class ResBlock(keras.layers.Layer):
                 h = tf.nn.dropout(h, rate=self.dropout)
         h = self.out_conv(h)
         skip = x if self.skip_connection is None else self.skip_connection(x)
-        return _residual_sum(skip, h)
+        return unet_ops.residual_sum(skip, h)
 
     def torch_layers(self, prefix):
         """Maps reference state_dict prefixes to this block's weight-owning layers."""
@@ -446,8 +220,9 @@ class AttentionBlock(keras.layers.Layer):
     ``qkv`` is a 1x1 projection to 3C channels laid out per head: head ``h`` owns channels
     ``[h * 3C/heads, (h + 1) * 3C/heads)`` holding its ``[q | k | v]`` in that order, exactly as
     the reference's Conv1d, so checkpoints load without permuting channels.  q and k are both
-    scaled by ``(C/heads) ** -0.25``; the softmax runs in float32.  Output: ``x + proj_out(a)``
-    with ``proj_out`` zero-initialised.
+    scaled by ``(C/heads) ** -0.25``; the softmax runs in float32 (see
+    :func:`tf_iddpm.unet_ops.qkv_attention`).  Output: ``x + proj_out(a)`` with ``proj_out``
+    zero-initialised.
 
     Args:
       channels: C, a multiple of ``num_heads``.
@@ -455,7 +230,7 @@ class AttentionBlock(keras.layers.Layer):
     """
 
     def __init__(self, channels, num_heads=1, **kwargs):
-        # autocast=False: the residual input keeps its dtype (see _residual_sum); the
+        # autocast=False: the residual input keeps its dtype (see unet_ops.residual_sum); the
         # sub-layers cast what they consume.
         super().__init__(autocast=False, **kwargs)
         if channels % num_heads:
@@ -467,8 +242,8 @@ class AttentionBlock(keras.layers.Layer):
         self.num_heads = num_heads
         policy = self.dtype_policy
         self.norm = GroupNorm32(name="norm", dtype=policy)
-        self.qkv = _dense(channels, 3 * channels, "qkv", policy)
-        self.proj_out = _dense(channels, channels, "proj_out", policy, zero=True)
+        self.qkv = unet_reference.dense(channels, 3 * channels, "qkv", policy)
+        self.proj_out = unet_reference.dense(channels, channels, "proj_out", policy, zero=True)
 
     def build(self, input_shape=None):
         del input_shape
@@ -479,22 +254,9 @@ class AttentionBlock(keras.layers.Layer):
     def call(self, x):
         """Applies attention to [N, H, W, C] features; returns the same shape."""
         batch, height, width = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
-        head_channels = self.channels // self.num_heads
         tokens = tf.reshape(x, [batch, height * width, self.channels])  # row-major (h, w)
-        qkv = self.qkv(self.norm(tokens))
-        # Heads moved ahead of the tokens once ([N, heads, T, 3ch]) so both products are plain
-        # batched matmuls whose gradients need no data transposes; einsum over the [N, T, heads, ch]
-        # layout transposed its operands on every call, which was slower (README, Performance).
-        qkv = tf.transpose(
-            tf.reshape(qkv, [batch, -1, self.num_heads, 3 * head_channels]), [0, 2, 1, 3]
-        )
-        q, k, v = tf.split(qkv, 3, axis=-1)  # each [N, heads, T, ch]
-        scale = tf.cast(1.0 / math.sqrt(math.sqrt(head_channels)), q.dtype)
-        logits = tf.matmul(q * scale, k * scale, transpose_b=True)  # [N, heads, T, T]
-        weights = tf.cast(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1), v.dtype)
-        attended = tf.transpose(tf.matmul(weights, v), [0, 2, 1, 3])  # [N, T, heads, ch]
-        attended = tf.reshape(attended, [batch, -1, self.channels])
-        return _residual_sum(x, tf.reshape(self.proj_out(attended), tf.shape(x)))
+        attended = unet_ops.qkv_attention(self.qkv(self.norm(tokens)), self.num_heads)
+        return unet_ops.residual_sum(x, tf.reshape(self.proj_out(attended), tf.shape(x)))
 
     def torch_layers(self, prefix):
         return {
@@ -515,7 +277,7 @@ class Downsample(keras.layers.Layer):
         super().__init__(**kwargs)
         self.channels = channels
         self.pad = keras.layers.ZeroPadding2D(1, dtype=self.dtype_policy)
-        self.op = _conv(channels, channels, 3, "op", self.dtype_policy, strides=2)
+        self.op = unet_reference.conv2d(channels, channels, 3, "op", self.dtype_policy, strides=2)
 
     def build(self, input_shape=None):
         del input_shape
@@ -534,7 +296,7 @@ class Upsample(keras.layers.Layer):
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
         self.channels = channels
-        self.conv = _conv(channels, channels, 3, "conv", self.dtype_policy)
+        self.conv = unet_reference.conv2d(channels, channels, 3, "conv", self.dtype_policy)
 
     def build(self, input_shape=None):
         del input_shape
@@ -553,9 +315,10 @@ class UNetModel(keras.Model):
 
     Constructor arguments are the reference's (``dims=2`` and ``use_checkpoint`` aside), so a
     reference configuration maps 1:1.  Called as ``model(x, t)`` or ``model(x, t, y=labels)``.
-    The model is usable on its own, so it raises on arguments it cannot be built with; the rules on
-    an experiment's config fields are ``config_utils.validate_config``'s, which ``run.py`` checks
-    before anything is built.
+    The model is usable on its own, so it raises on arguments it cannot be built with.  The rules
+    on the reference's flags (image size, attention resolutions, ...) are in
+    :mod:`tf_iddpm.unet_options`: ``factory.create_model`` applies them, and so does
+    ``config_utils.validate_config`` to a config, before anything is built.
 
     Args:
       in_channels: channels of the input image.
@@ -641,8 +404,10 @@ class UNetModel(keras.Model):
         self.time_embed_dim = emb_dim
         # The embedding MLP and the output head stay float32 under a mixed policy, as in the
         # reference's fp16 mode (convert_to_fp16 converts only the torso).
-        self.time_embed_0 = _dense(self.model_channels, emb_dim, "time_embed.0", "float32")
-        self.time_embed_2 = _dense(emb_dim, emb_dim, "time_embed.2", "float32")
+        self.time_embed_0 = unet_reference.dense(
+            self.model_channels, emb_dim, "time_embed.0", "float32"
+        )
+        self.time_embed_2 = unet_reference.dense(emb_dim, emb_dim, "time_embed.2", "float32")
         if self.num_classes is not None:
             self.label_emb = keras.layers.Embedding(
                 self.num_classes,
@@ -656,6 +421,9 @@ class UNetModel(keras.Model):
         # "<block>.<index>".  The layers are attributes (see the module docstring); the blocks
         # keep only their attribute names, for iteration.
         input_blocks, middle, output_blocks = [], [], []
+        # The blocks are built in the reference's module order (input, middle, output), so this
+        # numbers the ResBlocks in that order: each one's dropout salt.
+        res_block_index = itertools.count()
         res_kwargs = dict(
             emb_channels=emb_dim,
             dropout=self.dropout,
@@ -675,14 +443,20 @@ class UNetModel(keras.Model):
             return add
 
         add = new_block(input_blocks, "input_blocks.0")
-        add(_conv, self.in_channels, self.model_channels, 3, dtype="float32")
+        add(unet_reference.conv2d, self.in_channels, self.model_channels, 3, dtype="float32")
         skip_channels = [self.model_channels]
         ch = self.model_channels
         ds = 1  # current downsample rate
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
                 add = new_block(input_blocks, f"input_blocks.{len(input_blocks)}")
-                add(ResBlock, ch, out_channels=mult * self.model_channels, **res_kwargs)
+                add(
+                    ResBlock,
+                    ch,
+                    out_channels=mult * self.model_channels,
+                    dropout_salt=next(res_block_index),
+                    **res_kwargs,
+                )
                 ch = mult * self.model_channels
                 if ds in self.attention_resolutions:
                     add(AttentionBlock, ch, self.num_heads, dtype=policy)
@@ -695,9 +469,9 @@ class UNetModel(keras.Model):
         self.num_downsamplings = len(self.channel_mult) - 1
 
         add = new_block(middle, "middle_block")
-        add(ResBlock, ch, **res_kwargs)
+        add(ResBlock, ch, dropout_salt=next(res_block_index), **res_kwargs)
         add(AttentionBlock, ch, self.num_heads, dtype=policy)
-        add(ResBlock, ch, **res_kwargs)
+        add(ResBlock, ch, dropout_salt=next(res_block_index), **res_kwargs)
 
         for level, mult in list(enumerate(self.channel_mult))[::-1]:
             for i in range(self.num_res_blocks + 1):
@@ -706,6 +480,7 @@ class UNetModel(keras.Model):
                     ResBlock,
                     ch + skip_channels.pop(),
                     out_channels=mult * self.model_channels,
+                    dropout_salt=next(res_block_index),
                     **res_kwargs,
                 )
                 ch = mult * self.model_channels
@@ -719,27 +494,17 @@ class UNetModel(keras.Model):
         self._input_blocks = input_blocks
         self._middle_block = middle[0]
         self._output_blocks = output_blocks
-        for salt, block in enumerate(self._res_blocks()):
-            block.dropout_salt = salt
 
         self.out_norm = GroupNorm32(name="out.0", dtype="float32")
-        self.out_conv = _conv(ch, self.out_channels, 3, "out.2", "float32", zero=True)
+        self.out_conv = unet_reference.conv2d(
+            ch, self.out_channels, 3, "out.2", "float32", zero=True
+        )
         # Create every variable now: shapes do not depend on the image size, and a model built
         # at construction can be counted, checkpointed and mirrored by a strategy right away.
         self.build()
 
     def _layers_of(self, attr_names):
         return [getattr(self, attr) for attr in attr_names]
-
-    def _res_blocks(self):
-        """Every ResBlock, in the reference's module order."""
-        blocks = [*self._input_blocks, self._middle_block, *self._output_blocks]
-        return [
-            layer
-            for names in blocks
-            for layer in self._layers_of(names)
-            if isinstance(layer, ResBlock)
-        ]
 
     def build(self, input_shape=None):
         """Creates all variables (called by the constructor; the input shape is not needed)."""
@@ -844,7 +609,7 @@ class UNetModel(keras.Model):
 
     def _embed(self, t, y):
         emb = self.time_embed_2(
-            tf.nn.silu(self.time_embed_0(timestep_embedding(t, self.model_channels)))
+            tf.nn.silu(self.time_embed_0(unet_reference.timestep_embedding(t, self.model_channels)))
         )
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
@@ -902,7 +667,8 @@ class UNetModel(keras.Model):
           training: enables dropout.
           dropout_rng: optional [3] int64 ``[seed_0, seed_1, first_example]``: a stateless seed
             and the global batch position of x's first row, which make the dropout masks a
-            function of (seed, position) (see :func:`positional_dropout`); a trainer derives the
+            function of (seed, position) (see :func:`tf_iddpm.unet_ops.positional_dropout`); a
+            trainer derives the
             seed from (seed, step) and passes its replica's offset.
 
         Returns:
@@ -943,14 +709,6 @@ class UNetModel(keras.Model):
         }
 
 
-def _resize_like_torch_bilinear(images, height, width):
-    """Bilinear resize with half-pixel centres and no antialiasing.
-
-    Equals ``F.interpolate(mode="bilinear", align_corners=False)`` of the reference.
-    """
-    return tf.image.resize(images, [height, width], method="bilinear", antialias=False)
-
-
 class SuperResModel(UNetModel):
     """A UNet conditioned on a low-resolution image (the reference's SuperResModel).
 
@@ -986,7 +744,7 @@ class SuperResModel(UNetModel):
             raise ValueError(
                 f"{self.name}: x must be [N, H, W, {self.image_channels}], got shape {x.shape}"
             )
-        upsampled = _resize_like_torch_bilinear(
+        upsampled = unet_reference.resize_like_torch_bilinear(
             tf.cast(low_res, tf.float32), tf.shape(x)[1], tf.shape(x)[2]
         )
         return tf.concat([tf.cast(x, tf.float32), upsampled], axis=-1)
@@ -1004,133 +762,3 @@ class SuperResModel(UNetModel):
         config = super().get_config()
         config["in_channels"] = self.image_channels
         return config
-
-
-def initialize_weights(net, seed):
-    """Re-draws every random initial weight of ``net`` as a function of (seed, weight name).
-
-    Keras draws an initializer's seed when the layer is constructed, from Python's global RNG,
-    so two builds of one configuration start from different weights.  This gives each randomly
-    initialised weight (conv / dense kernels and biases, class embeddings) its own seed derived
-    from ``seed`` and its reference state_dict name (``input_blocks.3.0.in_layers.2.weight``),
-    with the layer's own initializer (PyTorch's default distributions), so the initial weights do
-    not depend on construction order, process or strategy.  Zero-initialised layers and the norms'
-    ones / zeros stay as they are.  Call it in cross-replica context: a mirrored variable's
-    copies all receive the same value.
-
-    Args:
-      net: a built :class:`UNetModel` / :class:`SuperResModel`.
-      seed: non-negative int.
-    """
-    for prefix, layer in net.torch_layers().items():
-        for attribute in ("kernel", "bias", "embeddings"):
-            variable = getattr(layer, attribute, None)
-            initializer = getattr(layer, attribute + "_initializer", None)
-            if variable is None or initializer is None or "seed" not in initializer.get_config():
-                continue
-            digest = hashlib.sha256(f"{int(seed)}/{prefix}/{attribute}".encode()).digest()
-            config = {**initializer.get_config(), "seed": int.from_bytes(digest[:4], "little") >> 1}
-            seeded = type(initializer).from_config(config)
-            variable.assign(seeded(variable.shape, dtype=variable.dtype))
-
-
-def _parse_int_list(value, arg_name):
-    """Parses "1,2,2" or a sequence of ints into a tuple of ints."""
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-    else:
-        parts = list(value)
-    try:
-        parsed = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{arg_name} must be a comma-separated list of integers or a sequence "
-            f"of ints, got {value!r}"
-        ) from None
-    if not parsed or any(p < 1 for p in parsed):
-        raise ValueError(f"{arg_name} must list positive integers, got {value!r}")
-    return parsed
-
-
-def create_model(
-    image_size,
-    num_channels,
-    num_res_blocks,
-    learn_sigma,
-    class_cond,
-    attention_resolutions,
-    num_heads,
-    num_heads_upsample,
-    use_scale_shift_norm,
-    dropout,
-    *,
-    channel_mult="",
-    num_classes=DEFAULT_NUM_CLASSES,
-    in_channels=3,
-    super_res=False,
-    **model_kwargs,
-):
-    """Builds a UNet from the reference's ``script_util`` flags.
-
-    Args:
-      image_size: training resolution; selects the default ``channel_mult`` (32, 64, 128, 256).
-      num_channels: ``model_channels``.
-      num_res_blocks: ResBlocks per level.
-      learn_sigma: output 2 * in_channels channels (epsilon and variance values).
-      class_cond: class-conditional on ``num_classes`` labels.
-      attention_resolutions: comma-separated *resolutions* ("16,8"), converted to downsample
-        rates ``image_size // res``.
-      num_heads, num_heads_upsample, use_scale_shift_norm, dropout: as :class:`UNetModel`.
-      channel_mult: "" for the per-size default, else "1,2,2" or a sequence of ints.
-      num_classes: label count when ``class_cond``.
-      in_channels: image channels.
-      super_res: build a :class:`SuperResModel` at ``image_size`` (the reference's
-        ``sr_create_model`` with ``large_size = image_size``).
-      **model_kwargs: passed to the model (``name``, ``dtype``).
-
-    Returns:
-      A built :class:`UNetModel` or :class:`SuperResModel`.
-    """
-    if channel_mult in ("", None):
-        if image_size not in CHANNEL_MULT_BY_IMAGE_SIZE:
-            raise ValueError(
-                f"unsupported image size {image_size}: default channel_mult exists for "
-                f"{sorted(CHANNEL_MULT_BY_IMAGE_SIZE)}; pass channel_mult explicitly "
-                f'(e.g. channel_mult="1,2,2") for other sizes'
-            )
-        channel_mult = CHANNEL_MULT_BY_IMAGE_SIZE[image_size]
-    else:
-        channel_mult = _parse_int_list(channel_mult, "channel_mult")
-    factor = 2 ** (len(channel_mult) - 1)
-    if image_size % factor:
-        raise ValueError(
-            f"image_size {image_size} is not divisible by {factor}, the total "
-            f"downsampling of channel_mult={channel_mult}"
-        )
-    attention_ds = []
-    level_rates = [2**level for level in range(len(channel_mult))]
-    for res in _parse_int_list(attention_resolutions, "attention_resolutions"):
-        if image_size % res or image_size // res not in level_rates:
-            raise ValueError(
-                f"attention resolution {res} does not occur in a {image_size}x{image_size} "
-                f"model with channel_mult={channel_mult}; the feature resolutions are "
-                f"{[image_size // r for r in level_rates]}"
-            )
-        attention_ds.append(image_size // res)
-    if class_cond and (num_classes is None or num_classes < 1):
-        raise ValueError(f"class_cond=True needs num_classes >= 1, got {num_classes!r}")
-    model_cls = SuperResModel if super_res else UNetModel
-    return model_cls(
-        in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=2 * in_channels if learn_sigma else in_channels,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=tuple(attention_ds),
-        dropout=dropout,
-        channel_mult=channel_mult,
-        num_classes=num_classes if class_cond else None,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        **model_kwargs,
-    )
