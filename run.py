@@ -27,8 +27,8 @@ and export refuse it with one line naming the damaged file.
 
 Distribution: ``--strategy=auto|default|mirrored|multi_worker|tpu`` (``--tpu`` names the TPU;
 ``multi_worker`` reads the cluster from ``TF_CONFIG``).  ``--num_samples``, ``--batch_size``,
-``--sampler``, ``--steps``, ``--ddim``, ``--eta``, ``--class_label``, ``--use_ema``, ``--ref_batch``,
-``--inception`` and ``--sweep`` override the config's ``sample.*`` / ``eval.*`` / ``fid.*`` /
+``--sampler``, ``--steps``, ``--ddim``, ``--eta``, ``--grid``, ``--order``, ``--class_label``, ``--use_ema``, ``--ref_batch``,
+``--inception``, ``--sweep`` and ``--sweep_samplers`` override the config's ``sample.*`` / ``eval.*`` / ``fid.*`` /
 ``export.*`` fields for one run; a flag that is not given leaves the config value alone.
 ``--checkpoint=PREFIX`` (sample / eval / fid / export) loads that checkpoint instead of the newest.
 
@@ -92,8 +92,9 @@ flags.DEFINE_integer("batch_size", None, "sample / eval: global batch size.")
 flags.DEFINE_string(
     "steps",
     None,
-    "sample / eval: timestep respacing, e.g. '50', 'ddim50', "
-    "'10,10,10'; '' = every step of the trained process.",
+    "sample / fid: network calls per image; for ancestral and DDIM a timestep respacing, e.g. "
+    "'50', 'ddim50', '10,10,10' ('' = every step of the trained process).  eval: the respacing "
+    "of the bits/dim chain.",
 )
 flags.DEFINE_enum(
     "sampler",
@@ -103,6 +104,13 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_boolean("ddim", None, "sample / fid: --ddim is --sampler=ddim, --noddim ancestral.")
 flags.DEFINE_float("eta", None, "sample / fid: DDIM eta in [0, 1] (0 = deterministic).")
+flags.DEFINE_enum(
+    "grid",
+    None,
+    list(samplers.SOLVER_GRIDS),
+    "sample / fid: a solver's timesteps, uniform in log-SNR, in t, or Karras et al.'s.",
+)
+flags.DEFINE_integer("order", None, "sample / fid: UniPC's order, 1-3 (0 = its default, 2).")
 flags.DEFINE_integer(
     "class_label",
     None,
@@ -120,8 +128,13 @@ flags.DEFINE_string("inception", None, "fid: local path of classify_image_graph_
 flags.DEFINE_string(
     "sweep",
     None,
-    "fid: sampling steps to sweep, e.g. '25,50,100,250,full' "
-    "(writes a table and a FID-vs-steps plot); '' = only the sample.* settings.",
+    "fid: network calls to sweep, e.g. '10,25,50,100,full' "
+    "(writes a table and a FID-vs-calls plot); '' = only the sample.* settings.",
+)
+flags.DEFINE_string(
+    "sweep_samplers",
+    None,
+    "fid: the samplers of a sweep, e.g. 'ancestral,ddim,dpmpp_2m,unipc'.",
 )
 flags.DEFINE_string(
     "checkpoint",
@@ -160,6 +173,8 @@ RUN_FLAG_FIELDS = {
     "sampler": {"sample": "sample.sampler", "fid": "sample.sampler"},
     "ddim": {"sample": "sample.sampler", "fid": "sample.sampler"},
     "eta": {"sample": "sample.eta", "fid": "sample.eta"},
+    "grid": {"sample": "sample.grid", "fid": "sample.grid"},
+    "order": {"sample": "sample.solver_order", "fid": "sample.solver_order"},
     "class_label": {"sample": "sample.class_label", "fid": "sample.class_label"},
     "use_ema": {
         "sample": "sample.use_ema",
@@ -171,6 +186,7 @@ RUN_FLAG_FIELDS = {
     "ref_batch": {"fid": "fid.ref_batch"},
     "inception": {"fid": "fid.inception"},
     "sweep": {"fid": "fid.sweep"},
+    "sweep_samplers": {"fid": "fid.sweep_samplers"},
     "checkpoint": {
         "sample": None,
         "eval": None,

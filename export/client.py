@@ -4,7 +4,7 @@ Command line (``--server`` is host:port of the REST API, 8501, or of gRPC, 8500)
 
     # samples -> one PNG per seed in --out_dir
     python -m export.client --server=localhost:8501 --model=digits_sampler sample \\
-        --seeds=0,1,2,3 --num_steps=50 [--ddim --eta=0.0] [--class_labels=3,3,7,7] \\
+        --seeds=0,1,2,3 --num_steps=50 [--sampler=dpmpp_2m] [--eta=0.0] [--class_labels=3,3,7,7] \\
         --out_dir=/tmp/samples
     # bits/dim of images (.npz with arr_0 uint8 [N, H, W, C] as run.py --mode=sample writes it,
     # a .npy, or comma-separated PNG files)
@@ -42,7 +42,7 @@ INPUT_DTYPES = {
     "seed": np.int64,
     "num_steps": np.int32,
     "eta": np.float32,
-    "use_ddim": np.bool_,
+    "sampler": np.str_,
     "class_labels": np.int32,
     "low_res": np.uint8,
     "images": np.uint8,
@@ -85,8 +85,8 @@ def sampler_inputs(
     seeds: Sequence[int],
     num_steps: int,
     *,
+    sampler: str = "ancestral",
     eta: float = 0.0,
-    use_ddim: bool = False,
     class_labels: Optional[Sequence[int]] = None,
     low_res: Optional[np.ndarray] = None,
 ) -> Dict[str, np.ndarray]:
@@ -94,9 +94,10 @@ def sampler_inputs(
 
     Args:
       seeds: one int64 seed per image.
-      num_steps: K, the respaced chain length (1 <= K <= T).
-      eta: DDIM eta in [0, 1] (0 for ancestral sampling).
-      use_ddim: DDIM instead of ancestral sampling.
+      num_steps: K, the network calls per image (for ancestral and DDIM the respaced chain
+        length, 1 <= K <= T).
+      sampler: ancestral, ddim, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc.
+      eta: DDIM eta in [0, 1] (0 for every other sampler).
       class_labels: one label per seed, for class-conditional models.
       low_res: uint8 [N, h, h, C] low-resolution images, for the super-resolution model.
 
@@ -108,8 +109,8 @@ def sampler_inputs(
     inputs = {
         "seed": seeds,
         "num_steps": np.full([count], num_steps, np.int32),
+        "sampler": np.full([count], sampler),
         "eta": np.full([count], eta, np.float32),
-        "use_ddim": np.full([count], bool(use_ddim)),
     }
     if class_labels is not None:
         inputs["class_labels"] = np.broadcast_to(np.asarray(class_labels, np.int32), [count]).copy()
@@ -286,15 +287,15 @@ def sample(
     num_steps: int,
     *,
     protocol: str = "rest",
+    sampler: str = "ancestral",
     eta: float = 0.0,
-    use_ddim: bool = False,
     class_labels=None,
     low_res=None,
     **kwargs,
 ) -> Dict[str, np.ndarray]:
     """Draws one image per seed from a served sampler (see :func:`sampler_inputs`)."""
     inputs = sampler_inputs(
-        seeds, num_steps, eta=eta, use_ddim=use_ddim, class_labels=class_labels, low_res=low_res
+        seeds, num_steps, sampler=sampler, eta=eta, class_labels=class_labels, low_res=low_res
     )
     return predict(server, model, inputs, protocol=protocol, **kwargs)
 
@@ -387,8 +388,14 @@ def _define_flags():
         "nll: the per-image noise seeds (default 0..N-1).",
     )
     flags.DEFINE_integer("num_samples", 4, "sample: images to draw when --seeds is not given.")
-    flags.DEFINE_integer("num_steps", 50, "Steps K of the respaced chain (1 <= K <= T).")
-    flags.DEFINE_boolean("ddim", False, "sample: DDIM instead of ancestral sampling.")
+    flags.DEFINE_integer(
+        "num_steps", 50, "Network calls K per image (ancestral / DDIM: the respaced chain, K <= T)."
+    )
+    flags.DEFINE_string(
+        "sampler",
+        "ancestral",
+        "sample: ancestral, ddim, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc (checked by the server).",
+    )
     flags.DEFINE_float("eta", 0.0, "sample: DDIM eta in [0, 1].")
     flags.DEFINE_list(
         "class_labels", None, "Class-conditional models: one label per image, or one for all."
@@ -423,8 +430,8 @@ def run(command: str) -> Dict[str, np.ndarray]:
             FLAGS.model,
             seeds,
             FLAGS.num_steps,
+            sampler=FLAGS.sampler,
             eta=FLAGS.eta,
-            use_ddim=FLAGS.ddim,
             class_labels=labels,
             low_res=low_res,
             **common,

@@ -20,18 +20,21 @@ Sampler, ``serving_default``:
              parameters, not on the rest of the batch (stateless per-image noise: draw 0 is x_T,
              draw k + 1 the noise of reverse step k, see :mod:`tf_iddpm.chains`) -- up to
              float rounding: convolutions round differently for different batch sizes.
-           ``num_steps`` int32, scalar or [N]: the chain is the trained process respaced to K
-             evenly spaced steps (``timestep_respacing = "K"``), 1 <= K <= T.
-           ``eta`` float32, scalar or [N]: DDIM eta in [0, 1]; must be 0 for ancestral images.
-           ``use_ddim`` bool, scalar or [N]: DDIM (Song et al.) instead of ancestral sampling.
+           ``num_steps`` int32, scalar or [N]: K, the network calls per image.  For ``ancestral``
+             and ``ddim`` the chain is the trained process respaced to K evenly spaced steps
+             (``timestep_respacing = "K"``), 1 <= K <= T; a solver calls the network at K
+             timesteps of its grid (``sample.grid`` of the exported config), from its order up
+             to the steps where lambda >= -5.1 (see :mod:`tf_iddpm.samplers`).
+           ``sampler`` string, scalar or [N]: ``ancestral``, ``ddim``, ``dpmpp_2m``, ``dpmpp_3m``,
+             ``dpmpp_2m_sde`` or ``unipc`` (UniPC's order is the exported ``sample.solver_order``).
+           ``eta`` float32, scalar or [N]: DDIM eta in [0, 1]; must be 0 for other samplers.
            ``class_labels`` int32 [N] in [0, num_classes): class-conditional models only.
            ``low_res`` uint8 [N, h, h, C]: the super-resolution model's low-resolution input.
   outputs  ``images`` uint8 [N, H, W, C] (the reference's truncating conversion) and
            ``images_float`` float32 [N, H, W, C] (the raw samples, ~[-1, 1]).
-  Images equal ``tf_iddpm.chains.p_sample_loop`` (or ``ddim_sample_loop``) on
-  ``create_diffusion_from_config(config, timestep_respacing=str(K))`` with ``seeds=seed``
-  (bit for bit for the same batch).  DDIM runs on the same "K" spacing; "ddimK" spacing is not
-  offered.
+  Images equal ``run.py --mode=sample --sampler=S --steps=K`` (the in-process
+  :class:`tf_iddpm.inference.Sampler` of that :class:`tf_iddpm.samplers.SamplerSpec`) with
+  ``seeds=seed``, bit for bit for the same batch.
 
 NLL, ``serving_default`` (the variational bound of Eq. 4 in bits/dim, ``clip_denoised`` from
 ``config.eval.clip_denoised``):
@@ -74,6 +77,8 @@ from tf_iddpm import factory
 from tf_iddpm import fileio
 from tf_iddpm import image_utils
 from tf_iddpm import inference
+from tf_iddpm import samplers
+from tf_iddpm import schedules
 
 SAMPLER_SUFFIX = "_sampler"
 NLL_SUFFIX = "_nll"
@@ -83,9 +88,10 @@ METADATA_FILENAME = "iddpm_export.json"  # next to the warm-up file, in assets.e
 
 # Steps of the warm-up requests: enough to run every op of the loops once.
 _WARMUP_STEPS = 2
-# Bit layout of the key that groups the sampler's images by (num_steps, use_ddim, eta).
-_STEPS_SHIFT = 2**33
-_DDIM_SHIFT = 2**32
+# Bit layout of the key that groups the sampler's images by (num_steps, sampler kind, eta):
+# eta's 32 bits, then 4 bits of kind index, then the steps.
+_STEPS_SHIFT = 2**36
+_KIND_SHIFT = 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,11 +272,25 @@ class SamplerModule(_ServingModule):
     def __init__(self, config, net, *, clip_denoised: bool = True):
         super().__init__(config, net, name="sampler")
         self.clip_denoised = bool(clip_denoised)
+        # The sampler kinds a request may name, with the range of network calls each can make on
+        # this process and whether it takes eta; the solvers' grid and UniPC's order are the
+        # config's (sample.grid, sample.solver_order), fixed at export.
+        self.kinds = list(samplers.SAMPLER_KINDS)
+        self.grid = config.sample.grid
+        self.solver_order = int(config.sample.solver_order)
+        solver_max = schedules.solver_max_steps(self.diffusion.betas)
+        self._min_calls, self._max_calls = [], []
+        for name in self.kinds:
+            kind = samplers.SAMPLER_KINDS[name]
+            order = self.solver_order if (kind.orders and self.solver_order) else kind.order
+            self._min_calls.append(order if kind.solver else 1)
+            self._max_calls.append(solver_max if kind.solver else self.num_timesteps)
+        self._takes_eta = [samplers.SAMPLER_KINDS[name].takes_eta for name in self.kinds]
         specs = {
             "seed": tf.TensorSpec([None], tf.int64),
             "num_steps": tf.TensorSpec(None, tf.int32),
+            "sampler": tf.TensorSpec(None, tf.string),
             "eta": tf.TensorSpec(None, tf.float32),
-            "use_ddim": tf.TensorSpec(None, tf.bool),
         }
         if self.num_classes:
             specs["class_labels"] = tf.TensorSpec([None], tf.int32)
@@ -284,7 +304,7 @@ class SamplerModule(_ServingModule):
     def signatures(self):
         return {DEFAULT_SIGNATURE: self.sample}
 
-    def _sample(self, seed, num_steps, eta, use_ddim, class_labels=None, low_res=None):
+    def _sample(self, seed, num_steps, sampler, eta, class_labels=None, low_res=None):
         batch = tf.size(seed)
         checks = [
             tf.debugging.assert_positive(
@@ -293,10 +313,9 @@ class SamplerModule(_ServingModule):
             _check_vector(seed, batch, "seed", "image"),
         ]
         steps, step_checks = _per_image(num_steps, batch, "num_steps")
+        sampler, sampler_checks = _per_image(sampler, batch, "sampler")
         eta, eta_checks = _per_image(eta, batch, "eta")
-        use_ddim, ddim_checks = _per_image(use_ddim, batch, "use_ddim")
-        checks += step_checks + eta_checks + ddim_checks
-        checks += self._check_steps(steps)
+        checks += step_checks + sampler_checks + eta_checks
         eta_message = "eta must lie in [0, 1] (0 = deterministic DDIM)"
         checks += [
             tf.debugging.assert_greater_equal(eta, 0.0, message=eta_message),
@@ -312,32 +331,21 @@ class SamplerModule(_ServingModule):
                 _check_images(low_res, batch, self.low_res_size, self.channels, "low_res")
             )
             model_inputs["low_res"] = low_res
-        batch, seed, steps, eta, use_ddim, *gated_inputs = _gated(
-            checks, batch, seed, steps, eta, use_ddim, *model_inputs.values()
+        batch, seed, steps, sampler, eta, *gated_inputs = _gated(
+            checks, batch, seed, steps, sampler, eta, *model_inputs.values()
         )
         model_inputs = dict(zip(model_inputs, gated_inputs))
         steps = tf.broadcast_to(steps, [batch])
         eta = tf.broadcast_to(eta, [batch])
-        use_ddim = tf.broadcast_to(use_ddim, [batch])
-        eta = _gated(
-            [
-                tf.debugging.assert_equal(
-                    tf.reduce_all(tf.logical_or(use_ddim, tf.equal(eta, 0.0))),
-                    True,
-                    message="eta is nonzero for an image with use_ddim false: eta only applies to DDIM "
-                    "sampling (set use_ddim true, or eta 0)",
-                )
-            ],
-            eta,
-        )
+        kind, steps, eta = self._check_samplers(tf.broadcast_to(sampler, [batch]), steps, eta)
         if "low_res" in model_inputs:
             model_inputs["low_res"] = self.normalize(model_inputs["low_res"])
 
-        # Images sharing (num_steps, use_ddim, eta) run as one chain; a request normally is one
+        # Images sharing (sampler, num_steps, eta) run as one chain; a request normally is one
         # group, a batch merged by the server from several requests may be several.
         key = (
             tf.cast(steps, tf.int64) * _STEPS_SHIFT
-            + tf.cast(use_ddim, tf.int64) * _DDIM_SHIFT
+            + tf.cast(kind, tf.int64) * _KIND_SHIFT
             + tf.cast(tf.bitcast(eta, tf.uint32), tf.int64)
         )
         unique_keys, group_ids = tf.unique(key)
@@ -348,19 +356,22 @@ class SamplerModule(_ServingModule):
             kwargs = {k: tf.gather(v, members) for k, v in model_inputs.items()}
             shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
 
-            def draw(kind):
+            def draw(name):
                 chain = chains.make_chain(
-                    kind,
+                    name,
                     self.diffusion,
                     steps=steps[first],
                     eta=eta[first],
                     clip_denoised=self.clip_denoised,
+                    grid=self.grid,
+                    order=self.solver_order,
                 )
                 return chains.sample_loop(
                     chain, self.model_fn, shape, model_kwargs=kwargs, seeds=seeds
                 )
 
-            samples = tf.cond(use_ddim[first], lambda: draw("ddim"), lambda: draw("ancestral"))
+            branches = [lambda name=name: draw(name) for name in self.kinds]
+            samples = tf.switch_case(kind[first], branches)
             return [_scatter_rows(accumulators[0], members, samples)]
 
         initial = tf.zeros(tf.concat([[batch], self.image_shape], 0), tf.float32)
@@ -368,15 +379,52 @@ class SamplerModule(_ServingModule):
         samples = tf.ensure_shape(samples, [None] + self.image_shape)
         return {"images": image_utils.denormalize_images(samples), "images_float": samples}
 
+    def _check_samplers(self, sampler, steps, eta):
+        """Each image's sampler kind index, with its steps and eta checked against the kind."""
+        names = tf.constant(self.kinds)
+        matches = tf.equal(sampler[:, None], names[None, :])
+        kind = tf.cast(tf.argmax(tf.cast(matches, tf.int32), axis=1), tf.int32)
+        known = tf.debugging.assert_equal(
+            tf.reduce_all(tf.reduce_any(matches, axis=1)),
+            True,
+            message=f"sampler must name one of: {', '.join(self.kinds)}",
+        )
+        kind = _gated([known], kind)
+        least = tf.gather(tf.constant(self._min_calls, tf.int32), kind)
+        most = tf.gather(tf.constant(self._max_calls, tf.int32), kind)
+        takes_eta = tf.gather(tf.constant(self._takes_eta), kind)
+        ranges = ", ".join(
+            f"{name} {low}..{high}"
+            for name, low, high in zip(self.kinds, self._min_calls, self._max_calls)
+        )
+        checks = [
+            tf.debugging.assert_equal(
+                tf.reduce_all((steps >= least) & (steps <= most)),
+                True,
+                message=f"num_steps (network calls) out of range for the sampler; allowed: "
+                f"{ranges} (T = {self.num_timesteps}; a solver of order k needs at least k calls "
+                f"and starts where lambda >= {schedules.SOLVER_LAMBDA_MIN})",
+            ),
+            tf.debugging.assert_equal(
+                tf.reduce_all(takes_eta | tf.equal(eta, 0.0)),
+                True,
+                message="eta is nonzero for an image whose sampler takes none: eta only applies to "
+                "ddim (set sampler ddim, or eta 0)",
+            ),
+        ]
+        return _gated(checks, kind, steps, eta)
+
     def warmup_inputs(self) -> List[Dict[str, np.ndarray]]:
-        """One ancestral and one DDIM request of one image each."""
+        """One request of one image per sampler kind (each graph branch runs once)."""
         requests = []
-        for use_ddim, eta in ((False, 0.0), (True, 0.5)):
+        for name, least, most in zip(self.kinds, self._min_calls, self._max_calls):
+            if least > most:  # a solver whose order this short process cannot support
+                continue
             inputs = {
                 "seed": np.array([0], np.int64),
-                "num_steps": np.array([_WARMUP_STEPS], np.int32),
-                "eta": np.array([eta], np.float32),
-                "use_ddim": np.array([use_ddim]),
+                "num_steps": np.array([min(max(_WARMUP_STEPS, least), most)], np.int32),
+                "sampler": np.array([name.encode()], object),
+                "eta": np.array([0.5 if name == "ddim" else 0.0], np.float32),
             }
             if self.num_classes:
                 inputs["class_labels"] = np.array([0], np.int32)
@@ -642,7 +690,10 @@ def export_saved_models(
         "weights": weights,
         "version": version,
         "num_timesteps": int(config.diffusion.steps),
-        "respacing": "num_steps = K evenly spaced steps (timestep_respacing 'K')",
+        "respacing": "num_steps = K network calls: K evenly spaced steps (timestep_respacing "
+        "'K') for ancestral and ddim, K grid points for the solvers",
+        "solver_grid": config.sample.grid,
+        "solver_order": int(config.sample.solver_order),
     }
     temp_root = fileio.make_temp_dir(export_dir, prefix=f".{model_name}-export-")
     renamed = []
@@ -698,7 +749,7 @@ def serving_instructions(
     labels = " --class_labels=0,1,2,3" if class_cond else ""
     rest_inputs = (
         f'"seed": [1, 2], "num_steps": [{client_steps}, {client_steps}], '
-        '"eta": [0.0, 0.0], "use_ddim": [false, false]'
+        '"sampler": ["ancestral", "ancestral"], "eta": [0.0, 0.0]'
         + (', "class_labels": [0, 1]' if class_cond else "")
     )
     lines = [
@@ -710,7 +761,7 @@ def serving_instructions(
         f"  saved_model_cli show --dir {result.nll_dir} --all",
         f"  saved_model_cli run --dir {result.sampler_dir} --tag_set serve "
         f"--signature_def serving_default --input_exprs "
-        f"'seed=[1,2];num_steps={run_steps};eta=0.0;use_ddim=False"
+        f'\'seed=[1,2];num_steps={run_steps};sampler="ancestral";eta=0.0'
         + (";class_labels=[0,1]" if class_cond else "")
         + "'",
         "Serve (TF-Serving binary, or docker):",

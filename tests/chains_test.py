@@ -256,3 +256,86 @@ def test_evaluator_chunked_sums_equal_the_one_call_sums():
     )
     for key in whole:
         np.testing.assert_array_equal(chunked[key].numpy(), whole[key].numpy(), err_msg=key)
+
+
+SOLVERS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
+
+
+@pytest.mark.parametrize("kind", SOLVERS)
+def test_a_solver_run_in_chunks_is_bit_identical_to_one_call(kind):
+    process = diffusion.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True
+    )
+    chain = chains.make_chain(kind, process, steps=9)
+    sampler = inference.Sampler(_wavy_model, chain, image_shape=[4, 4, 3], class_cond=True)
+    seeds, labels = np.array([3, 14, 15]), np.array([2, 0, 1])
+    ticks = []
+    chunked = sampler.sample_in_chunks(seeds, labels, on_chunk=ticks.append)
+    assert sum(ticks) == 9 and len(ticks) == 9
+    np.testing.assert_array_equal(chunked.numpy(), sampler(seeds, labels).numpy())
+    assert sampler.sample_steps.experimental_get_tracing_count() == 1
+    assert np.all(np.isfinite(chunked.numpy()))
+
+
+@pytest.mark.parametrize("kind", SOLVERS + ("ancestral",))
+def test_sampler_loops_compile_with_xla(kind):
+    process = diffusion.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True
+    )
+    chain = chains.make_chain(kind, process, steps="6")
+    seeds = tf.constant([1, 2], tf.int64)
+
+    def run():
+        return chains.sample_loop(chain, _wavy_model, [2, 4, 4, 3], seeds=seeds)
+
+    compiled = tf.function(run, jit_compile=True)
+    plain = tf.function(run)
+    # The per-image streams are Philox's under XLA too: the same images up to rounding.
+    np.testing.assert_allclose(compiled().numpy(), plain().numpy(), atol=1e-4)
+    assert compiled.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(learn_sigma=False, predict_xstart=True),  # x0-predicting, fixed variances
+        dict(learn_sigma=False, sigma_small=True),
+        dict(learn_sigma=True, steps=4000),  # T = 4000 cosine: lambda falls to -10 at the end
+        dict(learn_sigma=True, noise_schedule="linear", rescale_timesteps=False),  # integer t
+    ],
+)
+def test_solvers_take_every_kind_of_model(flags):
+    flags = {"steps": 100, "noise_schedule": "cosine", "rescale_timesteps": True, **flags}
+    process = diffusion.create_gaussian_diffusion(**flags)
+    channels = 6 if flags["learn_sigma"] else 3
+    seen = []
+
+    def model(x, t, **kwargs):
+        del kwargs
+        seen.append(t.dtype)
+        out = tf.tanh(0.5 * x) * 0.9
+        return tf.concat([out, tf.zeros_like(out)], -1)[..., :channels]
+
+    for kind in SOLVERS:
+        chain = chains.make_chain(kind, process, steps=7)
+        out = chains.sample_loop(chain, model, [2, 4, 4, 3], seeds=tf.constant([5, 6], tf.int64))
+        assert out.shape == (2, 4, 4, 3) and np.all(np.isfinite(out.numpy())), kind
+        assert np.abs(out.numpy()).max() <= 1.0  # the last step is the clipped prediction
+        timesteps = chain.timesteps.numpy()
+        assert timesteps[-1] == 0 and np.all(np.diff(timesteps) < 0)
+    assert set(seen) == {tf.float32 if flags["rescale_timesteps"] else tf.int32}
+
+
+def test_the_deterministic_solvers_draw_no_noise_and_the_sde_one_uses_the_seeded_streams():
+    process = diffusion.create_gaussian_diffusion(steps=100, learn_sigma=True)
+    x_T = np.random.default_rng(0).normal(size=[2, 4, 4, 3]).astype(np.float32)
+    for kind in ("dpmpp_2m", "dpmpp_3m", "unipc"):
+        chain = chains.make_chain(kind, process, steps=5)
+        assert not chain.draws_noise
+        a = chains.sample_loop(chain, _wavy_model, x_T.shape, noise=x_T, seeds=tf.constant([1, 2]))
+        b = chains.sample_loop(chain, _wavy_model, x_T.shape, noise=x_T, seeds=tf.constant([3, 4]))
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    chain = chains.make_chain("dpmpp_2m_sde", process, steps=5)
+    a = chains.sample_loop(chain, _wavy_model, x_T.shape, noise=x_T, seeds=tf.constant([1, 2]))
+    b = chains.sample_loop(chain, _wavy_model, x_T.shape, noise=x_T, seeds=tf.constant([3, 4]))
+    assert np.abs(a.numpy() - b.numpy()).max() > 1e-3

@@ -173,14 +173,16 @@ def _direct(served, name, inputs, signature_name="serving_default"):
 
 
 def test_request_inputs_are_batch_major_with_signature_dtypes():
-    inputs = client.sampler_inputs([5, 6, 7], 20, eta=0.5, use_ddim=True, class_labels=4)
-    assert {k: (v.dtype, v.shape) for k, v in inputs.items()} == {
-        "seed": (np.int64, (3,)),
-        "num_steps": (np.int32, (3,)),
-        "eta": (np.float32, (3,)),
-        "use_ddim": (np.bool_, (3,)),
-        "class_labels": (np.int32, (3,)),
+    inputs = client.sampler_inputs([5, 6, 7], 20, sampler="ddim", eta=0.5, class_labels=4)
+    assert {k: (v.dtype.kind, v.shape) for k, v in inputs.items()} == {
+        "seed": ("i", (3,)),
+        "num_steps": ("i", (3,)),
+        "sampler": ("U", (3,)),
+        "eta": ("f", (3,)),
+        "class_labels": ("i", (3,)),
     }
+    assert inputs["seed"].dtype == np.int64 and inputs["eta"].dtype == np.float32
+    assert inputs["sampler"].tolist() == ["ddim"] * 3
     assert inputs["num_steps"].tolist() == [20] * 3 and inputs["class_labels"].tolist() == [4] * 3
     images = np.zeros([2, 8, 8, 3], np.uint8)
     inputs = client.nll_inputs(images, 7)
@@ -216,14 +218,14 @@ def test_grpc_sample_and_nll_match_the_model(served):
         [4, 9],
         4,
         protocol="grpc",
-        use_ddim=True,
+        sampler="ddim",
         eta=0.5,
         class_labels=[0, 9],
     )
     expected = _direct(
         served,
         served.sampler,
-        client.sampler_inputs([4, 9], 4, use_ddim=True, eta=0.5, class_labels=[0, 9]),
+        client.sampler_inputs([4, 9], 4, sampler="ddim", eta=0.5, class_labels=[0, 9]),
     )
     np.testing.assert_array_equal(outputs["images"], expected["images"])
     np.testing.assert_array_equal(outputs["images_float"], expected["images_float"])
@@ -342,7 +344,8 @@ def test_command_line_writes_pngs_and_prints_bpd(served, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert failed.returncode == 1 and "num_steps must lie in [1, 100]" in failed.stderr
+    assert failed.returncode == 1
+    assert "num_steps (network calls) out of range for the sampler" in failed.stderr
 
 
 def test_rest_client_imports_no_tensorflow():

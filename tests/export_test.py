@@ -28,8 +28,10 @@ from tests import golden
 from tf_iddpm import config_utils
 from tf_iddpm import convert
 from tf_iddpm import factory
-from tf_iddpm import image_utils
 from tf_iddpm import chains
+from tf_iddpm import image_utils
+from tf_iddpm import inference
+from tf_iddpm import samplers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -91,14 +93,10 @@ def sessions(exported):
         session.close()
 
 
-def reference_samples(config, net, seeds, num_steps, *, use_ddim=False, eta=0.0):
-    """The in-process sampler: tf_iddpm.sampling on the "K"-respaced process."""
-    process = factory.create_diffusion_from_config(config, timestep_respacing=str(num_steps))
-    seeds = tf.constant(seeds, tf.int64)
-    shape = [len(seeds)] + IMAGE_SHAPE
-    if use_ddim:
-        return chains.ddim_sample_loop(process, model_fn(net), shape, eta=eta, seeds=seeds).numpy()
-    return chains.p_sample_loop(process, model_fn(net), shape, seeds=seeds).numpy()
+def reference_samples(config, net, seeds, num_steps, *, sampler="ancestral", eta=0.0):
+    """The in-process sampler of ``run.py --mode=sample --sampler=S --steps=K``."""
+    spec = samplers.SamplerSpec(kind=sampler, steps=str(num_steps), eta=eta)
+    return inference.build_sampler(model_fn(net), config, spec)(np.asarray(seeds)).numpy()
 
 
 def reference_bpd(config, net, images, num_steps, seeds):
@@ -243,7 +241,7 @@ def test_saved_model_cli_show_and_run(exported, tmp_path):
                 "--outdir",
                 str(sampler_out),
                 "--input_exprs",
-                "seed=[1,2];num_steps=3;eta=0.0;use_ddim=False",
+                "seed=[1,2];num_steps=3;sampler='dpmpp_2m';eta=0.0",
             ],
             run
             + [
@@ -264,8 +262,8 @@ def test_saved_model_cli_show_and_run(exported, tmp_path):
         "inputs": {
             "seed": ("DT_INT64", "(-1)"),
             "num_steps": ("DT_INT32", unknown),
+            "sampler": ("DT_STRING", unknown),
             "eta": ("DT_FLOAT", unknown),
-            "use_ddim": ("DT_BOOL", unknown),
         },
         "outputs": {"images": ("DT_UINT8", image_spec), "images_float": ("DT_FLOAT", image_spec)},
     }
@@ -291,7 +289,7 @@ def test_saved_model_cli_show_and_run(exported, tmp_path):
         "outputs": outputs,
     }
 
-    expected = reference_samples(exported.config, exported.ema_net, [1, 2], 3)
+    expected = reference_samples(exported.config, exported.ema_net, [1, 2], 3, sampler="dpmpp_2m")
     np.testing.assert_array_equal(np.load(sampler_out / "images_float.npy"), expected)
     np.testing.assert_array_equal(
         np.load(sampler_out / "images.npy"), image_utils.denormalize_images(expected).numpy()
@@ -318,13 +316,17 @@ images = np.load(images_path)
 results = {}
 for name, out in {
     "ancestral": run(sampler, seed=np.array([3, 7, 9], np.int64), num_steps=np.int32(4),
-                     eta=np.float32(0), use_ddim=False),
+                     sampler="ancestral", eta=np.float32(0)),
     "ddim": run(sampler, seed=np.array([3, 7], np.int64), num_steps=np.int32(3),
-                eta=np.float32(0.5), use_ddim=True),
+                sampler="ddim", eta=np.float32(0.5)),
     "mixed": run(sampler, seed=np.array([3, 7, 9], np.int64), num_steps=np.array([4, 3, 4], np.int32),
-                 eta=np.array([0, 0.5, 0], np.float32), use_ddim=np.array([False, True, False])),
+                 sampler=np.array(["ancestral", "ddim", "ancestral"]),
+                 eta=np.array([0, 0.5, 0], np.float32)),
     "alone": run(sampler, seed=np.array([7], np.int64), num_steps=np.int32(3),
-                 eta=np.float32(0.5), use_ddim=True),
+                 sampler="ddim", eta=np.float32(0.5)),
+    **{solver: run(sampler, seed=np.array([3, 7], np.int64), num_steps=np.int32(5),
+                   sampler=solver, eta=np.float32(0))
+       for solver in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")},
     "nll_full": run(nll, images=images, num_steps=np.int32(100), seed=np.array([1, 2, 3], np.int64)),
     "nll_mixed": run(nll, images=images, num_steps=np.array([100, 5, 100], np.int32),
                      seed=np.array([1, 2, 3], np.int64)),
@@ -367,7 +369,11 @@ def test_fresh_process_without_project_reproduces_in_process_results(exported, t
     )
     config, net = exported.config, exported.ema_net
     ancestral = reference_samples(config, net, [3, 7, 9], 4)  # meanwhile, in this process
-    ddim = reference_samples(config, net, [3, 7], 3, use_ddim=True, eta=0.5)
+    ddim = reference_samples(config, net, [3, 7], 3, sampler="ddim", eta=0.5)
+    solved = {
+        solver: reference_samples(config, net, [3, 7], 5, sampler=solver)
+        for solver in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
+    }
     full = reference_bpd(config, net, images, NUM_TIMESTEPS, [1, 2, 3])
     # The comparison below needs a deterministic reference.  calc_bpd_loop's iterations are
     # independent, so tf.while_loop runs up to 10 at once; with oneDNN kernels this was seen to
@@ -387,6 +393,8 @@ def test_fresh_process_without_project_reproduces_in_process_results(exported, t
         got["ancestral/images"], image_utils.denormalize_images(ancestral)
     )
     np.testing.assert_array_equal(got["ddim/images_float"], ddim)
+    for solver, images_float in solved.items():  # the solvers' grids are computed in-graph too
+        np.testing.assert_array_equal(got[f"{solver}/images_float"], images_float, err_msg=solver)
     # A request mixing settings runs one chain per setting, bit-identical to running each group
     # as its own request.  Across batch sizes an image is the same only up to rounding: the
     # convolutions round differently per batch size (~1e-6 in the network output, with or without
@@ -468,8 +476,8 @@ def test_warmup_records_parse_and_replay(exported, sessions):
 GOOD_SAMPLE = dict(
     seed=np.array([1, 2], np.int64),
     num_steps=np.array(2, np.int32),
+    sampler=np.array(b"ancestral"),
     eta=np.array(0.0, np.float32),
-    use_ddim=np.array(False),
 )
 GOOD_NLL = dict(
     images=np.zeros([2] + IMAGE_SHAPE, np.uint8),
@@ -480,13 +488,32 @@ GOOD_REPLAY = dict(
     images=np.zeros([2] + IMAGE_SHAPE, np.uint8), noise=np.zeros([2, 3] + IMAGE_SHAPE, np.float32)
 )
 STEPS_RANGE = r"num_steps must lie in \[1, 100\]"
+CALLS_RANGE = r"num_steps \(network calls\) out of range for the sampler; allowed: ancestral 1..100"
 MALFORMED = [
-    ("sampler", "serving_default", dict(GOOD_SAMPLE, num_steps=np.array(0, np.int32)), STEPS_RANGE),
+    ("sampler", "serving_default", dict(GOOD_SAMPLE, num_steps=np.array(0, np.int32)), CALLS_RANGE),
     (
         "sampler",
         "serving_default",
         dict(GOOD_SAMPLE, num_steps=np.array(101, np.int32)),
-        STEPS_RANGE,
+        CALLS_RANGE,
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, sampler=np.array(b"dpmpp_3m"), num_steps=np.array(2, np.int32)),
+        r"dpmpp_3m 3..",
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, sampler=np.array(b"euler")),
+        "sampler must name one of: ancestral, ddim, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc",
+    ),
+    (
+        "sampler",
+        "serving_default",
+        dict(GOOD_SAMPLE, sampler=np.array([b"ddim", b"ddim", b"ddim"])),
+        r"sampler must be a scalar or a vector \[N\] with one value per image",
     ),
     (
         "sampler",
@@ -521,20 +548,20 @@ MALFORMED = [
     (
         "sampler",
         "serving_default",
-        dict(GOOD_SAMPLE, eta=np.array(-0.5, np.float32), use_ddim=np.array(True)),
+        dict(GOOD_SAMPLE, eta=np.array(-0.5, np.float32), sampler=np.array(b"ddim")),
         r"eta must lie in \[0, 1\]",
     ),
     (
         "sampler",
         "serving_default",
-        dict(GOOD_SAMPLE, eta=np.array(np.nan, np.float32), use_ddim=np.array(True)),
+        dict(GOOD_SAMPLE, eta=np.array(np.nan, np.float32), sampler=np.array(b"ddim")),
         r"eta must lie in \[0, 1\]",
     ),
     (
         "sampler",
         "serving_default",
         dict(GOOD_SAMPLE, eta=np.array(0.5, np.float32)),
-        "eta only applies to DDIM",
+        "eta only applies to ddim",
     ),
     ("nll", "serving_default", dict(GOOD_NLL, num_steps=np.array([0, 2], np.int32)), STEPS_RANGE),
     ("nll", "serving_default", dict(GOOD_NLL, num_steps=np.array(101, np.int32)), STEPS_RANGE),
@@ -616,14 +643,14 @@ def test_well_formed_requests_pass_the_checks(sessions):
 def test_malformed_request_through_the_tf2_loader(exported):
     """tf.saved_model.load callers get the same InvalidArgumentError and message."""
     signature = tf.saved_model.load(exported.result.sampler_dir).signatures["serving_default"]
-    with pytest.raises(tf.errors.InvalidArgumentError, match=STEPS_RANGE):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=CALLS_RANGE):
         signature(
             **{
                 k: tf.constant(v)
                 for k, v in dict(GOOD_SAMPLE, num_steps=np.array(101, np.int32)).items()
             }
         )
-    with pytest.raises(tf.errors.InvalidArgumentError, match="eta only applies to DDIM"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="eta only applies to ddim"):
         signature(
             **{
                 k: tf.constant(v)
@@ -696,22 +723,27 @@ def test_reexport_adds_a_version_and_a_failed_export_leaves_nothing(exported, mo
 
 def test_weights_choice_ema_raw_and_converted_fallback(exported, tmp_path, caplog):
     config = exported.config
-    net, _, name = export_lib.load_network(config, exported.workdir, use_ema=True)
+
+    def restore(workdir, **kwargs):
+        model = inference.InferenceModel.restore(config, workdir, **kwargs)
+        return model.net, model.loaded.attribute
+
+    net, name = restore(exported.workdir, use_ema=True)
     assert name == "ema_0p99"
     for ours, theirs in zip(net.variables, exported.ema_net.variables):
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
-    net, _, name = export_lib.load_network(config, exported.workdir, use_ema=False)
+    net, name = restore(exported.workdir, use_ema=False)
     assert name == "model"
     np.testing.assert_array_equal(net.variables[-1].numpy(), exported.raw_net.variables[-1].numpy())
 
     workdir = str(tmp_path / "converted")  # a converted checkpoint: `model` only
     write_workdir(workdir, config, {"model": exported.raw_net})
     with caplog.at_level("WARNING"):
-        _, _, name = export_lib.load_network(config, workdir, use_ema=True)
+        _, name = restore(workdir, use_ema=True)
     assert name == "model" and "ema_0p99" in caplog.text
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        export_lib.load_network(config, workdir, checkpoint_path=os.path.join(workdir, "nope-3"))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        restore(workdir, use_ema=True, checkpoint=os.path.join(workdir, "nope-3"))
     with pytest.raises(ValueError, match="model name"):
         export_lib.export_saved_models(config, net, str(tmp_path / "x"), model_name="bad name")
 
@@ -741,7 +773,8 @@ def test_converted_reference_weights_reproduce_reference_bpd(
     config = _reference_config(schedule, steps)
     workdir = str(tmp_path / "converted")
     convert.convert_checkpoint(golden.path("unet_weights.npz"), config, workdir)
-    net, _, weights = export_lib.load_network(config, workdir, use_ema=True)
+    model = inference.InferenceModel.restore(config, workdir, use_ema=True)
+    net, weights = model.net, model.loaded.attribute
     assert weights == "model"
     nll_dir = str(tmp_path / "nll")
     module = export_lib.NllModule(config, net)
@@ -787,12 +820,12 @@ def test_super_resolution_model_takes_low_res_input():
     net = perturbed_net(config, 2)
     low_res = np.random.default_rng(1).integers(0, 256, [2, 4, 4, 3]).astype(np.uint8)
     sampler = export_lib.SamplerModule(config, net)
-    assert list(sampler.input_specs) == ["seed", "num_steps", "eta", "use_ddim", "low_res"]
+    assert list(sampler.input_specs) == ["seed", "num_steps", "sampler", "eta", "low_res"]
     out = sampler.sample(
         tf.constant([1, 2], tf.int64),
         tf.constant(3),
+        tf.constant("ancestral"),
         tf.constant(0.0),
-        tf.constant(False),
         tf.constant(low_res),
     )
     process = factory.create_diffusion_from_config(config, timestep_respacing="3")
@@ -803,15 +836,16 @@ def test_super_resolution_model_takes_low_res_input():
         model_kwargs={"low_res": image_utils.normalize_images(low_res)},
         seeds=tf.constant([1, 2], tf.int64),
     )
-    np.testing.assert_allclose(out["images_float"].numpy(), expected.numpy(), atol=1e-6)
+    # Another graph than the export's (eager normalisation, one tf.function): equal up to rounding.
+    np.testing.assert_allclose(out["images_float"].numpy(), expected.numpy(), atol=1e-5)
     with pytest.raises(
         tf.errors.InvalidArgumentError, match=r"low_res must be uint8 \[N, 4, 4, 3\]"
     ):
         sampler.sample(
             tf.constant([1, 2, 3], tf.int64),
             tf.constant(3),
+            tf.constant("ancestral"),
             tf.constant(0.0),
-            tf.constant(False),
             tf.constant(low_res),
         )
 

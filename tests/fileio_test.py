@@ -159,4 +159,3 @@ def test_directory_error_names_a_file_in_the_way(tmp_path):
     below = fileio.directory_error(a_file / "v1", what="--export_dir")
     assert f"is under {str(a_file)!r}, which is a file" in below
     assert fileio.directory_error("gs://bucket/models") is None
-

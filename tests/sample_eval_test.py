@@ -195,8 +195,8 @@ def test_one_channel_model_trains_samples_evaluates_and_exports(tmp_path):
     images = sampler.signatures["serving_default"](
         seed=tf.constant([1, 2], tf.int64),
         num_steps=tf.constant(2),
+        sampler=tf.constant("unipc"),
         eta=tf.constant(0.0),
-        use_ddim=tf.constant(False),
     )["images"]
     assert images.shape == (2, 8, 8, 1) and images.dtype == tf.uint8
     nll = tf.saved_model.load(os.path.join(export_dir, "tiny_nll", "1"))

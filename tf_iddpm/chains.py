@@ -45,8 +45,12 @@ def seeded_normal(seeds, draw_index, image_shape):
     """
     seeds = tf.cast(seeds, tf.int64)
     draw_index = tf.cast(draw_index, tf.int64)
+    # Philox named explicitly: it is what the CPU picks by default, and XLA (TPUs, jit_compile)
+    # would otherwise pick another generator, so the same seed would give another image there.
     return tf.map_fn(
-        lambda s: tf.random.stateless_normal(image_shape, seed=tf.stack([s, draw_index])),
+        lambda s: tf.random.stateless_normal(
+            image_shape, seed=tf.stack([s, draw_index]), alg="philox"
+        ),
         seeds,
         fn_output_signature=tf.float32,
     )
