@@ -21,7 +21,7 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Packages of this repository whose imports must be Bazel dependencies; run.py is imported as `run`.
-FIRST_PARTY_PACKAGES = ("tf_iddpm", "export", "tests", "configs", "run")
+FIRST_PARTY_PACKAGES = ("tf_iddpm", "export", "ablation", "tools", "tests", "configs", "run")
 # The pytest entry point every py_test runs (see tools/python/pytest_main.py).
 PYTEST_MAIN = "//tools/python:pytest_main.py"
 RULE_KINDS = ("py_library", "py_test", "py_binary", "filegroup")
@@ -217,11 +217,19 @@ def _owners(targets):
     return owners
 
 
-@pytest.mark.parametrize("package", ["tf_iddpm", "export", "tests", "configs"])
+# Python files that are never imported: run by path under another interpreter (a filegroup each).
+NOT_IMPORTED = ("tools/benchmark_reference.py",)
+
+
+@pytest.mark.parametrize("package", ["tf_iddpm", "export", "ablation", "tools", "tests", "configs"])
 def test_every_library_module_is_in_exactly_one_py_library(targets, package):
     """Test helpers (tests/*.py that are not *_test.py) and config files are libraries too."""
     libraries = _of_kind(targets, "py_library")
-    modules = [m for m in _glob([f"{package}/*.py"]) if not m.endswith("_test.py")]
+    modules = [
+        m
+        for m in _glob([f"{package}/*.py"])
+        if not m.endswith("_test.py") and m not in NOT_IMPORTED
+    ]
     assert modules, f"no modules found under {package}/"
     problems = []
     for module in modules:
@@ -346,8 +354,16 @@ def test_dependency_graph_has_no_cycles(targets):
 
 
 # The modules whose import graph must be acyclic and layered: the library, the export package, the
-# experiment configs and the entry point (tests may import anything).
-_APPLICATION_SOURCES = ("tf_iddpm/*.py", "export/*.py", "configs/*.py", "run.py")
+# ablation study, the measurement tools, the experiment configs and the entry point (tests may
+# import anything).
+_APPLICATION_SOURCES = (
+    "tf_iddpm/*.py",
+    "export/*.py",
+    "ablation/*.py",
+    "tools/*.py",
+    "configs/*.py",
+    "run.py",
+)
 
 
 def module_import_graph():
@@ -391,7 +407,7 @@ def test_modules_have_no_import_cycles():
     """No module imports itself through others, not even lazily inside a function: Bazel could not
     express the cycle, and each module would be half-initialised when the other first runs."""
     graph = module_import_graph()
-    assert "tf_iddpm/sampling.py" in graph and "run.py" in graph
+    assert "tf_iddpm/chains.py" in graph and "run.py" in graph
     cycle = find_import_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -405,7 +421,9 @@ IMPORT_LAYERS = (
             "configs/*.py",
             "tf_iddpm/fileio.py",
             "tf_iddpm/console.py",
+            "tf_iddpm/choices.py",
             "tf_iddpm/schedules.py",
+            "tf_iddpm/samplers.py",
             "tf_iddpm/losses.py",
             "tf_iddpm/config_utils.py",
             "tf_iddpm/image_utils.py",
@@ -426,7 +444,15 @@ IMPORT_LAYERS = (
             "tf_iddpm/metrics.py",
         ),
     ),
-    ("assembly", ("tf_iddpm/sampling.py", "tf_iddpm/factory.py", "tf_iddpm/convert.py")),
+    (
+        "assembly",
+        (
+            "tf_iddpm/chains.py",
+            "tf_iddpm/factory.py",
+            "tf_iddpm/convert.py",
+            "tf_iddpm/inference.py",
+        ),
+    ),
     (
         "modes",
         (
@@ -436,7 +462,7 @@ IMPORT_LAYERS = (
             "tf_iddpm/quality_lib.py",
         ),
     ),
-    ("entry points", ("export/*.py", "run.py", "tf_iddpm/benchmark*.py", "tf_iddpm/ablation.py")),
+    ("entry points", ("export/*.py", "run.py", "ablation/*.py", "tools/*.py")),
 )
 # What export/ must not reach, even indirectly: training and the run modes (a SavedModel export
 # and the serving helpers need only the network, the diffusion and the checkpoint readers).
