@@ -47,7 +47,7 @@ bazel-test: venv
 #   make benchmark BENCH_ARGS="--reference=/path/to/improved-diffusion --reference_python=/path/to/torch/python"
 BENCH_ARGS ?=
 benchmark: venv
-	$(PY) -m tf_iddpm.benchmark --what=all $(BENCH_ARGS)
+	$(PY) -m tools.benchmark --what=all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) workdir bazel-*

@@ -1,4 +1,4 @@
-"""python -m tf_iddpm.ablation: the quick study end to end, its resume, and its input checks."""
+"""python -m ablation: the quick study end to end, its resume, and its input checks."""
 
 import glob
 import json
@@ -9,8 +9,13 @@ import sys
 
 import pytest
 
-from tf_iddpm import ablation
+from ablation import arms
+from ablation import report
+from ablation import study as study_lib
+from configs import ablation as ablation_configs
+from configs import tiny
 from tf_iddpm import data as data_lib
+from tf_iddpm import samplers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run_quick(study_dir):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, "-m", "tf_iddpm.ablation", "--quick", f"--study_dir={study_dir}"],
+        [sys.executable, "-m", "ablation", "--quick", f"--study_dir={study_dir}"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -57,7 +62,7 @@ def test_quick_study_writes_finite_results_and_resumes_without_recomputing(tmp_p
         results = json.load(f)
     study = results["study"]
     assert study["run_seconds"] > 0 and study["wall_seconds"] > 0
-    assert study["quick"] and study["arms"] == list(ablation.QUICK_ARMS) and study["seeds"] == 1
+    assert study["quick"] and study["arms"] == list(arms.QUICK_ARMS) and study["seeds"] == 1
     assert len(study["sampling_steps"]) == 2 and study["proxy_features"]
     assert len(results["runs"]) == 2
     for run in results["runs"]:
@@ -65,7 +70,7 @@ def test_quick_study_writes_finite_results_and_resumes_without_recomputing(tmp_p
         assert run["bpd"]["full"]["num_steps"] == study["diffusion_steps"]
         assert run["bpd"]["respaced"]["num_steps"] == int(study["bpd_respacing"])
         assert {(p["sampler"], p["steps"]) for p in run["quality"]} == {
-            (s, k) for s in ablation.SAMPLERS for k in study["sampling_steps"]
+            (s, k) for s in arms.SAMPLERS for k in study["sampling_steps"]
         }
         assert all(run["curves"][f"loss_q{q}"] for q in range(4))
         if run["arm"] == "hybrid_cosine":  # L_simple logs no vb term
@@ -75,7 +80,7 @@ def test_quick_study_writes_finite_results_and_resumes_without_recomputing(tmp_p
     # The proxy check: the data against itself is far closer than an untrained model's samples.
     check = results["feature_check"]
     assert check["passed"]
-    assert check["fd_test_vs_train"] * ablation.PROXY_RATIO < check["fd_untrained_vs_train"]
+    assert check["fd_test_vs_train"] * study_lib.PROXY_RATIO < check["fd_untrained_vs_train"]
     assert "FD(test split vs train split" in stdout and "proxy" in stdout
     with open(os.path.join(study_dir, "results.md")) as f:
         table = f.read()
@@ -98,7 +103,7 @@ def test_quick_study_writes_finite_results_and_resumes_without_recomputing(tmp_p
 
 
 def test_arm_configs_follow_the_paper():
-    base = ablation.quick_base_config()
+    base = ablation_configs.get_config("quick")
     expected = {  # learn_sigma, use_kl, schedule, timestep sampler
         "simple_linear": (False, False, "linear", "uniform"),
         "simple_cosine": (False, False, "cosine", "uniform"),
@@ -107,9 +112,9 @@ def test_arm_configs_follow_the_paper():
         "vlb_cosine_uniform": (True, True, "cosine", "uniform"),
         "vlb_cosine_loss_aware": (True, True, "cosine", "loss-second-moment"),
     }
-    assert set(expected) == set(ablation.ARMS)
+    assert set(expected) == set(arms.ARMS)
     for arm, (learn_sigma, use_kl, schedule, sampler) in expected.items():
-        config = ablation.arm_config(base, arm, seed=3, steps=77)
+        config = arms.arm_config(base, arm, seed=3, steps=77)
         assert (
             config.diffusion.learn_sigma,
             config.diffusion.use_kl,
@@ -123,16 +128,16 @@ def test_arm_configs_follow_the_paper():
 
 def test_unknown_arm_is_refused_with_the_list_of_arms(tmp_path):
     with pytest.raises(ValueError, match=r"unknown arm\(s\) 'hybrid_cosin'.*simple_linear"):
-        ablation.parse_arms("simple_linear,hybrid_cosin")
+        arms.parse_arms("simple_linear,hybrid_cosin")
     with pytest.raises(ValueError, match="twice"):
-        ablation.parse_arms("simple_linear,simple_linear")
-    assert ablation.parse_arms("all") == list(ablation.ARMS)
+        arms.parse_arms("simple_linear,simple_linear")
+    assert arms.parse_arms("all") == list(arms.ARMS)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "tf_iddpm.ablation",
+            "ablation",
             "--arms=simple_linear,bogus",
             f"--study_dir={tmp_path / 'cli'}",
         ],
@@ -147,8 +152,8 @@ def test_unknown_arm_is_refused_with_the_list_of_arms(tmp_path):
     assert not os.path.exists(tmp_path / "cli")
     study_dir = str(tmp_path / "study")
     with pytest.raises(ValueError, match="unknown arm 'nope'"):
-        ablation.run_study(
-            ablation.quick_base_config(),
+        study_lib.run_study(
+            ablation_configs.get_config("quick"),
             study_dir,
             arms=["nope"],
             seeds=1,
@@ -170,12 +175,12 @@ def test_unknown_arm_is_refused_with_the_list_of_arms(tmp_path):
     ],
 )
 def test_bad_base_config_fails_before_anything_runs(tmp_path, field, value, message):
-    config = ablation.quick_base_config()
+    config = ablation_configs.get_config("quick")
     group, name = field.split(".")
     setattr(getattr(config, group), name, value)
     study_dir = str(tmp_path / "study")
     with pytest.raises(ValueError, match=message):
-        ablation.run_study(
+        study_lib.run_study(
             config,
             study_dir,
             arms=["simple_linear"],
@@ -190,7 +195,7 @@ def test_bad_base_config_fails_before_anything_runs(tmp_path, field, value, mess
 
 
 def test_bad_budgets_are_refused(tmp_path):
-    base = ablation.quick_base_config()
+    base = ablation_configs.get_config("quick")
     kwargs = dict(
         arms=["simple_linear"],
         seeds=1,
@@ -201,24 +206,71 @@ def test_bad_budgets_are_refused(tmp_path):
         quality_samples=8,
     )
     for change, message in (
-        (dict(sampling_steps="5,1000"), "outside 1..100"),
+        (
+            dict(sampling_steps="5,1000"),
+            r"'1000' is not a step count in \[1, diffusion.steps=100\]",
+        ),
         (dict(sampling_steps="five"), "not a step count"),
         (dict(seeds=0), "--seeds must be >= 1"),
         (dict(quality_samples=1), "--quality_samples must be >= 2"),
     ):
         with pytest.raises(ValueError, match=message):
-            ablation.run_study(base, str(tmp_path / "s"), **dict(kwargs, **change))
-    assert ablation.parse_sampling_steps("50,full,10,50", 100) == [10, 50, 100]
+            study_lib.run_study(base, str(tmp_path / "s"), **dict(kwargs, **change))
+    assert arms.parse_sampling_steps("50,full,10,50", 100) == [10, 50, 100]
+
+
+def test_the_study_samples_with_sampler_kinds_of_the_inference_layer():
+    assert set(arms.SAMPLERS) <= set(samplers.SAMPLER_KINDS)
+    assert set(arms.SAMPLER_LABELS) == set(arms.SAMPLERS)
+    assert arms.sampler_spec("ancestral", 5, 100) == samplers.SamplerSpec(
+        "ancestral", "5", 0.0, True
+    )
+    # Every step of the process is the unrespaced chain; DDIM is deterministic (eta 0).
+    assert arms.sampler_spec("ddim", 100, 100) == samplers.SamplerSpec("ddim", "", 0.0, True)
+    with pytest.raises(ValueError, match="study's samplers"):
+        arms.sampler_spec("euler", 5, 100)
+
+
+def test_the_quick_config_is_tiny_with_one_sampling_batch():
+    # The default study's config (configs/ablation.py) against tiny: tests/configs_test.py.
+    tiny_config, quick = tiny.get_config(), ablation_configs.get_config("quick")
+    assert quick.sample.batch_size == 64
+    quick.sample.batch_size = tiny_config.sample.batch_size
+    assert quick.to_dict() == tiny_config.to_dict()
+    with pytest.raises(ValueError, match="no variant 'fast'"):
+        ablation_configs.get_config("fast")
+
+
+def test_quick_with_overrides_of_the_default_config_is_a_usage_error(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ablation",
+            "--quick",
+            "--config.train.lr=1e-3",
+            f"--study_dir={tmp_path / 'cli'}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "--config=configs/ablation.py:quick" in result.stderr
+    assert not os.path.exists(tmp_path / "cli")
 
 
 def test_mean_and_spread_over_seeds():
-    stat = ablation._mean_std([1.0, 2.0, 3.0])  # pylint: disable=protected-access
+    stat = report.mean_std([1.0, 2.0, 3.0])
     assert stat == {"mean": 2.0, "std": 1.0, "n": 3}
-    assert ablation._mean_std([5.0])["std"] == 0.0  # pylint: disable=protected-access
-    assert ablation._mean_std([])["n"] == 0  # pylint: disable=protected-access
+    assert report.mean_std([5.0])["std"] == 0.0
+    assert report.mean_std([])["n"] == 0
 
 
 def test_dataset_num_classes_reads_the_label_count():
-    config = ablation.quick_base_config()
+    config = ablation_configs.get_config("quick")
     assert data_lib.dataset_num_classes(config.data, "train") == 10
     assert data_lib.dataset_num_classes(config.data.to_dict(), "test") == 10

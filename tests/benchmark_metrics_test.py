@@ -1,4 +1,4 @@
-"""Smoke test of tf_iddpm/benchmark_metrics.py: tiny measurements end to end, no timings asserted."""
+"""Smoke test of tools/benchmark_metrics.py: tiny measurements end to end, no timings asserted."""
 
 import json
 import pathlib
@@ -8,8 +8,8 @@ import sys
 import numpy as np
 
 from tests import inception_stand_in
-from tf_iddpm import benchmark_metrics
 from tf_iddpm import metrics
+from tools import benchmark_metrics
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def test_prints_the_table_and_json_with_the_metrics_of_the_same_features(tmp_pat
         [
             sys.executable,
             "-m",
-            "tf_iddpm.benchmark_metrics",
+            "tools.benchmark_metrics",
             "--what=all",
             f"--inception={graph}",
             "--images=8",

@@ -146,6 +146,12 @@ def test_parse_args_defaults_and_absolute_reference(tmp_path, monkeypatch):
     assert (args.threads, args.batch, args.what, args.warmup, args.iters) == (4, 8, "nll", 0, 3)
 
 
+def test_the_benchmark_runs_this_script_by_path():
+    from tools import benchmark  # pylint: disable=g-import-not-at-top
+
+    assert pathlib.Path(benchmark.REFERENCE_SCRIPT) == SCRIPT
+
+
 def test_bench_config_matches_the_issue():
     config = _load_module().BENCH_CONFIG
     assert config["image_size"] == 32

@@ -1,4 +1,4 @@
-"""Smoke test of tf_iddpm/benchmark.py (ours only): one tiny measurement end to end, no timings asserted."""
+"""Smoke test of tools/benchmark.py (ours only): one tiny measurement end to end, no timings asserted."""
 
 import json
 import pathlib
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tf_iddpm import benchmark
+from tools import benchmark
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # GFLOP of one bench-config forward at batch 1 as torch's FlopCounterMode counts it on the
@@ -17,7 +17,7 @@ REFERENCE_GFLOP_PER_FORWARD = 3.25566464
 
 def _benchmark(*flags):
     proc = subprocess.run(
-        [sys.executable, "-m", "tf_iddpm.benchmark", *flags],
+        [sys.executable, "-m", "tools.benchmark", *flags],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -15,13 +15,14 @@ import fnmatch
 import glob as globlib
 import os
 import re
+import sys
 import textwrap
 
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Packages of this repository whose imports must be Bazel dependencies; run.py is imported as `run`.
-FIRST_PARTY_PACKAGES = ("tf_iddpm", "export", "tests", "configs", "run")
+FIRST_PARTY_PACKAGES = ("tf_iddpm", "export", "ablation", "tools", "tests", "configs", "run")
 # The pytest entry point every py_test runs (see tools/python/pytest_main.py).
 PYTEST_MAIN = "//tools/python:pytest_main.py"
 RULE_KINDS = ("py_library", "py_test", "py_binary", "filegroup")
@@ -217,11 +218,19 @@ def _owners(targets):
     return owners
 
 
-@pytest.mark.parametrize("package", ["tf_iddpm", "export", "tests", "configs"])
+# Python files that are never imported: run by path under another interpreter (a filegroup each).
+NOT_IMPORTED = ("tools/benchmark_reference.py",)
+
+
+@pytest.mark.parametrize("package", ["tf_iddpm", "export", "ablation", "tools", "tests", "configs"])
 def test_every_library_module_is_in_exactly_one_py_library(targets, package):
     """Test helpers (tests/*.py that are not *_test.py) and config files are libraries too."""
     libraries = _of_kind(targets, "py_library")
-    modules = [m for m in _glob([f"{package}/*.py"]) if not m.endswith("_test.py")]
+    modules = [
+        m
+        for m in _glob([f"{package}/*.py"])
+        if not m.endswith("_test.py") and m not in NOT_IMPORTED
+    ]
     assert modules, f"no modules found under {package}/"
     problems = []
     for module in modules:
@@ -346,8 +355,16 @@ def test_dependency_graph_has_no_cycles(targets):
 
 
 # The modules whose import graph must be acyclic and layered: the library, the export package, the
-# experiment configs and the entry point (tests may import anything).
-_APPLICATION_SOURCES = ("tf_iddpm/*.py", "export/*.py", "configs/*.py", "run.py")
+# ablation study, the measurement tools, the experiment configs and the entry point (tests may
+# import anything).
+_APPLICATION_SOURCES = (
+    "tf_iddpm/*.py",
+    "export/*.py",
+    "ablation/*.py",
+    "tools/*.py",
+    "configs/*.py",
+    "run.py",
+)
 
 
 def module_import_graph():
@@ -391,7 +408,7 @@ def test_modules_have_no_import_cycles():
     """No module imports itself through others, not even lazily inside a function: Bazel could not
     express the cycle, and each module would be half-initialised when the other first runs."""
     graph = module_import_graph()
-    assert "tf_iddpm/sampling.py" in graph and "run.py" in graph
+    assert "tf_iddpm/chains.py" in graph and "run.py" in graph
     cycle = find_import_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -405,7 +422,9 @@ IMPORT_LAYERS = (
             "configs/*.py",
             "tf_iddpm/fileio.py",
             "tf_iddpm/console.py",
+            "tf_iddpm/choices.py",
             "tf_iddpm/schedules.py",
+            "tf_iddpm/samplers.py",
             "tf_iddpm/losses.py",
             "tf_iddpm/config_utils.py",
             "tf_iddpm/unet_options.py",
@@ -424,12 +443,21 @@ IMPORT_LAYERS = (
             "tf_iddpm/unet_reference.py",
             "tf_iddpm/torch_checkpoint.py",
             "tf_iddpm/diffusion.py",
+            "tf_iddpm/solvers.py",
             "tf_iddpm/timestep_sampler.py",
             "tf_iddpm/optimizers.py",
             "tf_iddpm/metrics.py",
         ),
     ),
-    ("assembly", ("tf_iddpm/sampling.py", "tf_iddpm/factory.py", "tf_iddpm/convert.py")),
+    (
+        "assembly",
+        (
+            "tf_iddpm/chains.py",
+            "tf_iddpm/factory.py",
+            "tf_iddpm/convert.py",
+            "tf_iddpm/inference.py",
+        ),
+    ),
     (
         "modes",
         (
@@ -439,8 +467,13 @@ IMPORT_LAYERS = (
             "tf_iddpm/quality_lib.py",
         ),
     ),
-    ("entry points", ("export/*.py", "run.py", "tf_iddpm/benchmark*.py", "tf_iddpm/ablation.py")),
+    ("entry points", ("export/*.py", "run.py", "ablation/*.py", "tools/*.py")),
 )
+# The layer whose modules never import each other: each mode is one job built from the layers below.
+MODES = next(i for i, (name, _) in enumerate(IMPORT_LAYERS) if name == "modes")
+# What the library (tf_iddpm/, the installed package) must not import: the checkout-only folders,
+# which the wheel does not ship, and the entry point.
+LIBRARY_MUST_NOT_IMPORT = ("export/", "ablation/", "tools/", "configs/", "run.py")
 # What export/ must not reach, even indirectly: training and the run modes (a SavedModel export
 # and the serving helpers need only the network, the diffusion and the checkpoint readers).
 EXPORT_MUST_NOT_REACH = (
@@ -479,11 +512,17 @@ def test_imports_go_down_the_layers():
                     f"{module} ({IMPORT_LAYERS[_layer_of(module)][0]}) imports "
                     f"{target} ({IMPORT_LAYERS[_layer_of(target)][0]}), a higher layer"
                 )
-            if module.startswith("tf_iddpm/") and (
-                target == "run.py" or target.startswith("export/")
+            if MODES in (_layer_of(module), _layer_of(target)) and _layer_of(module) == _layer_of(
+                target
             ):
                 problems.append(
-                    f"{module} imports {target}: the library never imports export/ or run.py"
+                    f"{module} imports {target}: modes never import modes (what two modes share "
+                    "belongs to a lower layer, e.g. tf_iddpm/inference.py)"
+                )
+            if module.startswith("tf_iddpm/") and target.startswith(LIBRARY_MUST_NOT_IMPORT):
+                problems.append(
+                    f"{module} imports {target}: the library never imports "
+                    f"{', '.join(LIBRARY_MUST_NOT_IMPORT)} (the wheel ships none of them)"
                 )
     assert not problems, "\n".join(problems)
 
@@ -499,6 +538,15 @@ def test_export_reaches_no_training_code():
                     stack.append(target)
         forbidden = sorted(reached & set(EXPORT_MUST_NOT_REACH))
         assert not forbidden, f"{module} imports training code (directly or not): {forbidden}"
+
+
+def test_the_layer_rules_catch_a_mode_importing_a_mode(monkeypatch):
+    graph = module_import_graph()
+    assert not [t for t in graph["tf_iddpm/train_lib.py"] if _layer_of(t) == MODES]
+    planted = dict(graph, **{"tf_iddpm/train_lib.py": ["tf_iddpm/quality_lib.py"]})
+    monkeypatch.setattr(sys.modules[__name__], "module_import_graph", lambda: planted)
+    with pytest.raises(AssertionError, match="modes never import modes"):
+        test_imports_go_down_the_layers()
 
 
 def test_import_cycle_finder_on_known_cases():

@@ -22,6 +22,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 EXPERIMENTS = (
     "digits",
     "tiny",
+    "ablation",
     "cifar10_hybrid",
     "cifar10_vlb",
     "imagenet64_hybrid",
@@ -415,6 +416,19 @@ def test_resolved_unet_levels(name, want_channel_mult, want_attention_rates):
 
 # (variant, the config it derives from, the fields it is meant to change)
 VARIANTS = [
+    (
+        "ablation",
+        "tiny",
+        {
+            "diffusion.steps",
+            "train.batch_size",
+            "train.log_every",
+            "train.checkpoint_every",
+            "eval.batch_size",
+            "sample.batch_size",
+            "export.model_name",
+        },
+    ),
     (
         "cifar10_vlb",
         "cifar10_hybrid",

@@ -94,7 +94,7 @@ def sessions(exported):
 
 
 def reference_samples(config, net, seeds, num_steps, *, sampler="ancestral", eta=0.0):
-    """The in-process sampler of ``run.py --mode=sample --sampler=S --steps=K``."""
+    """The in-process sampler of --mode=sample with --sampler=S --steps=K."""
     spec = samplers.SamplerSpec(kind=sampler, steps=str(num_steps), eta=eta)
     return inference.build_sampler(model_fn(net), config, spec)(np.asarray(seeds)).numpy()
 

@@ -1,7 +1,8 @@
 """What `pip install` of this project puts into site-packages: the library, and nothing else.
 
-configs/ and export/ stay top-level folders of the checkout (run.py and `python -m export` run
-from it), but a wheel that installed them as top-level `configs` / `export` packages would collide
+configs/, export/, ablation/ and tools/ stay top-level folders of the checkout (run.py,
+`python -m export`, `python -m ablation` and `python -m tools.benchmark` run from it), but a wheel
+that installed them as top-level `configs` / `export` / `ablation` / `tools` packages would collide
 with other projects'; tools/benchmark_reference.py runs under a PyTorch interpreter. The wheel is
 built offline, with this interpreter's setuptools, from a copy of the sources.
 """
@@ -17,7 +18,18 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # What the build reads (pyproject.toml's readme and packages), plus the folders it must leave out.
-SOURCES = ("pyproject.toml", "README.md", "run.py", "tf_iddpm", "configs", "export", "tools")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "run.py",
+    "tf_iddpm",
+    "configs",
+    "export",
+    "ablation",
+    "tools",
+)
+# The checkout-only packages: top-level folders with an __init__.py that the wheel leaves out.
+CHECKOUT_ONLY = ("configs", "export", "ablation", "tools")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +79,10 @@ def test_the_wheel_installs_only_the_tf_iddpm_package(wheel_files):
     names, top_level_txt = wheel_files
     top_level = {name.split("/")[0] for name in names}
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"tf_iddpm"}, top_level
-    assert "configs" not in top_level and "export" not in top_level
+    for package in CHECKOUT_ONLY:
+        assert (REPO_ROOT / package / "__init__.py").is_file(), package  # a package, left out
+        assert package not in top_level, package
+        assert not [n for n in names if n.startswith(package + "/")], package
     assert all(modules == ["tf_iddpm"] for modules in top_level_txt), top_level_txt
     assert "tf_iddpm/unet.py" in names and "tf_iddpm/__init__.py" in names
 
@@ -76,3 +91,10 @@ def test_the_wheel_holds_no_torch_side_file(wheel_files):
     names, _ = wheel_files
     assert not [n for n in names if os.path.basename(n) == "benchmark_reference.py"]
     assert not [n for n in names if n.startswith(("tools/", "tests/"))]
+
+
+def test_the_library_holds_no_application(wheel_files):
+    """The ablation study and the benchmarks moved out of tf_iddpm/: they import configs/."""
+    names, _ = wheel_files
+    for module in ("ablation", "benchmark", "benchmark_metrics"):
+        assert f"tf_iddpm/{module}.py" not in names, module

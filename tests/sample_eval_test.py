@@ -133,7 +133,7 @@ def test_benchmark_bpd_precision_check_on_a_trained_workdir(trained_workdir):
         [
             sys.executable,
             "-m",
-            "tf_iddpm.benchmark",
+            "tools.benchmark",
             "--child=bpd_check",
             f"--bpd_check_workdir={trained_workdir}",
             "--bpd_check_images=6",

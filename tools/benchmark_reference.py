@@ -1,9 +1,10 @@
 """Benchmarks the PyTorch reference, openai/improved-diffusion, on CPU.
 
-This is the reference half of the tf_iddpm benchmark. It runs under a
-*different* interpreter from the rest of the package: a Python that has torch
-(for example a virtualenv made with `pip install torch==2.13.0 numpy`). It
-therefore imports only the standard library, numpy, torch and the reference
+This is the reference half of the tf_iddpm benchmark (tools/benchmark.py,
+`python -m tools.benchmark --reference=...`, which runs it by path). It runs
+under a *different* interpreter from the rest of the project: a Python that has
+torch (for example a virtualenv made with `pip install torch==2.13.0 numpy`).
+It therefore imports only the standard library, numpy, torch and the reference
 package, and never tensorflow or tf_iddpm. It lives in the checkout's tools/,
 outside the installed package; run it by file path:
 

@@ -1,7 +1,9 @@
 """Throughput of the sample-quality metrics: Inception feature extraction and precision / recall.
 
-    python -m tf_iddpm.benchmark_metrics --what=all --images=256 --pr_size=10000
-    python -m tf_iddpm.benchmark_metrics --what=pr --pr_size=10000 \\
+Run from the checkout's root (``tools/`` is not installed with the package):
+
+    python -m tools.benchmark_metrics --what=all --images=256 --pr_size=10000
+    python -m tools.benchmark_metrics --what=pr --pr_size=10000 \\
         --evaluator=/path/to/guided-diffusion/evaluations/evaluator.py
 
 * features: images per second through the Inception graph (64x64 uint8 inputs, resized to 299
@@ -138,7 +140,7 @@ def bench_pr(size: int, dim: int, evaluator: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tf_iddpm.benchmark_metrics", description=__doc__.split("\n")[0]
+        prog="python -m tools.benchmark_metrics", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--what", choices=["features", "pr", "all"], default="all")
     parser.add_argument(

@@ -1,7 +1,9 @@
 """Throughput benchmark on the bench config, optionally side by side with the PyTorch reference.
 
-    python -m tf_iddpm.benchmark --what=all --batch=16 --threads=2
-    python -m tf_iddpm.benchmark --what=all --reference=/path/to/improved-diffusion \
+Run from the checkout's root (``tools/`` is not installed with the package; it reads ``configs/``):
+
+    python -m tools.benchmark --what=all --batch=16 --threads=2
+    python -m tools.benchmark --what=all --reference=/path/to/improved-diffusion \
         --reference_python=/path/to/torchvenv/bin/python
 
 Bench config: 32x32x3 images, 64 channels, 2 residual blocks per level, 4 heads, attention at 16x16
@@ -10,20 +12,23 @@ loss, uniform t-sampler.  Measurements (each after warm-up, each in a fresh proc
 RSS belongs to one measurement and threads are pinned before TensorFlow starts):
 
 * train: full steps (forward, hybrid loss, backward, optimizer, EMA) on random images, no data I/O;
-* sample50: ancestral sampling over a 50-step respaced chain, one batch per iteration;
-* nll100: calc_bpd_loop over a 100-step respaced chain, one batch per iteration.
+* sample50: ancestral sampling over a 50-step respaced chain, one batch per iteration (the
+  inference layer's sampler of ``SamplerSpec(kind="ancestral", steps="50")``, one graph call);
+* nll100: ``chains.calc_bpd_loop`` over a 100-step respaced chain, one batch per iteration (the
+  network called as ``inference.model_function`` makes it, one graph call).
 
 * matmul_peak: the machine's float32 (and with --precision=mixed_bfloat16, bfloat16) matmul
   throughput at the same thread count, from large square products: the roofline the model's
   achieved GFLOP/s (GFLOP per forward x forwards per second; a training step counts 3 forwards)
   is read against.
 
-With --bpd_check_workdir=DIR, the bpd of DIR's trained model over test images is computed in float32
-and in mixed_bfloat16 on the same per-image seeds, and the difference is printed.
+With --bpd_check_workdir=DIR, the bpd of DIR's trained model (``InferenceModel.restore``, EMA
+weights) over test images is computed in float32 and in mixed_bfloat16 on the same per-image seeds,
+and the difference is printed.
 
-With --reference the same three run with improved-diffusion (the checkout's
-tools/benchmark_reference.py under --reference_python; it is not part of the installed package),
-alternating ours / reference per measurement, and the ratios are printed.
+With --reference the same three run with improved-diffusion (``tools/benchmark_reference.py``, run
+by path under --reference_python), alternating ours / reference per measurement, and the ratios
+are printed.
 Output: a table and one JSON line (keys train_img_per_s, sample50_img_per_s, nll100_img_per_s,
 peak_rss_mb, gflop_per_forward, and ref_* for the reference).
 """
@@ -71,6 +76,9 @@ flags.DEFINE_boolean(
     "--batch/2) / (--batch/2) is the memory each image adds (activations kept for backward).",
 )
 flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
+
+# The checkout's root: the measurement children run `python -m tools.benchmark` from it.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MEASUREMENTS = {
     "train": "train_img_per_s",
@@ -156,11 +164,11 @@ def _bpd_precision_check(workdir: str, num_images: int):
     import keras  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from tf_iddpm import checkpoints  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import chains  # pylint: disable=g-import-not-at-top
     from tf_iddpm import config_utils  # pylint: disable=g-import-not-at-top
     from tf_iddpm import data as data_lib  # pylint: disable=g-import-not-at-top
     from tf_iddpm import factory  # pylint: disable=g-import-not-at-top
-    from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import inference  # pylint: disable=g-import-not-at-top
 
     config = config_utils.load_stored_config(workdir)
     batch = next(iter(data_lib.make_eval_dataset(config.data, batch_size=num_images)))
@@ -168,17 +176,15 @@ def _bpd_precision_check(workdir: str, num_images: int):
     bpd = {}
     for policy in ("float32", "mixed_bfloat16"):
         keras.mixed_precision.set_global_policy(policy)
-        net = factory.create_model_from_config(config)
-        checkpoints.restore_inference_weights(
-            net, workdir, use_ema=True, ema_rates=config_utils.ema_rates(config)
-        )
+        model = inference.InferenceModel.restore(config, workdir, use_ema=True)
         diffusion = factory.create_diffusion_from_config(config, timestep_respacing="100")
+        # Per image (not bits_per_dim's sums over a dataset): the check reports the largest change.
         nll = tf.function(
-            lambda x, s, net=net, diffusion=diffusion: sampling.calc_bpd_loop(
-                diffusion, lambda a, t: net(a, t, training=False), x, seeds=s
+            lambda x, s, model_fn=model.model_fn, diffusion=diffusion: chains.calc_bpd_loop(
+                diffusion, model_fn, x, seeds=s
             )["total_bpd"]
         )
-        bpd[net.dtype_policy.name] = nll(batch["image"], seeds).numpy()[
+        bpd[model.net.dtype_policy.name] = nll(batch["image"], seeds).numpy()[
             np.asarray(batch["mask"], bool)
         ]
     keras.mixed_precision.set_global_policy("float32")
@@ -294,9 +300,10 @@ def _child(what: str):
         )
         return
     import keras  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import chains  # pylint: disable=g-import-not-at-top
     from tf_iddpm import factory  # pylint: disable=g-import-not-at-top
-    from tf_iddpm import sample_lib  # pylint: disable=g-import-not-at-top
-    from tf_iddpm import sampling  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import inference  # pylint: disable=g-import-not-at-top
+    from tf_iddpm import samplers  # pylint: disable=g-import-not-at-top
     from tf_iddpm import train_lib  # pylint: disable=g-import-not-at-top
 
     runtime_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports only
@@ -326,15 +333,14 @@ def _child(what: str):
         for key in ("categories_ms", "phases_ms"):
             result[key] = {name: ms / steps for name, ms in profile[key].items()}
         # One inference forward of the batch: a sampling or bits/dim step's network call.
-        net = trainer.net
-        forward = tf.function(lambda x, t: net(x, t, training=False))
+        forward = tf.function(inference.model_function(trainer.net))
         timesteps = tf.cast(tf.range(batch) * 61 % 1000, tf.float32)
         for _ in range(1 + FLAGS.warmup):
             forward(images, timesteps).numpy()
-        inference = _profile(lambda: forward(images, timesteps).numpy(), 4)
+        forward_profile = _profile(lambda: forward(images, timesteps).numpy(), 4)
         result["inference_forward"] = {
-            "forward_ms": inference["step_ms"],
-            "categories_ms": inference["categories_ms"],
+            "forward_ms": forward_profile["step_ms"],
+            "categories_ms": forward_profile["categories_ms"],
         }
         print("BENCH_JSON " + json.dumps(result))
         return
@@ -349,22 +355,19 @@ def _child(what: str):
             times.append((time.perf_counter() - start) / steps)
         net = trainer.net
     else:
-        net = factory.create_model_from_config(config)
+        model = inference.InferenceModel(factory.create_model_from_config(config), config)
+        net = model.net
         if what == "sample":
-            sampler = sample_lib.Sampler(
-                net,
-                factory.create_diffusion_from_config(config, timestep_respacing="50"),
-                image_shape=[size, size, 3],
-            )
+            sampler = model.sampler(samplers.SamplerSpec(kind="ancestral", steps="50"))
 
             def run(i):
-                return sampler(np.arange(batch) + i * batch).numpy()
+                return sampler(np.arange(batch) + i * batch).numpy()  # the whole chain, one call
         else:
             diffusion = factory.create_diffusion_from_config(config, timestep_respacing="100")
             nll = tf.function(
-                lambda x, seeds: sampling.calc_bpd_loop(
-                    diffusion, lambda a, t: net(a, t, training=False), x, seeds=seeds
-                )["total_bpd"]
+                lambda x, seeds: chains.calc_bpd_loop(diffusion, model.model_fn, x, seeds=seeds)[
+                    "total_bpd"
+                ]
             )
 
             def run(i):
@@ -385,8 +388,9 @@ def _child(what: str):
 
 
 def _run_json(command):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=pythonpath)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
             return json.loads(line[len("BENCH_JSON ") :])
@@ -405,7 +409,7 @@ def _ours(what, batch=None):
         [
             sys.executable,
             "-m",
-            "tf_iddpm.benchmark",
+            "tools.benchmark",
             f"--child={what}",
             f"--batch={batch or FLAGS.batch}",
             f"--threads={FLAGS.threads}",
@@ -419,19 +423,16 @@ def _ours(what, batch=None):
     )
 
 
-# The PyTorch-side benchmark: a script of the checkout, run by path under --reference_python.
+# The PyTorch-side benchmark, next to this file, run by path under --reference_python.
 REFERENCE_SCRIPT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "benchmark_reference.py"
+    os.path.dirname(os.path.abspath(__file__)), "benchmark_reference.py"
 )
 
 
 def _reference(what, json_path):
     script = REFERENCE_SCRIPT
     if not os.path.isfile(script):
-        raise FileNotFoundError(
-            f"{script} not found: --reference needs a checkout of this project "
-            "(tools/ is not installed with the package)"
-        )
+        raise FileNotFoundError(f"{script} not found: --reference runs it, from this checkout")
     command = [
         FLAGS.reference_python,
         script,
