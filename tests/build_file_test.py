@@ -444,7 +444,7 @@ IMPORT_LAYERS = (
             "tf_iddpm/torch_checkpoint.py",
             "tf_iddpm/diffusion.py",
             "tf_iddpm/solvers.py",
-            "tf_iddpm/timestep_sampler.py",
+            "tf_iddpm/timestep_distribution.py",
             "tf_iddpm/optimizers.py",
             "tf_iddpm/metrics.py",
         ),
@@ -482,7 +482,7 @@ EXPORT_MUST_NOT_REACH = (
     "tf_iddpm/sample_lib.py",
     "tf_iddpm/quality_lib.py",
     "tf_iddpm/optimizers.py",
-    "tf_iddpm/timestep_sampler.py",
+    "tf_iddpm/timestep_distribution.py",
     "tf_iddpm/data.py",
     "tf_iddpm/distribute.py",
 )

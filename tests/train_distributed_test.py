@@ -68,7 +68,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
             for net in [trainer.net, *trainer.ema_nets.values()]:
                 net.set_weights(initial)
             if trainer.loss_aware:
-                sampler_state = trainer.schedule_sampler
+                sampler_state = trainer.timestep_distribution
                 sampler_state.loss_history.assign(np.random.default_rng(0).uniform(
                     0.01, 1.0, sampler_state.loss_history.shape))
                 sampler_state.loss_counts.assign(
@@ -89,7 +89,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
                 [np.ravel(v.numpy()) for v in trainer.optimizer.variables])
             results[prefix + "step"] = trainer.step.numpy()
             if trainer.loss_aware:
-                results[prefix + "loss_history"] = trainer.schedule_sampler.loss_history.numpy()
+                results[prefix + "loss_history"] = trainer.timestep_distribution.loss_history.numpy()
     np.savez(out_path, **results)
 """)
 

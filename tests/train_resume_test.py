@@ -146,8 +146,8 @@ def test_sigkill_after_a_checkpoint_then_resume_restores_everything(
             captured["net"] = trainer.net.get_weights()
             captured["ema"] = {rate: net.get_weights() for rate, net in trainer.ema_nets.items()}
             captured["optimizer"] = [v.numpy() for v in trainer.optimizer.variables]
-            captured["loss_history"] = trainer.schedule_sampler.loss_history.numpy()
-            captured["loss_counts"] = trainer.schedule_sampler.loss_counts.numpy()
+            captured["loss_history"] = trainer.timestep_distribution.loss_history.numpy()
+            captured["loss_counts"] = trainer.timestep_distribution.loss_counts.numpy()
         return original_train_steps(trainer, iterator, num_steps)
 
     monkeypatch.setattr(train_lib.Trainer, "train_steps", capturing_train_steps)

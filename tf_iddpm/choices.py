@@ -10,7 +10,7 @@ Options whose implementing module is itself TensorFlow-free are listed there ins
 # diffusion.cdf: the normal CDF of the discretised decoder (tf_iddpm.losses).
 CDF_MODES = ("exact", "approx")
 
-# train.schedule_sampler: the distribution of training timesteps (tf_iddpm.timestep_sampler).
+# train.schedule_sampler: the distribution of training timesteps (tf_iddpm.timestep_distribution).
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 # train.mixed_precision: the Keras dtype policy of training (tf_iddpm.train_lib).

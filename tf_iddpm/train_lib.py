@@ -32,7 +32,7 @@ from tf_iddpm import inference
 from tf_iddpm import metrics
 from tf_iddpm import optimizers
 from tf_iddpm import samplers
-from tf_iddpm import timestep_sampler
+from tf_iddpm import timestep_distribution
 from tf_iddpm import unet_reference
 
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -92,7 +92,7 @@ class Trainer:
                 self.ema_nets[rate] = ema_net
             self.optimizer = optimizers.create_adam(config.train.lr, config.train.weight_decay)
             self.optimizer.build(self.net.trainable_variables)
-            self.schedule_sampler = timestep_sampler.create_named_schedule_sampler(
+            self.timestep_distribution = timestep_distribution.create_timestep_distribution(
                 config.train.schedule_sampler, self.diffusion.num_timesteps
             )
             self.step = tf.Variable(
@@ -102,11 +102,15 @@ class Trainer:
                 name="step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-        self.loss_aware = not isinstance(self.schedule_sampler, timestep_sampler.UniformSampler)
+        self.loss_aware = not isinstance(
+            self.timestep_distribution, timestep_distribution.UniformTimesteps
+        )
         self.checkpoint = tf.train.Checkpoint(
             model=self.net,
             optimizer=self.optimizer,
-            schedule_sampler=self.schedule_sampler,
+            # The checkpoint key of the reference's name (train.schedule_sampler), so that
+            # checkpoints of every version restore.
+            schedule_sampler=self.timestep_distribution,
             step=self.step,
             **{checkpoints.ema_checkpoint_name(r): n for r, n in self.ema_nets.items()},
         )
@@ -161,7 +165,7 @@ class Trainer:
         """One step of Algorithm 1 on this replica's slice of the global batch."""
         # t ~ p(t) (uniform or Section 3.3 importance sampling) and eps ~ N(0, I), both drawn for
         # the whole global batch with the same seed on every replica; each keeps its own slice.
-        t_global, weights_global = self.schedule_sampler.sample(
+        t_global, weights_global = self.timestep_distribution.sample(
             self.global_batch_size, _salted_seed(self.seed, self.step, 1)
         )
         noise_global = tf.random.stateless_normal(
@@ -187,7 +191,7 @@ class Trainer:
             grads = [g / self.num_replicas for g in grads]
         self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
         if self.loss_aware:
-            self.schedule_sampler.update_with_local_losses(t, terms["loss"])
+            self.timestep_distribution.update_with_local_losses(t, terms["loss"])
         return terms
 
     def _step_metrics(self, terms, t):

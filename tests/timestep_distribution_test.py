@@ -1,4 +1,4 @@
-"""Tests for tf_iddpm.timestep_sampler (paper Section 3.3)."""
+"""Tests for tf_iddpm.timestep_distribution: the training timesteps p(t) (paper Section 3.3)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_iddpm import timestep_sampler
+from tf_iddpm import timestep_distribution
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +55,7 @@ def _warm_up(sampler, per_t_losses):
 
 
 def test_uniform_sampler_weights_and_importance_weights():
-    sampler = timestep_sampler.UniformSampler(7)
+    sampler = timestep_distribution.UniformTimesteps(7)
     np.testing.assert_array_equal(sampler.weights().numpy(), np.ones(7))
     t, weights = sampler.sample(64, tf.constant([3, 4]))
     assert t.dtype == tf.int32 and weights.dtype == tf.float32
@@ -68,7 +68,7 @@ def test_uniform_sampler_weights_and_importance_weights():
 
 
 def test_weights_uniform_before_warm_up():
-    sampler = timestep_sampler.LossSecondMomentResampler(6, history_per_term=3)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(6, history_per_term=3)
     np.testing.assert_array_equal(sampler.weights().numpy(), np.ones(6))
     assert not sampler.warmed_up().numpy()
     # Every t but the last full: still uniform.
@@ -81,7 +81,7 @@ def test_weights_uniform_before_warm_up():
 
 def test_weights_after_warm_up_are_root_mean_square_of_history():
     num_timesteps, history_len, uniform_prob = 5, 4, 0.001
-    sampler = timestep_sampler.LossSecondMomentResampler(
+    sampler = timestep_distribution.LossSecondMomentTimesteps(
         num_timesteps, history_per_term=history_len, uniform_prob=uniform_prob
     )
     # Row t holds the losses (t + 1) * [1, 2, 3, 4]: E[L^2] = (t + 1)^2 * 30 / 4.
@@ -96,7 +96,7 @@ def test_weights_after_warm_up_are_root_mean_square_of_history():
 
 
 def test_all_zero_losses_give_uniform_distribution():
-    sampler = timestep_sampler.LossSecondMomentResampler(4, history_per_term=2)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(4, history_per_term=2)
     _warm_up(sampler, np.zeros(4))
     assert sampler.warmed_up().numpy()
     np.testing.assert_allclose(sampler.probabilities().numpy(), np.full(4, 0.25), rtol=1e-14)
@@ -105,7 +105,7 @@ def test_all_zero_losses_give_uniform_distribution():
 def test_ring_buffer_matches_sequential_numpy_reference():
     num_timesteps, history_len = 7, 10
     rng = np.random.default_rng(0)
-    sampler = timestep_sampler.LossSecondMomentResampler(num_timesteps)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(num_timesteps)
     reference = NumpyLossHistory(num_timesteps, history_len, 0.001)
     # 300 entries over 7 timesteps: ~43 per t, so every row wraps around several times; fed in
     # uneven chunks (including an empty one) to cross update boundaries.
@@ -123,7 +123,7 @@ def test_ring_buffer_partial_history_matches_reference():
     # Fewer entries than T * history: rows are partly filled, counts differ between t.
     num_timesteps = 9
     rng = np.random.default_rng(1)
-    sampler = timestep_sampler.LossSecondMomentResampler(num_timesteps, history_per_term=6)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(num_timesteps, history_per_term=6)
     reference = NumpyLossHistory(num_timesteps, 6, 0.001)
     ts, losses = _random_stream(rng, num_timesteps, 30)
     sampler.update_with_all_losses(ts, losses)
@@ -136,7 +136,7 @@ def test_ring_buffer_partial_history_matches_reference():
 def test_update_inside_tf_function_matches_reference():
     num_timesteps = 5
     rng = np.random.default_rng(2)
-    sampler = timestep_sampler.LossSecondMomentResampler(num_timesteps, history_per_term=4)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(num_timesteps, history_per_term=4)
     reference = NumpyLossHistory(num_timesteps, 4, 0.001)
     update = tf.function(sampler.update_with_all_losses)
     for _ in range(6):
@@ -150,7 +150,7 @@ def test_update_inside_tf_function_matches_reference():
 
 
 def test_update_with_local_losses_in_default_strategy():
-    sampler = timestep_sampler.LossSecondMomentResampler(3, history_per_term=2)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(3, history_per_term=2)
     sampler.update_with_local_losses(tf.constant([2, 0, 2, 2]), tf.constant([1.0, 2.0, 3.0, 4.0]))
     np.testing.assert_array_equal(sampler.loss_history.numpy(), [[2, 0], [0, 0], [3, 4]])
     np.testing.assert_array_equal(sampler.loss_counts.numpy(), [1, 0, 2])
@@ -158,7 +158,7 @@ def test_update_with_local_losses_in_default_strategy():
 
 def _warmed_up_sampler():
     """T = 10 with p(t) ∝ t + 1 (mixed with uniform_prob), so no probability is tiny."""
-    sampler = timestep_sampler.LossSecondMomentResampler(10, history_per_term=3)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(10, history_per_term=3)
     _warm_up(sampler, np.arange(1.0, 11.0))
     return sampler
 
@@ -213,12 +213,12 @@ def test_same_seed_same_timesteps_and_different_seed_different_timesteps():
 
 def test_checkpoint_round_trip_restores_history_exactly(tmp_path):
     rng = np.random.default_rng(5)
-    sampler = timestep_sampler.LossSecondMomentResampler(6, history_per_term=5)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(6, history_per_term=5)
     ts, losses = _random_stream(rng, 6, 40)
     sampler.update_with_all_losses(ts, losses)
     path = tf.train.Checkpoint(sampler=sampler).save(str(tmp_path / "ckpt"))
 
-    restored = timestep_sampler.LossSecondMomentResampler(6, history_per_term=5)
+    restored = timestep_distribution.LossSecondMomentTimesteps(6, history_per_term=5)
     tf.train.Checkpoint(sampler=restored).restore(path).assert_consumed()
     np.testing.assert_array_equal(restored.loss_history.numpy(), sampler.loss_history.numpy())
     np.testing.assert_array_equal(restored.loss_counts.numpy(), sampler.loss_counts.numpy())
@@ -231,7 +231,7 @@ def test_checkpoint_round_trip_restores_history_exactly(tmp_path):
 
 
 def test_variables_are_non_trainable_and_only_first_replica():
-    sampler = timestep_sampler.LossSecondMomentResampler(4)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(4)
     assert sampler.trainable_variables == ()
     assert {v.dtype for v in sampler.variables} == {tf.float64, tf.int64}
     for variable in (sampler.loss_history, sampler.loss_counts):
@@ -241,22 +241,22 @@ def test_variables_are_non_trainable_and_only_first_replica():
 @pytest.mark.parametrize(
     "name,cls",
     [
-        ("uniform", timestep_sampler.UniformSampler),
-        ("loss-second-moment", timestep_sampler.LossSecondMomentResampler),
+        ("uniform", timestep_distribution.UniformTimesteps),
+        ("loss-second-moment", timestep_distribution.LossSecondMomentTimesteps),
     ],
 )
-def test_create_named_schedule_sampler(name, cls):
-    sampler = timestep_sampler.create_named_schedule_sampler(name, 12)
+def test_create_timestep_distribution(name, cls):
+    sampler = timestep_distribution.create_timestep_distribution(name, 12)
     assert type(sampler) is cls and sampler.num_timesteps == 12
-    if cls is timestep_sampler.LossSecondMomentResampler:
+    if cls is timestep_distribution.LossSecondMomentTimesteps:
         assert sampler.history_per_term == 10 and sampler.uniform_prob == 0.001
 
 
-def test_create_named_schedule_sampler_accepts_object_with_num_timesteps():
+def test_create_timestep_distribution_accepts_object_with_num_timesteps():
     class Diffusion:
         num_timesteps = np.int64(8)
 
-    sampler = timestep_sampler.create_named_schedule_sampler("uniform", Diffusion())
+    sampler = timestep_distribution.create_timestep_distribution("uniform", Diffusion())
     assert sampler.num_timesteps == 8
 
 
@@ -267,7 +267,7 @@ def test_unknown_sampler_name_raises(name):
         match=r"unknown schedule sampler .*allowed: 'uniform', "
         r"'loss-second-moment'",
     ) as error:
-        timestep_sampler.create_named_schedule_sampler(name, 10)
+        timestep_distribution.create_timestep_distribution(name, 10)
     assert repr(name) in str(error.value)
 
 
@@ -285,11 +285,11 @@ def test_unknown_sampler_name_raises(name):
 )
 def test_bad_constructor_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        timestep_sampler.LossSecondMomentResampler(**kwargs)
+        timestep_distribution.LossSecondMomentTimesteps(**kwargs)
 
 
 def test_bad_sample_and_update_arguments_raise():
-    sampler = timestep_sampler.LossSecondMomentResampler(4, history_per_term=2)
+    sampler = timestep_distribution.LossSecondMomentTimesteps(4, history_per_term=2)
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         sampler.sample(0, tf.constant([0, 0]))
     with pytest.raises(ValueError, match=r"seed must be an int32/int64 tensor of shape \[2\]"):
@@ -313,12 +313,12 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from tf_iddpm import timestep_sampler
+    from tf_iddpm import timestep_distribution
 
     num_timesteps, history_len, per_replica, num_steps = 5, 10, 4, 20
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
-        sampler = timestep_sampler.LossSecondMomentResampler(num_timesteps)
+        sampler = timestep_distribution.LossSecondMomentTimesteps(num_timesteps)
     rng = np.random.default_rng(int(sys.argv[1]))
     stream_ts = rng.integers(0, num_timesteps, size=[num_steps, 2, per_replica])
     stream_losses = rng.gamma(2.0, 1.0, size=[num_steps, 2, per_replica]).astype(np.float32)

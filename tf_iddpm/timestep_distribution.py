@@ -1,23 +1,26 @@
-"""Timestep samplers for the training objective (paper Section 3.3).
+"""The distribution of training timesteps p(t) and its importance weights (paper Section 3.3).
 
-The training loss is an expectation over t ~ U{0..T-1}.  A sampler draws t from a distribution p(t)
-instead and returns the importance weight 1 / (T p(t)) with every draw, so that
+(Not a sampler of images: those are :mod:`tf_iddpm.samplers`.  The config field keeps the
+reference's name, ``train.schedule_sampler``, and so does the checkpoint's ``schedule_sampler``.)
+
+The training loss is an expectation over t ~ U{0..T-1}.  A distribution draws t from p(t) instead
+and returns the importance weight 1 / (T p(t)) with every draw, so that
 E_{t~p}[w(t) L_t] = (1/T) sum_t L_t: the objective is unchanged and only its variance depends on p.
 
-* :class:`UniformSampler`: p(t) = 1/T, every weight is 1.
-* :class:`LossSecondMomentResampler`: p(t) ∝ sqrt(E[L_t^2]) over the last `history_per_term` losses
+* :class:`UniformTimesteps`: p(t) = 1/T, every weight is 1.
+* :class:`LossSecondMomentTimesteps`: p(t) ∝ sqrt(E[L_t^2]) over the last `history_per_term` losses
   seen for each t (Eq. 18), mixed with a little uniform mass; uniform until every t has a full
   history.  The paper uses it to reduce the gradient noise of L_vlb.
 
 Both are ``tf.Module``\\ s.  The loss-aware state lives in ``tf.Variable``\\ s, so it is saved by
-``tf.train.Checkpoint(sampler=sampler)``; create the sampler inside ``strategy.scope()`` when
+``tf.train.Checkpoint(schedule_sampler=distribution)``; create it inside ``strategy.scope()`` when
 training under a ``tf.distribute`` strategy.  Sampling is stateless (the caller passes a seed into
 which it has folded the step and the replica id), so it works in ``tf.function`` and in
 ``strategy.run``.
 
-Distributed updates: every replica calls :meth:`LossSecondMomentResampler.update_with_all_losses`
+Distributed updates: every replica calls :meth:`LossSecondMomentTimesteps.update_with_all_losses`
 with the same losses gathered from *all* replicas (``get_replica_context().all_gather``, or
-:meth:`~LossSecondMomentResampler.update_with_local_losses`, which does the gather).  Each replica
+:meth:`~LossSecondMomentTimesteps.update_with_local_losses`, which does the gather).  Each replica
 then computes the identical new table in-graph, processing the entries in gathered order exactly as
 the reference's Python loop does, and assigns it to variables with ``ONLY_FIRST_REPLICA``
 aggregation, so the copies never drift apart.
@@ -35,7 +38,7 @@ from tf_iddpm import config_utils
 TensorLike = Union[tf.Tensor, np.ndarray, list, int]
 
 
-class ScheduleSampler(tf.Module):
+class TimestepDistribution(tf.Module):
     """A distribution over the timesteps 0..T-1 with unbiased importance weights.
 
     Subclasses implement :meth:`weights`; everything else is shared.
@@ -152,7 +155,7 @@ class ScheduleSampler(tf.Module):
         return tf.constant(True)
 
 
-class UniformSampler(ScheduleSampler):
+class UniformTimesteps(TimestepDistribution):
     """p(t) = 1/T: the plain DDPM objective, every importance weight is exactly 1."""
 
     def __init__(self, num_timesteps: int, name: Optional[str] = "uniform_sampler"):
@@ -162,7 +165,7 @@ class UniformSampler(ScheduleSampler):
         return tf.ones([self.num_timesteps], dtype=tf.float64)
 
 
-class LossSecondMomentResampler(ScheduleSampler):
+class LossSecondMomentTimesteps(TimestepDistribution):
     """p(t) ∝ sqrt(E[L_t^2]) over a ring buffer of recent losses per t (Section 3.3, Eq. 18).
 
     State, in non-trainable ``tf.Variable``\\ s with ``ONLY_FIRST_REPLICA`` aggregation:
@@ -311,7 +314,7 @@ class LossSecondMomentResampler(ScheduleSampler):
         self.loss_counts.assign(new_counts)
 
 
-def create_named_schedule_sampler(name: str, num_timesteps) -> ScheduleSampler:
+def create_timestep_distribution(name: str, num_timesteps) -> TimestepDistribution:
     """Builds a sampler by name (the reference's factory; ``config.train.schedule_sampler``).
 
     Args:
@@ -324,8 +327,8 @@ def create_named_schedule_sampler(name: str, num_timesteps) -> ScheduleSampler:
     """
     num_timesteps = getattr(num_timesteps, "num_timesteps", num_timesteps)
     if name == "uniform":
-        return UniformSampler(num_timesteps)
+        return UniformTimesteps(num_timesteps)
     if name == "loss-second-moment":
-        return LossSecondMomentResampler(num_timesteps)
+        return LossSecondMomentTimesteps(num_timesteps)
     allowed = ", ".join(repr(n) for n in choices.SCHEDULE_SAMPLERS)
     raise ValueError(f"unknown schedule sampler {name!r}; allowed: {allowed}")
