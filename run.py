@@ -388,8 +388,8 @@ def check_checkpoint_flag(path: str) -> None:
 def check_data_location(config, mode: str) -> None:
     """Refuses, before anything runs, a ``data.folder`` that does not exist (train / eval).
 
-    The full data checks run in the modes (``data.validate_data_config``); this cheap one gives
-    the commonest refusal, data that moved, a one-line error.
+    The full data checks run in the modes (``data_sources.validate_data_config``); this cheap one
+    gives the commonest refusal, data that moved, a one-line error.
 
     Raises:
       FileNotFoundError: naming the field and the missing directory.

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tf_iddpm import ablation
-from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,5 +220,5 @@ def test_mean_and_spread_over_seeds():
 
 def test_dataset_num_classes_reads_the_label_count():
     config = ablation.quick_base_config()
-    assert data_lib.dataset_num_classes(config.data, "train") == 10
-    assert data_lib.dataset_num_classes(config.data.to_dict(), "test") == 10
+    assert data_sources.dataset_num_classes(config.data, "train") == 10
+    assert data_sources.dataset_num_classes(config.data.to_dict(), "test") == 10

@@ -417,6 +417,7 @@ IMPORT_LAYERS = (
         "data, network, diffusion",
         (
             "tf_iddpm/data.py",
+            "tf_iddpm/data_sources.py",
             "tf_iddpm/digits_dataset.py",
             "tf_iddpm/unet.py",
             "tf_iddpm/torch_checkpoint.py",
@@ -448,6 +449,7 @@ EXPORT_MUST_NOT_REACH = (
     "tf_iddpm/optimizers.py",
     "tf_iddpm/timestep_sampler.py",
     "tf_iddpm/data.py",
+    "tf_iddpm/data_sources.py",
     "tf_iddpm/distribute.py",
 )
 

@@ -1,4 +1,7 @@
-"""Tests for tf_iddpm.data and tf_iddpm.digits_dataset (all offline, data_dir under tmp_path)."""
+"""Tests for tf_iddpm.data, tf_iddpm.data_sources and tf_iddpm.digits_dataset (all offline).
+
+Every data_dir is under tmp_path; nothing is downloaded.
+"""
 
 import contextlib
 import json
@@ -18,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from configs import base
 from tf_iddpm import data
+from tf_iddpm import data_sources
 from tf_iddpm import digits_dataset
 from tf_iddpm import image_utils
 
@@ -419,9 +423,9 @@ def test_eval_num_examples_limits_to_the_first_ones(digits_dir):
 
 def test_dataset_num_examples(digits_dir):
     config = _digits_config(digits_dir)
-    assert data.dataset_num_examples(config, "train") == 1500
-    assert data.dataset_num_examples(config, "test") == 297
-    assert data.dataset_num_examples(config, "train[:10%]") == 150
+    assert data_sources.dataset_num_examples(config, "train") == 1500
+    assert data_sources.dataset_num_examples(config, "test") == 297
+    assert data_sources.dataset_num_examples(config, "train[:10%]") == 150
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,7 +461,7 @@ def test_folder_source_labels_from_prefixes_and_skips_bad_files(image_folder, ca
     config = _config(name="folder", folder=str(root), image_size=8, class_cond=True, num_classes=3)
     with caplog.at_level("WARNING"):
         seen, _ = _collect(data.make_eval_dataset(config, batch_size=8))
-        data.validate_data_config(config)  # Same bad files: no second warning.
+        data_sources.validate_data_config(config)  # Same bad files: no second warning.
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert len(warnings) == 1
     assert "1 of 6 files" in warnings[0] and "cat_broken.png" in warnings[0]
@@ -478,7 +482,7 @@ def test_folder_source_labels_from_prefixes_and_skips_bad_files(image_folder, ca
             if expected.shape[-1] == 1:
                 expected = np.repeat(expected, 3, axis=-1)
             npt.assert_array_equal(got, expected)
-    assert data.dataset_num_examples(config, "train") == 5
+    assert data_sources.dataset_num_examples(config, "train") == 5
 
 
 def test_folder_source_strict_refuses_bad_files(image_folder):
@@ -510,8 +514,8 @@ def test_folder_train_and_test_subfolders_are_splits(tmp_path):
     config = _config(
         name="folder", folder=str(tmp_path), image_size=8, class_cond=True, num_classes=3
     )
-    assert data.dataset_num_examples(config, "train") == 3
-    assert data.dataset_num_examples(config, "test") == 1
+    assert data_sources.dataset_num_examples(config, "train") == 3
+    assert data_sources.dataset_num_examples(config, "test") == 1
     seen, _ = _collect(data.make_eval_dataset(config, batch_size=2))
     npt.assert_array_equal(seen["label"][seen["mask"]], [2])  # Ids agree across splits: c = 2.
 
@@ -595,7 +599,7 @@ def test_bad_config_fields(tmp_path, field, value, message):
     config = _config(data_dir=str(tmp_path), image_size=16)
     config[field] = value
     with pytest.raises(ValueError, match=message):
-        data.validate_data_config(config)
+        data_sources.validate_data_config(config)
     assert not os.listdir(tmp_path)  # Checked before the digits are prepared.
 
 
@@ -611,7 +615,9 @@ def test_labels_required_but_absent(tmp_path):
 
 def test_num_classes_mismatch(digits_dir):
     with pytest.raises(ValueError, match="num_classes=5 does not match the 10 classes"):
-        data.validate_data_config(_digits_config(digits_dir, class_cond=True, num_classes=5))
+        data_sources.validate_data_config(
+            _digits_config(digits_dir, class_cond=True, num_classes=5)
+        )
 
 
 def test_rgb_to_grayscale_refused(tmp_path):

@@ -44,6 +44,7 @@ from configs import tiny
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
 from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 from tf_iddpm import eval_lib
 from tf_iddpm import factory
 from tf_iddpm import fileio
@@ -227,7 +228,7 @@ def _git_commit() -> str:
 def _split_images_and_labels(data_config, split: str, num_examples: int = 0):
     """uint8 RGB images [N, H, W, 3] and int labels [N] of a split (eval pipeline, in order)."""
     labelled = copy.deepcopy(data_config)
-    num_classes = data_lib.dataset_num_classes(data_config, split)
+    num_classes = data_sources.dataset_num_classes(data_config, split)
     if num_classes is None:
         raise ValueError(
             f"the proxy classifier needs class labels, and {data_config.name!r} "
@@ -556,7 +557,7 @@ def run_study(
     if bpd_respacing:
         parse_sampling_steps(bpd_respacing, num_timesteps)
     # The base config must be valid as it stands and for every arm, before anything runs.
-    data_lib.validate_data_config(base_config.data)
+    data_sources.validate_data_config(base_config.data)
     for arm in arms:
         config_utils.validate_config(arm_config(base_config, arm, 0, steps))
     if base_config.data.class_cond or base_config.data.low_res_size > 0:

@@ -19,6 +19,7 @@ import tqdm
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
 from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 from tf_iddpm import factory
 from tf_iddpm import fileio
 from tf_iddpm import sampling
@@ -101,7 +102,7 @@ def evaluate(
     num_examples = int(config.eval.num_samples)
     if num_examples < 0:
         raise ValueError(f"eval.num_samples must be >= 0 (0 = the whole split), got {num_examples}")
-    data_lib.validate_data_config(config.data)
+    data_sources.validate_data_config(config.data)
     diffusion = factory.create_diffusion_from_config(
         config, timestep_respacing=config.eval.timestep_respacing
     )
@@ -157,7 +158,7 @@ def evaluate(
         (tf.constant(b, tf.int32), tf.constant(e, tf.int32))
         for b, e in sampling.chunk_bounds(diffusion.num_timesteps)
     ]
-    split_size = data_lib.dataset_num_examples(config.data, config.data.eval_split)
+    split_size = data_sources.dataset_num_examples(config.data, config.data.eval_split)
     num_batches = -(
         -(min(split_size, num_examples) if num_examples else split_size) // global_batch
     )

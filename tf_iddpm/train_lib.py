@@ -25,6 +25,7 @@ import tensorflow as tf
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
 from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 from tf_iddpm import distribute
 from tf_iddpm import factory
 from tf_iddpm import image_utils
@@ -421,7 +422,7 @@ def train(
 
     `config` is validated here (config_utils.validate_config, with the strategy's replica count)
     unless `config_checked`: run.py validates it once per process and passes True.  The data
-    sources are checked here in any case (data.validate_data_config).
+    sources are checked here in any case (data_sources.validate_data_config).
 
     Returns:
       The metrics of the last logging interval (means per example), for callers and tests.
@@ -429,7 +430,7 @@ def train(
     strategy = strategy or tf.distribute.get_strategy()
     if not config_checked:
         config_utils.validate_config(config, num_replicas=strategy.num_replicas_in_sync)
-    data_lib.validate_data_config(config.data)
+    data_sources.validate_data_config(config.data)
     keras.mixed_precision.set_global_policy(config.train.mixed_precision)
     if config.train.deterministic_ops:
         # GPU kernels (cuDNN convolution backprop, scatter/segment reductions) otherwise pick
