@@ -36,8 +36,8 @@ Output: the config summary, progress, losses and where results were written; Ten
 and TFDS's own INFO logging is hidden (``TF_CPP_MIN_LOG_LEVEL=2`` unless set, see
 :mod:`tf_iddpm.console`).  ``-v 1`` (``--verbosity=1``) shows all of it and the full config.
 
-Errors are printed as ``run.py: error: ...``; exit codes: 1 a config or flag error (nothing ran),
-2 a mode missing from this build, 3 a damaged or missing checkpoint.
+Errors are printed as ``run.py: error: ...``; exit codes: 1 a config, flag or data error (nothing
+ran), 2 a mode missing from this build, 3 a damaged or missing checkpoint.
 """
 
 import importlib
@@ -412,6 +412,13 @@ def _checkpoint_error(error: BaseException) -> bool:
     return module is not None and isinstance(error, module.CheckpointError)
 
 
+def _data_source_error(error: BaseException) -> bool:
+    """Whether ``error`` is a data problem for the user (e.g. a folder without readable images)."""
+    # tf_iddpm.data_sources imports TensorFlow: look it up only if the mode has imported it.
+    module = sys.modules.get("tf_iddpm.data_sources")
+    return module is not None and isinstance(error, module.DataSourceError)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -479,6 +486,8 @@ def main(argv):
         else:
             entry(config, workdir, strategy, **kwargs)
     except Exception as e:  # pylint: disable=broad-except
+        if _data_source_error(e):
+            _fail(str(e), EXIT_CONFIG_ERROR)
         if not _checkpoint_error(e):
             raise
         _fail(str(e), EXIT_CHECKPOINT_ERROR)

@@ -16,8 +16,9 @@ low-res image is the area average of the normalised target, as in improved-diffu
 ``super_res_train.py``.
 
 The configuration and the source are checked (:func:`tf_iddpm.data_sources.resolve_source`)
-before any pipeline is built. Problems raise ``ValueError``s that say what is wrong and what is
-allowed.
+before any pipeline is built. A problem with the data raises
+:class:`tf_iddpm.data_sources.DataSourceError`, a bad argument a ``ValueError``; both say what
+is wrong and what is allowed.
 """
 
 import math
@@ -116,7 +117,7 @@ def _decoded_arrays(source, num_examples):
     parts = list(_deterministic(dataset.batch(1024)).as_numpy_iterator())
     arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     if len(arrays["image"]) != num_examples:
-        raise ValueError(
+        raise data_sources.DataSourceError(
             f"{source.description} declares {num_examples} examples but holds "
             f"{len(arrays['image'])}; re-prepare it."
         )
@@ -196,7 +197,7 @@ def _order_mechanism(source, num_examples, image_size):
         return "random_access"
     if source.stream_files:
         return "stream"
-    raise ValueError(
+    raise data_sources.DataSourceError(
         f"{source.description} has {num_examples} examples, too many to hold decoded in "
         f"memory ({_CACHE_LIMIT_BYTES // 2**20} MiB), and is neither an image folder nor "
         f"prepared as ArrayRecord or TFRecord files, so its training order cannot be a "
@@ -250,8 +251,10 @@ def make_train_dataset(data_config, *, batch_size, input_context=None, seed=0, s
         ``low_res_size > 0``. B is static.
 
     Raises:
-        ValueError: on a bad argument or configuration, an empty split, or a
-            ``num_replicas_in_sync`` that is not a multiple of ``num_input_pipelines``.
+        DataSourceError: the data are missing, unreadable, empty, or contradict
+            ``config.data`` (:class:`tf_iddpm.data_sources.DataSourceError`).
+        ValueError: on a bad argument or field, or a ``num_replicas_in_sync`` that is not a
+            multiple of ``num_input_pipelines``.
     """
     config_utils.check_positive_int("batch_size", batch_size)
     if not _is_int(seed) or seed < 0:
@@ -273,7 +276,7 @@ def make_train_dataset(data_config, *, batch_size, input_context=None, seed=0, s
     if num_examples is None:
         num_examples = data_sources.count_records(source)
     if num_examples == 0:
-        raise ValueError(f"{source.description} is empty; nothing to train on.")
+        raise data_sources.DataSourceError(f"{source.description} is empty; nothing to train on.")
     num_pipelines, pipeline_id, replicas_per_pipeline = _pipeline_position(input_context)
     local_size = batch_size * replicas_per_pipeline
     global_batch = local_size * num_pipelines
@@ -385,7 +388,7 @@ def make_eval_dataset(data_config, *, batch_size, split=None, num_examples=0, in
         total = min(total, num_examples)
         records = records.take(total)
     if total == 0:
-        raise ValueError(f"{source.description} is empty; nothing to evaluate.")
+        raise data_sources.DataSourceError(f"{source.description} is empty; nothing to evaluate.")
 
     # One round is one global step: batch_size examples for each of the
     # num_pipelines * local_replicas replicas. Replica r takes positions [r * B, (r + 1) * B) of

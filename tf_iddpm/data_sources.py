@@ -31,11 +31,15 @@ There are three sources:
 :func:`tf_iddpm.config_utils.data_field_errors`'s) and one split of its source (name, prepared
 data, split, labels, channels), and describes the split as a :class:`Source`: its size, its
 canonical order of undecoded records, how to decode one record to uint8 pixels, and how it can
-be read at random or as TFRecord files. Nothing is decoded there except the folder probe.
+be read at random or as TFRecord files. Nothing is decoded there but the folder probe (and
+the digits are prepared on first use).
 :func:`validate_data_config`, :func:`dataset_num_examples` and :func:`dataset_num_classes` are
 the public questions asked of a configuration.
 
-Problems raise ``ValueError``s that say what is wrong and what is allowed.
+A problem that the user must fix in the data, or in where ``config.data`` points, raises
+:class:`DataSourceError` (a ``ValueError``): one line saying what is wrong and what is
+expected, which ``run.py`` prints as its one-line refusal. An invalid field or a bad argument
+stays a plain ``ValueError``.
 """
 
 import concurrent.futures
@@ -59,6 +63,25 @@ _MAX_LISTED_BAD_FILES = 20
 # Indices looked up at once in a random-access read (the ArrayRecord records here, and the
 # memory and random-access training orders of tf_iddpm.data).
 LOOKUP_CHUNK = 64
+
+
+class DataSourceError(ValueError):
+    """The data, or where ``config.data`` points, cannot be used; the user must fix it.
+
+    Raised for a missing or empty image folder, image files that cannot be read, an unknown or
+    unprepared TFDS dataset, a missing or empty split, and data that contradict ``config.data``
+    (labels, classes, channels). The message is one line: what is wrong and what is expected.
+    """
+
+
+def _one_line(text):
+    """``text`` (e.g. another library's error message) with its whitespace runs as one space."""
+    return " ".join(str(text).split())
+
+
+def _extensions_text():
+    """The image file endings that are read, for messages: ".png, .jpg or .jpeg (any case)"."""
+    return f"{', '.join(IMAGE_EXTENSIONS[:-1])} or {IMAGE_EXTENSIONS[-1]} (any case)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +185,7 @@ def _tfds_builder(name, data_dir):
     # Namespaced or versioned names ("ns:name", "name:1.0.0") are left for TFDS to resolve.
     if ":" not in dataset_part and dataset_part not in known:
         close = difflib.get_close_matches(dataset_part, known, n=5)
-        raise ValueError(
+        raise DataSourceError(
             f"Unknown dataset config.data.name={name!r}: not 'digits', not 'folder' and not a "
             f"TFDS dataset. Close TFDS names: {close or 'none'}."
         )
@@ -170,8 +193,9 @@ def _tfds_builder(name, data_dir):
         return tfds.builder(name, data_dir=data_dir or None)
     except Exception as error:  # DatasetNotFoundError, unknown builder config, bad version.
         known_names = [n for n in known if n.startswith(dataset_part)][:5]
-        raise ValueError(
-            f"TFDS cannot load config.data.name={name!r}: {error}. Similar names: {known_names}."
+        raise DataSourceError(
+            f"TFDS cannot load config.data.name={name!r}: {_one_line(error)}. Similar names: "
+            f"{known_names}."
         ) from error
 
 
@@ -184,7 +208,7 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
             builder.as_dataset(split=split)  # Succeeds under tfds.testing.mock_data.
         except AssertionError:
             root = os.fspath(builder.data_dir_root)
-            raise ValueError(
+            raise DataSourceError(
                 f"TFDS dataset {name!r} is known but not prepared in data_dir {root!r} "
                 f"(looked for {os.fspath(builder.data_path)}). Prepare it once with "
                 f"`tfds build {name} --data_dir={root}` (some datasets, e.g. ImageNet, need "
@@ -197,8 +221,8 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
         try:
             split_info = splits[split]
         except (KeyError, ValueError, AssertionError) as error:
-            reason = str(error.args[0] if error.args else error).rstrip(".")
-            raise ValueError(
+            reason = _one_line(error.args[0] if error.args else error).rstrip(".")
+            raise DataSourceError(
                 f"Split {split!r} is not available in {dataset_label}: {reason}. Available "
                 f"splits: {sorted(splits.keys())} (slices such as 'train[:90%]' work too)."
             ) from None
@@ -207,14 +231,14 @@ def _resolve_tfds(data_config, split, builder, dataset_label):
     label = f"{dataset_label} split {split!r}"
     features = builder.info.features
     if "image" not in features or not isinstance(features["image"], tfds.features.Image):
-        raise ValueError(
+        raise DataSourceError(
             f"{label} has no 'image' feature of type tfds.features.Image "
             f"(its features: {sorted(features.keys())})."
         )
     image_feature = features["image"]
     height, width, channels = image_feature.shape
     if channels not in config_utils.SUPPORTED_NUM_CHANNELS:
-        raise ValueError(
+        raise DataSourceError(
             f"{label} has {channels}-channel images; only "
             f"{config_utils.SUPPORTED_NUM_CHANNELS} are supported."
         )
@@ -319,7 +343,7 @@ def _probe_image(path):
     try:
         stat = os.stat(path)
     except OSError as error:
-        return None, f"{type(error).__name__}: {error}"
+        return None, f"{type(error).__name__}: {_one_line(error)}"
     key = (path, stat.st_size, stat.st_mtime_ns)
     if key not in _SCAN_CACHE:
         try:
@@ -329,7 +353,7 @@ def _probe_image(path):
                     raise ValueError("empty image")
                 _SCAN_CACHE[key] = (image_utils.is_grayscale_mode(image.mode), None)
         except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
-            _SCAN_CACHE[key] = (None, f"{type(error).__name__}: {error}")
+            _SCAN_CACHE[key] = (None, f"{type(error).__name__}: {_one_line(error)}")
     return _SCAN_CACHE[key]
 
 
@@ -363,12 +387,16 @@ def _resolve_folder(data_config, split):
     root = os.path.abspath(os.path.expanduser(field(data_config, "folder")))
     image_size = field(data_config, "image_size")
     if not os.path.isdir(root):
-        raise ValueError(f"config.data.folder={root!r} does not exist or is not a directory.")
+        raise DataSourceError(
+            f"config.data.folder={root!r} does not exist or is not a directory; give the root "
+            f"directory of the images."
+        )
     all_files = _list_image_files(root)
     if not all_files:
-        raise ValueError(
-            f"config.data.folder={root!r} holds no image files "
-            f"(searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
+        raise DataSourceError(
+            f"config.data.folder={root!r} holds no image files: files ending in "
+            f"{_extensions_text()} are read, in the folder and all its subfolders. Put the "
+            f"images there, or set config.data.folder to the folder that holds them."
         )
     # Labels as improved-diffusion: the file name up to the first "_", ids by sorted name.
     class_names = [os.path.basename(path).split("_")[0] for path in all_files]
@@ -380,7 +408,11 @@ def _resolve_folder(data_config, split):
         files = [path for path in all_files if path.startswith(split_dir + os.sep)]
         label = f"image folder {split_dir!r}"
         if not files:
-            raise ValueError(f"Split folder {split_dir!r} holds no image files.")
+            raise DataSourceError(
+                f"Split folder {split_dir!r} holds no image files ({_extensions_text()}, in it "
+                f"and its subfolders). Put the {split!r} images there, or remove the folder so "
+                f"that split {split!r} reads the whole of config.data.folder."
+            )
     else:
         files = all_files
         label = f"image folder {root!r}"
@@ -388,6 +420,13 @@ def _resolve_folder(data_config, split):
     results = _scan_images(files)
     bad = [(path, error) for path, (_, error) in zip(files, results) if error is not None]
     good = [path for path, (_, error) in zip(files, results) if error is None]
+    if not good:
+        example, error = bad[0]
+        raise DataSourceError(
+            f"{label} has no readable images: all {len(bad)} of its image files fail to "
+            f"decode, e.g. {example} ({error}). The files ending in {_extensions_text()} must "
+            f"be images that Pillow can read."
+        )
     if bad:
         listed = "; ".join(f"{path} ({error})" for path, error in bad[:_MAX_LISTED_BAD_FILES])
         unlisted = len(bad) - _MAX_LISTED_BAD_FILES
@@ -396,12 +435,10 @@ def _resolve_folder(data_config, split):
             f"{len(bad)} of {len(files)} files in {label} are not readable images: {listed}{more}"
         )
         if field(data_config, "strict"):
-            raise ValueError(f"{summary}. config.data.strict is True; remove or fix them.")
+            raise DataSourceError(f"{summary}. config.data.strict is True; remove or fix them.")
         if summary not in _WARNED_SUMMARIES:  # One warning, not one per pipeline built.
             _WARNED_SUMMARIES.add(summary)
             logging.warning("Skipping %s.", summary)
-    if not good:
-        raise ValueError(f"{label} has no readable images ({len(bad)} unreadable files).")
     all_gray = all(results[i][0] for i, (_, error) in enumerate(results) if error is None)
     channels = 1 if all_gray else 3
     paths = tf.constant(good)
@@ -451,8 +488,8 @@ def resolve_source(data_config, split):
         The split as a :class:`Source`.
 
     Raises:
-        ValueError: on an invalid field, a bad split argument, or a source that is missing,
-            unreadable or contradicts ``config.data``.
+        DataSourceError: the source is missing, unreadable or contradicts ``config.data``.
+        ValueError: an invalid field or a bad ``split`` argument.
     """
     _check_config_fields(data_config)
     if not isinstance(split, str) or not split:
@@ -470,18 +507,18 @@ def resolve_source(data_config, split):
 
     num_channels = field(data_config, "num_channels")
     if source.channels == 3 and num_channels == 1:
-        raise ValueError(
+        raise DataSourceError(
             f"{source.description} has RGB images but config.data.num_channels is 1; "
             f"converting colour to grayscale is refused. Set num_channels to 3."
         )
     if field(data_config, "class_cond"):
         if source.num_classes is None:
-            raise ValueError(
+            raise DataSourceError(
                 f"config.data.class_cond is True but {source.description} has no class "
                 f"labels (no ClassLabel feature 'label'). Set class_cond to False."
             )
         if field(data_config, "num_classes") != source.num_classes:
-            raise ValueError(
+            raise DataSourceError(
                 f"config.data.num_classes={field(data_config, 'num_classes')} does not match "
                 f"the {source.num_classes} classes of {source.description}."
             )
@@ -492,15 +529,16 @@ def validate_data_config(data_config):
     """Checks ``config.data`` and its train and eval splits; raises ValueError on a problem.
 
     Call this before building a model, so a bad configuration fails at once. Checked: the
-    fields, the source (known TFDS name, prepared data, an existing non-empty folder), both
-    splits, labels for ``class_cond`` and ``num_classes``, and channels. The digits are
-    prepared here on first use.
+    fields, the source (known TFDS name, prepared data, an existing folder with readable
+    images), both splits, labels for ``class_cond`` and ``num_classes``, and channels. The
+    digits are prepared here on first use.
 
     Args:
         data_config: ``config.data``.
 
     Raises:
-        ValueError: naming the bad value and what is allowed.
+        DataSourceError: the data are missing, unreadable or contradict ``config.data``.
+        ValueError: an invalid field. Both name the bad value and what is allowed.
     """
     for split_field in ("train_split", "eval_split"):
         resolve_source(data_config, field(data_config, split_field))
