@@ -36,8 +36,8 @@ Output: the config summary, progress, losses and where results were written; Ten
 and TFDS's own INFO logging is hidden (``TF_CPP_MIN_LOG_LEVEL=2`` unless set, see
 :mod:`tf_iddpm.console`).  ``-v 1`` (``--verbosity=1``) shows all of it and the full config.
 
-Errors are printed as ``run.py: error: ...``; exit codes: 1 a config or flag error (nothing ran),
-2 a mode missing from this build, 3 a damaged or missing checkpoint.
+Errors are printed as ``run.py: error: ...``; exit codes: 1 a config, flag or data error (nothing
+ran), 2 a mode missing from this build, 3 a damaged or missing checkpoint.
 """
 
 import importlib
@@ -403,8 +403,8 @@ def check_export_dir(mode: str, export_dir: str) -> None:
 def check_data_location(config, mode: str) -> None:
     """Refuses, before anything runs, a ``data.folder`` that does not exist (train / eval).
 
-    The full data checks run in the modes (``data.validate_data_config``); this cheap one gives
-    the commonest refusal, data that moved, a one-line error.
+    The full data checks run in the modes (``data_sources.validate_data_config``); this cheap one
+    gives the commonest refusal, data that moved, a one-line error.
 
     Raises:
       FileNotFoundError: naming the field and the missing directory.
@@ -429,6 +429,13 @@ def _checkpoint_error(error: BaseException) -> bool:
 
 def _export_dir(workdir: str) -> str:
     return FLAGS.export_dir or os.path.join(workdir, "export")
+
+
+def _data_source_error(error: BaseException) -> bool:
+    """Whether ``error`` is a data problem for the user (e.g. a folder without readable images)."""
+    # tf_iddpm.data_sources imports TensorFlow: look it up only if the mode has imported it.
+    module = sys.modules.get("tf_iddpm.data_sources")
+    return module is not None and isinstance(error, module.DataSourceError)
 
 
 def main(argv):
@@ -491,6 +498,8 @@ def main(argv):
         else:
             entry(config, workdir, strategy, **kwargs)
     except Exception as e:  # pylint: disable=broad-except
+        if _data_source_error(e):
+            _fail(str(e), EXIT_CONFIG_ERROR)
         if not _checkpoint_error(e):
             raise
         _fail(str(e), EXIT_CHECKPOINT_ERROR)

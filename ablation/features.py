@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from ablation import cache
 from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 from tf_iddpm import image_utils
 from tf_iddpm import metrics
 
@@ -31,7 +32,7 @@ CLASSIFIER_SUBDIR = "classifier"  # inside the study directory
 def split_images_and_labels(data_config, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """uint8 RGB images [N, H, W, 3] and int labels [N] of a split (eval pipeline, in order)."""
     labelled = copy.deepcopy(data_config)
-    num_classes = data_lib.dataset_num_classes(data_config, split)
+    num_classes = data_sources.dataset_num_classes(data_config, split)
     if num_classes is None:
         raise ValueError(
             f"the proxy classifier needs class labels, and {data_config.name!r} "

@@ -39,6 +39,7 @@ from ablation import report
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
 from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 from tf_iddpm import factory
 from tf_iddpm import fileio
 from tf_iddpm import image_utils
@@ -112,7 +113,7 @@ def check_inputs(
     if bpd_respacing:
         arms_lib.parse_sampling_steps(bpd_respacing, num_timesteps, flag="bpd_respacing")
     # The base config must be valid as it stands and for every arm, before anything runs.
-    data_lib.validate_data_config(base_config.data)
+    data_sources.validate_data_config(base_config.data)
     for arm in arms:
         config_utils.validate_config(arms_lib.arm_config(base_config, arm, 0, steps))
     if base_config.data.class_cond or base_config.data.low_res_size > 0:
@@ -277,7 +278,9 @@ class RunEvaluator:
         started = time.time()
         config = model.config
         batch_size = int(config.eval.batch_size)
-        size = min(num_examples, data_lib.dataset_num_examples(config.data, config.data.eval_split))
+        size = min(
+            num_examples, data_sources.dataset_num_examples(config.data, config.data.eval_split)
+        )
         totals = inference.bits_per_dim(
             model,
             data_lib.make_eval_dataset(

@@ -14,7 +14,7 @@ from ablation import report
 from ablation import study as study_lib
 from configs import ablation as ablation_configs
 from configs import tiny
-from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 from tf_iddpm import samplers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,5 +272,5 @@ def test_mean_and_spread_over_seeds():
 
 def test_dataset_num_classes_reads_the_label_count():
     config = ablation_configs.get_config("quick")
-    assert data_lib.dataset_num_classes(config.data, "train") == 10
-    assert data_lib.dataset_num_classes(config.data.to_dict(), "test") == 10
+    assert data_sources.dataset_num_classes(config.data, "train") == 10
+    assert data_sources.dataset_num_classes(config.data.to_dict(), "test") == 10

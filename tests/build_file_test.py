@@ -437,6 +437,7 @@ IMPORT_LAYERS = (
         "data, network, diffusion",
         (
             "tf_iddpm/data.py",
+            "tf_iddpm/data_sources.py",
             "tf_iddpm/digits_dataset.py",
             "tf_iddpm/unet.py",
             "tf_iddpm/unet_ops.py",
@@ -484,6 +485,7 @@ EXPORT_MUST_NOT_REACH = (
     "tf_iddpm/optimizers.py",
     "tf_iddpm/timestep_distribution.py",
     "tf_iddpm/data.py",
+    "tf_iddpm/data_sources.py",
     "tf_iddpm/distribute.py",
 )
 

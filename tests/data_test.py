@@ -1,4 +1,7 @@
-"""Tests for tf_iddpm.data and tf_iddpm.digits_dataset (all offline, data_dir under tmp_path)."""
+"""Tests for tf_iddpm.data, tf_iddpm.data_sources and tf_iddpm.digits_dataset (all offline).
+
+Every data_dir is under tmp_path; nothing is downloaded.
+"""
 
 import contextlib
 import json
@@ -18,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from configs import base
 from tf_iddpm import data
+from tf_iddpm import data_sources
 from tf_iddpm import digits_dataset
 from tf_iddpm import image_utils
 
@@ -419,9 +423,9 @@ def test_eval_num_examples_limits_to_the_first_ones(digits_dir):
 
 def test_dataset_num_examples(digits_dir):
     config = _digits_config(digits_dir)
-    assert data.dataset_num_examples(config, "train") == 1500
-    assert data.dataset_num_examples(config, "test") == 297
-    assert data.dataset_num_examples(config, "train[:10%]") == 150
+    assert data_sources.dataset_num_examples(config, "train") == 1500
+    assert data_sources.dataset_num_examples(config, "test") == 297
+    assert data_sources.dataset_num_examples(config, "train[:10%]") == 150
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,7 +461,7 @@ def test_folder_source_labels_from_prefixes_and_skips_bad_files(image_folder, ca
     config = _config(name="folder", folder=str(root), image_size=8, class_cond=True, num_classes=3)
     with caplog.at_level("WARNING"):
         seen, _ = _collect(data.make_eval_dataset(config, batch_size=8))
-        data.validate_data_config(config)  # Same bad files: no second warning.
+        data_sources.validate_data_config(config)  # Same bad files: no second warning.
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert len(warnings) == 1
     assert "1 of 6 files" in warnings[0] and "cat_broken.png" in warnings[0]
@@ -478,13 +482,13 @@ def test_folder_source_labels_from_prefixes_and_skips_bad_files(image_folder, ca
             if expected.shape[-1] == 1:
                 expected = np.repeat(expected, 3, axis=-1)
             npt.assert_array_equal(got, expected)
-    assert data.dataset_num_examples(config, "train") == 5
+    assert data_sources.dataset_num_examples(config, "train") == 5
 
 
 def test_folder_source_strict_refuses_bad_files(image_folder):
     root, _ = image_folder
     config = _config(name="folder", folder=str(root), image_size=8, strict=True)
-    with pytest.raises(ValueError, match=r"cat_broken\.png.*strict is True"):
+    with pytest.raises(data_sources.DataSourceError, match=r"cat_broken\.png.*strict is True"):
         data.make_train_dataset(config, batch_size=2)
 
 
@@ -510,8 +514,8 @@ def test_folder_train_and_test_subfolders_are_splits(tmp_path):
     config = _config(
         name="folder", folder=str(tmp_path), image_size=8, class_cond=True, num_classes=3
     )
-    assert data.dataset_num_examples(config, "train") == 3
-    assert data.dataset_num_examples(config, "test") == 1
+    assert data_sources.dataset_num_examples(config, "train") == 3
+    assert data_sources.dataset_num_examples(config, "test") == 1
     seen, _ = _collect(data.make_eval_dataset(config, batch_size=2))
     npt.assert_array_equal(seen["label"][seen["mask"]], [2])  # Ids agree across splits: c = 2.
 
@@ -546,38 +550,74 @@ def test_named_tfds_dataset_cifar10(tmp_path, image_size):
 
 
 def test_unknown_tfds_name_suggests_close_names(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown dataset.*'cifar11'.*cifar10"):
+    with pytest.raises(data_sources.DataSourceError, match=r"Unknown dataset.*'cifar11'.*cifar10"):
         data.make_train_dataset(_config(name="cifar11", data_dir=str(tmp_path)), batch_size=2)
 
 
 def test_unknown_tfds_builder_config(tmp_path):
-    with pytest.raises(ValueError, match=r"(?s)TFDS cannot load.*'imagenet_resized/65x65'.*64x64"):
+    message = r"TFDS cannot load.*'imagenet_resized/65x65'.*64x64"
+    with pytest.raises(data_sources.DataSourceError, match=message) as error:
         config = _config(name="imagenet_resized/65x65", data_dir=str(tmp_path))
         data.make_train_dataset(config, batch_size=2)
+    assert "\n" not in str(error.value)  # TFDS's own message is folded into the one line.
 
 
 def test_known_but_unprepared_tfds_dataset(tmp_path):
     message = r"'mnist' is known but not prepared.*tfds build mnist"
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(data_sources.DataSourceError, match=message) as error:
         data.make_train_dataset(_config(name="mnist", data_dir=str(tmp_path)), batch_size=2)
     assert str(tmp_path) in str(error.value)
 
 
 def test_folder_missing_or_empty(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(data_sources.DataSourceError, match="does not exist"):
         data.make_train_dataset(_config(name="folder", folder=str(tmp_path / "nope")), batch_size=2)
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    with pytest.raises(ValueError, match="holds no image files"):
-        config = _config(name="folder", folder=str(tmp_path / "empty"))
-        data.make_train_dataset(config, batch_size=2)
-    with pytest.raises(ValueError, match="data.name='folder' needs data.folder"):
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("not an image")
+    with pytest.raises(data_sources.DataSourceError) as error:
+        data.make_train_dataset(
+            _config(name="folder", folder=str(tmp_path / "empty")), batch_size=2
+        )
+    assert str(error.value) == (
+        f"config.data.folder={str(tmp_path / 'empty')!r} holds no image files: files ending in "
+        ".png, .jpg or .jpeg (any case) are read, in the folder and all its subfolders. Put the "
+        "images there, or set config.data.folder to the folder that holds them."
+    )
+    # A field error is the config's (config_utils.data_field_errors), not a data problem.
+    with pytest.raises(ValueError, match="data.name='folder' needs data.folder") as error:
         data.make_train_dataset(_config(name="folder", folder=""), batch_size=2)
+    assert not isinstance(error.value, data_sources.DataSourceError)
 
 
-def test_folder_of_only_unreadable_files(tmp_path):
-    (tmp_path / "a_1.png").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="no readable images"):
-        data.make_eval_dataset(_config(name="folder", folder=str(tmp_path)), batch_size=2)
+def test_empty_split_folder(tmp_path):
+    _write_image(str(tmp_path / "a_1.png"), np.zeros([8, 8, 3], np.uint8))
+    (tmp_path / "test").mkdir()
+    config = _config(name="folder", folder=str(tmp_path), image_size=8)
+    assert data_sources.dataset_num_examples(config, "train") == 1  # no train/: the whole folder
+    message = r"Split folder '.*/test' holds no image files \(\.png, \.jpg or \.jpeg"
+    with pytest.raises(data_sources.DataSourceError, match=message):
+        data_sources.validate_data_config(config)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_folder_of_only_unreadable_files(tmp_path, caplog, strict):
+    for name in ("a_1.png", "b_2.jpg", "nested/c_3.png"):
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text(f"text, not an image: {name}")
+    config = _config(name="folder", folder=str(tmp_path), strict=strict)
+    with caplog.at_level("WARNING"), pytest.raises(data_sources.DataSourceError) as error:
+        data.make_eval_dataset(config, batch_size=2)
+    message = str(error.value)
+    assert message.startswith(
+        f"image folder {str(tmp_path)!r} has no readable images: all 3 of its image files fail "
+        f"to decode, e.g. {tmp_path / 'a_1.png'} (UnidentifiedImageError: cannot identify image "
+    )
+    assert message.endswith(
+        "The files ending in .png, .jpg or .jpeg (any case) must be images that Pillow can read."
+    )
+    assert "\n" not in message
+    # The error says it all: no warning about skipping them first.
+    assert not [record for record in caplog.records if "Skipping" in record.getMessage()]
 
 
 @pytest.mark.parametrize(
@@ -594,8 +634,9 @@ def test_folder_of_only_unreadable_files(tmp_path):
 def test_bad_config_fields(tmp_path, field, value, message):
     config = _config(data_dir=str(tmp_path), image_size=16)
     config[field] = value
-    with pytest.raises(ValueError, match=message):
-        data.validate_data_config(config)
+    with pytest.raises(ValueError, match=message) as error:
+        data_sources.validate_data_config(config)
+    assert not isinstance(error.value, data_sources.DataSourceError)
     assert not os.listdir(tmp_path)  # Checked before the digits are prepared.
 
 
@@ -605,25 +646,29 @@ def test_labels_required_but_absent(tmp_path):
     )
     message = "class_cond is True but TFDS 'lsun/bedroom'.*no class labels"
     with tfds.testing.mock_data(num_examples=2):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(data_sources.DataSourceError, match=message):
             data.make_train_dataset(config, batch_size=2)
 
 
 def test_num_classes_mismatch(digits_dir):
-    with pytest.raises(ValueError, match="num_classes=5 does not match the 10 classes"):
-        data.validate_data_config(_digits_config(digits_dir, class_cond=True, num_classes=5))
+    message = "num_classes=5 does not match the 10 classes"
+    with pytest.raises(data_sources.DataSourceError, match=message):
+        data_sources.validate_data_config(
+            _digits_config(digits_dir, class_cond=True, num_classes=5)
+        )
 
 
 def test_rgb_to_grayscale_refused(tmp_path):
     config = _config(name="cifar10", data_dir=str(tmp_path), num_channels=1)
     with tfds.testing.mock_data(num_examples=2):
-        with pytest.raises(ValueError, match="RGB images but config.data.num_channels is 1"):
+        message = "RGB images but config.data.num_channels is 1"
+        with pytest.raises(data_sources.DataSourceError, match=message):
             data.make_train_dataset(config, batch_size=2)
 
 
 def test_unknown_split_lists_available(digits_dir):
     message = r"Split 'validation' is not available in digits.*\['test', 'train'\]"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(data_sources.DataSourceError, match=message):
         data.make_eval_dataset(_digits_config(digits_dir), batch_size=2, split="validation")
 
 

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from configs import tiny
 from tf_iddpm import checkpoints
+from tf_iddpm import data_sources
 from tf_iddpm import digits_dataset
 from tf_iddpm import train_lib
 
@@ -182,11 +183,11 @@ def test_empty_image_folder_fails_before_anything_is_built(tmp_path, monkeypatch
     config.data.name = "folder"
     config.data.folder = str(folder)
     workdir = tmp_path / "run"
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(data_sources.DataSourceError) as error:
         train_lib.train(config, str(workdir))
-    assert str(error.value) == (
-        f"config.data.folder={str(folder)!r} holds no image files "
-        "(searched recursively for .png, .jpg, .jpeg)."
+    assert str(error.value).startswith(
+        f"config.data.folder={str(folder)!r} holds no image files: files ending in .png, .jpg or "
+        ".jpeg (any case) are read, in the folder and all its subfolders."
     )
     assert not workdir.exists()
 

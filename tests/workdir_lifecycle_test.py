@@ -2,8 +2,10 @@
 
 On the tiny config with a few steps:
 
-* a refused start (missing ``data.folder``; an invalid field) leaves the workdir byte for byte as
-  it was, or absent, and the corrected command then starts and trains;
+* a refused start (missing ``data.folder``; an invalid field; a folder without image files, or
+  whose image files are all unreadable, in train and eval) prints one ``run.py: error:`` line,
+  exits 1 and leaves the workdir byte for byte as it was, or absent, and the corrected command
+  then starts and trains;
 * ``--workdir=W --mode=train --config.train.num_steps=N`` (no ``--config``) extends a stored run;
 * a damaged newest checkpoint (truncated or missing data file): training resumes from the previous
   one and keeps the damaged files aside; sampling refuses with one line naming the file, and
@@ -94,28 +96,41 @@ def started(tmp_path_factory):
         "--config.train.num_steps=4",
         "--config.train.checkpoint_every=2",
     ]
+    eval_start = [arg.replace("--mode=train", "--mode=eval") for arg in start]
+
+    def folder(path):
+        return ["--config.data.name=folder", f"--config.data.folder={path}"]
+
+    # A folder without image files, and one whose image files are all unreadable: refused inside
+    # the mode (train_lib.train, eval_lib.evaluate), before it writes anything.
+    empty_folder = root / "empty_folder"
+    (empty_folder / "sub").mkdir(parents=True)
+    (empty_folder / "sub" / "notes.txt").write_text("not an image\n")
+    unreadable_folder = root / "unreadable_folder"
+    unreadable_folder.mkdir()
+    for i in range(3):
+        (unreadable_folder / f"a_{i}.png").write_text("text, not an image\n")
+
     refusals = {}
     # The workdir does not exist yet: a refused start must not create it.
-    code, output = run_py(
-        start + ["--config.data.name=folder", f"--config.data.folder={root / 'no_such_folder'}"]
-    )
+    code, output = run_py(start + folder(root / "no_such_folder"))
     refusals["missing_folder"] = (code, output, not workdir.exists())  # unchanged: absent
+    code, output = run_py(start + folder(empty_folder))
+    refusals["empty_folder"] = (code, output, not workdir.exists())
+    code, output = run_py(eval_start + folder(unreadable_folder))
+    refusals["unreadable_folder_eval"] = (code, output, not workdir.exists())
     # The workdir exists with unrelated content: it is left byte for byte as it was.
     workdir.mkdir()
     (workdir / "notes.txt").write_text("mine\n")
     before = snapshot(workdir)
-    code, output = run_py(
-        start + ["--config.data.name=folder", f"--config.data.folder={root / 'no_such_folder'}"]
-    )
+    code, output = run_py(start + folder(root / "no_such_folder"))
     refusals["missing_folder_existing_workdir"] = (code, output, snapshot(workdir) == before)
     code, output = run_py(start + ["--config.train.lr=-1"])
     refusals["bad_value"] = (code, output, snapshot(workdir) == before)
-    # A folder without images: refused inside train(), before it stores anything.
-    (root / "empty_folder").mkdir()
-    code, output = run_py(
-        start + ["--config.data.name=folder", f"--config.data.folder={root / 'empty_folder'}"]
-    )
-    refusals["empty_folder"] = (code, output, snapshot(workdir) == before)
+    code, output = run_py(eval_start + folder(empty_folder))
+    refusals["empty_folder_eval_existing_workdir"] = (code, output, snapshot(workdir) == before)
+    code, output = run_py(start + folder(unreadable_folder))
+    refusals["unreadable_folder_existing_workdir"] = (code, output, snapshot(workdir) == before)
 
     code, output = run_py(start)
     assert code == 0, output[-5000:]
@@ -137,25 +152,41 @@ def started(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize(
-    "case", ["missing_folder", "missing_folder_existing_workdir", "bad_value", "empty_folder"]
-)
+# What the one error line of each refused start says (None: an invalid field, checked below).
+REFUSALS = {
+    "missing_folder": "config.data.folder='{root}/no_such_folder' does not exist",
+    "missing_folder_existing_workdir": "config.data.folder='{root}/no_such_folder' does not exist",
+    "bad_value": None,
+    "empty_folder": (
+        "config.data.folder='{root}/empty_folder' holds no image files: files ending in .png, "
+        ".jpg or .jpeg (any case) are read, in the folder and all its subfolders."
+    ),
+    "empty_folder_eval_existing_workdir": "config.data.folder='{root}/empty_folder' holds no image",
+    "unreadable_folder_eval": (
+        "image folder '{root}/unreadable_folder' has no readable images: all 3 of its image files "
+        "fail to decode, e.g. {root}/unreadable_folder/a_0.png (UnidentifiedImageError: "
+    ),
+    "unreadable_folder_existing_workdir": (
+        "image folder '{root}/unreadable_folder' has no readable images: all 3 of"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_a_refused_start_changes_nothing_in_the_workdir(started, case):
     code, output, unchanged = started["refusals"][case]
-    assert code != 0
+    assert code == 1, output[-3000:]  # run.py's EXIT_CONFIG_ERROR
     assert unchanged, (
-        "the refused start created the workdir"
-        if case == "missing_folder"
-        else "the refused start changed the workdir"
+        "the refused start changed the workdir"
+        if case.endswith("existing_workdir") or case == "bad_value"
+        else "the refused start created the workdir"
     )
-    if case == "bad_value":
-        assert "train.lr" in output and "run.py: error: invalid config" in output
-    elif case == "empty_folder":
-        assert "empty_folder' holds no image files" in output
+    assert "Traceback" not in output
+    [line] = error_lines(output)
+    if REFUSALS[case] is None:
+        assert "train.lr" in output and line == "run.py: error: invalid config:"
     else:
-        [line] = error_lines(output)
-        assert "config.data.folder=" in line and "no_such_folder' does not exist" in line
-        assert "Traceback" not in output
+        assert line.startswith("run.py: error: " + REFUSALS[case].format(root=started["root"]))
 
 
 def test_the_corrected_command_starts_and_stores_its_config(started):

@@ -13,7 +13,7 @@ and everything about sampling, evaluation and export).
 (an unknown schedule name, an image size the UNet has no default for, a global batch that the
 replicas cannot share, ...) into one ``ValueError`` that lists them all, before any step runs.
 It is the one owner of the rules on config fields: :func:`data_field_errors` (the ``config.data``
-fields, also checked by ``tf_iddpm.data`` before it reads anything), the model name rule
+fields, also checked by ``tf_iddpm.data_sources`` before it reads anything), the model name rule
 (:func:`model_name_error`, also used by ``export.export_lib``), the replica split
 (:func:`batch_split_error`), the sampler (:class:`tf_iddpm.samplers.SamplerSpec`) and the names
 options accept (:mod:`tf_iddpm.choices`).  Every entry point and mode calls it for the config it
@@ -183,8 +183,8 @@ def data_field_errors(data) -> List[str]:
     """Every problem of the ``config.data`` fields that needs no data access.
 
     The one place these rules live: :func:`validate_config` reports them with the rest of the
-    config, and ``tf_iddpm.data`` checks them before it reads a source (the data functions take
-    ``config.data`` from any caller).
+    config, and ``tf_iddpm.data_sources`` checks them before it reads a source (the data functions
+    take ``config.data`` from any caller).
 
     Args:
       data: ``config.data`` (a ConfigDict or a dict with the fields of ``configs/base.py``).

@@ -4,7 +4,7 @@
 integer intensities 0..16. The data come inside the scikit-learn package, so preparing needs
 no network. Pixels are stored as uint8: ``round(v * 255 / 16)`` with numpy's
 round-half-to-even (0 -> 0, 8 -> 128, 16 -> 255). Images keep their native ``[8, 8, 1]`` shape;
-:mod:`tf_iddpm.data` upscales them to the configured image size.
+:mod:`tf_iddpm.data_sources` upscales them to the configured image size.
 
 Splits are fixed and contiguous in scikit-learn's order: ``train`` is examples 0..1499 and
 ``test`` is examples 1500..1796 (297). The digits are stored roughly by writer, so the test

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 from tf_iddpm import fileio
 from tf_iddpm import inference
 
@@ -36,7 +37,7 @@ def evaluate(
     """
     strategy = strategy or tf.distribute.get_strategy()
     num_examples = int(config.eval.num_samples)
-    data_lib.validate_data_config(config.data)
+    data_sources.validate_data_config(config.data)
     model = inference.InferenceModel.restore(
         config, workdir, use_ema=config.eval.use_ema, checkpoint=checkpoint, strategy=strategy
     )
@@ -49,7 +50,7 @@ def evaluate(
             input_context=ctx,
         )
     )
-    split_size = data_lib.dataset_num_examples(config.data, config.data.eval_split)
+    split_size = data_sources.dataset_num_examples(config.data, config.data.eval_split)
     size = min(split_size, num_examples) if num_examples else split_size
     logging.info(
         "evaluating %s on %s/%s (%d images)",

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 from tf_iddpm import fileio
 from tf_iddpm import image_utils
 from tf_iddpm import inference
@@ -227,7 +228,7 @@ def make_reference_batch(
 def _main(argv):
     del argv
     config = FLAGS.config
-    data_lib.validate_data_config(config.data)
+    data_sources.validate_data_config(config.data)
     graph = metrics.load_graph(FLAGS.inception) if FLAGS.inception else None
     images = make_reference_batch(
         config.data, FLAGS.out, num_images=FLAGS.num_images, split=FLAGS.split or None, graph=graph

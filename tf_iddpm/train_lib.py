@@ -25,6 +25,7 @@ import tensorflow as tf
 from tf_iddpm import checkpoints
 from tf_iddpm import config_utils
 from tf_iddpm import data as data_lib
+from tf_iddpm import data_sources
 from tf_iddpm import distribute
 from tf_iddpm import factory
 from tf_iddpm import image_utils
@@ -453,14 +454,14 @@ def train(
     `config` is stored as `<workdir>/config.json` once the model is built and restored, before the
     first step, so that a start refused earlier leaves the workdir as it was.  The config
     (config_utils.validate_config, with the strategy's replica count) and the data sources
-    (data.validate_data_config) are checked first.
+    (data_sources.validate_data_config) are checked first.
 
     Returns:
       The metrics of the last logging interval (means per example), for callers and tests.
     """
     strategy = strategy or tf.distribute.get_strategy()
     config_utils.validate_config(config, mode="train", num_replicas=strategy.num_replicas_in_sync)
-    data_lib.validate_data_config(config.data)
+    data_sources.validate_data_config(config.data)
     keras.mixed_precision.set_global_policy(config.train.mixed_precision)
     if config.train.deterministic_ops:
         # GPU kernels (cuDNN convolution backprop, scatter/segment reductions) otherwise pick
