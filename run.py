@@ -28,7 +28,8 @@ and export refuse it with one line naming the damaged file.
 Distribution: ``--strategy=auto|default|mirrored|multi_worker|tpu`` (``--tpu`` names the TPU;
 ``multi_worker`` reads the cluster from ``TF_CONFIG``).  ``--num_samples``, ``--batch_size``,
 ``--sampler``, ``--steps``, ``--ddim``, ``--eta``, ``--grid``, ``--order``, ``--class_label``, ``--use_ema``, ``--ref_batch``,
-``--inception``, ``--sweep`` and ``--sweep_samplers`` override the config's ``sample.*`` / ``eval.*`` / ``fid.*`` /
+``--inception``, ``--sweep``, ``--sweep_samplers``, ``--guidance_scale`` and ``--guidance_sweep``
+override the config's ``sample.*`` / ``eval.*`` / ``fid.*`` /
 ``export.*`` fields for one run; a flag that is not given leaves the config value alone.
 ``--checkpoint=PREFIX`` (sample / eval / fid / export) loads that checkpoint instead of the newest.
 
@@ -111,6 +112,18 @@ flags.DEFINE_enum(
     "sample / fid: a solver's timesteps, uniform in log-SNR, in t, or Karras et al.'s.",
 )
 flags.DEFINE_integer("order", None, "sample / fid: UniPC's order, 1-3 (0 = its default, 2).")
+flags.DEFINE_float(
+    "guidance_scale",
+    None,
+    "sample / fid: classifier-free guidance s (1 = the conditional model as trained, 0 = "
+    "unconditional, > 1 guided); class-conditional models trained with model.class_dropout > 0.",
+)
+flags.DEFINE_string(
+    "guidance_sweep",
+    None,
+    "fid: guidance scales to sweep, e.g. '0,1,1.5,2,3,5' (a table and a plot of the metrics "
+    "against s).",
+)
 flags.DEFINE_integer(
     "class_label",
     None,
@@ -175,6 +188,7 @@ RUN_FLAG_FIELDS = {
     "eta": {"sample": "sample.eta", "fid": "sample.eta"},
     "grid": {"sample": "sample.grid", "fid": "sample.grid"},
     "order": {"sample": "sample.solver_order", "fid": "sample.solver_order"},
+    "guidance_scale": {"sample": "sample.guidance_scale", "fid": "sample.guidance_scale"},
     "class_label": {"sample": "sample.class_label", "fid": "sample.class_label"},
     "use_ema": {
         "sample": "sample.use_ema",
@@ -187,6 +201,7 @@ RUN_FLAG_FIELDS = {
     "inception": {"fid": "fid.inception"},
     "sweep": {"fid": "fid.sweep"},
     "sweep_samplers": {"fid": "fid.sweep_samplers"},
+    "guidance_sweep": {"fid": "fid.guidance_sweep"},
     "checkpoint": {
         "sample": None,
         "eval": None,

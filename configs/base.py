@@ -48,6 +48,9 @@ def get_config():
     model.dropout = 0.0
     model.use_scale_shift_norm = True
     model.channel_mult = ""  # "" = the reference's per-image-size default, else e.g. "1,2,2"
+    # > 0: train that fraction of examples without their label (a "null" label: one more
+    # embedding row), so that sampling can use classifier-free guidance (sample.guidance_scale).
+    model.class_dropout = 0.0
 
     # --- diffusion (tf_iddpm.diffusion.create_gaussian_diffusion kwargs) --------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -107,6 +110,9 @@ def get_config():
     sample.clip_denoised = True
     sample.grid = "logsnr"  # solvers: "logsnr" | "time_uniform" | "karras"
     sample.solver_order = 0  # unipc: 1-3 (0 = 2); the other kinds have a fixed order
+    # Classifier-free guidance s: 1 = the conditional model as trained (default), 0 = its
+    # unconditional prediction, > 1 guided.  Needs model.class_dropout > 0.
+    sample.guidance_scale = 1.0
     sample.class_label = -1  # -1 = random labels for class-conditional models
     sample.use_ema = True
 
@@ -118,6 +124,7 @@ def get_config():
     fid.batch_size = 64  # images per Inception forward pass
     fid.sweep = ""  # e.g. "25,50,100,250,full": FID vs sampling steps; "" = sample.*
     fid.sweep_samplers = "ancestral,ddim"  # the sweep's sampler kinds (tf_iddpm.samplers)
+    fid.guidance_sweep = ""  # e.g. "0,1,1.5,2,3,5": the metrics against guidance_scale
 
     # --- export -----------------------------------------------------------------------------------
     config.export = export = ml_collections.ConfigDict()

@@ -43,6 +43,7 @@ INPUT_DTYPES = {
     "num_steps": np.int32,
     "eta": np.float32,
     "sampler": np.str_,
+    "guidance_scale": np.float32,
     "class_labels": np.int32,
     "low_res": np.uint8,
     "images": np.uint8,
@@ -88,6 +89,7 @@ def sampler_inputs(
     sampler: str = "ancestral",
     eta: float = 0.0,
     class_labels: Optional[Sequence[int]] = None,
+    guidance_scale: float = 1.0,
     low_res: Optional[np.ndarray] = None,
 ) -> Dict[str, np.ndarray]:
     """The inputs of one sampler request, every parameter repeated per seed.
@@ -99,6 +101,7 @@ def sampler_inputs(
       sampler: ancestral, ddim, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc.
       eta: DDIM eta in [0, 1] (0 for every other sampler).
       class_labels: one label per seed, for class-conditional models.
+      guidance_scale: classifier-free guidance s, sent with class_labels (1 = unguided).
       low_res: uint8 [N, h, h, C] low-resolution images, for the super-resolution model.
 
     Returns:
@@ -114,6 +117,7 @@ def sampler_inputs(
     }
     if class_labels is not None:
         inputs["class_labels"] = np.broadcast_to(np.asarray(class_labels, np.int32), [count]).copy()
+        inputs["guidance_scale"] = np.full([count], guidance_scale, np.float32)
     if low_res is not None:
         inputs["low_res"] = np.asarray(low_res, np.uint8)
     return inputs
@@ -290,12 +294,19 @@ def sample(
     sampler: str = "ancestral",
     eta: float = 0.0,
     class_labels=None,
+    guidance_scale: float = 1.0,
     low_res=None,
     **kwargs,
 ) -> Dict[str, np.ndarray]:
     """Draws one image per seed from a served sampler (see :func:`sampler_inputs`)."""
     inputs = sampler_inputs(
-        seeds, num_steps, sampler=sampler, eta=eta, class_labels=class_labels, low_res=low_res
+        seeds,
+        num_steps,
+        sampler=sampler,
+        eta=eta,
+        class_labels=class_labels,
+        guidance_scale=guidance_scale,
+        low_res=low_res,
     )
     return predict(server, model, inputs, protocol=protocol, **kwargs)
 
@@ -400,6 +411,9 @@ def _define_flags():
     flags.DEFINE_list(
         "class_labels", None, "Class-conditional models: one label per image, or one for all."
     )
+    flags.DEFINE_float(
+        "guidance_scale", 1.0, "sample, class-conditional models: classifier-free guidance s."
+    )
     flags.DEFINE_string(
         "low_res", None, "sample, super-resolution model: low-resolution images (.npz/.npy/PNGs)."
     )
@@ -433,6 +447,7 @@ def run(command: str) -> Dict[str, np.ndarray]:
             sampler=FLAGS.sampler,
             eta=FLAGS.eta,
             class_labels=labels,
+            guidance_scale=FLAGS.guidance_scale,
             low_res=low_res,
             **common,
         )

@@ -29,10 +29,15 @@ Sampler, ``serving_default``:
              ``dpmpp_2m_sde`` or ``unipc`` (UniPC's order is the exported ``sample.solver_order``).
            ``eta`` float32, scalar or [N]: DDIM eta in [0, 1]; must be 0 for other samplers.
            ``class_labels`` int32 [N] in [0, num_classes): class-conditional models only.
+           ``guidance_scale`` float32, scalar or [N]: classifier-free guidance s >= 0 per image
+             (class-conditional models only; 1 = the conditional model as trained, 0 = its
+             unconditional prediction, > 1 guided; other than 1 only for models trained with
+             ``model.class_dropout > 0``).  Guided images cost one call on a doubled batch per
+             step; a group of images all at 1 runs the plain chain.
            ``low_res`` uint8 [N, h, h, C]: the super-resolution model's low-resolution input.
   outputs  ``images`` uint8 [N, H, W, C] (the reference's truncating conversion) and
            ``images_float`` float32 [N, H, W, C] (the raw samples, ~[-1, 1]).
-  Images equal ``run.py --mode=sample --sampler=S --steps=K`` (the in-process
+  Images equal ``run.py --mode=sample --sampler=S --steps=K [--guidance_scale=s]`` (the in-process
   :class:`tf_iddpm.inference.Sampler` of that :class:`tf_iddpm.samplers.SamplerSpec`) with
   ``seeds=seed``, bit for bit for the same batch.
 
@@ -292,8 +297,10 @@ class SamplerModule(_ServingModule):
             "sampler": tf.TensorSpec(None, tf.string),
             "eta": tf.TensorSpec(None, tf.float32),
         }
+        self.null_label = factory.null_label(config)
         if self.num_classes:
             specs["class_labels"] = tf.TensorSpec([None], tf.int32)
+            specs["guidance_scale"] = tf.TensorSpec(None, tf.float32)
         if self.low_res_size:
             specs["low_res"] = tf.TensorSpec(
                 [None, self.low_res_size, self.low_res_size, self.channels], tf.uint8
@@ -304,7 +311,39 @@ class SamplerModule(_ServingModule):
     def signatures(self):
         return {DEFAULT_SIGNATURE: self.sample}
 
-    def _sample(self, seed, num_steps, sampler, eta, class_labels=None, low_res=None):
+    def _guidance_checks(self, scale, batch):
+        """guidance_scale: finite and >= 0 per image; exactly 1 for a model without a null label."""
+        scale, checks = _per_image(scale, batch, "guidance_scale")
+        message = (
+            "guidance_scale must be finite and >= 0 (1 = the conditional model as trained, 0 = "
+            "unconditional, > 1 guided)"
+        )
+        checks += [
+            tf.debugging.assert_equal(
+                tf.reduce_all(tf.math.is_finite(scale) & (scale >= 0.0)), True, message=message
+            )
+        ]
+        if self.null_label is None:
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.reduce_all(tf.equal(scale, 1.0)),
+                    True,
+                    message="guidance_scale must be 1: this model was trained without label "
+                    "dropout (model.class_dropout = 0), so it has no unconditional prediction",
+                )
+            )
+        return scale, checks
+
+    def _sample(
+        self,
+        seed,
+        num_steps,
+        sampler,
+        eta,
+        class_labels=None,
+        guidance_scale=None,
+        low_res=None,
+    ):
         batch = tf.size(seed)
         checks = [
             tf.debugging.assert_positive(
@@ -322,21 +361,24 @@ class SamplerModule(_ServingModule):
             tf.debugging.assert_less_equal(eta, 1.0, message=eta_message),
         ]
         model_inputs = {}
+        scale = tf.ones([1], tf.float32)
         if self.num_classes:
             labels, label_checks = self._label_checks(class_labels, batch, "seed")
-            checks += label_checks
+            scale, guidance_checks = self._guidance_checks(guidance_scale, batch)
+            checks += label_checks + guidance_checks
             model_inputs["y"] = labels
         if self.low_res_size:
             checks.append(
                 _check_images(low_res, batch, self.low_res_size, self.channels, "low_res")
             )
             model_inputs["low_res"] = low_res
-        batch, seed, steps, sampler, eta, *gated_inputs = _gated(
-            checks, batch, seed, steps, sampler, eta, *model_inputs.values()
+        batch, seed, steps, sampler, eta, scale, *gated_inputs = _gated(
+            checks, batch, seed, steps, sampler, eta, scale, *model_inputs.values()
         )
         model_inputs = dict(zip(model_inputs, gated_inputs))
         steps = tf.broadcast_to(steps, [batch])
         eta = tf.broadcast_to(eta, [batch])
+        scale = tf.broadcast_to(scale, [batch])
         kind, steps, eta = self._check_samplers(tf.broadcast_to(sampler, [batch]), steps, eta)
         if "low_res" in model_inputs:
             model_inputs["low_res"] = self.normalize(model_inputs["low_res"])
@@ -355,8 +397,9 @@ class SamplerModule(_ServingModule):
             seeds = tf.gather(seed, members)
             kwargs = {k: tf.gather(v, members) for k, v in model_inputs.items()}
             shape = tf.concat([tf.shape(seeds), self.image_shape], 0)
+            group_scale = tf.gather(scale, members)
 
-            def draw(name):
+            def draw(name, model_fn):
                 chain = chains.make_chain(
                     name,
                     self.diffusion,
@@ -366,12 +409,24 @@ class SamplerModule(_ServingModule):
                     grid=self.grid,
                     order=self.solver_order,
                 )
-                return chains.sample_loop(
-                    chain, self.model_fn, shape, model_kwargs=kwargs, seeds=seeds
-                )
+                return chains.sample_loop(chain, model_fn, shape, model_kwargs=kwargs, seeds=seeds)
 
-            branches = [lambda name=name: draw(name) for name in self.kinds]
-            samples = tf.switch_case(kind[first], branches)
+            def draw_kind(model_fn):
+                branches = [lambda name=name: draw(name, model_fn) for name in self.kinds]
+                return tf.switch_case(kind[first], branches)
+
+            if self.null_label is None:
+                samples = draw_kind(self.model_fn)
+            else:
+                # Guided images cost a doubled batch per call: only when some image asks for it.
+                guided = inference.guided_model_function(
+                    self.model_fn, group_scale, self.null_label, self.channels
+                )
+                samples = tf.cond(
+                    tf.reduce_all(tf.equal(group_scale, 1.0)),
+                    lambda: draw_kind(self.model_fn),
+                    lambda: draw_kind(guided),
+                )
             return [_scatter_rows(accumulators[0], members, samples)]
 
         initial = tf.zeros(tf.concat([[batch], self.image_shape], 0), tf.float32)
@@ -428,6 +483,10 @@ class SamplerModule(_ServingModule):
             }
             if self.num_classes:
                 inputs["class_labels"] = np.array([0], np.int32)
+                # The guided branch too, where the model has one.
+                inputs["guidance_scale"] = np.array(
+                    [1.0 if self.null_label is None or name != "ancestral" else 2.0], np.float32
+                )
             if self.low_res_size:
                 inputs["low_res"] = np.full(
                     [1, self.low_res_size, self.low_res_size, self.channels], 128, np.uint8

@@ -54,6 +54,9 @@ UNET_OPTION_FIELDS = {
     "num_heads": "model.num_heads",
     "num_heads_upsample": "model.num_heads_upsample",
     "dropout": "model.dropout",
+    "class_cond": "data.class_cond",
+    "num_classes": "data.num_classes",
+    "class_dropout": "model.class_dropout",
 }
 
 # Fields (glob patterns over dotted names) that may change between runs in one workdir: they
@@ -310,15 +313,27 @@ def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) 
             )
     if config.diffusion.steps > 0:
         try:
-            samplers.sweep_specs(
+            specs = samplers.sweep_specs(
                 samplers.from_config(config.sample),
                 fid.sweep,
                 fid.sweep_samplers,
                 config.diffusion.steps,
                 betas=_betas(config),
+                guidance_text=fid.guidance_sweep,
             )
         except ValueError as e:
             errors.append(str(e))
+            specs = []
+        for spec in specs:
+            guidance = samplers.guidance_error(
+                spec,
+                class_cond=bool(config.data.class_cond),
+                has_null_label=bool(config.data.class_cond) and config.model.class_dropout > 0,
+                prefix="fid.guidance_sweep: sample.",
+            )
+            if guidance:
+                errors.append(guidance)
+                break
     needs = []
     if mode == "fid":
         needs = [("fid.ref_batch", fid.ref_batch), ("fid.inception", fid.inception)]
@@ -400,6 +415,9 @@ def _field_errors(config: ml_collections.ConfigDict, mode: str) -> List[str]:
             num_heads=model.num_heads,
             num_heads_upsample=model.num_heads_upsample,
             dropout=model.dropout,
+            class_cond=bool(data.class_cond),
+            num_classes=data.num_classes if data.class_cond else None,
+            class_dropout=model.class_dropout,
             names=UNET_OPTION_FIELDS,
         )
     )
@@ -457,9 +475,15 @@ def _field_errors(config: ml_collections.ConfigDict, mode: str) -> List[str]:
         "export.max_batch_size",
     )
     _check_positive(errors, config, "eval.num_samples", allow_zero=True)
-    errors.extend(
-        samplers.from_config(config.sample).errors(max(diffusion.steps, 0), betas=_betas(config))
+    spec = samplers.from_config(config.sample)
+    errors.extend(spec.errors(max(diffusion.steps, 0), betas=_betas(config)))
+    guidance = samplers.guidance_error(
+        spec,
+        class_cond=bool(data.class_cond),
+        has_null_label=bool(data.class_cond) and model.class_dropout > 0,
     )
+    if guidance:
+        errors.append(guidance)
     label = config.sample.class_label
     if data.class_cond:
         if not -1 <= label < max(data.num_classes, 0):
@@ -477,7 +501,9 @@ def _field_errors(config: ml_collections.ConfigDict, mode: str) -> List[str]:
     if name_error:
         errors.append(name_error)
 
-    return errors
+    # A rule two owners share (data.class_cond needs data.num_classes, for the data pipeline and
+    # the network) is reported once.
+    return list(dict.fromkeys(errors))
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ def create_model(
     *,
     channel_mult="",
     num_classes=unet_options.DEFAULT_NUM_CLASSES,
+    class_dropout=0.0,
     in_channels=3,
     super_res=False,
     **model_kwargs,
@@ -43,6 +44,9 @@ def create_model(
         :class:`tf_iddpm.unet.UNetModel`.
       channel_mult: "" for the per-size default, else "1,2,2" or a sequence of ints.
       num_classes: label count when ``class_cond``.
+      class_dropout: the probability with which training drops an example's label (classifier-
+        free guidance); > 0 gives the label embedding one more row, the null label
+        :func:`null_label` (= ``num_classes``).
       in_channels: image channels.
       super_res: build a :class:`tf_iddpm.unet.SuperResModel` at ``image_size`` (the
         reference's ``sr_create_model`` with ``large_size = image_size``).
@@ -65,8 +69,10 @@ def create_model(
         dropout=dropout,
         class_cond=class_cond,
         num_classes=num_classes,
+        class_dropout=class_dropout,
     )
     model_cls = unet.SuperResModel if super_res else unet.UNetModel
+    label_rows = num_classes + (1 if class_dropout > 0 else 0) if class_cond else None
     return model_cls(
         in_channels=in_channels,
         model_channels=num_channels,
@@ -75,7 +81,7 @@ def create_model(
         attention_resolutions=levels.attention_downsample_rates,
         dropout=dropout,
         channel_mult=levels.channel_mult,
-        num_classes=num_classes if class_cond else None,
+        num_classes=label_rows,
         num_heads=num_heads,
         num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm,
@@ -112,10 +118,20 @@ def create_model_from_config(config, **model_kwargs):
         dropout=model.dropout,
         channel_mult=model.channel_mult,
         num_classes=data.num_classes,
+        class_dropout=model.class_dropout,
         in_channels=data.num_channels,
         super_res=data.low_res_size > 0,
         **model_kwargs,
     )
+
+
+def null_label(config):
+    """The label that means "no label" to a network of ``config`` trained with class dropout
+    (``model.class_dropout > 0``): its extra embedding row, ``data.num_classes``; None for a
+    network without one (unconditional, or trained on labels only)."""
+    if not config.data.class_cond or not config.model.class_dropout > 0:
+        return None
+    return int(config.data.num_classes)
 
 
 def create_diffusion_from_config(config, *, timestep_respacing=None):

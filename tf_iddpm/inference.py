@@ -40,6 +40,37 @@ def model_function(net) -> Callable:
     return lambda x, t, **kwargs: net(x, t, training=False, **kwargs)
 
 
+def guided_model_function(model_fn, guidance_scale, null_label: int, channels: int) -> Callable:
+    """Classifier-free guidance (Ho & Salimans 2022) as a model function.
+
+    One network call on the batch twice over, [x; x] with labels [y; null], gives the conditional
+    and the unconditional outputs; the prediction (eps, or x_0 / x_{t-1} for models that predict
+    those: the first ``channels`` channels) becomes ``uncond + s (cond - uncond)``.  A learned
+    variance half is the conditional branch's, as in GLIDE: the ancestral sampler uses it, the
+    others ignore it.  s = 1 gives the conditional prediction again, at twice the cost; callers
+    use ``model_fn`` itself then.
+
+    Args:
+      model_fn: the network, ``model_fn(x, t, y=labels, **kwargs)``.
+      guidance_scale: s, a float or a float32 [N] tensor (one per image).
+      null_label: the label of the unconditional prediction (:func:`tf_iddpm.factory.null_label`).
+      channels: the image channels C (the prediction's channels in the output).
+    """
+
+    def guided(x, t, y, **kwargs):
+        doubled = {k: tf.concat([v, v], 0) for k, v in kwargs.items()}
+        labels = tf.concat([y, tf.fill(tf.shape(y), tf.cast(null_label, y.dtype))], 0)
+        both = model_fn(tf.concat([x, x], 0), tf.concat([t, t], 0), y=labels, **doubled)
+        conditional, unconditional = tf.split(tf.cast(both, tf.float32), 2, axis=0)
+        scale = tf.reshape(tf.cast(guidance_scale, tf.float32), [-1, 1, 1, 1])
+        prediction = unconditional[..., :channels] + scale * (
+            conditional[..., :channels] - unconditional[..., :channels]
+        )
+        return tf.concat([prediction, conditional[..., channels:]], -1)
+
+    return guided
+
+
 def image_shape(config) -> list:
     """[H, W, C] of the config's images."""
     size = int(config.data.image_size)
@@ -143,13 +174,25 @@ class Sampler:
 
 
 def build_sampler(model_fn, config, spec: samplers.SamplerSpec) -> Sampler:
-    """The :class:`Sampler` of ``spec`` for a network of ``config`` (its process and image shape).
+    """The :class:`Sampler` of ``spec`` for a network of ``config`` (its process and image shape),
+    guided (:func:`guided_model_function`) when ``spec.guidance_scale`` is not 1.
 
     Raises:
-      ValueError: if ``spec`` is invalid for the config's process (see SamplerSpec.errors).
+      ValueError: if ``spec`` is invalid for the config's process (see SamplerSpec.errors), or
+        asks for guidance the network cannot give (see samplers.guidance_error).
     """
     diffusion = factory.create_diffusion_from_config(config, timestep_respacing="")
     spec.check(diffusion.num_timesteps, betas=diffusion.betas)
+    null_label = factory.null_label(config)
+    guidance = samplers.guidance_error(
+        spec, class_cond=bool(config.data.class_cond), has_null_label=null_label is not None
+    )
+    if guidance:
+        raise ValueError(guidance)
+    if spec.guidance_scale != 1.0:
+        model_fn = guided_model_function(
+            model_fn, spec.guidance_scale, null_label, int(config.data.num_channels)
+        )
     chain = chains.make_chain(
         spec.kind,
         diffusion,

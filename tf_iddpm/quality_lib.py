@@ -1,22 +1,25 @@
-"""Sample quality of a trained model: run.py --mode=fid, the FID-vs-steps sweep, FID/KID in training.
+"""run.py --mode=fid: sample quality of a trained model, for one sampler or a sweep.
 
 The metrics are the guided-diffusion evaluator's (see :mod:`tf_iddpm.metrics`), computed on the
 2015 Inception graph ``classify_image_graph_def.pb`` against a reference batch in the evaluator's
 ``.npz`` format, so the numbers are comparable with published ones at the same sample count
 (papers use 50 000 samples).
 
-    # one evaluation with the config's sampler (sample.timestep_respacing, use_ddim, eta, use_ema)
+    # one evaluation with the configured sampler (sample.*: sampler, steps, eta, guidance, EMA)
     python run.py --workdir=W --mode=fid --ref_batch=ref.npz --inception=classify_image_graph_def.pb
-    # FID vs sampling steps, strided ancestral and DDIM (the paper's Figure 8)
+    # FID vs network calls for several samplers (the paper's Figure 8, plus the solvers)
     python run.py --workdir=W --mode=fid --ref_batch=ref.npz --inception=... \\
-        --sweep=25,50,100,250,full
+        --sweep=10,25,50,100,full --sweep_samplers=ancestral,ddim,dpmpp_2m,unipc
+    # the metrics against the classifier-free guidance scale (class-conditional models)
+    python run.py --workdir=W --mode=fid ... --guidance_sweep=0,1,1.5,2,3,5
     # a reference batch (arr_0 and statistics) from any dataset tf_iddpm.data reads
     python -m tf_iddpm.quality_lib --config=configs/cifar10_hybrid.py --out=ref.npz \\
         --num_images=50000 --inception=classify_image_graph_def.pb
 
 Outputs go to ``<workdir>/fid/``: ``results.json`` (one row per evaluated sampler), ``results.md``
-(the table that is printed), and for a sweep ``fid_vs_steps.png``; a single evaluation also keeps
-its samples as ``samples_NxHxWx3.npz`` (``arr_0``), so the evaluator itself can be run on them.
+(the table that is printed), for a sweep ``fid_vs_steps.png`` or ``metrics_vs_guidance.png``; a
+single evaluation also keeps its samples as ``samples_NxHxWx3.npz`` (``arr_0``), so the evaluator
+itself can be run on them.  FID and KID during training: ``train_lib.log_training_fid``.
 """
 
 import json
@@ -39,6 +42,7 @@ FID_SUBDIR = "fid"
 TABLE_COLUMNS = (
     ("sampler", "sampler", "{}"),
     ("steps", "steps", "{}"),
+    ("guidance", "guidance_scale", "{:g}"),
     ("FID", "fid", "{:.3f}"),
     ("sFID", "sfid", "{:.3f}"),
     ("IS", "inception_score", "{:.3f}"),
@@ -78,11 +82,44 @@ def plot_fid_vs_steps(rows: Sequence[Dict], path: str, title: str = "") -> str:
             label=sampler,
         )
     axes.set_xscale("log")
-    axes.set_xlabel("sampling steps")
+    axes.set_xlabel("network calls per image (NFE)")
     axes.set_ylabel("FID")
-    axes.set_title(title or "FID vs sampling steps")
+    axes.set_title(title or "FID vs network calls")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
+    figure.tight_layout()
+    fileio.atomic_write(path, lambda file: figure.savefig(file, format="png"))
+    pyplot.close(figure)
+    return path
+
+
+GUIDANCE_PLOT_METRICS = (
+    ("FID", "fid"),
+    ("sFID", "sfid"),
+    ("Inception Score", "inception_score"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+)
+
+
+def plot_metrics_vs_guidance(rows: Sequence[Dict], path: str, title: str = "") -> str:
+    """Writes a PNG of FID, sFID, IS, precision and recall against the guidance scale."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
+
+    rows = sorted(rows, key=lambda row: row["guidance_scale"])
+    scales = [row["guidance_scale"] for row in rows]
+    figure, axes = pyplot.subplots(
+        1, len(GUIDANCE_PLOT_METRICS), figsize=(3 * len(GUIDANCE_PLOT_METRICS), 3), dpi=120
+    )
+    for axis, (name, key) in zip(axes, GUIDANCE_PLOT_METRICS):
+        axis.plot(scales, [row[key] for row in rows], marker="o")
+        axis.set_xlabel("guidance scale s")
+        axis.set_title(name)
+        axis.grid(True, alpha=0.3)
+    figure.suptitle(title or "sample quality vs guidance")
     figure.tight_layout()
     fileio.atomic_write(path, lambda file: figure.savefig(file, format="png"))
     pyplot.close(figure)
@@ -93,8 +130,9 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
     """run.py --mode=fid: IS, FID, sFID, precision, recall (and KID) of the workdir's model.
 
     Draws ``fid.num_samples`` images with the configured sampler (``sample.*``, see
-    :func:`tf_iddpm.samplers.from_config`) or, with ``fid.sweep``, once per (sampler, steps) of
-    the sweep (:func:`tf_iddpm.samplers.sweep_specs`), and evaluates them against
+    :func:`tf_iddpm.samplers.from_config`), or once per point of a sweep
+    (:func:`tf_iddpm.samplers.sweep_specs`): with ``fid.sweep`` per (sampler, network calls),
+    with ``fid.guidance_sweep`` per guidance scale; and evaluates them against
     ``fid.ref_batch`` on the Inception graph ``fid.inception``.  Every point draws image i from
     seed ``config.seed + i``, as ``run.py --mode=sample`` does.  ``checkpoint`` is a checkpoint
     prefix to load instead of the workdir's newest (run.py --checkpoint).
@@ -115,7 +153,9 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
         config.fid.sweep,
         config.fid.sweep_samplers,
         num_timesteps,
+        guidance_text=config.fid.guidance_sweep,
     )
+    guidance_sweep = bool(config.fid.guidance_sweep.strip())
     model = inference.InferenceModel.restore(
         config, workdir, use_ema=config.sample.use_ema, checkpoint=checkpoint
     )
@@ -143,6 +183,7 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
             "steps": steps,
             "respacing": spec.steps or "full",
             "eta": float(spec.eta),
+            "guidance_scale": float(spec.guidance_scale),
             "use_ema": bool(config.sample.use_ema),
             **results,
         }
@@ -163,11 +204,17 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
     table_path = os.path.join(out_dir, "results.md")
     fileio.atomic_write_text(table_path, table + "\n")
     png_path = None
-    if len(specs) > 1:
+    if guidance_sweep:
+        png_path = plot_metrics_vs_guidance(
+            rows,
+            os.path.join(out_dir, "metrics_vs_guidance.png"),
+            f"{specs[0].label(num_timesteps)}, {num_samples} samples",
+        )
+    elif len(specs) > 1:
         png_path = plot_fid_vs_steps(
             rows,
             os.path.join(out_dir, "fid_vs_steps.png"),
-            f"FID vs sampling steps ({num_samples} samples)",
+            f"FID vs network calls ({num_samples} samples)",
         )
     print(table)
     print(f"results: {json_path}" + (f"\nplot:    {png_path}" if png_path else ""))

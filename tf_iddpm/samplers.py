@@ -22,7 +22,8 @@ Nothing here imports TensorFlow, so configs and flags are checked before it load
 """
 
 import dataclasses
-from typing import List, Sequence, Tuple
+from math import inf
+from typing import List, Optional, Sequence, Tuple
 
 from tf_iddpm import schedules
 
@@ -93,6 +94,9 @@ class SamplerSpec:
       clip_denoised: clip each predicted x_0 to [-1, 1], as the reference does.
       grid: a solver's time grid, one of :data:`SOLVER_GRIDS`.
       order: the order of a kind that offers several (UniPC: 1-3); 0 = the kind's default.
+      guidance_scale: classifier-free guidance s (Ho & Salimans 2022) for class-conditional
+        models trained with label dropout: the network's prediction becomes
+        uncond + s (cond - uncond); 1 = the plain conditional model, 0 = the unconditional one.
     """
 
     kind: str = "ancestral"
@@ -101,6 +105,7 @@ class SamplerSpec:
     clip_denoised: bool = True
     grid: str = "logsnr"
     order: int = 0
+    guidance_scale: float = 1.0
 
     def errors(self, num_timesteps: int, *, betas=None, prefix: str = "sample.") -> List[str]:
         """Every problem of this spec for a T-step process, each naming its field.
@@ -148,6 +153,11 @@ class SamplerSpec:
             )
         if not isinstance(self.clip_denoised, bool):
             problems.append(f"{prefix}clip_denoised={self.clip_denoised!r} must be a bool")
+        if not (isinstance(self.guidance_scale, (int, float)) and 0.0 <= self.guidance_scale < inf):
+            problems.append(
+                f"{prefix}guidance_scale={self.guidance_scale!r} must be a finite number >= 0 "
+                "(1 = the plain conditional model, 0 = the unconditional one, > 1 guided)"
+            )
         return problems
 
     def _solver_errors(self, kind, num_timesteps, betas, prefix) -> List[str]:
@@ -213,6 +223,8 @@ class SamplerSpec:
             details.append(f"order {self.order}")
         if kind.solver and self.grid != SamplerSpec.grid:
             details.append(f"{self.grid} grid")
+        if self.guidance_scale != 1.0:
+            details.append(f"guidance {self.guidance_scale:g}")
         extra = f" ({', '.join(details)})" if details else ""
         return f"{self.kind}{extra}, {self.num_steps(num_timesteps)} steps"
 
@@ -228,7 +240,34 @@ def from_config(sample) -> SamplerSpec:
         clip_denoised=sample["clip_denoised"],
         grid=sample["grid"],
         order=int(sample["solver_order"]),
+        guidance_scale=float(sample["guidance_scale"]),
     )
+
+
+def guidance_error(
+    spec: SamplerSpec, *, class_cond: bool, has_null_label: bool, prefix: str = "sample."
+) -> Optional[str]:
+    """Why a model cannot be sampled with ``spec``'s guidance scale, or None.
+
+    Guidance other than 1 needs the unconditional prediction, which only a class-conditional
+    model trained with label dropout (``model.class_dropout > 0``) makes: it has a null label.
+    Published improved-diffusion checkpoints have none.
+    """
+    if spec.guidance_scale == 1.0:
+        return None
+    if not class_cond:
+        return (
+            f"{prefix}guidance_scale={spec.guidance_scale:g} needs a class-conditional model; "
+            "this one is unconditional (leave it at 1)"
+        )
+    if not has_null_label:
+        return (
+            f"{prefix}guidance_scale={spec.guidance_scale:g} needs a model trained with label "
+            "dropout (model.class_dropout > 0, e.g. 0.1), which gives it a null label for the "
+            "unconditional prediction; this model was trained on labels only (as imported "
+            "improved-diffusion checkpoints were), so only guidance_scale=1 is defined for it"
+        )
+    return None
 
 
 def parse_kinds(text: str, *, field: str) -> Tuple[str, ...]:
@@ -270,20 +309,58 @@ def parse_sweep_steps(text: str, num_timesteps: int, *, field: str) -> Tuple[str
     return tuple(steps)
 
 
-def sweep_specs(
-    base: SamplerSpec, steps_text: str, kinds_text: str, num_timesteps: int, *, betas=None
-) -> List[SamplerSpec]:
-    """The samplers of a sweep: every kind of ``kinds_text`` at every step count of ``steps_text``.
-
-    Each point keeps ``base``'s clipping; eta is ``base.eta`` for kinds that take it, grid and
-    order ``base``'s for the solvers.  "full" (every step of the process) is a point of the paper's
-    samplers only.  An empty ``steps_text`` is no sweep: ``[base]``.
+def parse_guidance_sweep(text: str, *, field: str = "fid.guidance_sweep") -> Tuple[float, ...]:
+    """ "0,1,1.5,3" -> (0.0, 1.0, 1.5, 3.0): guidance scales, each finite and >= 0, none twice.
 
     Raises:
-      ValueError: for malformed sweep fields (``fid.sweep``, ``fid.sweep_samplers``) or a point
-        a sampler cannot take.
+      ValueError: naming ``field`` and the bad token.
     """
+    scales = []
+    for token in (t.strip() for t in str(text).split(",")):
+        if not token:
+            continue
+        try:
+            scale = float(token)
+        except ValueError:
+            scale = -1.0
+        if not 0.0 <= scale < inf or scale in scales:
+            raise ValueError(
+                f"{field}={text!r}: {token!r} is not a new guidance scale (finite, >= 0); "
+                "e.g. '0,1,1.5,2,3,5'"
+            )
+        scales.append(scale)
+    return tuple(scales)
+
+
+def sweep_specs(
+    base: SamplerSpec,
+    steps_text: str,
+    kinds_text: str,
+    num_timesteps: int,
+    *,
+    betas=None,
+    guidance_text: str = "",
+) -> List[SamplerSpec]:
+    """The samplers of a sweep: every kind of ``kinds_text`` at every step count of
+    ``steps_text``, or ``base`` at every guidance scale of ``guidance_text``.
+
+    Each point keeps ``base``'s clipping and guidance; eta is ``base.eta`` for kinds that take
+    it, grid and order ``base``'s for the solvers.  "full" (every step of the process) is a point
+    of the paper's samplers only.  Without either sweep: ``[base]``.
+
+    Raises:
+      ValueError: for malformed sweep fields (``fid.sweep``, ``fid.sweep_samplers``,
+        ``fid.guidance_sweep``), both sweeps at once, or a point a sampler cannot take.
+    """
+    scales = parse_guidance_sweep(guidance_text)
     steps = parse_sweep_steps(steps_text, num_timesteps, field="fid.sweep")
+    if scales and steps:
+        raise ValueError(
+            "fid.sweep and fid.guidance_sweep are both given: sweep the steps or the guidance "
+            "scale, one at a time"
+        )
+    if scales:
+        return [base.replace(guidance_scale=scale) for scale in scales]
     if not steps:
         return [base]
     specs, problems = [], []
@@ -299,6 +376,7 @@ def sweep_specs(
                 clip_denoised=base.clip_denoised,
                 grid=base.grid if kind.solver else SamplerSpec.grid,
                 order=base.order if kind.orders else 0,
+                guidance_scale=base.guidance_scale,
             )
             problems.extend(spec.errors(num_timesteps, betas=betas, prefix=f"fid.sweep ({name}): "))
             specs.append(spec)

@@ -77,6 +77,8 @@ class Trainer:
         self.ema_rates = config_utils.ema_rates(config)
         self.diffusion = factory.create_diffusion_from_config(config, timestep_respacing="")
         self.class_cond = bool(config.data.class_cond)
+        self.class_dropout = float(config.model.class_dropout)
+        self.null_label = factory.null_label(config)
         self.super_res = config.data.low_res_size > 0
         self.grad_clip = float(config.train.grad_clip)
 
@@ -127,10 +129,25 @@ class Trainer:
     def model_kwargs(self, batch):
         kwargs = {}
         if self.class_cond:
-            kwargs["y"] = batch["label"]
+            kwargs["y"] = self._dropped_labels(batch["label"])
         if self.super_res:
             kwargs["low_res"] = batch["low_res"]
         return kwargs
+
+    def _dropped_labels(self, labels):
+        """The labels with each replaced by the null label with probability model.class_dropout.
+
+        Classifier-free guidance (Ho & Salimans 2022) trains one network both conditionally and
+        unconditionally.  The draws are made for the global batch from (seed, step), each replica
+        taking its slice, like every other draw of a step; without class dropout nothing is drawn.
+        """
+        if not self.class_dropout:
+            return labels
+        drops = tf.random.stateless_uniform(
+            [self.global_batch_size], seed=_salted_seed(self.seed, self.step, 3)
+        )
+        dropped = self._replica_slice(drops) < self.class_dropout
+        return tf.where(dropped, tf.cast(self.null_label, labels.dtype), labels)
 
     def _losses_and_grads_fn(self, x_start, t, weights, noise, dropout_rng, model_kwargs):
         def model_fn(x, timesteps, **kwargs):

@@ -173,13 +173,14 @@ def option_errors(
     dropout: Any,
     class_cond: bool = False,
     num_classes: Any = None,
+    class_dropout: Any = 0.0,
     names: Optional[Mapping[str, str]] = None,
 ) -> List[str]:
     """Every problem of a set of UNet options (the arguments of ``factory.create_model``).
 
     Args:
       image_size, num_channels, num_res_blocks, channel_mult, attention_resolutions, num_heads,
-        num_heads_upsample, dropout, class_cond, num_classes: the options.
+        num_heads_upsample, dropout, class_cond, num_classes, class_dropout: the options.
       names: the option names for messages (see the module docstring).
 
     Returns:
@@ -205,6 +206,20 @@ def option_errors(
         errors.append(
             f"{_name(names, 'class_cond')}=True needs {_name(names, 'num_classes')} >= 1, "
             f"got {num_classes!r}"
+        )
+    if (
+        isinstance(class_dropout, bool)
+        or not isinstance(class_dropout, numbers.Real)
+        or not 0.0 <= class_dropout < 1.0
+    ):
+        errors.append(
+            f"{_name(names, 'class_dropout')}={class_dropout!r} must lie in [0, 1) (the "
+            "probability of training an example without its label; 0 = never)"
+        )
+    elif class_dropout > 0 and not class_cond:
+        errors.append(
+            f"{_name(names, 'class_dropout')}={class_dropout} needs a class-conditional model "
+            f"({_name(names, 'class_cond')}=True): it drops labels"
         )
 
     mult = None
@@ -260,6 +275,7 @@ def resolve(
     dropout: float,
     class_cond: bool = False,
     num_classes: Optional[int] = None,
+    class_dropout: float = 0.0,
     names: Optional[Mapping[str, str]] = None,
 ) -> UNetLevels:
     """Checks the options (:func:`option_errors`) and returns the levels they describe.
@@ -278,6 +294,7 @@ def resolve(
         dropout=dropout,
         class_cond=class_cond,
         num_classes=num_classes,
+        class_dropout=class_dropout,
         names=names,
     )
     if len(errors) == 1:
