@@ -23,8 +23,23 @@ GRID_TILE_PIXELS = 64
 GRID_MAX_IMAGES = 256
 
 
+def _grid_images(images: np.ndarray, labels: Optional[np.ndarray]):
+    """(images for the PNG grid, columns): the first GRID_MAX_IMAGES in seed order or, for a
+    class-conditional model, one row per class (its images in seed order, black cells after), so
+    that whether samples follow their label shows at a glance."""
+    if labels is None:
+        return images[:GRID_MAX_IMAGES], None
+    classes = sorted(set(labels.tolist()))
+    rows = [images[labels == c] for c in classes]
+    columns = max(1, min(max(len(r) for r in rows), GRID_MAX_IMAGES // max(len(rows), 1)))
+    blank = np.zeros_like(images[0])
+    cells = [row[i] if i < len(row) else blank for row in rows for i in range(columns)]
+    return np.stack(cells[:GRID_MAX_IMAGES]), columns
+
+
 def sample(config, workdir: str, strategy=None, checkpoint: Optional[str] = None) -> Dict[str, str]:
-    """Draws config.sample.num_samples images; writes an .npz (arr_0 uint8 NHWC, arr_1 labels) and a PNG grid.
+    """Draws config.sample.num_samples images; writes an .npz (arr_0 uint8 NHWC, arr_1 labels) and a PNG grid
+    (for a class-conditional model one row per class).
 
     Both files are written atomically (:mod:`tf_iddpm.fileio`).  ``checkpoint``: a checkpoint
     prefix to sample from instead of the workdir's newest (``run.py --checkpoint``).
@@ -52,8 +67,9 @@ def sample(config, workdir: str, strategy=None, checkpoint: Optional[str] = None
     arrays = [images] if labels is None else [images, labels]
     fileio.atomic_write(npz_path, lambda file: np.savez(file, *arrays))
     png_path = os.path.join(out_dir, stem + ".png")
+    grid, columns = _grid_images(images, labels)
     image_utils.save_image_grid(
-        images[:GRID_MAX_IMAGES], png_path, min_tile_pixels=GRID_TILE_PIXELS
+        grid, png_path, num_columns=columns, min_tile_pixels=GRID_TILE_PIXELS
     )
     logging.info("wrote %d samples to %s and a grid to %s", len(images), npz_path, png_path)
     print(f"samples: {npz_path}\ngrid:    {png_path}")
