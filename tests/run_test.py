@@ -151,6 +151,19 @@ def test_config_typo_fails_before_anything_runs(tmp_path):
     assert received is None and not workdir.exists()
 
 
+def test_a_typo_on_the_stored_config_gets_the_same_suggestion(tmp_path):
+    workdir = tmp_path / "w"
+    before = start_workdir(workdir)
+    for typo, suggestion in (
+        ("--config.train.batchsize=3", 'Did you mean "batch_size" instead of "batchsize"?'),
+        ("--config.sampel.num_samples=3", 'Did you mean "sample" instead of "sampel"?'),
+    ):
+        code, stderr, received = run_py([f"--workdir={workdir}", typo], tmp_path)
+        assert code == 1 and received is None
+        assert typo in stderr and suggestion in stderr
+    assert stored_config(workdir) == before
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path):
     code, stderr, _ = run_py(["--config=configs/nope.py", f"--workdir={tmp_path / 'w'}"], tmp_path)
     assert code == 1
