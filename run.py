@@ -12,7 +12,7 @@ really starts), checkpoints, TensorBoard logs, samples, bits/dim results and exp
     python run.py --workdir=/ckpt/cifar10 --mode=sample --sampler=ddim --steps=ddim50 --num_samples=64
     python run.py --workdir=/ckpt/cifar10 --mode=eval --num_samples=1000
     # FID, sFID, IS, precision, recall as guided-diffusion's evaluator (and a FID-vs-steps sweep)
-    python run.py --workdir=/ckpt/cifar10 --mode=fid --ref_batch=ref.npz \
+    python run.py --workdir=/ckpt/cifar10 --mode=fid --ref_batch=ref.npz \\
         --inception=classify_image_graph_def.pb --num_samples=50000 --sweep=25,50,100,250,full
     python run.py --workdir=/ckpt/cifar10 --mode=export --export_dir=/models
     # an older checkpoint (e.g. when the newest is damaged)

@@ -6,8 +6,10 @@ starts from ``base.get_config()`` (or from another experiment) and overrides onl
 
 ==========================  ===================================================================
 ``digits.py``               the embedded default: sklearn's handwritten digits, small and CPU-fast
+``digits_cond.py``          ``digits.py`` class-conditional, with label dropout for guidance
 ``tiny.py``                 8x8 digits, a minimal UNet and T=100: for tests
-``cifar10_hybrid.py``       CIFAR-10, L_hybrid, cosine schedule (paper Table 2 / README)
+``ablation.py``             the ablation study's base model (``python -m ablation``)
+``cifar10_hybrid.py``       CIFAR-10, L_hybrid, cosine schedule (paper Table 2)
 ``cifar10_vlb.py``          CIFAR-10, L_vlb with the loss-second-moment timestep sampler
 ``imagenet64_hybrid.py``    unconditional ImageNet 64x64, L_hybrid
 ``imagenet64_vlb.py``       unconditional ImageNet 64x64, L_vlb

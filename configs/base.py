@@ -85,7 +85,7 @@ def get_config():
     train.jit_compile = False
     train.mixed_precision = "float32"  # or "mixed_bfloat16"
     # True: tf.config.experimental.enable_op_determinism() (bit-identical GPU runs, slower; CPU
-    # runs are already deterministic, see the README's Reproducibility section).
+    # runs are already deterministic, see docs/reproducibility.md).
     train.deterministic_ops = False
 
     # --- evaluation (bits/dim) --------------------------------------------------------------------

@@ -96,10 +96,9 @@ def check_readable(prefix: str) -> None:
     """Checks that a checkpoint's index parses and that every value in it can be read.
 
     Every tensor is read (TensorFlow verifies its checksum), one at a time, so memory stays at the
-    largest tensor.  This costs less than restoring the checkpoint (the README's Performance
-    section gives measured times).  The cheaper check (data-file sizes against the index) would
-    need a parser of the index's table format and misses corrupt bytes inside a file of the right
-    length.
+    largest tensor: the values a restore would read, with no model built and nothing assigned.
+    The cheaper check (data-file sizes against the index) would need a parser of the index's table
+    format and misses corrupt bytes inside a file of the right length.
 
     Args:
       prefix: a checkpoint path prefix, e.g. ``<workdir>/checkpoints/ckpt-12``.

@@ -347,7 +347,7 @@ def _check_fid(errors: List[str], config: ml_collections.ConfigDict, mode: str) 
             "an evaluator-format reference batch .npz"
             if "ref_batch" in field
             else "the local path of classify_image_graph_def.pb (the 2015 Inception graph; "
-            "see the README's 'Sample quality' section)"
+            "see docs/sampling.md, 'The Inception graph')"
         )
         if not value:
             flag = "--ref_batch" if "ref_batch" in field else "--inception"

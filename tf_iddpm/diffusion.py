@@ -13,7 +13,7 @@ tensor); both build the restricted process through :func:`_restricted`.
 :func:`create_gaussian_diffusion` mirrors improved-diffusion's factory.
 
 Sampling and likelihood loops over the whole chain (``p_sample_loop``, ``ddim_sample_loop``,
-``calc_bpd_loop``) live in :mod:`tf_iddpm.sampling`, which builds on this module.
+``calc_bpd_loop``) live in :mod:`tf_iddpm.chains`, which builds on this module.
 """
 
 import enum

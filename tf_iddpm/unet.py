@@ -26,7 +26,7 @@ embedding MLP and the ``out`` head; the output is float32.  Why: at small t the 
 deviations of x_t far below bfloat16's resolution (its spacing near 1.0 is 2^-7, one 8-bit pixel
 level), so rounding the image or the stream that passes it to the head destroys exactly the
 information the likelihood depends on.  How far a policy moves the bpd of a trained model is what
-``python -m tf_iddpm.benchmark --bpd_check_workdir=...`` measures.
+``python -m tools.benchmark --bpd_check_workdir=...`` measures (run from the checkout).
 """
 
 import itertools

@@ -3,7 +3,7 @@
 Run from the checkout's root (``tools/`` is not installed with the package; it reads ``configs/``):
 
     python -m tools.benchmark --what=all --batch=16 --threads=2
-    python -m tools.benchmark --what=all --reference=/path/to/improved-diffusion \
+    python -m tools.benchmark --what=all --reference=/path/to/improved-diffusion \\
         --reference_python=/path/to/torchvenv/bin/python
 
 Bench config: 32x32x3 images, 64 channels, 2 residual blocks per level, 4 heads, attention at 16x16

@@ -8,8 +8,8 @@ It therefore imports only the standard library, numpy, torch and the reference
 package, and never tensorflow or tf_iddpm. It lives in the checkout's tools/,
 outside the installed package; run it by file path:
 
-    /path/to/torchvenv/bin/python tools/benchmark_reference.py \
-        --reference /path/to/improved-diffusion --threads 2 --what all \
+    /path/to/torchvenv/bin/python tools/benchmark_reference.py \\
+        --reference /path/to/improved-diffusion --threads 2 --what all \\
         --json-out /tmp/reference.json
 
 The model and diffusion are built with the reference's own factory
