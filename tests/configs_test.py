@@ -21,6 +21,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 
 EXPERIMENTS = (
     "digits",
+    "digits_cond",
     "tiny",
     "ablation",
     "cifar10_hybrid",
@@ -604,7 +605,7 @@ def _tiny_with(**overrides):
             "sample.timestep_respacing='ddim51' is not a valid",
         ),
         ({"eval__timestep_respacing": "200"}, "eval.timestep_respacing='200' is not a valid"),
-        ({"sample__eta": 0.5}, "sample.eta=0.5 only applies to DDIM sampling"),
+        ({"sample__eta": 0.5}, "sample.eta=0.5 only applies to ddim"),
         ({"sample__class_label": 3}, "sample.class_label=3 given for an unconditional model"),
         ({"export__model_name": "my model"}, "export.model_name='my model' must be letters"),
     ],

@@ -205,13 +205,16 @@ def test_fid_sweep_writes_a_table_and_a_plot(setup):
         (["--ref_batch=r.npz"], "fid.inception is empty: run.py --inception"),
         (
             ["--ref_batch=r.npz", "--inception=i.pb", "--sweep=25,fast"],
-            "'fast' is not a step count",
+            "'fast' is not a step count in [1, diffusion.steps=100]",
         ),
-        (["--ref_batch=r.npz", "--inception=i.pb", "--sweep=500"], "500 steps is not in [1, "),
+        (
+            ["--ref_batch=r.npz", "--inception=i.pb", "--sweep=500"],
+            "'500' is not a step count in [1, diffusion.steps=100]",
+        ),
         (["--ref_batch=r.npz", "--inception=i.pb", "--num_samples=1"], "must be >= 2"),
         (
             ["--ref_batch=r.npz", "--inception=i.pb", "--sweep=5", "--eta=0.5"],
-            "only applies to DDIM",
+            "only applies to ddim",
         ),
         (
             ["--ref_batch=r.npz", "--inception=/nonexistent/i.pb"],
