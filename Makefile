@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   - set up .venv and run the main job on the embedded default dataset (digits)
 #   make test   - set up .venv and run the whole test suite (what CI runs)
+#   make test-fast - the tests not marked slow, for iterating (a few minutes on 2 cores)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ WORKDIR ?= workdir/digits
 # own files, hence --no-deps (otherwise pip would install a second TensorFlow over the first).
 NODEPS_PKGS := tf-keras==2.21.0 tensorflow-serving-api==2.21.0
 
-.PHONY: venv test demo bazel-test benchmark format clean
+.PHONY: venv test test-fast demo bazel-test benchmark format clean
 
 venv: $(VENV)/.installed
 
@@ -29,6 +30,9 @@ test: venv
 	# Bazel smoke: builds every BUILD target and runs two of them (the full `make bazel-test`
 	# would run the suite a second time, beyond the CI budget).
 	bash tools/bazel_test.sh //:build_file_test //:schedules_test
+
+test-fast: venv
+	$(PY) -m pytest -n 2 -q -m "not slow" tests
 
 demo: venv
 	$(PY) run.py --config=configs/digits.py --workdir=$(WORKDIR) --mode=train

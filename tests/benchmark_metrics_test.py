@@ -36,11 +36,9 @@ def test_prints_the_table_and_json_with_the_metrics_of_the_same_features(tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[0].startswith("| measurement (") and "guided-diffusion evaluator" in lines[0]
-    assert any(line.startswith("| Inception features (given, 8 imgs, batch 4)") for line in lines)
-    assert any(line.startswith("| precision/recall 300 x 300 x 16") for line in lines)
     result = json.loads(lines[-1])
     assert result["features_img_per_s"] > 0 and result["features_images"] == 8
+    assert result["pr_seconds"] > 0 and np.isfinite(result["pr_seconds"])
     # The benchmark's features are reproducible: its precision/recall are the library's.
     rng = np.random.default_rng(1)
     ref = np.abs(rng.normal(0, 1, [300, 16])).astype(np.float32)

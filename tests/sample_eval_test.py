@@ -204,3 +204,14 @@ def test_one_channel_model_trains_samples_evaluates_and_exports(tmp_path):
         images=tf.constant(images), num_steps=tf.constant(2), seed=tf.constant([1, 2], tf.int64)
     )
     assert result["total_bpd"].shape == (2,)
+
+
+def test_a_class_conditional_grid_has_one_row_per_class():
+    from tf_iddpm import sample_lib
+
+    images = np.stack([np.full([2, 2, 1], 10 * (i + 1), np.uint8) for i in range(4)])
+    cells, columns = sample_lib._grid_images(images, np.array([2, 0, 2, 1]))
+    assert columns == 2
+    np.testing.assert_array_equal(cells[:, 0, 0, 0], [20, 0, 40, 0, 10, 30])  # 0 = empty cell
+    cells, columns = sample_lib._grid_images(images, None)
+    assert columns is None and len(cells) == 4

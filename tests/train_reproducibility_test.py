@@ -212,12 +212,22 @@ def test_an_interrupted_run_resumes_into_the_uninterrupted_one(
     digits_dir, uninterrupted, tmp_path, strategy, sig
 ):
     workdir = tmp_path / "run"
+    checkpoint_dir = pathlib.Path(checkpoints.checkpoint_dir(str(workdir)))
     args = _train_args(workdir, digits_dir, strategy)
     stopped_at = _interrupt_after_first_checkpoint(args, workdir, tmp_path / "first.log", sig)
     assert 8 <= stopped_at < NUM_STEPS, f"stopped at {stopped_at}"
+    if sig == signal.SIGKILL:
+        # Whatever the kill interrupted, every checkpoint the manager lists is complete ...
+        for prefix in tf.train.get_checkpoint_state(str(checkpoint_dir)).all_model_checkpoint_paths:
+            checkpoints.check_readable(prefix)
+        # ... and a save killed before TensorFlow merged its shards ("<prefix>_temp/") is removed
+        # on the next start: plant one.
+        (checkpoint_dir / "ckpt-999_temp").mkdir()
+        (checkpoint_dir / "ckpt-999_temp" / "part-00000-of-00001.index").write_bytes(b"\x00 half")
     # Resume as users do: the same command.
     _run_to_end(args, tmp_path / "resumed.log")
     assert "resumed from" in (tmp_path / "resumed.log").read_text()
+    assert not [path.name for path in checkpoint_dir.iterdir() if "_temp" in path.name]
     reference = uninterrupted(strategy)
     _assert_same_state(_final_state(workdir), _final_state(reference))
     resumed = _losses_by_step(workdir, newest_file_only=True)

@@ -1063,15 +1063,78 @@ def evaluate_batches(ref_path, sample_path, graph: InceptionGraph) -> Dict[str, 
     return evaluate_features(ref, sample, ref_statistics=ref_batch)
 
 
-_GRAPHS: Dict[Tuple[str, int], InceptionGraph] = {}
+class ClassifierFeatures:
+    """A Keras image classifier used in place of the Inception graph, for data Inception does not
+    fit (offline, or small images such as the digits): a *proxy*, comparable with nothing
+    published.
+
+    The model (a ``.keras`` file) maps images in [-1, 1] to class logits and has a layer named
+    ``features`` (its penultimate features: FID, precision, recall, KID) and a layer named
+    ``spatial`` (a convolutional feature map: sFID, its first 7 channels as for Inception);
+    softmax of the logits gives IS, and for class-conditional samples the agreement of the
+    predicted class with the label asked for (:func:`label_agreement`).  ``python -m
+    ablation.classifier`` trains one on a labelled dataset.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], batch_size: int = 256):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"classifier {path!r} does not exist")
+        self.path, self.batch_size = path, int(batch_size)
+        self.sha256 = file_sha256(path)
+        model = keras.models.load_model(path)
+        names = {layer.name for layer in model.layers}
+        missing = [name for name in ("features", "spatial") if name not in names]
+        if missing:
+            raise ValueError(
+                f"{path!r} has no layer(s) {missing}: a feature classifier names its penultimate "
+                "layer 'features' and a convolutional feature map 'spatial'"
+            )
+        self._network = keras.Model(
+            model.inputs,
+            [
+                model.get_layer("features").output,
+                model.get_layer("spatial").output,
+                model.outputs[0],
+            ],
+        )
+        self.num_classes = int(model.outputs[0].shape[-1])
+        logging.info("loaded feature classifier %s (sha256 %s)", path, self.sha256)
+
+    def __call__(self, images, batch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """{"pool": [N, D], "spatial": [N, H'W'7], "probs": [N, classes]} of uint8 RGB images."""
+        images = check_images(images)
+        pool, spatial, logits = self._network.predict(
+            images.astype(np.float32) / 127.5 - 1.0,
+            batch_size=batch_size or self.batch_size,
+            verbose=0,
+        )
+        return {
+            "pool": pool.reshape(len(images), -1).astype(np.float32),
+            "spatial": spatial[..., :SPATIAL_CHANNELS].reshape(len(images), -1).astype(np.float32),
+            "probs": tf.nn.softmax(logits).numpy().astype(np.float32),
+        }
+
+
+def label_agreement(probs, labels) -> float:
+    """The fraction of samples whose most probable class is the label they were drawn for."""
+    return float(np.mean(np.argmax(np.asarray(probs), axis=1) == np.asarray(labels)))
+
+
+_GRAPHS: Dict[Tuple[str, int], Union[InceptionGraph, ClassifierFeatures]] = {}
 _REFERENCES: Dict[Tuple[str, float, str], Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]] = {}
 
 
-def load_graph(path: str, batch_size: int = 64) -> InceptionGraph:
-    """The Inception graph at ``path``, loaded once per process (FID mode and training both ask)."""
+def load_graph(path: str, batch_size: int = 64) -> Union[InceptionGraph, ClassifierFeatures]:
+    """The feature network at ``path``, loaded once per process (FID mode and training both ask):
+    the Inception graph (a ``.pb``), or a Keras feature classifier (a ``.keras`` file, see
+    :class:`ClassifierFeatures`)."""
     key = (os.path.abspath(path), int(batch_size))
     if key not in _GRAPHS:
-        _GRAPHS[key] = InceptionGraph(path, batch_size=batch_size)
+        if os.fspath(path).endswith(".keras"):
+            _GRAPHS[key] = ClassifierFeatures(path, batch_size=batch_size)
+        else:
+            _GRAPHS[key] = InceptionGraph(path, batch_size=batch_size)
     return _GRAPHS[key]
 
 

@@ -49,18 +49,22 @@ TABLE_COLUMNS = (
     ("precision", "precision", "{:.4f}"),
     ("recall", "recall", "{:.4f}"),
     ("KID", "kid", "{:.5f}"),
+    ("label agreement", "label_agreement", "{:.3f}"),
 )
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    """A markdown table of evaluation rows (the columns of :data:`TABLE_COLUMNS`)."""
+    """A markdown table of evaluation rows (the columns of :data:`TABLE_COLUMNS` the rows have)."""
+    columns = [c for c in TABLE_COLUMNS if any(c[1] in row for row in rows)]
     lines = [
-        "| " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " |",
-        "|" + "---|" * len(TABLE_COLUMNS),
+        "| " + " | ".join(title for title, _, _ in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for row in rows:
         lines.append(
-            "| " + " | ".join(fmt.format(row[key]) for _, key, fmt in TABLE_COLUMNS) + " |"
+            "| "
+            + " | ".join(fmt.format(row[key]) if key in row else "-" for _, key, fmt in columns)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -99,6 +103,7 @@ GUIDANCE_PLOT_METRICS = (
     ("Inception Score", "inception_score"),
     ("precision", "precision"),
     ("recall", "recall"),
+    ("label agreement", "label_agreement"),
 )
 
 
@@ -111,10 +116,9 @@ def plot_metrics_vs_guidance(rows: Sequence[Dict], path: str, title: str = "") -
 
     rows = sorted(rows, key=lambda row: row["guidance_scale"])
     scales = [row["guidance_scale"] for row in rows]
-    figure, axes = pyplot.subplots(
-        1, len(GUIDANCE_PLOT_METRICS), figsize=(3 * len(GUIDANCE_PLOT_METRICS), 3), dpi=120
-    )
-    for axis, (name, key) in zip(axes, GUIDANCE_PLOT_METRICS):
+    shown = [(name, key) for name, key in GUIDANCE_PLOT_METRICS if key in rows[0]]
+    figure, axes = pyplot.subplots(1, len(shown), figsize=(3 * len(shown), 3), dpi=120)
+    for axis, (name, key) in zip(axes, shown):
         axis.plot(scales, [row[key] for row in rows], marker="o")
         axis.set_xlabel("guidance scale s")
         axis.set_title(name)
@@ -160,24 +164,24 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
         config, workdir, use_ema=config.sample.use_ema, checkpoint=checkpoint
     )
     graph = metrics.load_graph(config.fid.inception, int(config.fid.batch_size))
-    print(f"Inception graph: {graph.path} (sha256 {graph.sha256})")
+    print(f"feature network: {graph.path} (sha256 {graph.sha256})")
     ref, ref_statistics = metrics.reference_features(config.fid.ref_batch, graph)
     out_dir = os.path.join(workdir, FID_SUBDIR)
     rows = []
     for spec in specs:
         steps = spec.num_steps(num_timesteps)
-        images = image_utils.to_rgb(
-            model.draw_configured(
-                spec,
-                num_samples,
-                seed=int(config.seed),
-                desc=f"sampling {spec.label(num_timesteps)}",
-            )["images"]
+        drawn = model.draw_configured(
+            spec, num_samples, seed=int(config.seed), desc=f"sampling {spec.label(num_timesteps)}"
         )
+        images = image_utils.to_rgb(drawn["images"])
         if len(specs) == 1:
             stem = "samples_" + "x".join(str(d) for d in images.shape)
             metrics.write_batch(os.path.join(out_dir, stem + ".npz"), images)
-        results = metrics.evaluate_features(ref, graph(images), ref_statistics=ref_statistics)
+        features = graph(images)
+        results = metrics.evaluate_features(ref, features, ref_statistics=ref_statistics)
+        if drawn["labels"] is not None and features["probs"].shape[1] == config.data.num_classes:
+            # A classifier of the model's own classes: do the samples show their label?
+            results["label_agreement"] = metrics.label_agreement(features["probs"], drawn["labels"])
         row = {
             "sampler": spec.kind,
             "steps": steps,

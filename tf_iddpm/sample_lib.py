@@ -69,7 +69,7 @@ def sample(config, workdir: str, strategy=None, checkpoint: Optional[str] = None
     png_path = os.path.join(out_dir, stem + ".png")
     grid, columns = _grid_images(images, labels)
     image_utils.save_image_grid(
-        grid, png_path, num_columns=columns, min_tile_pixels=GRID_TILE_PIXELS
+        grid, png_path, num_columns=columns, padding=1, min_tile_pixels=GRID_TILE_PIXELS
     )
     logging.info("wrote %d samples to %s and a grid to %s", len(images), npz_path, png_path)
     print(f"samples: {npz_path}\ngrid:    {png_path}")
