@@ -45,7 +45,7 @@ from tf_iddpm import fileio
 from tf_iddpm import image_utils
 from tf_iddpm import inference
 from tf_iddpm import train_lib
-from tf_iddpm import unet
+from tf_iddpm import unet_reference
 
 RUNS_SUBDIR = "runs"
 STUDY_SUBDIR = "study"  # inside each run directory (and the study's): the cached evaluations
@@ -211,7 +211,7 @@ def untrained_samples(config, num_samples: int, steps: int) -> np.ndarray:
     """Samples of the freshly initialised network (the feature check's "bad model"): strided
     ancestral over ``steps`` steps, image i from seed i."""
     net = factory.create_model_from_config(config)
-    unet.initialize_weights(net, int(config.seed))
+    unet_reference.initialize_weights(net, int(config.seed))
     model = inference.InferenceModel(net, config)
     return draw_samples(model, "ancestral", steps, num_samples, desc="untrained model")
 
