@@ -22,12 +22,13 @@ RSS belongs to one measurement and threads are pinned before TensorFlow starts):
   :data:`tf_iddpm.samplers.SAMPLER_KINDS` at the same number of network calls per image
   (``--sampler_nfe``; ancestral and DDIM as that respacing, a solver as that many calls), each
   through ``InferenceModel(net, config).sampler(spec)``, one whole-chain call per iteration after
-  a warm-up call (the trace), all kinds in one process on one network.  The table gives each
-  kind's images/s, ms per network call per image, and its overhead over ancestral at equal NFE:
-  what the solver's bookkeeping (its multistep history, extra arithmetic per step) costs on top of
-  the network.  It is not part of ``--what=all``: at the bench batch it runs six chains where
-  ``sample`` runs one (about as long as train, sample and nll together on 2 cores), and the
-  reference has no solvers to compare with.
+  a warm-up call (the trace), all kinds in one process on one network, taking turns per iteration
+  so that a drifting machine slows them alike.  The table gives each kind's images/s, ms per
+  network call per image, and its overhead over ancestral at equal NFE: what the solver's
+  bookkeeping (its multistep history, extra arithmetic per step) costs on top of the network.  It
+  is not part of ``--what=all``: at the bench batch it runs six chains where ``sample`` runs one
+  (about as long as train, sample and nll together on 2 cores), and the reference has no solvers
+  to compare with.
 
 * matmul_peak: the machine's float32 (and with --precision=mixed_bfloat16, bfloat16) matmul
   throughput at the same thread count, from large square products: the roofline the model's
@@ -448,25 +449,33 @@ def _sampler_specs(nfe: int):
 
 def _time_samplers(model, batch):
     """{kind: {"num_steps", "seconds_per_batch", "img_per_s", "ms_per_call_per_image",
-    "overhead_vs_ancestral"}}: each kind's whole chain, one call per iteration (seeds differ per
-    call), timed after max(1, --warmup) warm-up calls (the first traces the chain)."""
+    "overhead_vs_ancestral"}}: each kind's whole chain, one call per timing (seeds differ per
+    call), after max(1, --warmup) warm-up calls of every kind (the first traces the chain).
+
+    The kinds take turns, one call each per round, so that a machine whose speed drifts (other
+    load, clocks) slows every kind alike and the overheads compare like with like.
+    """
     import numpy as np  # pylint: disable=g-import-not-at-top
 
-    timings = {}
-    for kind, spec in _sampler_specs(FLAGS.sampler_nfe).items():
-        sampler = model.sampler(spec)
-        seeds = lambda i: np.arange(batch) + i * batch  # noqa: E731
-        for i in range(max(1, FLAGS.warmup)):
+    by_kind = {
+        kind: model.sampler(spec) for kind, spec in _sampler_specs(FLAGS.sampler_nfe).items()
+    }
+    seeds = lambda i: np.arange(batch) + i * batch  # noqa: E731
+    for i in range(max(1, FLAGS.warmup)):
+        for sampler in by_kind.values():
             sampler(seeds(i)).numpy()
-        times = []
-        for i in range(FLAGS.iters):
+    times = {kind: [] for kind in by_kind}
+    for i in range(FLAGS.iters):
+        for kind, sampler in by_kind.items():
             start = time.perf_counter()
             sampler(seeds(i)).numpy()
-            times.append(time.perf_counter() - start)
-        median = statistics.median(times)
+            times[kind].append(time.perf_counter() - start)
+    timings = {}
+    for kind, sampler in by_kind.items():
+        median = statistics.median(times[kind])
         timings[kind] = {
             "num_steps": sampler.num_steps,
-            "seconds_per_batch": times,
+            "seconds_per_batch": times[kind],
             "img_per_s": batch / median,
             "ms_per_call_per_image": 1e3 * median / (sampler.num_steps * batch),
         }
