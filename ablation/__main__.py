@@ -8,6 +8,7 @@ Run from the checkout's root (``ablation/`` is not installed with the package; i
     python -m ablation --study_dir=workdir/quick --quick                  # the test suite's variant
     python -m ablation --study_dir=S --config.train.lr=1e-4               # a field of the model
     python -m ablation --study_dir=S --config=configs/digits.py --arms=hybrid_cosine,simple_cosine
+    python -m ablation --study_dir=workdir/study --samplers=ancestral,ddim,dpmpp_2m,unipc
 
 The base model is ``configs/ablation.py`` (``--quick``: ``configs/ablation.py:quick``); the arms,
 the evaluation and what is cached are described in ``ablation/study.py``.  The study directory
@@ -24,6 +25,7 @@ from ml_collections import config_flags
 
 from ablation import arms as arms_lib
 from configs import ablation as ablation_configs
+from tf_iddpm import samplers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "ablation.py")
@@ -35,6 +37,7 @@ DEFAULTS = {  # the default study (about 30-40 minutes on 2 CPU cores)
     "bpd_examples": 32,
     "bpd_respacing": "100",
     "sampling_steps": "10,25,50,100",
+    "samplers": ",".join(arms_lib.DEFAULT_SAMPLERS),
     "quality_samples": 192,
     "classifier_epochs": 30,
 }
@@ -45,6 +48,7 @@ QUICK = {  # --quick: the test suite's variant (configs/ablation.py:quick, T=100
     "bpd_examples": 8,
     "bpd_respacing": "10",
     "sampling_steps": "5,10",
+    "samplers": ",".join(arms_lib.DEFAULT_SAMPLERS),
     "quality_samples": 64,
     "classifier_epochs": 5,
 }
@@ -77,7 +81,18 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "sampling_steps",
     None,
-    "Sampling step counts of the quality sweep (default 10,25,50,100; 'full' = T).",
+    "Points of the quality sweep, network calls per image (NFE; default 10,25,50,100; 'full' = "
+    "T): strided ancestral and DDIM take that many evenly strided steps, a solver makes that "
+    "many calls and skips 'full'.",
+)
+flags.DEFINE_string(
+    "samplers",
+    None,
+    "Comma-separated sampler kinds of the quality sweep (default "
+    f"{','.join(arms_lib.DEFAULT_SAMPLERS)}), e.g. ancestral,ddim,dpmpp_2m,dpmpp_2m_sde,unipc. "
+    "Each is measured at every --sampling_steps point; a solver's points are its numbers of "
+    "network calls, so it has no 'full' point. Points already measured are not recomputed. "
+    f"Kinds: {samplers.describe_kinds()}.",
 )
 flags.DEFINE_integer("quality_samples", None, "Samples per quality point (default 192).")
 flags.DEFINE_string(
@@ -120,6 +135,7 @@ def main(argv):
 
     try:
         arms = arms_lib.parse_arms(pick("arms"))
+        sampler_kinds = arms_lib.parse_samplers(pick("samplers"))
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     base = base_config()
@@ -135,6 +151,7 @@ def main(argv):
         bpd_examples=int(pick("bpd_examples")),
         bpd_respacing=pick("bpd_respacing"),
         sampling_steps=pick("sampling_steps"),
+        samplers=sampler_kinds,
         quality_samples=int(pick("quality_samples")),
         inception=FLAGS.inception,
         classifier_epochs=int(pick("classifier_epochs")),

@@ -2,8 +2,11 @@
 
 Each arm is one row of the paper's Tables 1-2: the base config (``configs/ablation.py``) with the
 arm's loss, schedule and timestep sampler (:func:`arm_config`).  Sample quality is measured for
-every sampler kind of :data:`SAMPLERS` (kinds of :data:`tf_iddpm.samplers.SAMPLER_KINDS`, DDIM
-with eta = 0) at every step count of the sweep (:func:`sampler_spec`).
+every sampler kind of ``--samplers`` (kinds of :data:`tf_iddpm.samplers.SAMPLER_KINDS`; by default
+:data:`DEFAULT_SAMPLERS`) at every point of the sweep, a number of network calls per image (NFE):
+``k`` evenly strided steps of the trained process for strided ancestral sampling and DDIM (eta 0),
+``k`` calls for a few-step solver, which has no "full" point (:func:`sampler_spec`,
+:func:`sampler_points`).
 
 Nothing here imports TensorFlow, so the command line is checked before it loads.
 """
@@ -37,19 +40,53 @@ QUICK_ARMS = ("simple_linear", "hybrid_cosine")
 # The arm whose untrained network is the feature check's "bad model".
 UNTRAINED_ARM = "hybrid_cosine"
 
-# The sampler kinds of the quality sweep, with their names in tables and plots.
-SAMPLERS = ("ancestral", "ddim")
+# The sampler kinds of the default quality sweep (--samplers), with their names in tables and
+# plots; any other kind is named as it is (sampler_label).
+DEFAULT_SAMPLERS = ("ancestral", "ddim")
 SAMPLER_LABELS = {"ancestral": "strided", "ddim": "DDIM"}
 
 
+def sampler_label(kind: str) -> str:
+    """The name of a sampler kind in tables and plots: "strided", "DDIM", else the kind."""
+    return SAMPLER_LABELS.get(kind, kind)
+
+
+def is_solver(kind: str) -> bool:
+    """Whether ``kind`` is a few-step solver (its points are numbers of calls, none "full")."""
+    return samplers.SAMPLER_KINDS[kind].solver
+
+
+def parse_samplers(text: str) -> tuple:
+    """ "ancestral,ddim,unipc" -> the kinds, each known and given once.
+
+    Raises:
+      ValueError: naming --samplers, the unknown names and every kind.
+    """
+    return samplers.parse_kinds(text, field="--samplers")
+
+
 def sampler_spec(kind: str, steps: int, num_timesteps: int) -> samplers.SamplerSpec:
-    """The study's sampler of ``kind`` over ``steps`` evenly strided steps of a T-step process
-    (all T when steps = T): eta 0 (deterministic DDIM), predicted images clipped."""
-    if kind not in SAMPLERS:
-        raise ValueError(f"unknown sampler {kind!r}; the study's samplers are: {SAMPLERS}")
+    """The study's sampler of ``kind`` at ``steps`` network calls per image on a T-step process.
+
+    Strided ancestral and DDIM: ``steps`` evenly strided steps (all T when steps = T), DDIM with
+    eta 0 (deterministic).  Solvers: ``steps`` calls on their default grid and order (a solver
+    has no "full" point: see :func:`sampler_points`).  Predicted images are clipped.
+    """
+    if kind not in samplers.SAMPLER_KINDS:
+        raise ValueError(
+            f"unknown sampler {kind!r}; the samplers are: {', '.join(samplers.SAMPLER_KINDS)}"
+        )
+    if is_solver(kind):
+        return samplers.SamplerSpec(kind=kind, steps=str(int(steps)), clip_denoised=True)
     return samplers.SamplerSpec(
         kind=kind, steps=respacing(steps, num_timesteps), eta=0.0, clip_denoised=True
     )
+
+
+def sampler_points(kind: str, step_points, num_timesteps: int) -> List[int]:
+    """The sweep's points (step counts, T = "full") that ``kind`` is measured at: all of them,
+    but a solver skips T, the full chain, which is no number of solver calls."""
+    return [int(k) for k in step_points if not (is_solver(kind) and int(k) == int(num_timesteps))]
 
 
 def respacing(steps: int, num_timesteps: int) -> str:

@@ -28,8 +28,11 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     }
 
 
-def summarize_runs(runs: Sequence[Dict], arms: Sequence[str], step_points: Sequence[int]) -> Dict:
-    """Mean and std over seeds of every number, per arm."""
+def summarize_runs(
+    runs: Sequence[Dict], arms: Sequence[str], quality_points: Sequence[Tuple[str, int]]
+) -> Dict:
+    """Mean and std over seeds of every number, per arm; ``quality_points`` are the (sampler
+    kind, network calls) of the quality sweep (``Budget.quality_points``)."""
     summary = {}
     for arm in arms:
         arm_runs = [r for r in runs if r["arm"] == arm]
@@ -38,19 +41,18 @@ def summarize_runs(runs: Sequence[Dict], arms: Sequence[str], step_points: Seque
             if all(name in r["bpd"] for r in arm_runs):
                 entry[f"bpd_{name}"] = mean_std([r["bpd"][name]["bpd"] for r in arm_runs])
         entry["quality"] = []
-        for sampler in arms_lib.SAMPLERS:
-            for k in step_points:
-                row = {"sampler": sampler, "steps": k}
-                for metric in ("fd", "precision", "recall"):
-                    row[metric] = mean_std(
-                        [
-                            p[metric]
-                            for r in arm_runs
-                            for p in r["quality"]
-                            if p["sampler"] == sampler and p["steps"] == k
-                        ]
-                    )
-                entry["quality"].append(row)
+        for sampler, k in quality_points:
+            row = {"sampler": sampler, "steps": k}
+            for metric in ("fd", "precision", "recall"):
+                row[metric] = mean_std(
+                    [
+                        p[metric]
+                        for r in arm_runs
+                        for p in r["quality"]
+                        if p["sampler"] == sampler and p["steps"] == k
+                    ]
+                )
+            entry["quality"].append(row)
         entry["final_loss"] = mean_std(
             [r["train"].get("final_metrics", {}).get("loss") for r in arm_runs]
         )
@@ -64,6 +66,12 @@ def _pm(stat: Dict, fmt: str = "{:.3f}") -> str:
     if stat["n"] == 1:
         return fmt.format(stat["mean"])
     return f"{fmt.format(stat['mean'])} ± {fmt.format(stat['std'])}"
+
+
+def study_samplers(results: Dict) -> Tuple[str, ...]:
+    """The sampler kinds of a study's quality sweep (results written before ``--samplers`` existed
+    swept the defaults)."""
+    return tuple(results["study"].get("samplers", arms_lib.DEFAULT_SAMPLERS))
 
 
 def format_results(results: Dict) -> str:
@@ -110,6 +118,7 @@ def format_results(results: Dict) -> str:
             f"{_pm(entry.get('bpd_respaced', {'n': 0}))} | {_pm(entry['final_loss'], '{:.4f}')} |"
         )
     steps = study["sampling_steps"]
+    kinds = study_samplers(results)
     for metric, title in (
         ("fd", "Fréchet distance (lower is better)"),
         ("precision", "precision"),
@@ -117,22 +126,19 @@ def format_results(results: Dict) -> str:
     ):
         lines += [
             "",
-            f"**{title}** vs sampling steps ({study['quality_samples']} samples, "
-            "against the training split)",
+            f"**{title}** vs network calls per image (NFE: the respaced chain's steps for "
+            f"strided and DDIM; {study['quality_samples']} samples, against the training split)",
             "",
             "| arm | sampler | " + " | ".join(str(k) for k in steps) + " |",
             "|---|---|" + "---|" * len(steps),
         ]
         for arm, entry in summary.items():
-            for sampler in arms_lib.SAMPLERS:
-                cells = [
-                    _pm(row[metric])
-                    for k in steps
-                    for row in entry["quality"]
-                    if row["sampler"] == sampler and row["steps"] == k
-                ]
+            for sampler in kinds:
+                rows = {row["steps"]: row for row in entry["quality"] if row["sampler"] == sampler}
+                # "-": no point (a solver has no full chain).
+                cells = [_pm(rows[k][metric]) if k in rows else "-" for k in steps]
                 lines.append(
-                    f"| {arms_lib.ARM_LABELS[arm]} | {arms_lib.SAMPLER_LABELS[sampler]}"
+                    f"| {arms_lib.ARM_LABELS[arm]} | {arms_lib.sampler_label(sampler)}"
                     f" | " + " | ".join(cells) + " |"
                 )
     lines.append("")
@@ -144,16 +150,38 @@ def format_results(results: Dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+# Line styles of the quality figure, one per sampler of the study (in --samplers order).
+SAMPLER_LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+SAMPLER_MARKERS = ("o", "s", "^", "v", "D", "x")
+_STYLE_NAMES = ("solid", "dashed", "dotted", "dash-dot", "dash-dot-dot", "sparse dots")
+
+
+def sampler_styles(kinds: Sequence[str]) -> Dict[str, Tuple]:
+    """{kind: (line style, marker, style name)}, distinct for up to every sampler kind."""
+    return {
+        kind: (
+            SAMPLER_LINE_STYLES[i % len(SAMPLER_LINE_STYLES)],
+            SAMPLER_MARKERS[i % len(SAMPLER_MARKERS)],
+            _STYLE_NAMES[i % len(_STYLE_NAMES)],
+        )
+        for i, kind in enumerate(kinds)
+    }
+
+
+def _sampler_legend(kind: str) -> str:
+    return {"ancestral": "strided ancestral", "ddim": "DDIM (eta=0)"}.get(kind, kind)
+
+
 def write_figures(
-    results: Dict, study_dir: str, *, sample_grids: Dict[str, Tuple[int, str]]
+    results: Dict, study_dir: str, *, sample_grids: Dict[str, Tuple[str, int, str]]
 ) -> Dict[str, str]:
-    """bpd per arm, training curves, quality vs steps and one sample grid per arm (PNGs).
+    """bpd per arm, training curves, quality vs network calls and one sample grid per arm (PNGs).
 
     Args:
       results: the study's results (``summary``, ``runs``, ``study``).
       study_dir: the figures go to its ``figures/``.
-      sample_grids: {arm: (sampling steps, path of a uint8 [N, H, W, C] .npy)}: the samples to
-        show for each arm; a missing file is skipped.
+      sample_grids: {arm: (sampler kind, network calls, path of a uint8 [N, H, W, C] .npy)}: the
+        samples to show for each arm; a missing file is skipped.
 
     Returns:
       {figure: path relative to ``study_dir``}.
@@ -228,11 +256,14 @@ def write_figures(
     figure.tight_layout()
     out["curves"] = _save(figure, figures_dir, "training_curves.png", pyplot)
 
-    # Quality vs sampling steps.
-    figure, grid = pyplot.subplots(1, 3, figsize=(13, 4), dpi=90)
+    # Quality vs network calls: a color per arm, a line style per sampler.
+    kinds = study_samplers(results)
+    styles = sampler_styles(kinds)
+    figure, grid = pyplot.subplots(1, 3, figsize=(13, 4.3), dpi=90)
     for axes, metric in zip(grid, ("fd", "precision", "recall")):
         for arm in arms:
-            for sampler, style in zip(arms_lib.SAMPLERS, ("-", "--")):
+            for sampler in kinds:
+                style, marker, _ = styles[sampler]
                 rows = [r for r in summary[arm]["quality"] if r["sampler"] == sampler]
                 axes.errorbar(
                     [r["steps"] for r in rows],
@@ -240,13 +271,12 @@ def write_figures(
                     yerr=[r[metric]["std"] for r in rows],
                     color=colors[arm],
                     linestyle=style,
-                    marker="o",
+                    marker=marker,
                     markersize=3,
                     capsize=2,
-                    label=f"{arms_lib.ARM_LABELS[arm]} ({arms_lib.SAMPLER_LABELS[sampler]})",
                 )
         axes.set_xscale("log")
-        axes.set_xlabel("sampling steps")
+        axes.set_xlabel("network calls (NFE)")
         axes.set_title(
             {
                 "fd": "Fréchet distance (proxy features)"
@@ -258,23 +288,58 @@ def write_figures(
             fontsize=10,
         )
         axes.grid(True, which="both", alpha=0.3)
-    grid[0].legend(fontsize=6)
-    figure.suptitle(
-        "Sample quality vs sampling steps: solid = strided ancestral, dashed = DDIM (eta=0)"
+    # Two legends: the arms' colors, the samplers' line styles.
+    from matplotlib import lines as mlines  # pylint: disable=g-import-not-at-top
+
+    grid[0].legend(
+        handles=[
+            mlines.Line2D([], [], color=colors[arm], label=arms_lib.ARM_LABELS[arm]) for arm in arms
+        ],
+        fontsize=6,
+        title="arm",
+        title_fontsize=7,
     )
+    grid[1].legend(
+        handles=[
+            mlines.Line2D(
+                [],
+                [],
+                color="black",
+                linestyle=styles[kind][0],
+                marker=styles[kind][1],
+                markersize=3,
+                label=_sampler_legend(kind),
+            )
+            for kind in kinds
+        ],
+        fontsize=6,
+        handlelength=4,
+        title="sampler",
+        title_fontsize=7,
+    )
+    described = ", ".join(f"{styles[kind][2]} = {_sampler_legend(kind)}" for kind in kinds)
+    title = f"Sample quality vs network calls per image: {described}"
+    figure.suptitle(title, fontsize=10 if len(kinds) <= 3 else 8)
     figure.tight_layout()
-    out["quality"] = _save(figure, figures_dir, "quality_vs_steps.png", pyplot)
+    out["quality"] = _save(figure, figures_dir, "quality_vs_steps.png", pyplot, description=title)
 
     # Sample grids.
-    for arm, (steps, path) in sample_grids.items():
+    for arm, (kind, steps, path) in sample_grids.items():
         if os.path.exists(path):
-            name = f"samples_{arm}_{steps}steps.png"
+            # Strided ancestral's grids keep the name they had before the other samplers.
+            tag = "" if kind == "ancestral" else f"{kind}_"
+            name = f"samples_{arm}_{tag}{steps}steps.png"
             image_utils.save_image_grid(np.load(path), os.path.join(figures_dir, name), padding=1)
             out[f"samples_{arm}"] = os.path.join(FIGURES_SUBDIR, name)
     return out
 
 
-def _save(figure, directory: str, name: str, pyplot) -> str:
-    fileio.atomic_write(os.path.join(directory, name), lambda f: figure.savefig(f, format="png"))
+def _save(figure, directory: str, name: str, pyplot, description: str = "") -> str:
+    """Writes ``figure`` as a PNG (with ``description`` as its Description text chunk)."""
+    metadata = {"Description": description} if description else None
+    fileio.atomic_write(
+        os.path.join(directory, name),
+        lambda f: figure.savefig(f, format="png", metadata=metadata),
+    )
     pyplot.close(figure)
     return os.path.join(FIGURES_SUBDIR, name)

@@ -8,10 +8,12 @@ run's EMA weights:
 * test-split bits/dim over the first ``bpd_examples`` test images, with the full chain and with
   the respaced chain (``bpd_respacing`` steps) used for speed (:func:`inference.bits_per_dim`;
   example i's noise from seed i);
-* sample quality against the training split for every sampler of :data:`ablation.arms.SAMPLERS`
-  at every step count of ``sampling_steps`` (:meth:`inference.InferenceModel.draw`; image i from
-  seed i), scored by :mod:`ablation.features` -- whose features are first checked against the
-  data itself (:func:`feature_check`).
+* sample quality against the training split for every sampler kind of ``samplers`` (default
+  :data:`ablation.arms.DEFAULT_SAMPLERS`) at every point of ``sampling_steps``, a number of network
+  calls per image (:func:`ablation.arms.sampler_spec`; a solver skips the full chain), drawn with
+  :meth:`inference.InferenceModel.draw` (image i from seed i) and scored by
+  :mod:`ablation.features` -- whose features are first checked against the data itself
+  (:func:`feature_check`).
 
 Samples and bpd noise use the same seeds in every run, so arms are compared on the same draws.
 Every finished piece is cached as JSON in its run's ``study/`` folder (:mod:`ablation.cache`), so
@@ -44,8 +46,9 @@ from tf_iddpm import factory
 from tf_iddpm import fileio
 from tf_iddpm import image_utils
 from tf_iddpm import inference
+from tf_iddpm import schedules
 from tf_iddpm import train_lib
-from tf_iddpm import unet
+from tf_iddpm import unet_reference
 
 RUNS_SUBDIR = "runs"
 STUDY_SUBDIR = "study"  # inside each run directory (and the study's): the cached evaluations
@@ -68,10 +71,20 @@ class Budget:
     bpd_respacing: str  # "" = the full chain only
     sampling_steps: Tuple[int, ...]  # sorted, each in 1..T
     quality_samples: int
+    samplers: Tuple[str, ...] = arms_lib.DEFAULT_SAMPLERS  # sampler kinds of the quality sweep
+    num_timesteps: int = 0  # T of the base config: the "full" point, which solvers skip
 
     def bpd_chains(self) -> List[Tuple[str, str]]:
         """(name, respacing) of each bpd evaluation: the full chain, and the respaced one."""
         return [("full", "")] + ([("respaced", self.bpd_respacing)] if self.bpd_respacing else [])
+
+    def quality_points(self) -> List[Tuple[str, int]]:
+        """(sampler kind, network calls) of every quality point, sampler-major."""
+        return [
+            (kind, k)
+            for kind in self.samplers
+            for k in arms_lib.sampler_points(kind, self.sampling_steps, self.num_timesteps)
+        ]
 
     def runs(self) -> List[Tuple[str, int]]:
         """(arm, seed) of every run, seed-major: a study cut short still covers every arm."""
@@ -88,6 +101,7 @@ def check_inputs(
     bpd_respacing: str,
     sampling_steps: str,
     quality_samples: int,
+    samplers: Sequence[str] = arms_lib.DEFAULT_SAMPLERS,
 ) -> Budget:
     """The study's budget, with the base config valid for every arm; raises before anything runs.
 
@@ -112,10 +126,34 @@ def check_inputs(
     step_points = arms_lib.parse_sampling_steps(sampling_steps, num_timesteps)
     if bpd_respacing:
         arms_lib.parse_sampling_steps(bpd_respacing, num_timesteps, flag="bpd_respacing")
+    samplers = tuple(samplers)
+    arms_lib.parse_samplers(",".join(samplers))  # known kinds, each once
+    for kind in samplers:
+        if not arms_lib.sampler_points(kind, step_points, num_timesteps):
+            raise ValueError(
+                f"--samplers={kind}: a solver's points are numbers of network calls and skip "
+                f"'full'; --sampling_steps={sampling_steps!r} gives it none"
+            )
     # The base config must be valid as it stands and for every arm, before anything runs.
     data_sources.validate_data_config(base_config.data)
     for arm in arms:
-        config_utils.validate_config(arms_lib.arm_config(base_config, arm, 0, steps))
+        arm_config = arms_lib.arm_config(base_config, arm, 0, steps)
+        config_utils.validate_config(arm_config)
+        # Every quality point must be a sampler this arm's process can run (a solver's calls are
+        # bounded by its schedule: schedules.solver_max_steps).
+        betas = schedules.get_named_beta_schedule(
+            arm_config.diffusion.noise_schedule, num_timesteps
+        )
+        problems = [
+            problem
+            for kind in samplers
+            for k in arms_lib.sampler_points(kind, step_points, num_timesteps)
+            for problem in arms_lib.sampler_spec(kind, k, num_timesteps).errors(
+                num_timesteps, betas=betas, prefix=f"--samplers={kind} at {k} calls ({arm}): "
+            )
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
     if base_config.data.class_cond or base_config.data.low_res_size > 0:
         raise ValueError(
             "the study runs unconditional models; class-conditional or "
@@ -129,6 +167,8 @@ def check_inputs(
         bpd_respacing=bpd_respacing,
         sampling_steps=tuple(step_points),
         quality_samples=int(quality_samples),
+        samplers=samplers,
+        num_timesteps=num_timesteps,
     )
 
 
@@ -194,8 +234,9 @@ def read_curves(workdir: str, tags: Sequence[str] = CURVE_TAGS) -> Dict[str, Lis
 def draw_samples(
     model: inference.InferenceModel, kind: str, steps: int, num_samples: int, desc: str
 ) -> np.ndarray:
-    """uint8 RGB samples of ``kind`` over ``steps`` steps; image i from seed i in every run, in
-    batches of ``sample.batch_size`` (unconditional: the study runs no class-conditional model)."""
+    """uint8 RGB samples of ``kind`` at ``steps`` network calls (:func:`arms.sampler_spec`); image
+    i from seed i in every run, in batches of ``sample.batch_size`` (unconditional: the study runs
+    no class-conditional model)."""
     config = model.config
     spec = arms_lib.sampler_spec(kind, steps, int(config.diffusion.steps))
     images = model.draw(
@@ -211,7 +252,7 @@ def untrained_samples(config, num_samples: int, steps: int) -> np.ndarray:
     """Samples of the freshly initialised network (the feature check's "bad model"): strided
     ancestral over ``steps`` steps, image i from seed i."""
     net = factory.create_model_from_config(config)
-    unet.initialize_weights(net, int(config.seed))
+    unet_reference.initialize_weights(net, int(config.seed))
     model = inference.InferenceModel(net, config)
     return draw_samples(model, "ancestral", steps, num_samples, desc="untrained model")
 
@@ -302,9 +343,14 @@ class RunEvaluator:
         }
 
     def quality(self, kind: str, steps: int, num_samples: int, scorer: features.Scorer) -> Dict:
-        """Quality of ``num_samples`` samples of ``kind`` over ``steps`` steps against the training
-        split: {"fd", "precision", "recall", "seconds", "sampler", "steps"}; the first samples
-        are kept at :func:`grid_path`."""
+        """Quality of ``num_samples`` samples of ``kind`` at ``steps`` network calls against the
+        training split: {"fd", "precision", "recall", "seconds", "sampler", "steps"}; the first
+        samples are kept at :func:`grid_path`.
+
+        The cache file is per kind and step count (``quality_<kind>_<steps>.json``); a solver's
+        key also holds its grid and order, which strided and DDIM points (whose keys predate the
+        solvers) do not have.
+        """
         key = dict(
             self.key,
             sampler=kind,
@@ -312,11 +358,14 @@ class RunEvaluator:
             n=int(num_samples),
             features=scorer.description,
         )
+        if arms_lib.is_solver(kind):
+            spec = arms_lib.sampler_spec(kind, steps, int(self.arm_model.config.diffusion.steps))
+            key.update(grid=spec.grid, order=spec.order)
 
         def compute():
             started = time.time()
             images = draw_samples(
-                self._model(), kind, steps, num_samples, desc=f"{kind} {steps} steps"
+                self._model(), kind, steps, num_samples, desc=f"{kind} {steps} calls"
             )
             fileio.atomic_write(
                 grid_path(self.workdir, kind, steps),
@@ -331,7 +380,8 @@ class RunEvaluator:
 
 
 def evaluate_run(evaluator: RunEvaluator, budget: Budget, scorer: features.Scorer) -> Dict:
-    """{"bpd": {chain name: ...}, "quality": [one point per sampler and step count]} of a run."""
+    """{"bpd": {chain name: ...}, "quality": [one point per sampler and step count]} of a run
+    (:meth:`Budget.quality_points`)."""
     return {
         "bpd": {
             name: evaluator.bpd(name, respacing, budget.bpd_examples)
@@ -339,8 +389,7 @@ def evaluate_run(evaluator: RunEvaluator, budget: Budget, scorer: features.Score
         },
         "quality": [
             evaluator.quality(kind, k, budget.quality_samples, scorer)
-            for kind in arms_lib.SAMPLERS
-            for k in budget.sampling_steps
+            for kind, k in budget.quality_points()
         ],
     }
 
@@ -440,7 +489,7 @@ def _run_line(index: int, total: int, run: Dict, retrained: bool, budget: Budget
             if "respaced" in bpd
             else ""
         )
-        + f"; best FD {best['fd']:.3f} ({best['sampler']}, {best['steps']} steps); "
+        + f"; best FD {best['fd']:.3f} ({best['sampler']}, {best['steps']} calls); "
         f"{seconds:.0f} s"
     )
 
@@ -456,6 +505,7 @@ def run_study(
     bpd_respacing: str,
     sampling_steps: str,
     quality_samples: int,
+    samplers: Sequence[str] = arms_lib.DEFAULT_SAMPLERS,
     grid_steps: int = 50,
     inception: str = "",
     classifier_epochs: int = 30,
@@ -467,9 +517,10 @@ def run_study(
     Args:
       base_config: the model every arm starts from (``configs/ablation.py``).
       study_dir: where the runs, caches, results and figures go.
-      arms, seeds, steps, bpd_examples, bpd_respacing, sampling_steps, quality_samples: the
-        budget (see ``python -m ablation --help``), checked before anything runs.
-      grid_steps: the figures show each arm's samples at the step count nearest this.
+      arms, seeds, steps, bpd_examples, bpd_respacing, sampling_steps, quality_samples, samplers:
+        the budget (see ``python -m ablation --help``), checked before anything runs.
+      grid_steps: the figures show each arm's samples at the step count nearest this (strided
+        ancestral's, else those of the first of ``samplers``).
       inception: a ``classify_image_graph_def.pb`` to score samples with instead of the proxy.
       classifier_epochs: training epochs of the proxy classifier.
       quick: recorded in the results (the test suite's variant).
@@ -488,6 +539,7 @@ def run_study(
         bpd_respacing=bpd_respacing,
         sampling_steps=sampling_steps,
         quality_samples=quality_samples,
+        samplers=samplers,
     )
     os.makedirs(study_dir, exist_ok=True)
 
@@ -529,13 +581,18 @@ def run_study(
         print(line, flush=True)
 
     results = _results(base_config, budget, runs, check, scorer, quick=quick, command=command)
-    # Seed 0's strided ancestral samples of each arm, at the step count nearest grid_steps.
-    nearest = min(budget.sampling_steps, key=lambda k: (abs(k - grid_steps), k))
+    # Seed 0's strided ancestral samples of each arm (else the first sampler's), at the step
+    # count nearest grid_steps.
+    grid_kind = "ancestral" if "ancestral" in budget.samplers else budget.samplers[0]
+    nearest = min(
+        (k for kind, k in budget.quality_points() if kind == grid_kind),
+        key=lambda k: (abs(k - grid_steps), k),
+    )
     results["figures"] = report.write_figures(
         results,
         study_dir,
         sample_grids={
-            arm: (nearest, grid_path(run_dir(study_dir, arm, 0), "ancestral", nearest))
+            arm: (grid_kind, nearest, grid_path(run_dir(study_dir, arm, 0), grid_kind, nearest))
             for arm in budget.arms
         },
     )
@@ -575,6 +632,7 @@ def _results(
             "bpd_examples": budget.bpd_examples,
             "bpd_respacing": budget.bpd_respacing,
             "sampling_steps": list(budget.sampling_steps),
+            "samplers": list(budget.samplers),
             "quality_samples": budget.quality_samples,
             "features": scorer.description,
             "proxy_features": scorer.proxy,
@@ -582,6 +640,6 @@ def _results(
             "base_config": json.loads(config_utils.config_to_json(base_config)),
         },
         "feature_check": check,
-        "summary": report.summarize_runs(runs, budget.arms, budget.sampling_steps),
+        "summary": report.summarize_runs(runs, budget.arms, budget.quality_points()),
         "runs": runs,
     }

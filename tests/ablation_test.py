@@ -1,4 +1,5 @@
-"""python -m ablation: the quick study end to end, its resume, and its input checks."""
+"""python -m ablation: the quick study end to end, its resume (with a solver added), and its input
+checks."""
 
 import glob
 import json
@@ -20,10 +21,10 @@ from tf_iddpm import samplers
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_quick(study_dir):
+def _run_quick(study_dir, *flags):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, "-m", "ablation", "--quick", f"--study_dir={study_dir}"],
+        [sys.executable, "-m", "ablation", "--quick", f"--study_dir={study_dir}", *flags],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -64,13 +65,14 @@ def test_quick_study_writes_finite_results_and_resumes_without_recomputing(tmp_p
     assert study["run_seconds"] > 0 and study["wall_seconds"] > 0
     assert study["quick"] and study["arms"] == list(arms.QUICK_ARMS) and study["seeds"] == 1
     assert len(study["sampling_steps"]) == 2 and study["proxy_features"]
+    assert study["samplers"] == list(arms.DEFAULT_SAMPLERS)
     assert len(results["runs"]) == 2
     for run in results["runs"]:
         assert set(run["bpd"]) == {"full", "respaced"}
         assert run["bpd"]["full"]["num_steps"] == study["diffusion_steps"]
         assert run["bpd"]["respaced"]["num_steps"] == int(study["bpd_respacing"])
         assert {(p["sampler"], p["steps"]) for p in run["quality"]} == {
-            (s, k) for s in arms.SAMPLERS for k in study["sampling_steps"]
+            (s, k) for s in arms.DEFAULT_SAMPLERS for k in study["sampling_steps"]
         }
         assert all(run["curves"][f"loss_q{q}"] for q in range(4))
         if run["arm"] == "hybrid_cosine":  # L_simple logs no vb term
@@ -91,15 +93,44 @@ def test_quick_study_writes_finite_results_and_resumes_without_recomputing(tmp_p
     assert len(glob.glob(os.path.join(study_dir, "figures", "samples_*.png"))) == 2
     assert stdout.count("trained 10 steps") == 2
 
-    # A second invocation retrains nothing and recomputes no evaluation.
+    # A second invocation that adds a solver (at the smallest point only, to stay cheap) retrains
+    # nothing and recomputes no evaluation it has: only the solver's points are new.
     before = _mtimes(study_dir)
     assert any("ckpt-10" in p for p in before)
-    stdout = _run_quick(study_dir)
+    solver = "dpmpp_2m"
+    stdout = _run_quick(
+        study_dir, f"--samplers={','.join(arms.DEFAULT_SAMPLERS)},{solver}", "--sampling_steps=5"
+    )
     assert stdout.count("already trained") == 2
-    assert _mtimes(study_dir) == before
+    after = _mtimes(study_dir)
+    assert {p: after[p] for p in before} == before
+    assert (
+        sorted(os.path.basename(p) for p in set(after) - set(before))
+        == [f"quality_{solver}_5.json"] * 2
+    )
     with open(os.path.join(study_dir, "results.json")) as f:
         again = json.load(f)
-    assert again["runs"][0]["bpd"] == results["runs"][0]["bpd"]
+    assert again["study"]["samplers"] == [*arms.DEFAULT_SAMPLERS, solver]
+    for run, first in zip(again["runs"], results["runs"]):
+        assert run["bpd"] == first["bpd"]
+        points = {(p["sampler"], p["steps"]): p for p in run["quality"]}
+        assert set(points) == {("ancestral", 5), ("ddim", 5), (solver, 5)}
+        for p in first["quality"]:  # the cached points, as the first invocation measured them
+            if p["steps"] == 5:
+                assert points[(p["sampler"], 5)] == p
+        assert all(math.isfinite(points[(solver, 5)][m]) for m in ("fd", "precision", "recall"))
+    numbers = list(_numbers(again))
+    assert numbers and all(math.isfinite(x) for x in numbers), "a non-finite number in results"
+    for entry in again["summary"].values():
+        (row,) = [r for r in entry["quality"] if r["sampler"] == solver]
+        assert row["steps"] == 5 and row["fd"]["n"] == 1 and row["fd"]["mean"] > 0
+    with open(os.path.join(study_dir, "results.md")) as f:
+        table = f.read()
+    assert f"| L_simple, linear | {solver} | " in table
+    assert f"| L_hybrid, cosine | {solver} | " in table
+    with open(os.path.join(study_dir, "figures", "quality_vs_steps.png"), "rb") as f:
+        figure = f.read()
+    assert figure.startswith(b"\x89PNG") and solver.encode() in figure  # the figure's description
 
 
 def test_arm_configs_follow_the_paper():
@@ -124,6 +155,48 @@ def test_arm_configs_follow_the_paper():
         assert not config.diffusion.sigma_small and config.diffusion.rescale_learned_sigmas
         assert config.seed == 3 and config.train.num_steps == 77
     assert base.diffusion.learn_sigma  # the base is copied, never changed
+
+
+def test_unknown_sampler_is_refused_with_the_list_of_kinds(tmp_path):
+    with pytest.raises(ValueError, match=r"--samplers=.*dpmpp_2m_sde.*'euler' unknown"):
+        arms.parse_samplers("ancestral,euler")
+    with pytest.raises(ValueError, match="each once"):
+        arms.parse_samplers("ddim,ddim")
+    assert arms.parse_samplers("ancestral,unipc") == ("ancestral", "unipc")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ablation",
+            "--samplers=ancestral,euler",
+            f"--study_dir={tmp_path / 'cli'}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "'euler' unknown" in result.stderr
+    assert all(kind in result.stderr for kind in samplers.SAMPLER_KINDS)
+    assert not os.path.exists(tmp_path / "cli")
+    study_dir = str(tmp_path / "study")
+    with pytest.raises(ValueError, match="'nope' unknown"):
+        study_lib.run_study(
+            ablation_configs.get_config("quick"),
+            study_dir,
+            arms=["simple_linear"],
+            seeds=1,
+            steps=1,
+            bpd_examples=1,
+            bpd_respacing="",
+            sampling_steps="5",
+            quality_samples=8,
+            samplers=["ancestral", "nope"],
+        )
+    assert not os.path.exists(study_dir)
 
 
 def test_unknown_arm_is_refused_with_the_list_of_arms(tmp_path):
@@ -213,6 +286,13 @@ def test_bad_budgets_are_refused(tmp_path):
         (dict(sampling_steps="five"), "not a step count"),
         (dict(seeds=0), "--seeds must be >= 1"),
         (dict(quality_samples=1), "--quality_samples must be >= 2"),
+        # A solver's points are numbers of calls: "full" is none, and its schedule bounds them.
+        (dict(samplers=("ancestral", "unipc"), sampling_steps="full"), "unipc.*gives it none"),
+        (
+            dict(samplers=("dpmpp_2m",), sampling_steps="5,99"),
+            r"dpmpp_2m at 99 calls \(simple_linear\).*at most 97 network calls",
+        ),
+        (dict(samplers=("dpmpp_3m",), sampling_steps="2,5"), "needs at least 3 network calls"),
     ):
         with pytest.raises(ValueError, match=message):
             study_lib.run_study(base, str(tmp_path / "s"), **dict(kwargs, **change))
@@ -220,15 +300,48 @@ def test_bad_budgets_are_refused(tmp_path):
 
 
 def test_the_study_samples_with_sampler_kinds_of_the_inference_layer():
-    assert set(arms.SAMPLERS) <= set(samplers.SAMPLER_KINDS)
-    assert set(arms.SAMPLER_LABELS) == set(arms.SAMPLERS)
+    assert set(arms.DEFAULT_SAMPLERS) <= set(samplers.SAMPLER_KINDS)
+    assert set(arms.SAMPLER_LABELS) == set(arms.DEFAULT_SAMPLERS)
     assert arms.sampler_spec("ancestral", 5, 100) == samplers.SamplerSpec(
         "ancestral", "5", 0.0, True
     )
     # Every step of the process is the unrespaced chain; DDIM is deterministic (eta 0).
     assert arms.sampler_spec("ddim", 100, 100) == samplers.SamplerSpec("ddim", "", 0.0, True)
-    with pytest.raises(ValueError, match="study's samplers"):
+    # A solver's point is its number of network calls; it has no "full" point.
+    assert arms.sampler_spec("dpmpp_2m", 5, 100) == samplers.SamplerSpec("dpmpp_2m", "5")
+    assert arms.sampler_spec("unipc", 7, 100).num_steps(100) == 7
+    assert arms.sampler_points("unipc", [5, 10, 100], 100) == [5, 10]
+    assert arms.sampler_points("ddim", [5, 10, 100], 100) == [5, 10, 100]
+    assert [arms.sampler_label(k) for k in ("ancestral", "ddim", "unipc")] == [
+        "strided",
+        "DDIM",
+        "unipc",
+    ]
+    with pytest.raises(ValueError, match="samplers are: ancestral, ddim, dpmpp_2m"):
         arms.sampler_spec("euler", 5, 100)
+
+
+def test_strided_and_ddim_points_cached_before_the_solvers_are_reused(tmp_path):
+    # The cache key of a strided / DDIM quality point as studies wrote it before --samplers: a
+    # resumed study must find it (RunEvaluator has no model to compute with here).
+    class Scorer:
+        description = "proxy features"
+
+    workdir = tmp_path / "run"
+    (workdir / study_lib.STUDY_SUBDIR).mkdir(parents=True)
+    for kind in arms.DEFAULT_SAMPLERS:
+        key = {
+            "steps": 10,
+            "sampler": kind,
+            "sampling_steps": 5,
+            "n": 64,
+            "features": Scorer.description,
+        }
+        value = {"fd": 1.5, "precision": 0.5, "recall": 0.25, "seconds": 3.0}
+        with open(workdir / study_lib.STUDY_SUBDIR / f"quality_{kind}_5.json", "w") as f:
+            json.dump({"key": key, "value": value}, f)
+        evaluator = study_lib.RunEvaluator(None, str(workdir), train_steps=10)
+        assert evaluator.quality(kind, 5, 64, Scorer()) == dict(value, sampler=kind, steps=5)
 
 
 def test_the_quick_config_is_tiny_with_one_sampling_batch():

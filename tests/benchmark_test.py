@@ -1,12 +1,15 @@
-"""Smoke test of tools/benchmark.py (ours only): one tiny measurement end to end, no timings asserted."""
+"""Smoke tests of tools/benchmark.py (ours only): small measurements end to end, no speeds
+asserted."""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from tf_iddpm import samplers
 from tools import benchmark
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -86,3 +89,56 @@ def test_profile_attributes_a_training_step_to_categories_and_phases():
     ):
         assert inference[name] == 0, name
     assert "inference forward" in proc.stdout
+
+
+def test_samplers_times_every_kind_at_the_same_nfe():
+    proc = _benchmark(
+        "--what=samplers",
+        "--model=tiny",
+        "--batch=2",
+        "--sampler_nfe=3",
+        "--warmup=0",  # still one warm-up call per kind: the trace
+        "--iters=1",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["model"], result["nfe"], result["batch"]) == ("tiny", 3, 2)
+    timings = result["samplers"]
+    assert list(timings) == list(samplers.SAMPLER_KINDS)
+    for kind, timing in timings.items():
+        assert timing["num_steps"] == 3, kind  # every kind calls the network 3 times per image
+        (seconds,) = timing["seconds_per_batch"]
+        assert 0 < seconds < math.inf
+        assert timing["img_per_s"] == pytest.approx(2 / seconds)
+        assert timing["ms_per_call_per_image"] == pytest.approx(1e3 * seconds / (3 * 2))
+        assert timing["overhead_vs_ancestral"] == pytest.approx(
+            timing["ms_per_call_per_image"] / timings["ancestral"]["ms_per_call_per_image"] - 1
+        )
+    assert timings["ancestral"]["overhead_vs_ancestral"] == 0
+    # The table: one row per kind, with its NFE and positive finite rates.
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in proc.stdout.split("\n{")[0].splitlines()
+        if line.split() and line.split()[0] in samplers.SAMPLER_KINDS
+    }
+    assert list(rows) == list(samplers.SAMPLER_KINDS)
+    for kind, (nfe, img_per_s, ms_per_call, overhead) in rows.items():
+        assert int(nfe) == 3
+        assert 0 < float(img_per_s) < math.inf and 0 < float(ms_per_call) < math.inf, kind
+        assert math.isfinite(float(overhead.rstrip("%")))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ("--model=tiny", "--sampler_nfe=2"),
+            "dpmpp_3m of order 3 needs at least 3 network calls",
+        ),
+        (("--reference=/nonexistent", "--reference_python=python"), "no reference counterpart"),
+    ],
+)
+def test_samplers_measurement_refuses_bad_flags_before_measuring(flags, message):
+    proc = _benchmark("--what=samplers", *flags)
+    assert proc.returncode != 0
+    assert message in proc.stderr

@@ -3,6 +3,7 @@
 Run from the checkout's root (``tools/`` is not installed with the package; it reads ``configs/``):
 
     python -m tools.benchmark --what=all --batch=16 --threads=2
+    python -m tools.benchmark --what=samplers --sampler_nfe=20   # every sampler kind at 20 calls
     python -m tools.benchmark --what=all --reference=/path/to/improved-diffusion \\
         --reference_python=/path/to/torchvenv/bin/python
 
@@ -17,10 +18,25 @@ RSS belongs to one measurement and threads are pinned before TensorFlow starts):
 * nll100: ``chains.calc_bpd_loop`` over a 100-step respaced chain, one batch per iteration (the
   network called as ``inference.model_function`` makes it, one graph call).
 
+* samplers (``--what=samplers`` only): every sampler kind of
+  :data:`tf_iddpm.samplers.SAMPLER_KINDS` at the same number of network calls per image
+  (``--sampler_nfe``; ancestral and DDIM as that respacing, a solver as that many calls), each
+  through ``InferenceModel(net, config).sampler(spec)``, one whole-chain call per iteration after
+  a warm-up call (the trace), all kinds in one process on one network, taking turns per iteration
+  so that a drifting machine slows them alike.  The table gives each kind's images/s, ms per
+  network call per image, and its overhead over ancestral at equal NFE: what the solver's
+  bookkeeping (its multistep history, extra arithmetic per step) costs on top of the network.  It
+  is not part of ``--what=all``: at the bench batch it runs six chains where ``sample`` runs one
+  (about as long as train, sample and nll together on 2 cores), and the reference has no solvers
+  to compare with.
+
 * matmul_peak: the machine's float32 (and with --precision=mixed_bfloat16, bfloat16) matmul
   throughput at the same thread count, from large square products: the roofline the model's
   achieved GFLOP/s (GFLOP per forward x forwards per second; a training step counts 3 forwards)
   is read against.
+
+With --model=tiny every measurement runs on configs/tiny.py's model instead (8x8x3, 32 channels,
+T=100): the measurement code end to end in seconds, for tests; its numbers are not the bench's.
 
 With --bpd_check_workdir=DIR, the bpd of DIR's trained model (``InferenceModel.restore``, EMA
 weights) over test images is computed in float32 and in mixed_bfloat16 on the same per-image seeds,
@@ -30,7 +46,8 @@ With --reference the same three run with improved-diffusion (``tools/benchmark_r
 by path under --reference_python), alternating ours / reference per measurement, and the ratios
 are printed.
 Output: a table and one JSON line (keys train_img_per_s, sample50_img_per_s, nll100_img_per_s,
-peak_rss_mb, gflop_per_forward, and ref_* for the reference).
+peak_rss_mb, gflop_per_forward, and ref_* for the reference; --what=samplers: nfe and, per kind
+under "samplers", img_per_s, ms_per_call_per_image and overhead_vs_ancestral).
 """
 
 import json
@@ -48,8 +65,15 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum(
     "what",
     "all",
-    ["train", "sample", "nll", "all", "profile"],
-    "What to measure; profile: where a training step's time goes (op categories and phases).",
+    ["train", "sample", "nll", "all", "profile", "samplers"],
+    "What to measure; profile: where a training step's time goes (op categories and phases); "
+    "samplers: every sampler kind at --sampler_nfe network calls (not part of all).",
+)
+flags.DEFINE_integer(
+    "sampler_nfe",
+    20,
+    "--what=samplers: network calls per image of every kind (ancestral and DDIM: that "
+    "respacing; solvers: that many calls). At least 3 (dpmpp_3m's order).",
 )
 flags.DEFINE_integer("batch", 16, "Batch size.")
 flags.DEFINE_integer("threads", 2, "Intra-op threads (TF) / torch.set_num_threads (reference).")
@@ -74,6 +98,14 @@ flags.DEFINE_boolean(
     False,
     "Also run the training step at half the batch: (peak RSS at --batch minus peak RSS at "
     "--batch/2) / (--batch/2) is the memory each image adds (activations kept for backward).",
+)
+flags.DEFINE_enum(
+    "model",
+    "bench",
+    ["bench", "tiny"],
+    "The measured model: bench (the bench config) or tiny (configs/tiny.py: 8x8x3 images, 32 "
+    "channels, T=100), which runs the measurement code in seconds and says nothing about the "
+    "bench model's speed.",
 )
 flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
 
@@ -102,6 +134,18 @@ def bench_config(batch_size: int, precision: str = "float32"):
     config.diffusion.learn_sigma, config.diffusion.rescale_learned_sigmas = True, True
     config.train.batch_size, config.train.lr, config.train.ema_rate = batch_size, 1e-4, "0.9999"
     config.train.schedule_sampler, config.train.mixed_precision = "uniform", precision
+    return config
+
+
+def measured_config(model: str, batch_size: int, precision: str = "float32"):
+    """The config of --model: the bench config, or configs/tiny.py at the same batch and
+    precision."""
+    if model == "bench":
+        return bench_config(batch_size, precision)
+    from configs import tiny  # pylint: disable=g-import-not-at-top
+
+    config = tiny.get_config()
+    config.train.batch_size, config.train.mixed_precision = batch_size, precision
     return config
 
 
@@ -308,19 +352,26 @@ def _child(what: str):
 
     runtime_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports only
 
-    config = bench_config(FLAGS.batch, FLAGS.precision)
+    config = measured_config(FLAGS.model, FLAGS.batch, FLAGS.precision)
     keras.mixed_precision.set_global_policy(FLAGS.precision)
     batch, size = FLAGS.batch, config.data.image_size
     rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, [batch, size, size, 3]).astype(np.float32)
+    images = rng.uniform(-1, 1, [batch, size, size, config.data.num_channels]).astype(np.float32)
     result = {
         "what": what,
+        "model": FLAGS.model,
         "threads": FLAGS.threads,
         "inter_op_threads": FLAGS.inter_op_threads,
         "precision": FLAGS.precision,
         "tf_version": tf.__version__,
     }
     times = []
+    if what == "samplers":
+        model = inference.InferenceModel(factory.create_model_from_config(config), config)
+        result.update(nfe=FLAGS.sampler_nfe, batch=batch, samplers=_time_samplers(model, batch))
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("BENCH_JSON " + json.dumps(result))
+        return
     if what in ("train", "profile"):
         trainer = train_lib.Trainer(config, tf.distribute.get_strategy())
         iterator = iter(tf.data.Dataset.from_tensors({"image": images}).repeat())
@@ -383,8 +434,77 @@ def _child(what: str):
     result["img_per_s"] = batch / statistics.median(times)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["runtime_rss_mb"] = runtime_rss_mb
-    result["gflop_per_forward"] = _forward_gflop(net, size, 3)
+    result["gflop_per_forward"] = _forward_gflop(net, size, config.data.num_channels)
     print("BENCH_JSON " + json.dumps(result))
+
+
+def _sampler_specs(nfe: int):
+    """{kind: the SamplerSpec of every sampler kind at ``nfe`` network calls per image}."""
+    from tf_iddpm import samplers  # pylint: disable=g-import-not-at-top
+
+    return {
+        kind: samplers.SamplerSpec(kind=kind, steps=str(nfe)) for kind in samplers.SAMPLER_KINDS
+    }
+
+
+def _time_samplers(model, batch):
+    """{kind: {"num_steps", "seconds_per_batch", "img_per_s", "ms_per_call_per_image",
+    "overhead_vs_ancestral"}}: each kind's whole chain, one call per timing (seeds differ per
+    call), after max(1, --warmup) warm-up calls of every kind (the first traces the chain).
+
+    The kinds take turns, one call each per round, so that a machine whose speed drifts (other
+    load, clocks) slows every kind alike and the overheads compare like with like.
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    by_kind = {
+        kind: model.sampler(spec) for kind, spec in _sampler_specs(FLAGS.sampler_nfe).items()
+    }
+    seeds = lambda i: np.arange(batch) + i * batch  # noqa: E731
+    for i in range(max(1, FLAGS.warmup)):
+        for sampler in by_kind.values():
+            sampler(seeds(i)).numpy()
+    times = {kind: [] for kind in by_kind}
+    for i in range(FLAGS.iters):
+        for kind, sampler in by_kind.items():
+            start = time.perf_counter()
+            sampler(seeds(i)).numpy()
+            times[kind].append(time.perf_counter() - start)
+    timings = {}
+    for kind, sampler in by_kind.items():
+        median = statistics.median(times[kind])
+        timings[kind] = {
+            "num_steps": sampler.num_steps,
+            "seconds_per_batch": times[kind],
+            "img_per_s": batch / median,
+            "ms_per_call_per_image": 1e3 * median / (sampler.num_steps * batch),
+        }
+    base = timings["ancestral"]["ms_per_call_per_image"]
+    for timing in timings.values():
+        timing["overhead_vs_ancestral"] = timing["ms_per_call_per_image"] / base - 1.0
+    return timings
+
+
+def _print_samplers(result):
+    """Prints the --what=samplers table and its JSON line."""
+    print(
+        f"\nsamplers at {result['nfe']} network calls per image (NFE), {FLAGS.model} config, batch "
+        f"{result['batch']}, {result['threads']} intra-op threads, {result['precision']}"
+    )
+    header = f"{'sampler':<16}{'NFE':>5}{'images/s':>11}{'ms/call/image':>15}{'overhead':>10}"
+    print(header + "\n" + "-" * len(header))
+    for kind, timing in result["samplers"].items():
+        print(
+            f"{kind:<16}{timing['num_steps']:>5d}{timing['img_per_s']:>11.3f}"
+            f"{timing['ms_per_call_per_image']:>15.2f}"
+            f"{100 * timing['overhead_vs_ancestral']:>+9.1f}%"
+        )
+    print("overhead: ms per network call per image over ancestral's, at equal NFE")
+    line = json.dumps(result)
+    print(line)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            f.write(line + "\n")
 
 
 def _run_json(command):
@@ -417,6 +537,8 @@ def _ours(what, batch=None):
             f"--warmup={FLAGS.warmup}",
             f"--iters={FLAGS.iters}",
             f"--precision={FLAGS.precision}",
+            f"--sampler_nfe={FLAGS.sampler_nfe}",
+            f"--model={FLAGS.model}",
             f"--bpd_check_workdir={FLAGS.bpd_check_workdir}",
             f"--bpd_check_images={FLAGS.bpd_check_images}",
         ]
@@ -460,9 +582,9 @@ def _print_profile(result):
     """Prints a training-step profile (categories and phases) and its JSON line."""
     total = sum(result["categories_ms"].values())
     print(
-        f"\ntraining step profile, bench config, batch {FLAGS.batch}, {FLAGS.threads} intra-op "
-        f"threads, {FLAGS.precision}: {result['step_ms']:.0f} ms per step under the profiler, "
-        f"{total:.0f} ms in kernels"
+        f"\ntraining step profile, {FLAGS.model} config, batch {FLAGS.batch}, "
+        f"{FLAGS.threads} intra-op threads, {FLAGS.precision}: {result['step_ms']:.0f} ms per "
+        f"step under the profiler, {total:.0f} ms in kernels"
     )
     inference = result["inference_forward"]["categories_ms"]
     inference_total = sum(inference.values())
@@ -488,10 +610,29 @@ def main(argv):
     if FLAGS.child:
         _child(FLAGS.child)
         return
+    if FLAGS.reference and FLAGS.model != "bench":
+        raise app.UsageError("--reference measures the bench config; drop --model")
     if FLAGS.reference and not FLAGS.reference_python:
         raise app.UsageError("--reference needs --reference_python (a Python with torch installed)")
     if FLAGS.what == "profile":
         _print_profile(_ours("profile"))
+        return
+    if FLAGS.what == "samplers":
+        if FLAGS.reference:
+            raise app.UsageError("--what=samplers has no reference counterpart; drop --reference")
+        problems = [
+            problem
+            for spec in _sampler_specs(FLAGS.sampler_nfe).values()
+            for problem in spec.errors(
+                measured_config(FLAGS.model, FLAGS.batch).diffusion.steps, prefix=""
+            )
+        ]
+        if problems:
+            raise app.UsageError(
+                f"--sampler_nfe={FLAGS.sampler_nfe} is not a point of every sampler kind: "
+                + "; ".join(problems)
+            )
+        _print_samplers(_ours("samplers"))
         return
     whats = list(MEASUREMENTS) if FLAGS.what == "all" else [FLAGS.what]
     summary, reference = {}, {}
@@ -531,6 +672,7 @@ def main(argv):
         inter_op_threads=FLAGS.inter_op_threads,
         batch=FLAGS.batch,
         precision=FLAGS.precision,
+        model=FLAGS.model,
     )
     if FLAGS.reference:
         reference["ref_peak_rss_mb"] = max(ref_rss)
@@ -548,7 +690,8 @@ def main(argv):
                 )
 
     print(
-        f"\nbench config, batch {FLAGS.batch}, {FLAGS.threads} intra-op threads, {FLAGS.precision}"
+        f"\n{FLAGS.model} config, batch {FLAGS.batch}, {FLAGS.threads} intra-op threads, "
+        f"{FLAGS.precision}"
     )
     header = f"{'measurement':<24}{'tf_iddpm':>12}" + (
         f"{'reference':>12}{'ratio':>9}" if FLAGS.reference else ""
