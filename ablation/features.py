@@ -112,7 +112,9 @@ def _train_classifier(x_train, y_train, num_classes: int, *, epochs: int, seed: 
     inputs = keras.Input(x_train.shape[1:])
     h = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
     h = keras.layers.Conv2D(64, 3, padding="same", activation="relu", strides=2)(h)
-    h = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(h)
+    # "spatial" and "features" name the layers tf_iddpm.metrics.ClassifierFeatures reads (sFID,
+    # and FID / precision / recall) when the classifier serves --mode=fid as its feature network.
+    h = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="spatial")(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     h = keras.layers.Dense(FEATURE_DIM, activation="relu", name="features")(h)
     outputs = keras.layers.Dense(num_classes, name="logits")(h)

@@ -786,3 +786,37 @@ def test_metrics_command_line_errors(tmp_path, stand_in_graph):
         [tmp_path / "ref.npz", tmp_path / "nothing.npz", f"--inception={stand_in_graph}"]
     )
     assert result.returncode == 1 and "nothing.npz' does not exist" in result.stderr
+
+
+def test_a_keras_classifier_serves_as_the_feature_network(tmp_path):
+    """metrics.load_graph of a .keras file: its 'features' layer for FID, 'spatial' for sFID
+    (first 7 channels), softmax of its logits for IS and label agreement."""
+    import keras  # pylint: disable=g-import-not-at-top
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input([8, 8, 3])
+    spatial = keras.layers.Conv2D(9, 3, padding="same", activation="relu", name="spatial")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(spatial)
+    features = keras.layers.Dense(5, activation="relu", name="features")(pooled)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(features))
+    path = str(tmp_path / "classifier.keras")
+    model.save(path)
+    network = metrics.load_graph(path)
+    assert isinstance(network, metrics.ClassifierFeatures) and network.num_classes == 4
+    assert metrics.load_graph(path) is network  # loaded once per process
+    images = np.random.default_rng(0).integers(0, 256, [6, 8, 8, 3]).astype(np.uint8)
+    out = network(images)
+    x = images.astype(np.float32) / 127.5 - 1.0
+    direct = keras.Model(inputs, [features, spatial, model.outputs[0]]).predict(x, verbose=0)
+    np.testing.assert_allclose(out["pool"], direct[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out["spatial"], direct[1][..., :7].reshape(6, -1), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(out["probs"].sum(1), 1.0, rtol=1e-5)
+    labels = np.argmax(direct[2], axis=1)
+    assert metrics.label_agreement(out["probs"], labels) == 1.0
+    assert metrics.label_agreement(out["probs"], (labels + 1) % 4) == 0.0
+    unnamed = keras.Model(inputs, keras.layers.Dense(4)(pooled))
+    unnamed.save(str(tmp_path / "plain.keras"))
+    with pytest.raises(ValueError, match=r"no layer\(s\) \['features'\]"):
+        metrics.ClassifierFeatures(str(tmp_path / "plain.keras"))
