@@ -29,6 +29,8 @@ from export import client
 from export import export_lib
 from export import serving
 from tf_iddpm import config_utils
+from tf_iddpm import inference
+from tf_iddpm import samplers
 from tf_iddpm import factory
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +131,7 @@ def served(tmp_path_factory):
     config = tiny.get_config()
     config.data.class_cond = True
     config.data.num_classes = NUM_CLASSES
+    config.model.class_dropout = 0.1  # a null label: guidance_scale other than 1 is served
     config.export.model_name = "cond"
     net = factory.create_model_from_config(config)
     rng = np.random.default_rng(3)
@@ -154,6 +157,8 @@ def served(tmp_path_factory):
     rest_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _rest_handler(models))
     threading.Thread(target=rest_server.serve_forever, daemon=True).start()
     yield types.SimpleNamespace(
+        config=config,
+        net=net,
         result=result,
         models=models,
         root=root,
@@ -366,3 +371,28 @@ def test_load_images_reads_npz_npy_and_pngs(tmp_path):
     np.save(tmp_path / "bad.npy", images.astype(np.float32))
     with pytest.raises(ValueError, match=r"expected uint8 \[N, H, W, C\]"):
         client.load_images(str(tmp_path / "bad.npy"))
+
+
+def test_guided_requests_are_the_in_process_guided_sampler(served):
+    seeds, labels = [4, 9], [1, 8]
+    outputs = client.sample(
+        served.rest,
+        served.sampler,
+        seeds,
+        5,
+        sampler="dpmpp_2m",
+        class_labels=labels,
+        guidance_scale=2.5,
+    )
+    spec = samplers.SamplerSpec("dpmpp_2m", "5", guidance_scale=2.5)
+    sampler = inference.build_sampler(inference.model_function(served.net), served.config, spec)
+    expected = sampler(np.array(seeds), np.array(labels)).numpy()
+    np.testing.assert_array_equal(outputs["images_float"], expected)
+    unguided = client.sample(
+        served.rest, served.sampler, seeds, 5, sampler="dpmpp_2m", class_labels=labels
+    )
+    assert np.abs(unguided["images_float"] - expected).max() > 1e-3
+    with pytest.raises(client.PredictError, match="guidance_scale must be finite and >= 0"):
+        client.sample(
+            served.rest, served.sampler, seeds, 5, class_labels=labels, guidance_scale=-1.0
+        )

@@ -862,3 +862,27 @@ def test_super_resolution_model_takes_low_res_input():
         seeds=tf.constant([5, 6], tf.int64),
     )
     np.testing.assert_allclose(out["vb_terms"].numpy(), expected["vb"].numpy(), rtol=1e-5)
+
+
+def test_a_model_without_a_null_label_serves_guidance_scale_one_only():
+    config = tiny.get_config()
+    config.data.class_cond, config.data.num_classes = True, 10
+    sampler = export_lib.SamplerModule(config, perturbed_net(config, 4))
+    assert list(sampler.input_specs) == [
+        "seed",
+        "num_steps",
+        "sampler",
+        "eta",
+        "class_labels",
+        "guidance_scale",
+    ]
+    inputs = [
+        tf.constant([1, 2], tf.int64),
+        tf.constant(2),
+        tf.constant("ddim"),
+        tf.constant(0.0),
+        tf.constant([3, 4]),
+    ]
+    assert sampler.sample(*inputs, tf.constant(1.0))["images"].shape[0] == 2
+    with pytest.raises(tf.errors.InvalidArgumentError, match="guidance_scale must be 1"):
+        sampler.sample(*inputs, tf.constant([1.0, 2.0]))
