@@ -279,6 +279,7 @@ def test_deterministic_solvers_converge_at_their_order(kind, order, expected_ord
         )
         errors.append(float(np.sqrt(np.mean((out.numpy() - exact) ** 2))))
     ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    print(f"{kind} order {order}: errors {errors}, ratios {ratios}")
     assert ratios[-1] >= 0.8 * 2**expected_order, (errors, ratios)
     assert errors[-1] < 1e-2
 
