@@ -287,7 +287,7 @@ def _main(argv):
     print(
         f"reference batch: {FLAGS.out} ({images.shape[0]} images "
         f"{'x'.join(str(d) for d in images.shape[1:])}"
-        + (f", statistics from Inception sha256 {graph.sha256})" if graph else ")")
+        + (f", statistics from the feature network, sha256 {graph.sha256})" if graph else ")")
     )
 
 
