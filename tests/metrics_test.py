@@ -616,16 +616,34 @@ def test_inception_graph_returns_the_evaluators_tensors(stand_in_graph):
     expected = inception_stand_in.reference_features(inception_stand_in.make_graph_def(), images)
     assert outputs["pool"].shape == (7, 2048) and outputs["probs"].shape == (7, 1008)
     assert outputs["spatial"].shape == (7, 8 * 8 * 7)  # first 7 channels of mixed_6/conv
+
+    # The session and the function sum the convolutions in different orders (one image at a time
+    # there, batches of 3 here), so an element's float32 round-off is a few ulp of the terms summed
+    # into it, which are of the tensor's scale, not of the element's: pool entries of ~0.03 next
+    # to ones of ~50 differ by up to ~1.7 eps * max|pool| (measured over 40 image sets).  Hence an
+    # absolute floor of 8 eps * max|expected| (~4e-5 for pool, ~1e-5 for spatial), 1e-6 of the
+    # maximum.  A wrong layer or channel slice, or a batch-norm rewrite that drops epsilon, gamma
+    # or beta, moves elements by >= 6e-4 of the maximum (each checked by planting it).
+    def float32_atol(reference):
+        return 8 * np.finfo(np.float32).eps * np.abs(reference).max()
+
     for key in ("pool", "spatial"):
-        np.testing.assert_allclose(outputs[key], expected[key], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            outputs[key], expected[key], rtol=1e-5, atol=float32_atol(expected[key])
+        )
     # Logits of a few hundred: float32 rounding of the 2048-term products (batched here, one by one
     # there) moves the sharpest probabilities by up to ~1e-4.
     np.testing.assert_allclose(outputs["probs"], expected["probs"], atol=1e-4)
-    # float32 in [0, 255] gives the same features; so does any batch size or an iterable.
+    # float32 in [0, 255] gives the same features; so does any batch size (up to the same
+    # round-off: another summation order) or an iterable.
     float_outputs = graph(images.astype(np.float32), batch_size=7)
-    np.testing.assert_allclose(float_outputs["pool"], outputs["pool"], rtol=1e-6)
+    np.testing.assert_allclose(
+        float_outputs["pool"], outputs["pool"], rtol=1e-6, atol=float32_atol(outputs["pool"])
+    )
     iterated = graph(iter([images[:2], images[2:]]))
-    np.testing.assert_allclose(iterated["spatial"], outputs["spatial"], rtol=1e-6)
+    np.testing.assert_allclose(
+        iterated["spatial"], outputs["spatial"], rtol=1e-6, atol=float32_atol(outputs["spatial"])
+    )
     assert graph.sha256 == metrics.file_sha256(stand_in_graph) and len(graph.sha256) == 64
     assert graph.softmax_weights.shape == (2048, 1008)
 
