@@ -23,10 +23,6 @@ and writes (JSON) what the evaluator prints.
 FID between two Gaussians N(mu, Sigma) fitted to the features:
 
     FID = |mu1 - mu2|^2 + tr(Sigma1 + Sigma2 - 2 (Sigma1 Sigma2)^{1/2}).
-
-:class:`InceptionFeatureExtractor` (Keras InceptionV3 and other local networks) is kept for
-quick, self-consistent comparisons; its numbers are *not* comparable with published ones, nor with
-:class:`InceptionGraph`'s.  Compare only statistics computed by the same network.
 """
 
 import argparse
@@ -38,38 +34,19 @@ import warnings
 from typing import Dict, Optional, Tuple, Union
 
 from absl import logging
-import keras
 import numpy as np
+import scipy.linalg as _scipy_linalg
 import tensorflow as tf
 import tqdm
 
 from tf_iddpm import fileio
 
-try:  # scipy comes with scikit-learn; without it a numpy eigenvalue route is used.
-    import scipy.linalg as _scipy_linalg
-except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
-    _scipy_linalg = None
-
-INCEPTION_IMAGE_SIZE = 299
 # Relative residual |X X - A| / |A| above which sqrtm's result is not trusted.
 _SQRTM_MAX_RELATIVE_RESIDUAL = 1e-5
 # Imaginary parts of sqrt(Sigma1 Sigma2) up to this size are round-off; larger ones mean the
 # inputs were not covariance matrices.
 _MAX_IMAGINARY_COMPONENT = 1e-3
-
-_HOW_TO_GET_INCEPTION = (
-    "FID needs a locally available Inception network; nothing can be downloaded here. Accepted: "
-    "a TensorFlow SavedModel directory, a Keras '.keras' file or a full-model '.h5' file of a "
-    "network mapping 299x299 RGB images in [-1, 1] to pool features (InceptionV3 with "
-    "include_top=False, pooling='avg'), or a Keras InceptionV3 weights file ('.h5' such as "
-    "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5, or '.weights.h5'). To make one on a "
-    "machine with internet access, run\n"
-    "  python -c \"import keras; keras.applications.InceptionV3(weights='imagenet', "
-    "include_top=False, pooling='avg').save('inception.keras')\"\n"
-    "and copy inception.keras here."
-)
-
-StatsOrImages = Union[str, os.PathLike, np.ndarray, Tuple[np.ndarray, np.ndarray]]
+_LINALG_WARNING = _scipy_linalg.LinAlgWarning
 
 
 def _check_statistics(mu, sigma, which: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -87,16 +64,11 @@ def _check_statistics(mu, sigma, which: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
     """tr((sigma1 sigma2)^{1/2}) for covariance matrices, robust to singular products."""
-    if _scipy_linalg is None:
-        # The eigenvalues of a product of PSD matrices are real and >= 0 (it is similar to
-        # sigma1^{1/2} sigma2 sigma1^{1/2}); clip the round-off.
-        eigenvalues = np.linalg.eigvals(sigma1 @ sigma2)
-        return float(np.sum(np.sqrt(np.clip(eigenvalues.real, 0.0, None))))
 
     def sqrtm_with_residual(product):
         with warnings.catch_warnings():
             # scipy warns about singular inputs; the residual below is the accuracy check.
-            warnings.simplefilter("ignore", getattr(_scipy_linalg, "LinAlgWarning", Warning))
+            warnings.simplefilter("ignore", _LINALG_WARNING)
             root = _scipy_linalg.sqrtm(product)
         if not np.all(np.isfinite(root)):
             return root, np.inf
@@ -139,9 +111,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
     d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^{1/2}), with the matrix
-    square root from ``scipy.linalg.sqrtm`` (numpy eigenvalues when scipy is missing).  When the
-    product is too close to singular for an accurate root, eps * I is added to both covariances;
-    round-off imaginary parts of the root are dropped.
+    square root from ``scipy.linalg.sqrtm``.  When the product is too close to singular for an
+    accurate root, eps * I is added to both covariances; round-off imaginary parts of the root are
+    dropped.
 
     Args:
       mu1: mean [D] of the first set (e.g. the samples' features).
@@ -182,270 +154,6 @@ def feature_statistics(features) -> Tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def save_statistics(path: Union[str, os.PathLike], mu, sigma) -> None:
-    """Writes reference statistics as an .npz with keys ``mu`` and ``sigma``."""
-    mu, sigma = _check_statistics(mu, sigma, "")
-    fileio.atomic_write(path, lambda file: np.savez(file, mu=mu, sigma=sigma))
-
-
-def load_statistics(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, np.ndarray]:
-    """Reads (mu, sigma) from an .npz with keys ``mu`` and ``sigma``.
-
-    This is also the layout of the guided-diffusion evaluator's reference batches
-    (``VIRTUAL_*.npz``, which additionally hold ``mu_s``/``sigma_s`` and images, ignored here).
-
-    Args:
-      path: the .npz file.
-
-    Returns:
-      (mu [D], sigma [D, D]), float64.
-    """
-    with np.load(path) as data:
-        missing = {"mu", "sigma"} - set(data.files)
-        if missing:
-            raise ValueError(
-                f"{os.fspath(path)!r} has no {sorted(missing)} arrays (keys: "
-                f"{sorted(data.files)}); reference statistics need 'mu' and 'sigma'"
-            )
-        return _check_statistics(data["mu"], data["sigma"], "")
-
-
-def _is_legacy_h5_full_model(path: str) -> Tuple[bool, bool]:
-    """(whether the .h5 holds a whole model, whether its weights include the classifier)."""
-    import h5py  # a Keras dependency
-
-    with h5py.File(path, "r") as h5:
-        if "model_config" in h5.attrs:
-            return True, False
-        layer_names = [
-            name.decode() if isinstance(name, bytes) else str(name)
-            for name in h5.attrs.get("layer_names", [])
-        ]
-        return False, "predictions" in layer_names
-
-
-def _inception_v3_from_weights(path: str, include_top: bool):
-    """Keras InceptionV3 with local weights, returning the 2048-d average-pool features."""
-    input_shape = (INCEPTION_IMAGE_SIZE, INCEPTION_IMAGE_SIZE, 3)
-    if not include_top:
-        return keras.applications.InceptionV3(
-            weights=path, include_top=False, pooling="avg", input_shape=input_shape
-        )
-    classifier = keras.applications.InceptionV3(weights=path, include_top=True)
-    return keras.Model(classifier.inputs, classifier.get_layer("avg_pool").output)
-
-
-def _load_feature_network(path: str):
-    """Returns a callable float32 [B, 299, 299, 3] in [-1, 1] -> features (any structure)."""
-    if os.path.isdir(path):
-        if not any(
-            os.path.exists(os.path.join(path, name))
-            for name in ("saved_model.pb", "saved_model.pbtxt")
-        ):
-            raise FileNotFoundError(
-                f"directory {path!r} is not a TensorFlow SavedModel (no saved_model.pb).\n"
-                + _HOW_TO_GET_INCEPTION
-            )
-        loaded = tf.saved_model.load(path)
-        signature = loaded.signatures.get("serving_default")
-        if signature is None:
-            if not callable(loaded):
-                raise ValueError(
-                    f"SavedModel {path!r} has neither a 'serving_default' signature "
-                    "nor a __call__ function"
-                )
-            return loaded, loaded
-        input_names = list(signature.structured_input_signature[1])
-        if len(input_names) != 1:
-            raise ValueError(
-                f"SavedModel {path!r}: the 'serving_default' signature must take one "
-                f"image input, it takes {input_names}"
-            )
-        return (lambda images: signature(**{input_names[0]: images})), loaded
-
-    lower = path.lower()
-    if lower.endswith(".keras"):
-        return keras.saving.load_model(path, compile=False), None
-    if lower.endswith(".weights.h5"):  # Keras 3 weights of InceptionV3(include_top=False)
-        return _inception_v3_from_weights(path, include_top=False), None
-    if lower.endswith((".h5", ".hdf5")):
-        is_full_model, has_classifier = _is_legacy_h5_full_model(path)
-        if is_full_model:
-            return keras.saving.load_model(path, compile=False), None
-        return _inception_v3_from_weights(path, include_top=has_classifier), None
-    raise ValueError(f"unsupported Inception network file {path!r}.\n" + _HOW_TO_GET_INCEPTION)
-
-
-class InceptionFeatureExtractor:
-    """Inception pool features of uint8 images, from a network stored locally.
-
-    Images are resized to 299x299 (bilinear) and scaled to [-1, 1] (Inception's preprocessing)
-    before the network; a network with a spatial output [B, h, w, D] is average-pooled to [B, D].
-    """
-
-    def __init__(self, path: Optional[Union[str, os.PathLike]], batch_size: int = 64):
-        """Loads the network.
-
-        Args:
-          path: a TF SavedModel directory, a Keras ``.keras`` / full-model ``.h5`` file, or a
-            Keras InceptionV3 weights file: a legacy ``.h5`` (with or without the classifier, as
-            keras.applications distributes them) or a Keras 3 ``.weights.h5`` of
-            ``InceptionV3(include_top=False, pooling="avg")``.  Must exist locally.
-          batch_size: default number of images per forward pass.
-
-        Raises:
-          FileNotFoundError: `path` is empty or does not exist (the message says how to get one).
-          ValueError: unsupported file type or SavedModel signature, or bad batch_size.
-        """
-        if path is None or not os.fspath(path):
-            raise FileNotFoundError(
-                "no Inception network path was given.\n" + _HOW_TO_GET_INCEPTION
-            )
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"Inception network {path!r} does not exist.\n" + _HOW_TO_GET_INCEPTION
-            )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.path = path
-        self.batch_size = batch_size
-        network, self._keep_alive = _load_feature_network(path)
-        if isinstance(network, keras.Model):  # inference mode: BatchNorm uses moving statistics
-            self._network = lambda images: network(images, training=False)
-        else:
-            self._network = network
-        self._extract = tf.function(
-            self._extract_batch,
-            reduce_retracing=True,
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)],
-        )
-
-    @staticmethod
-    def preprocess(images: tf.Tensor) -> tf.Tensor:
-        """uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3] in [-1, 1] (bilinear resize)."""
-        images = tf.image.resize(
-            tf.cast(images, tf.float32),
-            [INCEPTION_IMAGE_SIZE, INCEPTION_IMAGE_SIZE],
-            method="bilinear",
-        )
-        return images / 127.5 - 1.0
-
-    def _extract_batch(self, images: tf.Tensor) -> tf.Tensor:
-        features = self._network(self.preprocess(images))
-        if isinstance(features, dict):
-            if len(features) != 1:
-                raise ValueError(
-                    f"the Inception network returns several outputs "
-                    f"{sorted(features)}; it must return the pool features only"
-                )
-            features = next(iter(features.values()))
-        if isinstance(features, (list, tuple)):
-            if len(features) != 1:
-                raise ValueError(
-                    f"the Inception network returns {len(features)} outputs; it "
-                    "must return the pool features only"
-                )
-            features = features[0]
-        if features.shape.rank == 4:  # [B, h, w, D]: a network built without pooling
-            features = tf.reduce_mean(features, axis=[1, 2])
-        if features.shape.rank != 2:
-            raise ValueError(
-                f"the Inception network must return features [B, D] (or [B, h, w, D]),"
-                f" got shape {features.shape}"
-            )
-        return tf.cast(features, tf.float32)
-
-    def __call__(self, images, batch_size: Optional[int] = None) -> np.ndarray:
-        """Features of a set of images.
-
-        Args:
-          images: uint8 array [N, H, W, 3] (values 0..255, as samples are saved).
-          batch_size: images per forward pass; defaults to the constructor's.
-
-        Returns:
-          float64 array [N, D] (D = 2048 for InceptionV3).
-        """
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"images must be a uint8 array [N, H, W, 3] with values 0..255, got "
-                f"{images.dtype} {images.shape}"
-            )
-        batch_size = self.batch_size if batch_size is None else batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        features = [
-            self._extract(tf.constant(images[start : start + batch_size])).numpy()
-            for start in range(0, images.shape[0], batch_size)
-        ]
-        if not features:
-            raise ValueError("images is empty; FID needs at least 2 images per set")
-        return np.concatenate(features, axis=0).astype(np.float64)
-
-
-def _load_images_npz(path: str) -> np.ndarray:
-    with np.load(path) as data:
-        if "arr_0" not in data.files:
-            raise ValueError(
-                f"{path!r} holds neither images ('arr_0') nor statistics ('mu', "
-                f"'sigma'); keys: {sorted(data.files)}"
-            )
-        return data["arr_0"]
-
-
-def compute_statistics(
-    images, extractor: InceptionFeatureExtractor, batch_size: Optional[int] = None
-) -> Tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the Inception features of uint8 images [N, H, W, 3] (N >= 2)."""
-    return feature_statistics(extractor(images, batch_size=batch_size))
-
-
-def _resolve_statistics(source: StatsOrImages, extractor, batch_size, what: str):
-    if isinstance(source, tuple):
-        if len(source) != 2:
-            raise ValueError(f"{what} as a tuple must be (mu, sigma), got {len(source)} items")
-        return _check_statistics(source[0], source[1], "")
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not path.endswith(".npz"):
-            raise ValueError(
-                f"{what} path must be an .npz file (images as 'arr_0', or statistics "
-                f"as 'mu'/'sigma'), got {path!r}"
-            )
-        with np.load(path) as data:
-            has_statistics = {"mu", "sigma"} <= set(data.files)
-        if has_statistics:
-            return load_statistics(path)
-        source = _load_images_npz(path)
-    return compute_statistics(source, extractor, batch_size)
-
-
-def compute_fid(
-    sample_images: StatsOrImages,
-    reference: StatsOrImages,
-    extractor: InceptionFeatureExtractor,
-    batch_size: Optional[int] = None,
-) -> float:
-    """FID between generated samples and reference data.
-
-    Args:
-      sample_images: uint8 array [N, H, W, 3], or an .npz path holding them as ``arr_0`` (the
-        format ``run.py --mode=sample`` and the reference's sampling script write).
-      reference: uint8 images [M, H, W, 3]; or an .npz path with statistics ``mu``/``sigma`` (used
-        as they are, e.g. from :func:`save_statistics` or a ``VIRTUAL_*.npz`` reference batch, see
-        the module docstring on comparability) or with images ``arr_0``; or a (mu, sigma) tuple.
-      extractor: the Inception feature extractor.
-      batch_size: images per forward pass; defaults to the extractor's.
-
-    Returns:
-      FID, a python float.
-    """
-    mu1, sigma1 = _resolve_statistics(sample_images, extractor, batch_size, "sample_images")
-    mu2, sigma2 = _resolve_statistics(reference, extractor, batch_size, "reference")
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
-
-
 # ---------------------------------------------------------------------------------------------
 # The guided-diffusion evaluator's metrics: Inception Score, precision / recall, and KID.
 # ---------------------------------------------------------------------------------------------
@@ -462,18 +170,16 @@ def _check_features(features, name: str, min_rows: int = 1) -> np.ndarray:
     return features
 
 
-def warn_if_too_few(num_features: int, dim: int, what: str = "FID") -> bool:
-    """Warns (and returns True) when N <= D: the covariance is then singular and FID unreliable."""
+def warn_if_too_few(num_features: int, dim: int) -> None:
+    """Warns when N <= D: the covariance is then singular and FID unreliable."""
     if num_features <= dim:
         warnings.warn(
-            f"{what} from {num_features} feature vectors of dimension {dim}: with N <= D the "
+            f"FID from {num_features} feature vectors of dimension {dim}: with N <= D the "
             "covariance is singular and FID is unreliable (and biased upwards at any small N); "
             "published FIDs use 50 000 samples (KID is unbiased at small N)",
             RuntimeWarning,
             stacklevel=2,
         )
-        return True
-    return False
 
 
 def inception_score(probs, split_size: int = 5000) -> float:
@@ -603,12 +309,13 @@ def manifold_radii(features, k: int = 3, block_size: int = 10_000) -> np.ndarray
 
 
 def precision_recall(
-    ref_features, sample_features, k: int = 3, block_size: int = 10_000
+    ref_features, sample_features, block_size: int = 10_000
 ) -> Tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019), as the evaluator computes them.
 
-    precision = fraction of samples inside the k-NN hypersphere of some reference feature;
-    recall = fraction of references inside the k-NN hypersphere of some sample feature.
+    precision = fraction of samples inside the k-NN hypersphere (k = 3, as the evaluator) of some
+    reference feature; recall = fraction of references inside the k-NN hypersphere of some sample
+    feature.
     "Inside" is squared distance <= squared radius, with float16 squared distances.  Work goes
     in blocks of ``block_size`` x ``block_size`` distances, so 50 000 x 50 000 features need
     about 1 GB at the default size (smaller blocks: less memory).
@@ -616,7 +323,6 @@ def precision_recall(
     Args:
       ref_features: [N_ref, D] reference (data) features.
       sample_features: [N_sample, D] sample features.
-      k: neighbourhood size (the evaluator uses 3).
       block_size: see :func:`manifold_radii`.
 
     Returns:
@@ -629,8 +335,8 @@ def precision_recall(
             f"ref_features have dimension {ref.shape[1]}, sample_features {sample.shape[1]}"
         )
     block_size = _check_block_size(block_size)
-    radii_ref = manifold_radii(ref, k, block_size)
-    radii_sample = manifold_radii(sample, k, block_size)
+    radii_ref = manifold_radii(ref, block_size=block_size)
+    radii_sample = manifold_radii(sample, block_size=block_size)
     ref_in = np.zeros([ref.shape[0]], bool)
     sample_in = np.zeros([sample.shape[0]], bool)
     for row in range(0, ref.shape[0], block_size):
@@ -719,13 +425,13 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
 
 
 def check_images(images, what: str = "images") -> np.ndarray:
-    """Validates images for the Inception graph: [N, H, W, 3], uint8 or float in [0, 255].
+    """Validates images for the Inception graph: uint8 [N, H, W, 3].
 
     Returns:
-      The images as a numpy array (not copied when already uint8).
+      The images as a numpy array (not copied).
 
     Raises:
-      ValueError: wrong rank, channel count, dtype, or value range (e.g. [-1, 1] or [0, 1]).
+      ValueError: wrong rank, channel count or dtype.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] < 1:
@@ -738,23 +444,10 @@ def check_images(images, what: str = "images") -> np.ndarray:
             f"{images.shape}); tile grayscale images to RGB first, e.g. "
             "np.repeat(images, 3, axis=-1)"
         )
-    if images.dtype == np.uint8:
-        return images
-    if not np.issubdtype(images.dtype, np.floating):
+    if images.dtype != np.uint8:
         raise ValueError(
-            f"{what} must be uint8 (0..255) or float in [0, 255], got dtype {images.dtype}"
-        )
-    low, high = float(np.min(images)), float(np.max(images))
-    if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 255.0:
-        raise ValueError(
-            f"{what} must lie in [0, 255] (the evaluator feeds 0..255 pixels), got "
-            f"values in [{low:.4g}, {high:.4g}]; convert [-1, 1] model outputs with "
-            "tf_iddpm.image_utils.denormalize_images"
-        )
-    if high <= 1.0:
-        raise ValueError(
-            f"{what} are floats in [{low:.4g}, {high:.4g}]: these look like [0, 1] "
-            "images; the Inception graph expects 0..255 (multiply by 255)"
+            f"{what} must be uint8 pixels (0..255), got dtype {images.dtype}; convert [-1, 1] "
+            "model outputs with tf_iddpm.image_utils.denormalize_images"
         )
     return images
 
@@ -904,40 +597,30 @@ class InceptionGraph:
         probs = tf.nn.softmax(tf.matmul(pool, self._weights))
         return pool, spatial, probs
 
-    def __call__(self, images, batch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
+    def __call__(self, images) -> Dict[str, np.ndarray]:
         """Features of a set of images.
 
         Args:
-          images: [N, H, W, 3] uint8 (or float in [0, 255]) array, or an iterable of such
-            batches (e.g. :func:`iterate_npz_images`).
-          batch_size: images per forward pass; defaults to the constructor's.
+          images: uint8 [N, H, W, 3] array.
 
         Returns:
           {"pool": float32 [N, 2048], "spatial": float32 [N, 2023], "probs": float32 [N, 1008]}.
         """
-        batch_size = self.batch_size if batch_size is None else batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(images, np.ndarray) or not hasattr(images, "__iter__"):
-            images = check_images(images)
-            batches = (
-                images[start : start + batch_size]
-                for start in range(0, images.shape[0], batch_size)
-            )
-            total = -(-images.shape[0] // batch_size)
-        else:
-            batches, total = images, None
+        images = check_images(images)
         outputs = {"pool": [], "spatial": [], "probs": []}
-        for batch in tqdm.tqdm(
-            batches, total=total, desc="Inception features", unit="batch", disable=not self.progress
+        for start in tqdm.trange(
+            0,
+            images.shape[0],
+            self.batch_size,
+            desc="Inception features",
+            unit="batch",
+            disable=not self.progress,
         ):
-            batch = check_images(batch)
+            batch = images[start : start + self.batch_size]
             pool, spatial, probs = self._extract(tf.constant(batch.astype(np.float32)))
             outputs["pool"].append(pool.numpy())
             outputs["spatial"].append(spatial.numpy())
             outputs["probs"].append(probs.numpy())
-        if not outputs["pool"]:
-            raise ValueError("no images were given")
         return {key: np.concatenate(value, axis=0) for key, value in outputs.items()}
 
 
@@ -978,10 +661,7 @@ def read_batch(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
                 "optionally with mu_s and sigma_s"
             )
         batch = {key: data[key] for key in stored}
-        images = data["arr_0"]
-    if images.dtype != np.uint8:
-        raise ValueError(f"{path!r}: arr_0 must be uint8 images (0..255), got {images.dtype}")
-    batch["images"] = check_images(images, f"{path!r} arr_0")
+        batch["images"] = check_images(data["arr_0"], f"{path!r} arr_0")
     return batch
 
 
@@ -996,9 +676,6 @@ def write_batch(
       pool_features: optional [N, 2048] pool features -> ``mu``, ``sigma``.
       spatial_features: optional spatial features -> ``mu_s``, ``sigma_s`` (needs pool_features).
     """
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 (0..255), got {images.dtype}")
     arrays = {"arr_0": check_images(images)}
     if spatial_features is not None and pool_features is None:
         raise ValueError("spatial statistics (mu_s, sigma_s) need the pool statistics too")
@@ -1014,7 +691,6 @@ def evaluate_features(
     sample: Dict[str, np.ndarray],
     *,
     ref_statistics: Optional[Dict[str, np.ndarray]] = None,
-    split_size: int = 5000,
 ) -> Dict[str, float]:
     """The evaluator's five numbers (plus KID) from Inception outputs.
 
@@ -1023,7 +699,6 @@ def evaluate_features(
       sample: outputs of the samples ("pool", "spatial", "probs").
       ref_statistics: stored reference statistics (mu, sigma, mu_s, sigma_s), used instead of
         those of ``ref``'s features when given, as the evaluator does.
-      split_size: Inception Score split size.
 
     Returns:
       {"inception_score", "fid", "sfid", "precision", "recall", "kid", "num_samples",
@@ -1043,7 +718,7 @@ def evaluate_features(
     sample_mu_s, sample_sigma_s = feature_statistics(sample["spatial"])
     precision, recall = precision_recall(ref["pool"], sample["pool"])
     return {
-        "inception_score": inception_score(sample["probs"], split_size),
+        "inception_score": inception_score(sample["probs"]),
         "fid": frechet_distance(sample_mu, sample_sigma, mu, sigma),
         "sfid": frechet_distance(sample_mu_s, sample_sigma_s, mu_s, sigma_s),
         "precision": precision,
