@@ -21,7 +21,7 @@ TensorFlow op runs.  TensorFlow is imported inside the functions so that importi
 
 import json
 import os
-from typing import Any, Dict, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from absl import logging
 
@@ -43,7 +43,7 @@ _TF_CONFIG_EXAMPLE = (
 )
 
 
-def read_tf_config(environ: Optional[Dict[str, str]] = None) -> Optional[ClusterTask]:
+def read_tf_config() -> Optional[ClusterTask]:
     """Parses and checks the ``TF_CONFIG`` environment variable of a multi-worker job.
 
     Every process of the job gets the same ``cluster`` (lists of ``host:port`` per task type) and
@@ -52,17 +52,13 @@ def read_tf_config(environ: Optional[Dict[str, str]] = None) -> Optional[Cluster
     "task": {"type": "worker", "index": 0}}``.
     A task of type ``chief`` (if the cluster has one) or else worker 0 is the chief.
 
-    Args:
-      environ: the environment to read; ``os.environ`` by default.
-
     Returns:
       The task, or None when ``TF_CONFIG`` is unset or empty.
 
     Raises:
       ValueError: naming what is wrong when ``TF_CONFIG`` is malformed.
     """
-    environ = os.environ if environ is None else environ
-    text = environ.get("TF_CONFIG", "")
+    text = os.environ.get("TF_CONFIG", "")
     if not text.strip():
         return None
     try:
@@ -146,14 +142,14 @@ def _tpu_strategy(tpu_address: str):
     return tf.distribute.TPUStrategy(resolver)
 
 
-def _mirrored_strategy(devices: Optional[Sequence[str]]):
+def _mirrored_strategy():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-    if devices is None and not _local_gpus():
+    if not _local_gpus():
         cpus = tf.config.list_logical_devices("CPU")
         if len(cpus) > 1:
-            devices = [d.name for d in cpus]
-    return tf.distribute.MirroredStrategy(devices=devices)
+            return tf.distribute.MirroredStrategy(devices=[d.name for d in cpus])
+    return tf.distribute.MirroredStrategy()
 
 
 def _multi_worker_strategy():
@@ -176,33 +172,26 @@ def _multi_worker_strategy():
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def get_strategy(
-    name: str = "auto", tpu_address: str = "", *, devices: Optional[Sequence[str]] = None
-):
+def get_strategy(name: str = "auto", tpu_address: str = ""):
     """Creates the distribution strategy called ``name`` (see the module docstring).
 
     Args:
       name: one of :data:`STRATEGIES`.
       tpu_address: the TPU for ``tpu`` (and, when non-empty, for ``auto``): a TPU name,
         ``grpc://host:port`` or ``local``.
-      devices: for ``mirrored`` only: explicit device names, e.g. ``["/cpu:0", "/cpu:1"]``.
 
     Returns:
       A ``tf.distribute.Strategy``.
 
     Raises:
-      ValueError: for an unknown name, a missing or malformed ``TF_CONFIG`` with
-        ``multi_worker``, or ``devices`` with a strategy other than ``mirrored``.
+      ValueError: for an unknown name, or a missing or malformed ``TF_CONFIG`` with
+        ``multi_worker``.
       RuntimeError: if ``tpu`` cannot reach the TPU.
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(STRATEGIES)}")
-    if devices is not None and name != "mirrored":
-        raise ValueError(
-            f"devices={list(devices)} only applies to the mirrored strategy, not {name!r}"
-        )
     if name == "auto":
         task = read_tf_config()
         if tpu_address:
@@ -217,7 +206,7 @@ def get_strategy(
     if name == "default":
         strategy = tf.distribute.get_strategy()
     elif name == "mirrored":
-        strategy = _mirrored_strategy(devices)
+        strategy = _mirrored_strategy()
     elif name == "multi_worker":
         strategy = _multi_worker_strategy()
     else:
