@@ -75,26 +75,27 @@ def test_denormalize_computes_bfloat16_in_float32():
 
 
 def test_area_resize_known_values():
-    # 1-D bins for 5 -> 2 are [0, 3) and [2, 5) (they overlap): means 1 and 3.
-    image = np.arange(5, dtype=np.float32).reshape([1, 5, 1, 1])
-    npt.assert_allclose(image_utils.area_resize(image, (2, 1)).numpy().ravel(), [1.0, 3.0])
+    # 1-D bins for 5 -> 2 are [0, 3) and [2, 5) (they overlap): means 1 and 3 (rows 0..4 hold 0..4).
+    image = np.broadcast_to(np.arange(5, dtype=np.float32).reshape([1, 5, 1, 1]), [1, 5, 5, 1])
+    npt.assert_allclose(image_utils.area_resize(image, 2).numpy()[0, ..., 0], [[1, 1], [3, 3]])
 
 
 @pytest.mark.parametrize(
     "in_size,out_size",
     [
-        ((16, 16), (8, 8)),
-        ((32, 32), (8, 8)),
-        ((10, 7), (4, 3)),
-        ((9, 12), (5, 12)),
+        ((16, 16), 8),
+        ((32, 32), 8),
+        ((10, 7), 4),
+        ((10, 7), 3),
+        ((9, 5), 5),
     ],
 )
 def test_area_resize_matches_adaptive_average_pooling(in_size, out_size):
     rng = np.random.default_rng(1)
     images = rng.uniform(-1, 1, [3, *in_size, 2]).astype(np.float32)
     result = image_utils.area_resize(images, out_size)
-    assert result.shape == (3, *out_size, 2)
-    expected = _numpy_area(images.astype(np.float64), *out_size)
+    assert result.shape == (3, out_size, out_size, 2)
+    expected = _numpy_area(images.astype(np.float64), out_size, out_size)
     npt.assert_allclose(result.numpy(), expected, atol=1e-6)
 
 
@@ -188,7 +189,7 @@ def test_save_image_grid_enlarges_small_images_to_the_tile_size(tmp_path):
 def test_save_image_grid_grayscale_with_padding(tmp_path):
     images = np.full([2, 3, 3, 1], 200, np.uint8)
     path = tmp_path / "gray.png"
-    image_utils.save_image_grid(images, path, num_columns=2, padding=1)
+    image_utils.save_image_grid(images, path, padding=1)  # ceil(sqrt(2)) = 2 columns.
     with Image.open(path) as saved:
         assert saved.mode == "L"
         grid = np.asarray(saved)

@@ -108,25 +108,24 @@ def area_resize(images, size):
 
     Args:
         images: real tensor or array ``[..., H, W, C]`` (e.g. ``[N, H, W, C]`` or ``[H, W, C]``).
-        size: output size, an int (square) or ``(height, width)``.
+        size: output height and width (a square).
 
     Returns:
-        float32 ``tf.Tensor`` ``[..., size_h, size_w, C]``.
+        float32 ``tf.Tensor`` ``[..., size, size, C]``.
     """
-    out_h, out_w = (size, size) if isinstance(size, int) else tuple(size)
     images = tf.cast(tf.convert_to_tensor(images), tf.float32)
     if images.shape.rank is None or images.shape.rank < 3:
         raise ValueError(f"area_resize expects [..., H, W, C] images, got shape {images.shape}.")
     in_h, in_w = images.shape[-3], images.shape[-2]
     if in_h is None or in_w is None:
         raise ValueError(f"area_resize needs static spatial dimensions, got shape {images.shape}.")
-    if not (0 < out_h <= in_h and 0 < out_w <= in_w):
+    if not 0 < size <= min(in_h, in_w):
         raise ValueError(
-            f"area_resize downsamples only: output size {(out_h, out_w)} must be in "
-            f"[1, {(in_h, in_w)}] for input shape {images.shape}."
+            f"area_resize downsamples only: output size {size} must be in "
+            f"[1, {min(in_h, in_w)}] for input shape {images.shape}."
         )
-    rows = tf.constant(_area_matrix(in_h, out_h), tf.float32)
-    cols = tf.constant(_area_matrix(in_w, out_w), tf.float32)
+    rows = tf.constant(_area_matrix(in_h, size), tf.float32)
+    cols = tf.constant(_area_matrix(in_w, size), tf.float32)
     images = tf.einsum("ih,...hwc->...iwc", rows, images)
     return tf.einsum("jw,...iwc->...ijc", cols, images)
 
