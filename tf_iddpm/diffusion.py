@@ -76,19 +76,18 @@ def mean_flat(x):
     return tf.reduce_mean(x, axis=tf.range(1, tf.rank(x)))
 
 
-def extract(table, t, ndims: int = 4):
-    """Gathers per-example constants: table[t] cast to float32, shaped [N, 1, ..., 1].
+def extract(table, t):
+    """Gathers per-example constants: table[t] cast to float32, shaped [N, 1, 1, 1].
 
     Args:
       table: float64 numpy array or tensor [T] of per-timestep constants.
       t: int tensor [N] of timestep indices.
-      ndims: rank of the tensors the result multiplies (4 for NHWC images).
 
     Returns:
-      float32 tensor [N] + [1] * (ndims - 1).
+      float32 tensor [N, 1, 1, 1], to multiply NHWC images.
     """
     values = tf.cast(tf.gather(tf.convert_to_tensor(table, tf.float64), t), tf.float32)
-    return tf.reshape(values, tf.concat([tf.shape(values), tf.ones([ndims - 1], tf.int32)], 0))
+    return tf.reshape(values, tf.concat([tf.shape(values), tf.ones([3], tf.int32)], 0))
 
 
 def diffusion_constants(betas) -> Dict[str, tf.Tensor]:
@@ -341,7 +340,7 @@ class GaussianDiffusion:
         return model_output, None
 
     def p_mean_variance_from_output(
-        self, model_output, x, t, *, clip_denoised=True, denoised_fn=None
+        self, model_output, x, t, *, clip_denoised=True
     ) -> Dict[str, tf.Tensor]:
         """p(x_{t-1} | x_t) from the network's raw output (Section 3.1).
 
@@ -350,7 +349,6 @@ class GaussianDiffusion:
           x: x_t [N,H,W,C].
           t: int [N] step indices.
           clip_denoised: clip the predicted x_0 to [-1, 1].
-          denoised_fn: optional function applied to the predicted x_0 before clipping.
 
         Returns:
           dict with mean, variance, log_variance (all [N,H,W,C]; fixed variances broadcast),
@@ -378,9 +376,7 @@ class GaussianDiffusion:
         else:
             variance = extract(self.posterior_variance, t) * tf.ones_like(x)
 
-        pred_xstart = self._pred_xstart(
-            model_output, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn
-        )
+        pred_xstart = self._pred_xstart(model_output, x, t, clip_denoised=clip_denoised)
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             mean = model_output
         else:
@@ -389,7 +385,7 @@ class GaussianDiffusion:
             mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart
         )
 
-    def _pred_xstart(self, mean_output, x, t, *, clip_denoised=True, denoised_fn=None):
+    def _pred_xstart(self, mean_output, x, t, *, clip_denoised=True):
         """x_0 from the mean half of the output (eps, x_0 or x_{t-1}), clipped to [-1, 1]."""
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             pred = self.predict_xstart_from_xprev(x, t, mean_output)
@@ -397,8 +393,6 @@ class GaussianDiffusion:
             pred = mean_output
         else:
             pred = self.predict_xstart_from_eps(x, t, mean_output)
-        if denoised_fn is not None:
-            pred = denoised_fn(pred)
         return tf.clip_by_value(pred, -1.0, 1.0) if clip_denoised else pred
 
     def predict_xstart_from_output(self, model_output, x, t, *, clip_denoised=True):
@@ -423,7 +417,6 @@ class GaussianDiffusion:
         t,
         *,
         clip_denoised=True,
-        denoised_fn=None,
         model_kwargs: Optional[Mapping[str, Any]] = None,
     ) -> Dict[str, tf.Tensor]:
         """Runs the network on x_t and returns p(x_{t-1} | x_t) (see p_mean_variance_from_output).
@@ -432,9 +425,7 @@ class GaussianDiffusion:
         """
         t = self._check_timesteps(t)
         model_output = model_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
-        out = self.p_mean_variance_from_output(
-            model_output, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn
-        )
+        out = self.p_mean_variance_from_output(model_output, x, t, clip_denoised=clip_denoised)
         out["model_output"] = tf.cast(model_output, tf.float32)
         return out
 
@@ -497,16 +488,6 @@ class GaussianDiffusion:
         is_first = tf.equal(t, 0)
         decoder = tf.cond(tf.reduce_any(is_first), decoder_nll, lambda: tf.zeros_like(kl))
         return dict(output=tf.where(is_first, decoder, kl), pred_xstart=out["pred_xstart"])
-
-    def vb_terms_bpd(
-        self, model_fn: ModelFn, x_start, x_t, t, *, clip_denoised=True, model_kwargs=None
-    ):
-        """Runs the network on x_t and returns its VLB term (see vb_terms_bpd_from_output)."""
-        t = self._check_timesteps(t)
-        model_output = model_fn(x_t, self.model_timesteps(t), **(model_kwargs or {}))
-        return self.vb_terms_bpd_from_output(
-            model_output, x_start, x_t, t, clip_denoised=clip_denoised
-        )
 
     def prior_bpd(self, x_start):
         """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, per example [N] (no parameters)."""
