@@ -252,14 +252,6 @@ def test_create_timestep_distribution(name, cls):
         assert sampler.history_per_term == 10 and sampler.uniform_prob == 0.001
 
 
-def test_create_timestep_distribution_accepts_object_with_num_timesteps():
-    class Diffusion:
-        num_timesteps = np.int64(8)
-
-    sampler = timestep_distribution.create_timestep_distribution("uniform", Diffusion())
-    assert sampler.num_timesteps == 8
-
-
 @pytest.mark.parametrize("name", ["Uniform", "loss_second_moment", "", "importance"])
 def test_unknown_sampler_name_raises(name):
     with pytest.raises(

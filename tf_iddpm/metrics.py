@@ -34,6 +34,7 @@ import warnings
 from typing import Dict, Optional, Tuple, Union
 
 from absl import logging
+import keras
 import numpy as np
 import scipy.linalg as _scipy_linalg
 import tensorflow as tf

@@ -314,18 +314,16 @@ class LossSecondMomentTimesteps(TimestepDistribution):
         self.loss_counts.assign(new_counts)
 
 
-def create_timestep_distribution(name: str, num_timesteps) -> TimestepDistribution:
+def create_timestep_distribution(name: str, num_timesteps: int) -> TimestepDistribution:
     """Builds a sampler by name (the reference's factory; ``config.train.schedule_sampler``).
 
     Args:
       name: one of choices.SCHEDULE_SAMPLERS: "uniform" or "loss-second-moment".
-      num_timesteps: T, or any object with a ``num_timesteps`` attribute (a diffusion object, as
-        the reference passes).
+      num_timesteps: T.
 
     Returns:
       A new sampler (create it inside ``strategy.scope()`` when distributing).
     """
-    num_timesteps = getattr(num_timesteps, "num_timesteps", num_timesteps)
     if name == "uniform":
         return UniformTimesteps(num_timesteps)
     if name == "loss-second-moment":

@@ -31,15 +31,15 @@ import tensorflow as tf
 from tf_iddpm import metrics
 
 
-def inception_v3_stand_in_graph_def(seed: int = 0):
+def inception_v3_stand_in_graph_def():
     """Keras InceptionV3 (random weights) as a frozen GraphDef with the evaluator's tensor names."""
     import keras  # pylint: disable=g-import-not-at-top
     from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
 
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(0)
     base = keras.applications.InceptionV3(weights=None, include_top=False)
     body = keras.Model(base.input, [base.get_layer("mixed6").output, base.output])
-    weights = tf.constant(np.random.default_rng(seed).normal(0, 0.02, [2048, 1008]), tf.float32)
+    weights = tf.constant(np.random.default_rng(0).normal(0, 0.02, [2048, 1008]), tf.float32)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
     def forward(images):
