@@ -283,16 +283,30 @@ def test_sampler_loops_compile_with_xla(kind):
         steps=100, learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True
     )
     chain = chains.make_chain(kind, process, steps="6")
-    seeds = tf.constant([1, 2], tf.int64)
+    shape = [2, 4, 4, 3]
+    rng = np.random.default_rng(0)
+    noise = tf.constant(rng.normal(size=shape), tf.float32)
+    step_noise = tf.constant(rng.normal(size=[chain.num_steps, *shape]), tf.float32)
 
-    def run():
+    def replayed():
+        return chains.sample_loop(chain, _wavy_model, shape, noise=noise, step_noise=step_noise)
+
+    # The same draws give the same images up to rounding, compiled or not.
+    compiled = tf.function(replayed, jit_compile=True)
+    np.testing.assert_allclose(compiled().numpy(), tf.function(replayed)().numpy(), atol=1e-4)
+    assert compiled.experimental_get_tracing_count() == 1
+
+    # Seeded streams compile too, and stay per image: image 1's draws do not depend on image 0.
+    @tf.function(jit_compile=True)
+    def seeded(seeds):
         return chains.sample_loop(chain, _wavy_model, [2, 4, 4, 3], seeds=seeds)
 
-    compiled = tf.function(run, jit_compile=True)
-    plain = tf.function(run)
-    # The per-image streams are Philox's under XLA too: the same images up to rounding.
-    np.testing.assert_allclose(compiled().numpy(), plain().numpy(), atol=1e-4)
-    assert compiled.experimental_get_tracing_count() == 1
+    first = seeded(tf.constant([1, 2], tf.int64)).numpy()
+    np.testing.assert_array_equal(seeded(tf.constant([1, 2], tf.int64)).numpy(), first)
+    np.testing.assert_allclose(
+        seeded(tf.constant([7, 2], tf.int64)).numpy()[1], first[1], atol=1e-6
+    )
+    assert np.all(np.isfinite(first))
 
 
 @pytest.mark.parametrize(

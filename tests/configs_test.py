@@ -514,8 +514,8 @@ def test_config_file_loads_from_outside_the_repository(tmp_path):
         timeout=120,
         check=False,
     )
-    # Loaded and summarised; then refused (exit 1) for the checkpoint that does not exist.
-    assert result.returncode == 1 and "no such checkpoint" in result.stderr, result.stderr
+    # Loaded and summarised; then refused (exit 3) for the checkpoint that does not exist.
+    assert result.returncode == 3 and "no such checkpoint" in result.stderr, result.stderr
     summary = re.search(r"export in .*: (.*)", result.stderr).group(1)
     assert re.search(r"UNet 192 ch\b", summary), summary
     assert "lr 0.0003" in summary and "T=4000" in summary, summary

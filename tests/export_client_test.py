@@ -185,7 +185,9 @@ def test_request_inputs_are_batch_major_with_signature_dtypes():
         "sampler": ("U", (3,)),
         "eta": ("f", (3,)),
         "class_labels": ("i", (3,)),
+        "guidance_scale": ("f", (3,)),
     }
+    assert inputs["guidance_scale"].tolist() == [1.0] * 3
     assert inputs["seed"].dtype == np.int64 and inputs["eta"].dtype == np.float32
     assert inputs["sampler"].tolist() == ["ddim"] * 3
     assert inputs["num_steps"].tolist() == [20] * 3 and inputs["class_labels"].tolist() == [4] * 3
@@ -273,7 +275,7 @@ def test_server_errors_reach_the_caller_with_their_message(served, protocol):
         client.predict(
             server,
             served.sampler,
-            dict(client.sampler_inputs([1, 2], 3), class_labels=[1]),
+            dict(client.sampler_inputs([1, 2], 3, class_labels=[1, 2]), class_labels=[1]),
             protocol=protocol,
         )
     with pytest.raises(client.PredictError, match="not found"):

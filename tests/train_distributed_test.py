@@ -237,8 +237,10 @@ def test_batch_not_divisible_by_the_replicas_fails_before_training(digits_dir, t
         "train.batch_size=15 is not divisible by the 2 replicas of the distribution strategy; "
         "use a multiple of 2"
     ) in report["errors"]["train"]
+    # One rule, one message: the Trainer refuses with the config check's words.
     assert report["errors"]["Trainer"] == (
-        "train.batch_size=15 is not divisible by the 2 replicas of the strategy"
+        "invalid config:\n  - train.batch_size=15 is not divisible by the 2 replicas of the "
+        "distribution strategy; use a multiple of 2"
     )
     assert not report["workdir_exists"] and not workdir.exists()
 

@@ -45,8 +45,10 @@ def seeded_normal(seeds, draw_index, image_shape):
     """
     seeds = tf.cast(seeds, tf.int64)
     draw_index = tf.cast(draw_index, tf.int64)
-    # Philox named explicitly: it is what the CPU picks by default, and XLA (TPUs, jit_compile)
-    # would otherwise pick another generator, so the same seed would give another image there.
+    # Philox named explicitly (the CPU's default): XLA would otherwise pick another generator.
+    # XLA then draws the same Philox bits but maps them to normals its own way, so a sampler
+    # compiled with jit_compile draws other (equally distributed) noise for a seed than the
+    # CPU graph does; the images of one build are reproducible either way.
     return tf.map_fn(
         lambda s: tf.random.stateless_normal(
             image_shape, seed=tf.stack([s, draw_index]), alg="philox"
