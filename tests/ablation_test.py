@@ -18,6 +18,9 @@ from configs import tiny
 from tf_iddpm import data_sources
 from tf_iddpm import samplers
 
+# Whole-pipeline tests (subprocesses, training, exports): the full suite only.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -6,10 +6,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests import inception_stand_in
 from tf_iddpm import metrics
 from tools import benchmark_metrics
+
+# Whole-pipeline tests (subprocesses, training, exports): the full suite only.
+pytestmark = pytest.mark.slow
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,9 @@ import pytest
 from tf_iddpm import samplers
 from tools import benchmark
 
+# Whole-pipeline tests (subprocesses, training, exports): the full suite only.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # GFLOP of one bench-config forward at batch 1 as torch's FlopCounterMode counts it on the
 # reference (convolutions and matmuls, 2 x MAC); our count reads the traced graph instead.

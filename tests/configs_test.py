@@ -493,6 +493,7 @@ def test_override_with_a_typo_fails():
         load_with_config_flags(CONFIG_DIR / "tiny.py", "--config.train.batchsize=3")
 
 
+@pytest.mark.slow
 def test_config_file_loads_from_outside_the_repository(tmp_path):
     # run.py started in an unrelated directory, without PYTHONPATH: Python puts run.py's directory
     # (the checkout) first on sys.path, so a config file's `from configs import ...` resolves to

@@ -5,8 +5,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 
 from tf_iddpm import console
+
+# Whole-pipeline tests (subprocesses, training, exports): the full suite only.
+pytestmark = pytest.mark.slow
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Framework chatter: TensorFlow's C++ start-up banners and TFDS's INFO logging.

@@ -269,6 +269,7 @@ def _run_cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_command_line_writes_a_workdir(tmp_path):
     out = tmp_path / "imported"
     args = [

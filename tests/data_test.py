@@ -330,6 +330,7 @@ _MIRRORED_ORDER_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_replicas_see_slices_of_the_global_batch(digits_dir, tmp_path):
     out_path = str(tmp_path / "order.npz")
     env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}

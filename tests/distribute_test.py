@@ -79,6 +79,7 @@ def test_tpu_without_an_address_on_a_machine_without_tpu_is_a_clear_error(monkey
         distribute.get_strategy("tpu", "")
 
 
+@pytest.mark.slow
 def test_mirrored_uses_the_logical_cpus_when_there_is_no_gpu():
     out = run_python(
         "from tf_iddpm import distribute\n"
@@ -92,6 +93,7 @@ def test_mirrored_uses_the_logical_cpus_when_there_is_no_gpu():
     )
 
 
+@pytest.mark.slow
 def test_single_worker_tf_config_runs_multi_worker_strategy_as_chief():
     tf_config = {
         "cluster": {"worker": [f"127.0.0.1:{free_port()}"]},

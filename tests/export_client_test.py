@@ -33,6 +33,9 @@ from tf_iddpm import inference
 from tf_iddpm import samplers
 from tf_iddpm import factory
 
+# Whole-pipeline tests (subprocesses, training, exports): the full suite only.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
 

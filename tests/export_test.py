@@ -33,6 +33,10 @@ from tf_iddpm import image_utils
 from tf_iddpm import inference
 from tf_iddpm import samplers
 
+# Whole-pipeline tests (subprocesses, training, exports): the full suite only.
+pytestmark = pytest.mark.slow
+
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 SITE_PACKAGES = next(p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p))
@@ -308,6 +312,7 @@ for name in ("tf_iddpm", "export", "configs", "tests"):
     assert importlib.util.find_spec(name) is None, f"{name} is importable"
 import numpy as np
 import tensorflow as tf
+
 sampler = tf.saved_model.load(sampler_dir).signatures["serving_default"]
 nll = tf.saved_model.load(nll_dir).signatures["serving_default"]
 def run(signature, **inputs):

@@ -59,6 +59,7 @@ def test_the_guided_prediction_is_uncond_plus_s_times_the_difference_in_one_call
     np.testing.assert_allclose(out[..., 3:], np.ones([2, 4, 4, 3]) * [[[[3.0]]], [[[6.0]]]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
 def test_every_sampler_takes_guidance_and_scale_one_is_the_plain_model(kind):
     config = _conditional_config()

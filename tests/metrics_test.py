@@ -503,6 +503,7 @@ def _run_metrics_cli(args):
     )
 
 
+@pytest.mark.slow
 def test_metrics_command_line_end_to_end(small_stand_in_graph, tmp_path):
     stand_in_graph = small_stand_in_graph
     images = _rgb_images(24, size=10, seed=7)
@@ -537,6 +538,7 @@ def test_metrics_command_line_end_to_end(small_stand_in_graph, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_metrics_command_line_errors(tmp_path, stand_in_graph):
     np.savez(tmp_path / "ref.npz", _rgb_images(4))
     result = _run_metrics_cli(

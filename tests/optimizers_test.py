@@ -213,6 +213,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fused_under_mirrored_strategy_equals_default(tmp_path):
     out = tmp_path / "out.json"
     subprocess.run(

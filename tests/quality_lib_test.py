@@ -83,6 +83,7 @@ def setup(tmp_path_factory):
     return {"graph": graph_path, "ref": str(ref_path), "workdir": str(workdir)}
 
 
+@pytest.mark.slow
 def test_reference_batch_from_a_project_dataset(setup):
     batch = metrics.read_batch(setup["ref"])
     images = batch["images"]
@@ -112,6 +113,7 @@ def test_training_logs_fid_and_kid_every_fid_every_steps(setup):
     assert all(np.isfinite(v) for v in kids.values())
 
 
+@pytest.mark.slow
 def test_training_hook_logs_what_it_returns(setup, tmp_path):
     config = tiny.get_config()
     config.fid.ref_batch, config.fid.inception = setup["ref"], setup["graph"]
@@ -129,6 +131,7 @@ def test_training_hook_logs_what_it_returns(setup, tmp_path):
     assert _scalars(str(tmp_path), "quality/kid") == {7: pytest.approx(logged["kid"], rel=1e-6)}
 
 
+@pytest.mark.slow
 def test_fid_mode_evaluates_the_configured_sampler_like_the_metrics_command(setup):
     workdir = setup["workdir"]
     code, output = _run(
@@ -168,6 +171,7 @@ def test_fid_mode_evaluates_the_configured_sampler_like_the_metrics_command(setu
         assert again[key] == pytest.approx(row[key], rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.slow
 def test_fid_sweep_writes_a_table_and_a_plot(setup):
     workdir = setup["workdir"]
     code, output = _run(

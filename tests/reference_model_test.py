@@ -216,6 +216,7 @@ def test_variant_class_conditional_sampling(variant_net, run, sigma_small, predi
     assert golden.max_rel_error(final, golden.nhwc(VARIANT[f"{run}_final"])) <= 1e-4
 
 
+@pytest.mark.slow
 def test_seeded_samples_do_not_depend_on_the_batch_split(main_net):
     process = diffusion.create_gaussian_diffusion(
         steps=100,

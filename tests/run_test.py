@@ -228,6 +228,7 @@ def test_mode_module_without_its_entry_function_exits_2(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_train_stores_config_then_resumes_and_refuses_a_conflict(tmp_path):
     workdir = tmp_path / "w"
     # First start, from another directory: the resolved config (with the override) is stored
@@ -302,6 +303,7 @@ def test_train_stores_config_then_resumes_and_refuses_a_conflict(tmp_path):
     assert "  train.lr: 0.001 -> 0.1\n" in stderr
 
 
+@pytest.mark.slow
 def test_sample_flags_override_the_stored_config_for_one_run(tmp_path):
     workdir = tmp_path / "w"
     before = start_workdir(workdir)
@@ -334,6 +336,7 @@ def test_sample_flags_override_the_stored_config_for_one_run(tmp_path):
     assert stored_config(workdir) == before  # one run only
 
 
+@pytest.mark.slow
 def test_sampler_flag_and_the_older_ddim_flag_choose_the_sampler(tmp_path):
     workdir = tmp_path / "w"
     start_workdir(workdir)
@@ -373,6 +376,7 @@ def test_export_dir_naming_a_file_is_refused_before_anything_runs(tmp_path):
     assert a_file.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_eval_and_export_flags(tmp_path):
     workdir = tmp_path / "w"
     start_workdir(workdir)
@@ -404,6 +408,7 @@ def test_eval_and_export_flags(tmp_path):
     assert received["third"] == str(tmp_path / "models")
 
 
+@pytest.mark.slow
 def test_fid_flags_override_the_sample_and_fid_fields_for_one_run(tmp_path):
     workdir = tmp_path / "w"
     before = start_workdir(workdir)
@@ -482,6 +487,7 @@ def test_run_flags_are_checked(tmp_path, args, message):
     assert received is None
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_replicas_fails_before_training(tmp_path):
     code, stderr, received = run_py(
         [
@@ -498,6 +504,7 @@ def test_batch_not_divisible_by_replicas_fails_before_training(tmp_path):
     assert received is None
 
 
+@pytest.mark.slow
 def test_config_from_workdir_allows_field_overrides_on_the_stored_config(tmp_path):
     workdir = tmp_path / "w"
     start_workdir(workdir, lr=0.001)
@@ -536,6 +543,7 @@ def test_overrides_without_config_need_a_stored_config(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_flag_reaches_the_inference_modes_only(tmp_path):
     # Whether the checkpoint exists is checked where it is read (tf_iddpm.checkpoints, exit 3,
     # tested in configs_test and workdir_lifecycle_test); run.py passes it on.

@@ -41,6 +41,7 @@ def trained_workdir(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_sample_writes_reference_style_npz_and_png(trained_workdir):
     code, output = _run(
         [
@@ -70,6 +71,7 @@ def test_sample_writes_reference_style_npz_and_png(trained_workdir):
     np.testing.assert_array_equal(np.load(npz)["arr_0"], images)
 
 
+@pytest.mark.slow
 def test_eval_reports_bpd_and_terms(trained_workdir):
     code, output = _run(
         [
@@ -126,6 +128,7 @@ def test_class_labels_for_conditional_models():
     )
 
 
+@pytest.mark.slow
 def test_benchmark_bpd_precision_check_on_a_trained_workdir(trained_workdir):
     # The benchmark's --bpd_check_workdir measurement: float32 and mixed_bfloat16 bpd of the same
     # test images on the same per-image seeds.
@@ -156,6 +159,7 @@ def test_benchmark_bpd_precision_check_on_a_trained_workdir(trained_workdir):
     assert abs(result["bf16_bpd_delta"]) <= result["bf16_bpd_delta_max_abs"]
 
 
+@pytest.mark.slow
 def test_one_channel_model_trains_samples_evaluates_and_exports(tmp_path):
     """configs/digits.py is grayscale (C=1): the whole pipeline keeps one channel, and the PNG grid
     is a grayscale image (not three tinted copies)."""

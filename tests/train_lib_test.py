@@ -57,6 +57,7 @@ def first_and_last(scalars, tag):
     return scalars[tag][0][1], scalars[tag][-1][1]
 
 
+@pytest.mark.slow
 def test_training_on_digits_lowers_the_hybrid_loss_and_the_vb_term(digits_dir, tmp_path):
     # Measured (300 steps, batch 16, lr 1e-3, means over 25-step intervals, 2 runs before the
     # initial weights were seeded, hence two values):
@@ -96,6 +97,7 @@ def test_training_on_digits_lowers_the_hybrid_loss_and_the_vb_term(digits_dir, t
     assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 300
 
 
+@pytest.mark.slow
 def test_loss_second_moment_sampler_trains_and_fills_its_history(digits_dir, tmp_path):
     # Measured (200 steps): loss 0.937 -> 0.163, vb 0.280 -> 0.033.  The logged terms carry the
     # importance weights (as the reference logs them); unweighted, the logged loss jumped from

@@ -29,6 +29,9 @@ from tf_iddpm import checkpoints
 from tf_iddpm import digits_dataset
 from tf_iddpm import train_lib
 
+# Whole-pipeline tests (subprocesses, training, exports): the full suite only.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 NUM_STEPS = 24

@@ -20,6 +20,9 @@ import tensorflow as tf
 from tf_iddpm import checkpoints
 from tf_iddpm import digits_dataset
 
+# Whole-pipeline tests (subprocesses, training, exports): the full suite only.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 

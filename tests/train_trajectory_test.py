@@ -131,6 +131,7 @@ def test_replayed_reference_steps_match_terms_weights_and_ema(trajectory):
     _check(_replay_errors(trajectory, tf.distribute.get_strategy()))
 
 
+@pytest.mark.slow
 def test_replay_under_mirrored_strategy_matches_the_reference_too():
     # A fresh process: the CPU must be split into logical devices before TensorFlow starts.
     result = subprocess.run(
@@ -145,6 +146,7 @@ def test_replay_under_mirrored_strategy_matches_the_reference_too():
     _check(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow
 def test_keras_epsilon_placement_would_fail_the_comparison(trajectory, monkeypatch):
     """The check can fail: Keras' epsilon on the uncorrected sqrt(v) moves the weights differently."""
     from tf_iddpm import optimizers

@@ -774,6 +774,7 @@ def test_tf_checkpoint_holds_every_variable(tmp_path):
     np.testing.assert_array_equal(restored(*args, y=data["y"]), model(*args, y=data["y"]))
 
 
+@pytest.mark.slow
 def test_export_archive_round_trip(tmp_path):
     data = golden.load("variant")
     model = _variant_model()
@@ -795,6 +796,7 @@ def test_export_archive_round_trip(tmp_path):
     assert golden.max_rel_error(loaded.serving_default(*args), model(*args[:2], y=args[2])) <= 1e-5
 
 
+@pytest.mark.slow
 def test_plain_saved_model_of_a_module_tracking_the_model(tmp_path):
     """tf.saved_model.save does not trip over the two-argument call: a tracked keras.Model whose
     call is call(self, x, t) can make it fail with "missing a required argument: 't'", since
@@ -854,6 +856,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_forward():
     result = subprocess.run(
         [sys.executable, "-c", _MIRRORED_SCRIPT],

@@ -23,6 +23,9 @@ import sys
 
 import pytest
 
+# Whole-pipeline tests (subprocesses, training, exports): the full suite only.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
 
