@@ -105,6 +105,7 @@ def test_reference_batch_from_a_project_dataset(setup):
     np.testing.assert_array_equal(again, images)
 
 
+@pytest.mark.slow
 def test_training_logs_fid_and_kid_every_fid_every_steps(setup):
     directory = os.path.join(setup["workdir"], "tensorboard")
     fids, kids = _scalars(directory, "quality/fid"), _scalars(directory, "quality/kid")
@@ -200,6 +201,37 @@ def test_fid_sweep_writes_a_table_and_a_plot(setup):
     png = os.path.join(workdir, "fid", "fid_vs_steps.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_guidance_sweep_writes_one_row_per_scale_and_a_plot(setup, tmp_path):
+    """A class-conditional model trained with label dropout, swept over s: one row per scale,
+    each drawn from the same seeds as a single evaluation at that scale."""
+    from tf_iddpm import train_lib  # pylint: disable=g-import-not-at-top
+
+    config = tiny.get_config()
+    config.data.class_cond, config.data.num_classes = True, 10
+    config.model.class_dropout = 0.1
+    config.train.num_steps = config.train.checkpoint_every = config.train.log_every = 2
+    config.fid.ref_batch, config.fid.inception = setup["ref"], setup["graph"]
+    config.fid.num_samples = config.fid.batch_size = 6
+    config.sample.timestep_respacing = "3"
+    workdir = str(tmp_path / "cond")
+    train_lib.train(config, workdir)
+    config.fid.guidance_sweep = "0,1,2"
+    swept = quality_lib.evaluate_fid(config, workdir)
+    rows = swept["rows"]
+    assert [r["guidance_scale"] for r in rows] == [0.0, 1.0, 2.0]
+    # (Two training steps barely separate eps(x, y) from eps(x, null): the rows may round to the
+    # same uint8 images. tests/guidance_test.py checks what guidance does to the images.)
+    with open(swept["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert swept["png"].endswith("metrics_vs_guidance.png")
+    with open(swept["table"]) as f:
+        assert f.read().count("\n| ancestral | 3 |") == 3
+    config.fid.guidance_sweep, config.sample.guidance_scale = "", 2.0
+    single = quality_lib.evaluate_fid(config, workdir)["rows"]
+    assert single[0]["fid"] == rows[2]["fid"]
 
 
 @pytest.mark.parametrize(
