@@ -6,7 +6,9 @@ import sys
 import pytest
 
 from configs import base
+from configs import tiny
 from tf_iddpm import chains
+from tf_iddpm import config_utils
 from tf_iddpm import samplers
 
 
@@ -89,3 +91,24 @@ def test_importing_samplers_loads_no_tensorflow():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "False"
+
+
+def test_a_sweep_takes_the_grid_for_its_solvers_whatever_the_base_sampler(tmp_path):
+    """--sweep_samplers=ancestral,dpmpp_2m --grid=karras: the grid is the swept solvers'; on its
+    own (no sweep) a grid on the ancestral sampler is refused."""
+    config = tiny.get_config()
+    config.sample.grid, config.fid.sweep = "karras", "5"
+    config.fid.sweep_samplers = "ancestral,dpmpp_2m"
+    for name in ("ref.npz", "graph.pb"):
+        (tmp_path / name).write_bytes(b"")
+    config.fid.ref_batch, config.fid.inception = (
+        str(tmp_path / "ref.npz"),
+        str(tmp_path / "graph.pb"),
+    )
+    config_utils.validate_config(config, mode="fid")
+    specs = samplers.sweep_specs(
+        samplers.from_config(config.sample), "5", config.fid.sweep_samplers, 100
+    )
+    assert [(s.kind, s.grid) for s in specs] == [("ancestral", "logsnr"), ("dpmpp_2m", "karras")]
+    with pytest.raises(ValueError, match="grid='karras' applies to the solvers"):
+        config_utils.validate_config(config, mode="sample")

@@ -476,6 +476,11 @@ def _field_errors(config: ml_collections.ConfigDict, mode: str) -> List[str]:
     )
     _check_positive(errors, config, "eval.num_samples", allow_zero=True)
     spec = samplers.from_config(config.sample)
+    base_kind = samplers.SAMPLER_KINDS.get(spec.kind)
+    if mode == "fid" and config.fid.sweep.strip() and base_kind and not base_kind.solver:
+        # In a sweep over network calls, sample.grid and sample.solver_order are the swept
+        # solvers' (checked with the sweep's points in _check_fid), not the base sampler's.
+        spec = spec.replace(grid=samplers.SamplerSpec.grid, order=0)
     errors.extend(spec.errors(max(diffusion.steps, 0), betas=_betas(config)))
     guidance = samplers.guidance_error(
         spec,
