@@ -9,8 +9,6 @@ a proxy FID offline, and for class-conditional models the agreement of each samp
 class with its label (:class:`tf_iddpm.metrics.ClassifierFeatures`).  Run from the checkout root.
 """
 
-import os
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -40,8 +38,7 @@ def main(argv):
         epochs=FLAGS.epochs,
         seed=FLAGS.seed,
     )
-    path = os.path.join(FLAGS.out_dir, "classifier.keras")
-    print(f"classifier: {path} (test accuracy {classifier.test_accuracy:.3f})")
+    print(f"classifier: {classifier.path} (test accuracy {classifier.test_accuracy:.3f})")
 
 
 if __name__ == "__main__":

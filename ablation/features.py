@@ -54,12 +54,13 @@ class ProxyFeatures:
     """Penultimate features of a small CNN classifier trained on the training split.
 
     A stand-in for Inception where its weights cannot be had: distances in its feature space are
-    self-consistent within one study, comparable with nothing published.
+    self-consistent within one study, comparable with nothing published.  ``network`` is the
+    saved classifier as ``--mode=fid`` reads it (:class:`tf_iddpm.metrics.ClassifierFeatures`).
     """
 
-    def __init__(self, model, feature_model, accuracy: float):
-        self.model = model
-        self.feature_model = feature_model
+    def __init__(self, network: metrics.ClassifierFeatures, accuracy: float):
+        self.network = network
+        self.path = network.path
         self.test_accuracy = float(accuracy)
         self.description = (
             f"proxy: penultimate {FEATURE_DIM}-d features of a small CNN digit "
@@ -69,8 +70,7 @@ class ProxyFeatures:
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = images.astype(np.float32) / 127.5 - 1.0
-        return self.feature_model.predict(x, batch_size=256, verbose=0).astype(np.float64)
+        return self.network(images)["pool"].astype(np.float64)
 
     @classmethod
     def train_or_load(cls, directory: str, train_data, test_data, *, epochs: int, seed: int):
@@ -93,7 +93,6 @@ class ProxyFeatures:
             "num_classes": num_classes,
         }
         if info is not None and info.get("key") == key and os.path.exists(path):
-            model = keras.models.load_model(path)
             accuracy = info["test_accuracy"]
             logging.info("loaded the proxy classifier from %s", path)
         else:
@@ -103,8 +102,7 @@ class ProxyFeatures:
             model.save(path)
             cache.write_json(info_path, {"key": key, "test_accuracy": float(accuracy)})
             logging.info("trained the proxy classifier: test accuracy %.3f", accuracy)
-        feature_model = keras.Model(model.inputs, model.get_layer("features").output)
-        return cls(model, feature_model, accuracy)
+        return cls(metrics.ClassifierFeatures(path), accuracy)
 
 
 def _train_classifier(x_train, y_train, num_classes: int, *, epochs: int, seed: int):

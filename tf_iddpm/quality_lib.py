@@ -22,7 +22,6 @@ single evaluation also keeps its samples as ``samples_NxHxWx3.npz`` (``arr_0``),
 itself can be run on them.  FID and KID during training: ``train_lib.log_training_fid``.
 """
 
-import dataclasses
 import json
 import os
 from typing import Dict, Optional, Sequence
@@ -214,8 +213,7 @@ def evaluate_fid(config, workdir: str, strategy=None, checkpoint: Optional[str] 
             rows,
             os.path.join(out_dir, "metrics_vs_guidance.png"),
             # The sampler without its (swept) scale.
-            f"{dataclasses.replace(specs[0], guidance_scale=1.0).label(num_timesteps)}, "
-            f"{num_samples} samples",
+            f"{specs[0].replace(guidance_scale=1.0).label(num_timesteps)}, {num_samples} samples",
         )
     elif len(specs) > 1:
         png_path = plot_fid_vs_steps(
